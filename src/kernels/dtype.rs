@@ -1,0 +1,129 @@
+//! Storage formats of weight tensors, named after GGML's types so that a GGUF file's tensors
+//! can stay in memory exactly as they are stored.
+//!
+//! A quantized tensor is a sequence of rows; each row is a sequence of blocks of
+//! `block_len()` values packed into `block_bytes()` bytes. Rows run along the input (K)
+//! dimension of a linear layer, so one output feature's weights are one contiguous row.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightDType {
+    F32,
+    F16,
+    BF16,
+    /// 32 values: f16 scale, 16 bytes of 4-bit quants; `w = d * (q - 8)`.
+    Q4_0,
+    /// 32 values: f16 scale, f16 min, 16 bytes of 4-bit quants; `w = d * q + m`.
+    Q4_1,
+    /// 32 values: f16 scale, 32 signed bytes; `w = d * q`.
+    Q8_0,
+    /// 256 values: f16 d, f16 dmin, 12 bytes of packed 6-bit sub-block scales and mins,
+    /// 128 bytes of 4-bit quants; `w = d * sc * q - dmin * m` per 32-value sub-block.
+    Q4K,
+    /// 256 values: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 signed sub-block scales,
+    /// f16 d; `w = d * sc * (q - 32)` per 16-value sub-block.
+    Q6K,
+}
+
+impl WeightDType {
+    /// The GGML type id used in GGUF tensor infos.
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Human name of a GGML type id, including the ones sluice does not support.
+    pub fn ggml_name(id: u32) -> &'static str {
+        match id {
+            0 => "F32",
+            1 => "F16",
+            2 => "Q4_0",
+            3 => "Q4_1",
+            6 => "Q5_0",
+            7 => "Q5_1",
+            8 => "Q8_0",
+            9 => "Q8_1",
+            10 => "Q2_K",
+            11 => "Q3_K",
+            12 => "Q4_K",
+            13 => "Q5_K",
+            14 => "Q6_K",
+            15 => "Q8_K",
+            16 => "IQ2_XXS",
+            17 => "IQ2_XS",
+            18 => "IQ3_XXS",
+            19 => "IQ1_S",
+            20 => "IQ4_NL",
+            21 => "IQ3_S",
+            22 => "IQ2_S",
+            23 => "IQ4_XS",
+            24 => "I8",
+            25 => "I16",
+            26 => "I32",
+            27 => "I64",
+            28 => "F64",
+            29 => "IQ1_M",
+            30 => "BF16",
+            34 => "TQ1_0",
+            35 => "TQ2_0",
+            _ => "unknown",
+        }
+    }
+
+    /// Number of values in one block.
+    pub fn block_len(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4K | Self::Q6K => 256,
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
+    /// Bytes of a row of `len` values, or `None` when `len` is not a whole number of blocks.
+    pub fn row_bytes(self, len: usize) -> Option<usize> {
+        (len % self.block_len() == 0).then(|| len / self.block_len() * self.block_bytes())
+    }
+}
+
+impl fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4K => "Q4_K",
+            Self::Q6K => "Q6_K",
+        };
+        f.write_str(s)
+    }
+}

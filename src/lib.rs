@@ -1,0 +1,15 @@
+//! sluice: an LLM serving engine.
+//!
+//! The rooms follow `docs/ARCHITECTURE.md`: `api` (HTTP, SSE, WebSocket) talks to `engine`
+//! (the loop that owns all serving state) through channels; the engine drives `scheduler` and
+//! `kv_cache` (plain bookkeeping, no tensors) and `model` (the forward pass over a
+//! `ForwardBatch`), which runs on `kernels` (the backend ops). `tokenizer` turns text into ids
+//! and back; `bench` is the load generator.
+
+pub mod bench;
+pub mod cli;
+pub mod kernels;
+pub mod kv_cache;
+pub mod model;
+pub mod scheduler;
+pub mod tokenizer;

@@ -1,0 +1,243 @@
+//! Model configuration: the shape of a Llama-family decoder and the few ways its members
+//! differ (tied embeddings, QKV bias, RoPE base and scaling, RoPE pairing), read from GGUF
+//! metadata or a Hugging Face `config.json`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::gguf::GgufFile;
+use super::ModelError;
+
+/// Which dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's "normal" mode; GGUF Llama files store Q/K permuted for it.
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: Hugging Face's `rotate_half` (and GGUF Qwen2, "neox" mode).
+    Halves,
+}
+
+/// Llama 3's frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `llama`, `mistral`, `qwen2`, ...
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// The context length the model was trained for, in tokens.
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub tie_word_embeddings: bool,
+    /// Q, K and V projections carry a bias (Qwen2).
+    pub attention_bias: bool,
+}
+
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+
+fn unsupported(arch: &str, source: &str) -> ModelError {
+    ModelError::Unsupported(format!(
+        "{source}: architecture {arch:?} is not supported (supported: {})",
+        SUPPORTED.join(", ")
+    ))
+}
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
+        let arch = f.get_str("general.architecture")?.to_string();
+        if !SUPPORTED.contains(&arch.as_str()) {
+            return Err(unsupported(&arch, &f.path.display().to_string()));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let usize_key = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
+        let hidden_size = usize_key("embedding_length")?;
+        let num_heads = usize_key("attention.head_count")?;
+        let num_kv_heads = usize_key("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = usize_key("attention.key_length")
+            .or_else(|_| usize_key("rope.dimension_count"))
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match usize_key("vocab_size") {
+            Ok(v) => v,
+            Err(_) => f.get_str_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let cfg = Self {
+            hidden_size,
+            intermediate_size: usize_key("feed_forward_length")?,
+            num_layers: usize_key("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings: usize_key("context_length").unwrap_or(4096),
+            rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
+            rope_theta: f.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+            // llama.cpp's converter permutes Llama/Mistral Q and K for pairwise rotation;
+            // Qwen2 keeps Hugging Face's layout ("neox" mode).
+            rope_style: if arch == "qwen2" {
+                RopeStyle::Halves
+            } else {
+                RopeStyle::Interleaved
+            },
+            // GGUF carries Llama 3 scaling as a `rope_freqs.weight` tensor, read by the loader.
+            rope_scaling: None,
+            tie_word_embeddings: !f.has_tensor("output.weight"),
+            attention_bias: f.has_tensor("blk.0.attn_q.bias"),
+            architecture: arch,
+        };
+        cfg.validate(&f.path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    pub fn from_hf_config(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
+        let raw: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        let source = path.display().to_string();
+        let arch = raw
+            .model_type
+            .clone()
+            .unwrap_or_else(|| "llama".to_string());
+        if !SUPPORTED.contains(&arch.as_str()) {
+            return Err(unsupported(&arch, &source));
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        let rope_scaling = match &raw.rope_scaling {
+            Some(v) if !v.is_null() => {
+                let ty = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                match ty {
+                    "llama3" => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                        ModelError::Invalid(format!("{source}: rope_scaling: {e}"))
+                    })?),
+                    "default" => None,
+                    other => {
+                        return Err(ModelError::Unsupported(format!(
+                            "{source}: rope_scaling type {other:?} is not supported (supported: llama3)"
+                        )))
+                    }
+                }
+            }
+            _ => None,
+        };
+        let cfg = Self {
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            vocab_size: raw.vocab_size,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_style: RopeStyle::Halves,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: raw.attention_bias.unwrap_or(arch == "qwen2"),
+            architecture: arch,
+        };
+        cfg.validate(&source)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, source: &str) -> Result<(), ModelError> {
+        let bad = |what: String| Err(ModelError::Invalid(format!("{source}: {what}")));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
+            return bad("zero heads or head dimension".into());
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads do not divide into {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head dimension {} is odd", self.head_dim));
+        }
+        if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
+            return bad("zero hidden size, layers or vocabulary".into());
+        }
+        if self.hidden_size > 1 << 16 || self.num_layers > 1024 || self.vocab_size > 1 << 24 {
+            return bad("implausibly large dimensions".into());
+        }
+        Ok(())
+    }
+
+    /// RoPE inverse frequencies, one per rotated pair, with Llama 3 scaling applied when
+    /// configured. `freq_factors` (GGUF `rope_freqs.weight`) divide them when present.
+    pub fn rope_inv_freqs(&self, freq_factors: Option<&[f32]>) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        (0..half)
+            .map(|i| {
+                let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f32 / self.head_dim as f32);
+                if let Some(s) = &self.rope_scaling {
+                    f = llama3_scale(f, s);
+                }
+                if let Some(ff) = freq_factors.and_then(|ff| ff.get(i)) {
+                    f /= ff;
+                }
+                f
+            })
+            .collect()
+    }
+
+    /// Bytes of K and V for one token across all layers, at `dtype_bytes` per value.
+    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    }
+}
+
+fn llama3_scale(freq: f32, s: &Llama3RopeScaling) -> f32 {
+    let old = s.original_max_position_embeddings as f32;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f32::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f32>,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+}

@@ -1,0 +1,18 @@
+//! Model configs, weight loading and the Llama-family forward pass.
+
+pub mod config;
+pub mod gguf;
+
+use gguf::GgufError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+}

@@ -1,0 +1,1 @@
+//! The iteration-level scheduler.
