@@ -90,3 +90,14 @@ impl HostTensor {
         }
     }
 }
+
+impl HostTensor {
+    /// All values as f32 (small tensors: norms, biases, frequency factors).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            super::cpu::matmul::dequantize_row(self.dtype, self.row(r), o);
+        }
+        out
+    }
+}

@@ -1,7 +1,10 @@
 //! Model configs, weight loading and the Llama-family forward pass.
 
 pub mod config;
+pub mod fetch;
 pub mod gguf;
+pub mod llama;
+pub mod weights;
 
 use gguf::GgufError;
 

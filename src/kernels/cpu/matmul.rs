@@ -1,1 +1,2 @@
 //! Quantized matmul (placeholder; see kernels helper).
+pub use super::naive::{dequantize_row, linear, MatmulScratch};

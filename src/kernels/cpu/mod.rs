@@ -1,4 +1,10 @@
 //! The CPU backend: SIMD quantized matmuls, paged attention and the small fused ops.
 
+pub mod attention;
+pub mod backend;
 pub mod matmul;
+mod naive;
+pub mod ops;
 pub mod pool;
+
+pub use backend::{CpuBackend, CpuTensor};

@@ -1,0 +1,147 @@
+//! The ops the model's forward pass is written against.
+//!
+//! The Llama forward pass (`model/llama.rs`) is written once against `Backend`; the CPU
+//! backend (`cpu/`) and the CUDA backend supply the ops. A backend owns the memory of its
+//! activations, weights and KV cache; the model only names them through associated types.
+//!
+//! Activations are 2-D, `[rows, cols]`, one row per token of the batch. Linear layers follow
+//! the `y = x · Wᵀ` convention with `W` stored `[out_features, in_features]`, so splitting a
+//! layer by output features (column parallel) or input features (row parallel) across
+//! tensor-parallel ranks is a matter of which rows or columns the loader hands over.
+
+use super::host::HostTensor;
+use super::KernelError;
+
+/// The geometry of the paged KV cache, shared by every layer.
+///
+/// Layout per layer, for K and for V: `[num_blocks, num_kv_heads, block_size, head_dim]`, so a
+/// block's keys for one KV head are contiguous. A token's slot is
+/// `block_id * block_size + offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    /// In tokens.
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence's part of a forward batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSeq {
+    /// First row of this sequence's tokens in the batch.
+    pub query_start: usize,
+    /// Number of new tokens this step (1 for decode, a chunk or whole prompt for prefill).
+    pub query_len: usize,
+    /// Tokens in the KV cache once this step's tokens are written (cached prefix + new).
+    pub context_len: usize,
+    /// Block ids holding the sequence's KV, in token order.
+    pub block_table: Vec<u32>,
+}
+
+/// Everything one forward pass needs, flat: what the engine's runner builds from a step plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    /// `[num_tokens]`
+    pub token_ids: Vec<u32>,
+    /// `[num_tokens]` position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// `[num_tokens]` KV-cache slot each token's K and V are written to.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<BatchSeq>,
+    /// Rows whose logits are wanted (usually each sequence's last token), in output order.
+    pub logits_rows: Vec<u32>,
+}
+
+impl ForwardBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// How RoPE rotates a head's dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// Inverse frequency per rotated pair, `[head_dim / 2]`.
+    pub inv_freqs: Vec<f32>,
+    /// Pairs `(2i, 2i+1)` when true, `(i, i + d/2)` when false.
+    pub interleaved: bool,
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// Activations `[rows, cols]` in f32 (or the backend's compute type).
+    type Tensor: Send;
+    /// A linear layer's weight in the backend's storage format.
+    type Linear: Send + Sync;
+    /// A 1-D weight (norm gains, biases).
+    type Vector: Send + Sync;
+    /// The KV cache of all layers.
+    type KvCache: Send;
+    /// Per-step metadata moved to where the ops need it (positions, slots, block tables).
+    type Step;
+
+    /// A short description for logs, e.g. `cpu (2 threads, avx512-vnni)`.
+    fn describe(&self) -> String;
+
+    /// A linear layer whose output features are the concatenation of `parts` (fused QKV or
+    /// gate/up), each `[out_i, in]`, possibly of different storage types.
+    fn linear(&self, parts: Vec<HostTensor>) -> Result<Self::Linear, KernelError>;
+    fn vector(&self, t: &HostTensor) -> Result<Self::Vector, KernelError>;
+    fn kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, KernelError>;
+    /// An empty activation tensor, resized by the ops as needed.
+    fn tensor(&self) -> Self::Tensor;
+
+    fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> Self::Step;
+
+    /// `out[t] = table[token_ids[t]]`, the table being `[vocab, hidden]`.
+    fn embed(&self, table: &Self::Linear, step: &Self::Step, out: &mut Self::Tensor);
+    /// `out = rms_norm(x) * w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32, out: &mut Self::Tensor);
+    /// `residual += delta; out = rms_norm(residual) * w`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Tensor,
+    );
+    /// `out = x · Wᵀ (+ bias)`.
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Linear,
+        bias: Option<&Self::Vector>,
+        out: &mut Self::Tensor,
+    );
+    /// Takes `qkv` (`[tokens, (heads + 2 kv_heads) * head_dim]`), rotates Q and K by each
+    /// token's position, writes K and V into their KV-cache slots, and attends each query
+    /// over its sequence's cached context (causal), writing `[tokens, heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: &mut Self::Tensor,
+        shape: AttentionShape,
+        layer: usize,
+        kv: &mut Self::KvCache,
+        step: &Self::Step,
+        out: &mut Self::Tensor,
+    );
+    /// `out = silu(gate) * up` for `gate_up = [gate | up]` (`[tokens, 2 * inter]`).
+    fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor);
+    /// Keeps only the rows named by the step's `logits_rows`.
+    fn gather_logits_rows(&self, x: &Self::Tensor, step: &Self::Step, out: &mut Self::Tensor);
+    /// Copies whole KV blocks `(src, dst)` in every layer (copy-on-write forks).
+    fn copy_blocks(&self, kv: &mut Self::KvCache, copies: &[(u32, u32)]);
+    /// The tensor's values on the host, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+}

@@ -1,0 +1,237 @@
+//! The CPU backend: activations as f32 rows, weights as they lie in the file (quantized
+//! blocks, memory-mapped), the paged KV cache in f32, ops spread over a persistent pool.
+
+use std::sync::Mutex;
+
+use super::attention::{self, CpuKvCache, CpuStep};
+use super::matmul::{self, MatmulScratch};
+use super::ops;
+use super::pool::{SyncPtr, ThreadPool};
+use crate::kernels::host::HostTensor;
+use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
+
+/// Rows per task of the row-wise ops.
+const ROW_CHUNK: usize = 8;
+
+/// `[rows, cols]` f32, row-major. The buffer only grows, so steps reuse their allocations.
+#[derive(Debug, Default, Clone)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn resize(&mut self, rows: usize, cols: usize) {
+        self.rows = rows;
+        self.cols = cols;
+        self.data.resize(rows * cols, 0.0);
+    }
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+pub struct CpuLinear {
+    parts: Vec<HostTensor>,
+    rows: usize,
+    cols: usize,
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+    scratch: Mutex<MatmulScratch>,
+}
+
+impl CpuBackend {
+    pub fn new(num_threads: usize) -> Self {
+        Self {
+            pool: ThreadPool::new(num_threads),
+            scratch: Mutex::new(MatmulScratch::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
+    /// Runs `f(row)` for each row of `rows`, in parallel chunks.
+    fn for_rows(&self, rows: usize, f: impl Fn(usize) + Sync) {
+        self.pool.run(rows.div_ceil(ROW_CHUNK), |c| {
+            (c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows)).for_each(&f)
+        });
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Linear = CpuLinear;
+    type Vector = Vec<f32>;
+    type KvCache = CpuKvCache;
+    type Step = CpuStep;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({} threads, {:?})",
+            self.pool.num_threads(),
+            ops::simd_level()
+        )
+    }
+
+    fn linear(&self, parts: Vec<HostTensor>) -> Result<CpuLinear, KernelError> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if parts.is_empty() || parts.iter().any(|p| p.cols != cols) {
+            return Err(KernelError::Invalid(
+                "linear layer parts must share their input size".into(),
+            ));
+        }
+        if let Some(p) = parts.iter().find(|p| p.cols % p.dtype.block_len() != 0) {
+            return Err(KernelError::Invalid(format!(
+                "input size {} is not a whole number of {} blocks",
+                p.cols, p.dtype
+            )));
+        }
+        Ok(CpuLinear {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            parts,
+        })
+    }
+
+    fn vector(&self, t: &HostTensor) -> Result<Vec<f32>, KernelError> {
+        Ok(t.to_f32())
+    }
+
+    fn kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, KernelError> {
+        Ok(CpuKvCache::new(shape))
+    }
+
+    fn tensor(&self) -> CpuTensor {
+        CpuTensor::default()
+    }
+
+    fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CpuStep {
+        CpuStep::new(batch, rope)
+    }
+
+    fn embed(&self, table: &CpuLinear, step: &CpuStep, out: &mut CpuTensor) {
+        let ids = &step.batch.token_ids;
+        let cols = table.cols;
+        out.resize(ids.len(), cols);
+        let ptr = SyncPtr::new(&mut out.data);
+        let part = &table.parts[0];
+        self.for_rows(ids.len(), |t| {
+            let id = (ids[t] as usize).min(part.rows - 1);
+            // SAFETY: one row per task.
+            let o = unsafe { ptr.slice(t * cols, cols) };
+            matmul::dequantize_row(part.dtype, part.row(id), o);
+        });
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &Vec<f32>, eps: f32, out: &mut CpuTensor) {
+        out.resize(x.rows, x.cols);
+        let cols = x.cols;
+        let ptr = SyncPtr::new(&mut out.data);
+        self.for_rows(x.rows, |r| {
+            // SAFETY: one row per task.
+            let o = unsafe { ptr.slice(r * cols, cols) };
+            ops::rms_norm_row(x.row(r), w, eps, o);
+        });
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        delta: &CpuTensor,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) {
+        out.resize(residual.rows, residual.cols);
+        let cols = residual.cols;
+        let (rp, op) = (SyncPtr::new(&mut residual.data), SyncPtr::new(&mut out.data));
+        self.for_rows(delta.rows, |r| {
+            // SAFETY: one row per task.
+            let (res, o) = unsafe { (rp.slice(r * cols, cols), op.slice(r * cols, cols)) };
+            ops::add_rms_norm_row(res, delta.row(r), w, eps, o);
+        });
+    }
+
+    fn matmul(
+        &self,
+        x: &CpuTensor,
+        w: &CpuLinear,
+        bias: Option<&Vec<f32>>,
+        out: &mut CpuTensor,
+    ) {
+        debug_assert_eq!(x.cols, w.cols);
+        out.resize(x.rows, w.rows);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let p = &w.parts;
+        let (x_data, m) = (&x.data[..x.rows * x.cols], x.rows);
+        match p.len() {
+            1 => matmul::linear(&self.pool, x_data, m, &[&p[0]], &mut out.data, &mut scratch),
+            2 => matmul::linear(&self.pool, x_data, m, &[&p[0], &p[1]], &mut out.data, &mut scratch),
+            3 => matmul::linear(
+                &self.pool,
+                x_data,
+                m,
+                &[&p[0], &p[1], &p[2]],
+                &mut out.data,
+                &mut scratch,
+            ),
+            _ => {
+                let refs: Vec<&HostTensor> = p.iter().collect();
+                matmul::linear(&self.pool, x_data, m, &refs, &mut out.data, &mut scratch)
+            }
+        }
+        if let Some(b) = bias {
+            for row in out.data.chunks_exact_mut(w.rows) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        qkv: &mut CpuTensor,
+        shape: AttentionShape,
+        layer: usize,
+        kv: &mut CpuKvCache,
+        step: &CpuStep,
+        out: &mut CpuTensor,
+    ) {
+        attention::rope_and_store(&self.pool, qkv, shape, layer, kv, step);
+        attention::attend(&self.pool, qkv, shape, layer, kv, step, out);
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) {
+        let inter = gate_up.cols / 2;
+        out.resize(gate_up.rows, inter);
+        let ptr = SyncPtr::new(&mut out.data);
+        self.for_rows(gate_up.rows, |r| {
+            let row = gate_up.row(r);
+            // SAFETY: one row per task.
+            let o = unsafe { ptr.slice(r * inter, inter) };
+            ops::silu_mul_row(&row[..inter], &row[inter..], o);
+        });
+    }
+
+    fn gather_logits_rows(&self, x: &CpuTensor, step: &CpuStep, out: &mut CpuTensor) {
+        let rows = &step.batch.logits_rows;
+        out.resize(rows.len(), x.cols);
+        for (i, &r) in rows.iter().enumerate() {
+            out.data[i * x.cols..(i + 1) * x.cols].copy_from_slice(x.row(r as usize));
+        }
+    }
+
+    fn copy_blocks(&self, kv: &mut CpuKvCache, copies: &[(u32, u32)]) {
+        kv.copy_blocks(copies);
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data[..x.rows * x.cols].to_vec()
+    }
+}

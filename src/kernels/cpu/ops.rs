@@ -1,0 +1,198 @@
+//! Row-wise ops of the CPU backend: RMSNorm (with fused residual add), SiLU·mul, RoPE.
+//!
+//! Each output row is computed by one fixed sequence of float operations whatever the batch,
+//! so a sequence's results never depend on what else is in the batch (batch invariance).
+//! The bodies are `#[inline(always)]` and instantiated once per instruction set by
+//! `simd_dispatch!`, so LLVM vectorizes them for the machine's widest available set.
+
+/// Chooses the widest instruction set available once per process, and calls the body compiled
+/// for it.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+                match $crate::kernels::cpu::ops::simd_level() {
+                    // SAFETY: the level was detected on this machine.
+                    $crate::kernels::cpu::ops::SimdLevel::Avx512 => unsafe { avx512($($arg),*) },
+                    $crate::kernels::cpu::ops::SimdLevel::Avx2 => unsafe { avx2($($arg),*) },
+                    $crate::kernels::cpu::ops::SimdLevel::Portable => $body($($arg),*),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            { $body($($arg),*) }
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The instruction set the row ops use, detected once (`SLUICE_CPU_KERNEL=portable` forces
+/// the portable path).
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("SLUICE_CPU_KERNEL").as_deref() == Ok("portable") {
+            return SimdLevel::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+            {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+/// Lanes of the fixed-shape reductions; 16 f32 fill one AVX-512 register or two AVX2 ones.
+const LANES: usize = 16;
+
+/// `Σ a[i] * b[i]` with a fixed reduction tree (16 partial sums, then pairwise).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0.0f32; LANES];
+    let chunks = n / LANES;
+    for c in 0..chunks {
+        let (a, b) = (&a[c * LANES..][..LANES], &b[c * LANES..][..LANES]);
+        for l in 0..LANES {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    for i in chunks * LANES..n {
+        acc[i % LANES] = a[i].mul_add(b[i], acc[i % LANES]);
+    }
+    reduce(acc)
+}
+
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `y += a * x`
+#[inline(always)]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(*x, *y);
+    }
+}
+
+#[inline(always)]
+fn rms_norm_row_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = dot(x, x);
+    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+        *o = x * scale * w;
+    }
+}
+
+simd_dispatch!(
+    /// `out = x / rms(x) * w` for one row.
+    pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => rms_norm_row_body
+);
+
+#[inline(always)]
+fn add_rms_norm_row_body(residual: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    for (r, d) in residual.iter_mut().zip(delta) {
+        *r += d;
+    }
+    rms_norm_row_body(residual, w, eps, out);
+}
+
+simd_dispatch!(
+    /// `residual += delta; out = rms_norm(residual) * w` for one row.
+    pub fn add_rms_norm_row(residual: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => add_rms_norm_row_body
+);
+
+#[inline(always)]
+fn silu_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+simd_dispatch!(
+    /// `out = silu(gate) * up` for one row.
+    pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_row_body
+);
+
+/// Rotates one head's vector by the angles whose cosines and sines are given per pair.
+#[inline(always)]
+pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = cos.len();
+    if interleaved {
+        for i in 0..half {
+            let (a, b) = (x[2 * i], x[2 * i + 1]);
+            x[2 * i] = a * cos[i] - b * sin[i];
+            x[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+    } else {
+        for i in 0..half {
+            let (a, b) = (x[i], x[i + half]);
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + half] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..67).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..67).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let naive: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        assert!((dot(&a, &b) as f64 - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn rms_norm_unit_weights() {
+        let x = [3.0f32, 4.0];
+        let mut out = [0.0; 2];
+        rms_norm_row(&x, &[1.0, 1.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 4.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_styles_agree_up_to_permutation() {
+        let cos = [0.5f32, 0.8];
+        let sin = [0.866f32, 0.6];
+        let mut inter = [1.0f32, 2.0, 3.0, 4.0]; // pairs (1,2) (3,4)
+        let mut halves = [1.0f32, 3.0, 2.0, 4.0]; // pairs (1,2) (3,4) as (x0,x2) (x1,x3)
+        rope_head(&mut inter, &cos, &sin, true);
+        rope_head(&mut halves, &cos, &sin, false);
+        assert_eq!(
+            [inter[0], inter[1], inter[2], inter[3]],
+            [halves[0], halves[2], halves[1], halves[3]]
+        );
+    }
+}

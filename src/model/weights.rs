@@ -1,0 +1,278 @@
+//! Where a model's weights come from: a GGUF file, a Hugging Face safetensors directory, or
+//! random (`dummy`) values at a configured shape. Each source hands out `HostTensor`s by
+//! GGUF tensor name (`blk.3.attn_q.weight`), checked against the shape the config expects;
+//! the model uploads them to its backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+
+use super::config::ModelConfig;
+use super::gguf::GgufFile;
+use super::ModelError;
+use crate::kernels::dtype::WeightDType;
+use crate::kernels::host::{HostTensor, WeightBytes};
+
+pub trait WeightSource {
+    /// The tensor named `name` (GGUF naming), or `None` when the file does not have it.
+    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError>;
+    /// Where the weights come from, for error messages.
+    fn describe(&self) -> String;
+
+    /// The tensor, which must exist and be `[rows, cols]`.
+    fn require(&self, name: &str, rows: usize, cols: usize) -> Result<HostTensor, ModelError> {
+        let t = self.get(name)?.ok_or_else(|| {
+            ModelError::Invalid(format!("{}: missing tensor {name}", self.describe()))
+        })?;
+        if (t.rows, t.cols) != (rows, cols) {
+            return Err(ModelError::Invalid(format!(
+                "{}: tensor {name} is [{}, {}], the config says [{rows}, {cols}]",
+                self.describe(),
+                t.rows,
+                t.cols
+            )));
+        }
+        Ok(t)
+    }
+}
+
+impl WeightSource for GgufFile {
+    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
+        if !self.has_tensor(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.tensor(name)?))
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// The Hugging Face name of a GGUF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let hf_tail = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_tail}"))
+}
+
+/// The `*.safetensors` files of a Hugging Face model directory, memory-mapped.
+pub struct SafetensorsDir {
+    dir: PathBuf,
+    tensors: HashMap<String, HostTensor>,
+}
+
+impl SafetensorsDir {
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let io = |e: std::io::Error| ModelError::Io(format!("{}: {e}", dir.display()));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::Invalid(format!(
+                "{}: no *.safetensors files",
+                dir.display()
+            )));
+        }
+        let mut tensors = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(io)?;
+            // SAFETY: read-only map of a model file nobody writes while we serve it.
+            let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+            let st = safetensors::SafeTensors::deserialize(&map[..])
+                .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => WeightDType::F32,
+                    safetensors::Dtype::F16 => WeightDType::F16,
+                    safetensors::Dtype::BF16 => WeightDType::BF16,
+                    other => {
+                        return Err(ModelError::Unsupported(format!(
+                            "{}: tensor {name} has dtype {other:?} (supported: F32, F16, BF16)",
+                            path.display()
+                        )))
+                    }
+                };
+                let shape = view.shape();
+                let (rows, cols) = match shape {
+                    [n] => (1, *n),
+                    [r, c] => (*r, *c),
+                    _ => {
+                        return Err(ModelError::Unsupported(format!(
+                            "{}: tensor {name} has shape {shape:?}",
+                            path.display()
+                        )))
+                    }
+                };
+                let offset = view.data().as_ptr() as usize - base;
+                tensors.insert(
+                    name,
+                    HostTensor {
+                        dtype,
+                        rows,
+                        cols,
+                        bytes: WeightBytes::Mapped {
+                            map: map.clone(),
+                            offset,
+                            len: view.data().len(),
+                        },
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
+    }
+}
+
+impl WeightSource for SafetensorsDir {
+    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
+        Ok(hf_name(name).and_then(|n| self.tensors.get(&n).cloned()))
+    }
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// Random weights at the configured shape, reproducible from a seed: benchmarking a model's
+/// real shape without its weights (vLLM's `--load-format dummy`).
+pub struct DummyWeights {
+    config: ModelConfig,
+    dtype: WeightDType,
+    seed: u64,
+}
+
+impl DummyWeights {
+    pub fn new(config: ModelConfig, dtype: WeightDType, seed: u64) -> Result<Self, ModelError> {
+        if !matches!(
+            dtype,
+            WeightDType::F32 | WeightDType::F16 | WeightDType::BF16
+        ) {
+            return Err(ModelError::Unsupported(format!(
+                "dummy weights come in f32, f16 or bf16, not {dtype}"
+            )));
+        }
+        Ok(Self {
+            config,
+            dtype,
+            seed,
+        })
+    }
+
+    fn shape(&self, name: &str) -> Option<(usize, usize)> {
+        let c = &self.config;
+        let (h, kv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        Some(match name {
+            "token_embd.weight" => (c.vocab_size, c.hidden_size),
+            "output.weight" if !c.tie_word_embeddings => (c.vocab_size, c.hidden_size),
+            "output_norm.weight" => (1, c.hidden_size),
+            _ => {
+                let tail = name.strip_prefix("blk.")?.split_once('.')?.1;
+                match tail {
+                    "attn_norm.weight" | "ffn_norm.weight" => (1, c.hidden_size),
+                    "attn_q.weight" => (h * d, c.hidden_size),
+                    "attn_k.weight" | "attn_v.weight" => (kv * d, c.hidden_size),
+                    "attn_q.bias" if c.attention_bias => (1, h * d),
+                    "attn_k.bias" | "attn_v.bias" if c.attention_bias => (1, kv * d),
+                    "attn_output.weight" => (c.hidden_size, h * d),
+                    "ffn_gate.weight" | "ffn_up.weight" => (c.intermediate_size, c.hidden_size),
+                    "ffn_down.weight" => (c.hidden_size, c.intermediate_size),
+                    _ => return None,
+                }
+            }
+        })
+    }
+}
+
+impl WeightSource for DummyWeights {
+    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
+        let Some((rows, cols)) = self.shape(name) else {
+            return Ok(None);
+        };
+        // One stream per tensor, keyed by its name, so a tensor's values do not depend on the
+        // order tensors are asked for.
+        let key = name
+            .bytes()
+            .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+        let is_norm = name.ends_with("norm.weight");
+        let n = rows * cols;
+        let value = |rng: &mut rand_chacha::ChaCha8Rng| -> f32 {
+            if is_norm {
+                1.0
+            } else {
+                (rng.random::<f32>() * 2.0 - 1.0) * 0.05
+            }
+        };
+        let bytes: Vec<u8> = match self.dtype {
+            WeightDType::F32 => (0..n).flat_map(|_| value(&mut rng).to_le_bytes()).collect(),
+            WeightDType::F16 => (0..n)
+                .flat_map(|_| f16::from_f32(value(&mut rng)).to_le_bytes())
+                .collect(),
+            _ => (0..n)
+                .flat_map(|_| bf16::from_f32(value(&mut rng)).to_le_bytes())
+                .collect(),
+        };
+        Ok(Some(HostTensor {
+            dtype: self.dtype,
+            rows,
+            cols,
+            bytes: WeightBytes::Owned(Arc::new(bytes)),
+        }))
+    }
+    fn describe(&self) -> String {
+        format!("dummy {} weights (seed {})", self.dtype, self.seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("output.weight").as_deref(),
+            Some("lm_head.weight")
+        );
+        assert_eq!(hf_name("blk.x"), None);
+    }
+}

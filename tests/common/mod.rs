@@ -1,0 +1,70 @@
+//! Shared helpers of the integration tests: the default model and the fixtures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sluice::kernels::cpu::CpuBackend;
+use sluice::model::config::ModelConfig;
+use sluice::model::gguf::GgufFile;
+use sluice::model::llama::Llama;
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The default model's file, fetched into the cache on first use.
+pub fn default_model_path() -> PathBuf {
+    sluice::model::fetch::default_model_path().expect("fetching the default model")
+}
+
+pub fn default_gguf() -> GgufFile {
+    GgufFile::open(&default_model_path()).expect("opening the default model")
+}
+
+pub fn default_model() -> Llama<CpuBackend> {
+    let f = default_gguf();
+    let config = ModelConfig::from_gguf(&f).unwrap();
+    Llama::load(config, &f, CpuBackend::new(2)).unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GreedyFixture {
+    pub name: String,
+    pub chat: bool,
+    #[serde(default)]
+    pub messages: Vec<serde_json::Value>,
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
+}
+
+pub fn greedy_fixtures() -> Vec<GreedyFixture> {
+    std::fs::read_to_string(fixtures_dir().join("greedy.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TeacherForcedPosition {
+    pub pos: usize,
+    pub next_true: u32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TeacherForced {
+    pub ids: Vec<u32>,
+    pub positions: Vec<TeacherForcedPosition>,
+}
+
+pub fn teacher_forced_fixture() -> TeacherForced {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("teacher_forced.json")).unwrap(),
+    )
+    .unwrap()
+}

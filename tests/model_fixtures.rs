@@ -1,0 +1,146 @@
+//! The forward pass against llama.cpp's reference outputs for the default model
+//! (`tests/fixtures/`): greedy continuations and teacher-forced top-1 agreement.
+
+mod common;
+
+use sluice::kernels::cpu::CpuBackend;
+use sluice::kernels::{BatchSeq, ForwardBatch};
+use sluice::model::llama::Llama;
+
+const BLOCK_SIZE: usize = 16;
+
+/// Runs `ids` as one prefill of a fresh sequence and returns the logits of every position.
+fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut kv = model.kv_cache(ids.len().div_ceil(BLOCK_SIZE), BLOCK_SIZE).unwrap();
+    let n = ids.len();
+    let batch = ForwardBatch {
+        token_ids: ids.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).collect(),
+        seqs: vec![BatchSeq {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
+        }],
+        logits_rows: (0..n as u32).collect(),
+    };
+    let logits = model.forward(&batch, &mut kv);
+    let vocab = model.config.vocab_size;
+    logits.chunks_exact(vocab).map(|r| r.to_vec()).collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy decoding of one sequence, one token per step after the prefill.
+fn greedy(model: &mut Llama<CpuBackend>, prompt: &[u32], max_new: usize) -> Vec<u32> {
+    let total = prompt.len() + max_new;
+    let num_blocks = total.div_ceil(BLOCK_SIZE);
+    let mut kv = model.kv_cache(num_blocks, BLOCK_SIZE).unwrap();
+    let table: Vec<u32> = (0..num_blocks as u32).collect();
+    let mut out = Vec::new();
+    let mut pending: Vec<u32> = prompt.to_vec();
+    let mut done = 0usize;
+    let eos = [2u32];
+    while out.len() < max_new {
+        let n = pending.len();
+        let batch = ForwardBatch {
+            token_ids: pending.clone(),
+            positions: (done as u32..(done + n) as u32).collect(),
+            slot_mapping: (done as u32..(done + n) as u32).collect(),
+            seqs: vec![BatchSeq {
+                query_start: 0,
+                query_len: n,
+                context_len: done + n,
+                block_table: table.clone(),
+            }],
+            logits_rows: vec![n as u32 - 1],
+        };
+        let logits = model.forward(&batch, &mut kv);
+        done += n;
+        let next = argmax(&logits);
+        out.push(next);
+        if eos.contains(&next) {
+            break;
+        }
+        pending = vec![next];
+    }
+    out
+}
+
+#[test]
+fn greedy_matches_llama_cpp() {
+    let mut model = common::default_model();
+    let fixtures = common::greedy_fixtures();
+    let mut full = 0;
+    let mut report = String::new();
+    for f in &fixtures {
+        let got = greedy(&mut model, &f.prompt_ids, f.greedy_ids.len());
+        let agree = got
+            .iter()
+            .zip(&f.greedy_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if got == f.greedy_ids {
+            full += 1;
+        }
+        report.push_str(&format!(
+            "{}: {agree}/{} tokens agree\n",
+            f.name,
+            f.greedy_ids.len()
+        ));
+    }
+    eprintln!("{report}");
+    assert!(
+        full * 10 >= fixtures.len() * 9,
+        "only {full} of {} greedy continuations equal llama.cpp's:\n{report}",
+        fixtures.len()
+    );
+}
+
+#[test]
+fn teacher_forced_top1_agrees_with_llama_cpp() {
+    let mut model = common::default_model();
+    let tf = common::teacher_forced_fixture();
+    let logits = all_logits(&mut model, &tf.ids);
+    let mut agree = 0;
+    let mut misses = String::new();
+    for p in &tf.positions {
+        let row = &logits[p.pos - 1];
+        let ours = argmax(row);
+        let theirs = p.top[0].0;
+        if ours == theirs {
+            agree += 1;
+        } else {
+            misses.push_str(&format!(
+                "pos {}: ours {ours}, llama.cpp {theirs} (their top-2 margin {:.3})\n",
+                p.pos,
+                p.top[0].1 - p.top.get(1).map_or(f32::NEG_INFINITY, |t| t.1)
+            ));
+        }
+        // Our log-probabilities of llama.cpp's top tokens stay close to theirs.
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let ours_lp = row[theirs as usize] - lse;
+        assert!(
+            (ours_lp - p.top[0].1).abs() < 0.25,
+            "pos {}: logprob of {theirs}: ours {ours_lp}, llama.cpp {}",
+            p.pos,
+            p.top[0].1
+        );
+    }
+    eprintln!("top-1 agreement {agree}/{}\n{misses}", tf.positions.len());
+    assert!(
+        agree * 100 >= tf.positions.len() * 99,
+        "top-1 agrees at {agree}/{} positions:\n{misses}",
+        tf.positions.len()
+    );
+}
