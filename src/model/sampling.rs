@@ -1,0 +1,388 @@
+//! Turning one row of logits into one token, per sequence: logit processors (repetition,
+//! presence and frequency penalties, logit bias), then greedy or temperature sampling with
+//! top-k, top-p and min-p, from a per-sequence seeded generator, so that a seed gives the same
+//! tokens whatever else shares the batch. Logprobs are those of the model's own distribution
+//! (log-softmax of the raw logits), as vLLM reports by default.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Below this temperature sampling is greedy.
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+/// Candidates kept by a first partial selection for top-p; a full sort happens only when
+/// they do not hold the requested mass.
+const TOP_P_FIRST_CUT: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1 means no top-p cut.
+    pub top_p: f32,
+    /// 0 means no min-p cut.
+    pub min_p: f32,
+    /// 1 means none; applies to prompt and generated tokens.
+    pub repetition_penalty: f32,
+    /// Applies to generated tokens.
+    pub presence_penalty: f32,
+    /// Applies to generated tokens, per occurrence.
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+    /// Alternatives to report per token (`Some(0)`: only the chosen token's logprob).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE
+    }
+}
+
+/// What sampling one position produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token_id: u32,
+    /// Log-probability of `token_id` under the model (raw logits).
+    pub logprob: f32,
+    /// The most probable tokens and their logprobs, best first, when asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A sequence's sampling state: its generator and the tokens its penalties look at.
+pub struct SequenceSampler {
+    pub params: SamplingParams,
+    rng: ChaCha8Rng,
+    prompt_tokens: HashSet<u32>,
+    output_counts: HashMap<u32, u32>,
+}
+
+impl SequenceSampler {
+    /// `stream` tells apart the sequences of one request that share a seed (`n > 1`).
+    pub fn new(params: SamplingParams, prompt: &[u32], stream: u64) -> Self {
+        let rng = match params.seed {
+            Some(seed) => {
+                let mut r = ChaCha8Rng::seed_from_u64(seed);
+                r.set_stream(stream);
+                r
+            }
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        let prompt_tokens = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            HashSet::new()
+        };
+        Self {
+            params,
+            rng,
+            prompt_tokens,
+            output_counts: HashMap::new(),
+        }
+    }
+
+    /// Records a generated token for the penalties.
+    pub fn observe(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_default() += 1;
+    }
+
+    /// Samples the next token from `logits` (one row, modified in place), and records it.
+    pub fn sample(&mut self, logits: &mut [f32], scratch: &mut SamplingScratch) -> SampledToken {
+        // Logprobs describe the model's own distribution, so take them before any processor.
+        let logprobs = self.params.logprobs.map(|k| {
+            let (lse, top) = top_logprobs(logits, k);
+            scratch.raw.clear();
+            scratch.raw.extend_from_slice(logits);
+            (lse, top)
+        });
+        self.apply_processors(logits);
+        let token_id = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_random(logits, scratch)
+        };
+        let (logprob, top) = match logprobs {
+            Some((lse, top)) => (scratch.raw[token_id as usize] - lse, top),
+            None => (0.0, Vec::new()),
+        };
+        self.observe(token_id);
+        SampledToken {
+            token_id,
+            logprob,
+            top_logprobs: top,
+        }
+    }
+
+    fn apply_processors(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let penalize = |l: &mut f32| {
+                if *l > 0.0 {
+                    *l /= p.repetition_penalty
+                } else {
+                    *l *= p.repetition_penalty
+                }
+            };
+            for &t in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    penalize(l);
+                }
+            }
+            // A token in both the prompt and the output was penalized twice above; undo one.
+            for &t in self.output_counts.keys() {
+                if self.prompt_tokens.contains(&t) {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        if *l > 0.0 {
+                            *l *= p.repetition_penalty
+                        } else {
+                            *l /= p.repetition_penalty
+                        }
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+
+    fn sample_random(&mut self, logits: &[f32], s: &mut SamplingScratch) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        s.candidates.clear();
+        s.candidates
+            .extend((0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()));
+        if s.candidates.is_empty() {
+            return argmax(logits);
+        }
+        let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if p.top_k > 0 && p.top_k < s.candidates.len() {
+            s.candidates.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            s.candidates.truncate(p.top_k);
+        }
+        let max = s
+            .candidates
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weight = |i: u32| ((logits[i as usize] - max) * inv_t).exp();
+        if p.min_p > 0.0 {
+            // Relative to the most probable token: p_i / p_max = weight(i).
+            s.candidates.retain(|&i| weight(i) >= p.min_p);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = s.candidates.iter().map(|&i| weight(i)).sum();
+            let mut keep = s.candidates.len();
+            if keep > TOP_P_FIRST_CUT {
+                s.candidates.select_nth_unstable_by(TOP_P_FIRST_CUT - 1, by_logit_desc);
+                let head: f32 = s.candidates[..TOP_P_FIRST_CUT].iter().map(|&i| weight(i)).sum();
+                if head >= p.top_p * total {
+                    keep = TOP_P_FIRST_CUT;
+                }
+            }
+            s.candidates[..keep].sort_unstable_by(by_logit_desc);
+            let mut acc = 0.0;
+            let mut cut = keep;
+            for (n, &i) in s.candidates[..keep].iter().enumerate() {
+                acc += weight(i);
+                if acc >= p.top_p * total {
+                    cut = n + 1;
+                    break;
+                }
+            }
+            s.candidates.truncate(cut);
+        }
+        let total: f32 = s.candidates.iter().map(|&i| weight(i)).sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for &i in &s.candidates {
+            u -= weight(i);
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        *s.candidates.last().unwrap_or(&0)
+    }
+}
+
+/// Reused buffers of the sampler (one per engine).
+#[derive(Default)]
+pub struct SamplingScratch {
+    candidates: Vec<u32>,
+    /// The raw logits row, kept when logprobs are asked for.
+    raw: Vec<f32>,
+}
+
+/// Log-sum-exp of the row and its `k` best tokens as `(id, logprob)`.
+fn top_logprobs(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let lse = max + sum.ln();
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() < k || top.last().is_some_and(|&(_, m)| l > m) {
+            let at = top.partition_point(|&(_, m)| m >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(k);
+        }
+    }
+    for t in &mut top {
+        t.1 -= lse;
+    }
+    (lse, top)
+}
+
+/// The index of the largest value; the lowest index among equals.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, -1.0, 2.5]
+    }
+
+    #[test]
+    fn greedy_takes_the_max_and_reports_logprobs() {
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                logprobs: Some(2),
+                ..SamplingParams::greedy()
+            },
+            &[],
+            0,
+        );
+        let out = s.sample(&mut logits(), &mut SamplingScratch::default());
+        assert_eq!(out.token_id, 1);
+        assert_eq!(out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 4]);
+        let lse = logits().iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((out.logprob - (3.0 - lse)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        let run = || {
+            let mut s = SequenceSampler::new(params.clone(), &[], 0);
+            let mut scratch = SamplingScratch::default();
+            (0..50)
+                .map(|_| s.sample(&mut logits(), &mut scratch).token_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+        assert!(run().iter().collect::<HashSet<_>>().len() > 1);
+    }
+
+    #[test]
+    fn top_k_and_min_p_and_bias_restrict_the_choice() {
+        let mut scratch = SamplingScratch::default();
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                top_k: 2,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            &[],
+            0,
+        );
+        for _ in 0..100 {
+            let t = s.sample(&mut logits(), &mut scratch).token_id;
+            assert!(t == 1 || t == 4);
+        }
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                top_p: 0.4,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            &[],
+            0,
+        );
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
+        }
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                logit_bias: vec![(3, 100.0)],
+                ..SamplingParams::greedy()
+            },
+            &[],
+            0,
+        );
+        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 3);
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let mut scratch = SamplingScratch::default();
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                frequency_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[],
+            0,
+        );
+        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
+        // 3.0 - 2.0 = 1.0 < 2.5: token 4 wins next.
+        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
+        let mut s = SequenceSampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[1],
+            0,
+        );
+        // 3.0 / 2 = 1.5 < 2.5.
+        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
+    }
+}
