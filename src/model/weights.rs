@@ -269,10 +269,7 @@ mod tests {
             hf_name("blk.12.attn_q.weight").as_deref(),
             Some("model.layers.12.self_attn.q_proj.weight")
         );
-        assert_eq!(
-            hf_name("output.weight").as_deref(),
-            Some("lm_head.weight")
-        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.x"), None);
     }
 }

@@ -31,8 +31,12 @@ impl CpuKvCache {
         let per_layer = shape.num_blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
         Self {
             shape,
-            k: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..shape.num_layers)
+                .map(|_| vec![0.0; per_layer])
+                .collect(),
+            v: (0..shape.num_layers)
+                .map(|_| vec![0.0; per_layer])
+                .collect(),
         }
     }
 
@@ -223,9 +227,8 @@ struct AttendOne<'a> {
 fn attend_one_body(a: AttendOne<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = a.shape.head_dim;
     let bs = a.shape.block_size;
-    let block_base = |b: usize| {
-        ((a.block_table[b] as usize * a.shape.num_kv_heads + a.kv_head) * bs) * d
-    };
+    let block_base =
+        |b: usize| ((a.block_table[b] as usize * a.shape.num_kv_heads + a.kv_head) * bs) * d;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for b in 0..a.ctx.div_ceil(bs) {

@@ -149,7 +149,10 @@ impl Backend for CpuBackend {
     ) {
         out.resize(residual.rows, residual.cols);
         let cols = residual.cols;
-        let (rp, op) = (SyncPtr::new(&mut residual.data), SyncPtr::new(&mut out.data));
+        let (rp, op) = (
+            SyncPtr::new(&mut residual.data),
+            SyncPtr::new(&mut out.data),
+        );
         self.for_rows(delta.rows, |r| {
             // SAFETY: one row per task.
             let (res, o) = unsafe { (rp.slice(r * cols, cols), op.slice(r * cols, cols)) };
@@ -157,13 +160,7 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn matmul(
-        &self,
-        x: &CpuTensor,
-        w: &CpuLinear,
-        bias: Option<&Vec<f32>>,
-        out: &mut CpuTensor,
-    ) {
+    fn matmul(&self, x: &CpuTensor, w: &CpuLinear, bias: Option<&Vec<f32>>, out: &mut CpuTensor) {
         debug_assert_eq!(x.cols, w.cols);
         out.resize(x.rows, w.rows);
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -171,7 +168,14 @@ impl Backend for CpuBackend {
         let (x_data, m) = (&x.data[..x.rows * x.cols], x.rows);
         match p.len() {
             1 => matmul::linear(&self.pool, x_data, m, &[&p[0]], &mut out.data, &mut scratch),
-            2 => matmul::linear(&self.pool, x_data, m, &[&p[0], &p[1]], &mut out.data, &mut scratch),
+            2 => matmul::linear(
+                &self.pool,
+                x_data,
+                m,
+                &[&p[0], &p[1]],
+                &mut out.data,
+                &mut scratch,
+            ),
             3 => matmul::linear(
                 &self.pool,
                 x_data,

@@ -118,7 +118,13 @@ simd_dispatch!(
 );
 
 #[inline(always)]
-fn add_rms_norm_row_body(residual: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+fn add_rms_norm_row_body(
+    residual: &mut [f32],
+    delta: &[f32],
+    w: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
     for (r, d) in residual.iter_mut().zip(delta) {
         *r += d;
     }
@@ -169,7 +175,11 @@ mod tests {
     fn dot_matches_naive() {
         let a: Vec<f32> = (0..67).map(|i| i as f32 * 0.5).collect();
         let b: Vec<f32> = (0..67).map(|i| 1.0 - i as f32 * 0.01).collect();
-        let naive: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        let naive: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64) * (*y as f64))
+            .sum();
         assert!((dot(&a, &b) as f64 - naive).abs() < 1e-3);
     }
 
