@@ -4,6 +4,7 @@ pub mod config;
 pub mod fetch;
 pub mod gguf;
 pub mod llama;
+pub mod loader;
 pub mod sampling;
 pub mod weights;
 
