@@ -1,0 +1,230 @@
+//! The tokenizer room against llama.cpp's fixtures for the default model
+//! (SmolLM2-135M-Instruct Q4_1): encoding, chat templates, incremental detokenization,
+//! malformed metadata, and (ignored by default) timings.
+//!
+//! The model file is `$SLUICE_MODEL` when set, else the cache path
+//! `~/.cache/sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf`; a missing file fails the tests.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use serde::Deserialize;
+use sluice::model::gguf::GgufFile;
+use sluice::tokenizer::{
+    ChatMessage, ChatTemplateOptions, IncrementalDetokenizer, Tokenizer, TokenizerError,
+};
+
+fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("SLUICE_MODEL") {
+        return PathBuf::from(path);
+    }
+    dirs::cache_dir()
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn tokenizer() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| {
+        let path = model_path();
+        let file = GgufFile::open(&path).unwrap_or_else(|e| {
+            panic!(
+                "the default model is needed at {} ({e}); see DESIGN.md to fetch it",
+                path.display()
+            )
+        });
+        Tokenizer::from_gguf(&file).expect("building the default model's tokenizer")
+    })
+}
+
+#[derive(Deserialize)]
+struct TokenizeFixture {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct GreedyFixture {
+    name: String,
+    chat: bool,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    greedy_text: String,
+}
+
+fn read_jsonl<T: for<'de> Deserialize<'de>>(name: &str) -> Vec<T> {
+    std::fs::read_to_string(fixtures_dir().join(name))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn encodes_every_tokenize_fixture_like_llama_cpp() {
+    let tok = tokenizer();
+    let fixtures: Vec<TokenizeFixture> = read_jsonl("tokenize.jsonl");
+    assert!(fixtures.len() >= 30);
+    let mut failures = Vec::new();
+    for f in &fixtures {
+        let ids = tok.encode(&f.text, false).unwrap();
+        if ids != f.ids {
+            failures.push(format!("{:?}: got {ids:?}, want {:?}", f.text, f.ids));
+        }
+        // Nothing is lost on the way back (these texts hold no U+FFFD).
+        assert_eq!(tok.decode(&ids, false).unwrap(), f.text);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn encodes_every_greedy_prompt_like_llama_cpp() {
+    let tok = tokenizer();
+    for f in read_jsonl::<GreedyFixture>("greedy.jsonl") {
+        assert_eq!(
+            tok.encode(&f.prompt, true).unwrap(),
+            f.prompt_ids,
+            "{}",
+            f.name
+        );
+    }
+}
+
+#[test]
+fn renders_every_chat_fixture_like_llama_cpp() {
+    let tok = tokenizer();
+    let opts = ChatTemplateOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let chats: Vec<GreedyFixture> = read_jsonl::<GreedyFixture>("greedy.jsonl")
+        .into_iter()
+        .filter(|f| f.chat)
+        .collect();
+    assert!(!chats.is_empty());
+    for f in chats {
+        let prompt = tok.apply_chat_template(&f.messages, &opts).unwrap();
+        assert_eq!(prompt, f.prompt, "{}", f.name);
+    }
+}
+
+#[test]
+fn metadata_gives_bos_eos_and_special_tokens() {
+    let tok = tokenizer();
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert!(!tok.add_bos());
+    // EOS is <|im_end|>; <|endoftext|> also ends a turn, as in llama.cpp.
+    assert_eq!(tok.eos_token_ids(), &[0, 2]);
+    assert!(tok.is_eos(2) && !tok.is_eos(1));
+    assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
+    assert_eq!(tok.id_to_token(2), Some("<|im_end|>"));
+    assert_eq!(tok.id_to_token(49152), None);
+    assert!(tok.is_special(1) && !tok.is_special(198) && !tok.is_special(u32::MAX));
+    let ids = tok.encode("<|im_start|>user\nHi<|im_end|>", false).unwrap();
+    assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        "<|im_start|>user\nHi<|im_end|>"
+    );
+    assert!(matches!(
+        tok.decode(&[49152], false),
+        Err(TokenizerError::IdOutOfRange { id: 49152, .. })
+    ));
+}
+
+/// Feeds `ids` one by one; returns the deltas.
+fn detokenize(tok: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> Vec<String> {
+    let mut detok = IncrementalDetokenizer::new(tok, skip_special_tokens);
+    let mut deltas: Vec<String> = ids.iter().map(|&id| detok.push(tok, id).unwrap()).collect();
+    deltas.push(detok.flush(tok).unwrap());
+    deltas
+}
+
+#[test]
+fn detokenizes_fixture_texts_and_generations_incrementally() {
+    let tok = tokenizer();
+    for f in read_jsonl::<TokenizeFixture>("tokenize.jsonl") {
+        for skip in [false, true] {
+            let deltas = detokenize(tok, &f.ids, skip);
+            assert_eq!(
+                deltas.concat(),
+                tok.decode(&f.ids, skip).unwrap(),
+                "{:?}",
+                f.text
+            );
+            assert!(
+                deltas.iter().all(|d| !d.contains('\u{FFFD}')),
+                "{:?}",
+                f.text
+            );
+        }
+    }
+    for f in read_jsonl::<GreedyFixture>("greedy.jsonl") {
+        let deltas = detokenize(tok, &f.greedy_ids, true);
+        assert_eq!(deltas.concat(), f.greedy_text, "{}", f.name);
+    }
+}
+
+#[test]
+fn multi_byte_characters_split_across_tokens_are_held_back() {
+    let tok = tokenizer();
+    for text in [
+        "emoji 😀🚀👍🏽 done",
+        "日本語のテキスト",
+        "中文测试句子",
+        "ZWJ 👨‍👩‍👧",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        let deltas = detokenize(tok, &ids, false);
+        // Some token carries only part of a character: it must give an empty delta.
+        assert!(deltas[..ids.len()].iter().any(String::is_empty), "{text}");
+        for d in &deltas {
+            assert!(!d.contains('\u{FFFD}'), "{text}: broken delta {d:?}");
+        }
+        assert_eq!(deltas.concat(), text);
+    }
+    // A sequence cut inside a character flushes as one U+FFFD, as decode does.
+    let ids = tok.encode("😀", false).unwrap();
+    assert!(ids.len() > 1);
+    let cut = &ids[..ids.len() - 1];
+    assert_eq!(
+        detokenize(tok, cut, false).concat(),
+        tok.decode(cut, false).unwrap()
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn detokenizer_deltas_concatenate_to_decode(
+        ids in proptest::collection::vec(
+            // Mostly real tokens, with a bias to the byte tokens (ids < 512 hold most of the
+            // lone continuation and lead bytes) and the special ones.
+            prop_oneof![0u32..49152, 0u32..512, 0u32..17],
+            0..64,
+        ),
+        skip in any::<bool>(),
+    ) {
+        let tok = tokenizer();
+        let deltas = detokenize(tok, &ids, skip);
+        prop_assert_eq!(deltas.concat(), tok.decode(&ids, skip).unwrap());
+    }
+
+    #[test]
+    fn encode_decode_round_trips_arbitrary_text(text in "\\PC{0,40}") {
+        let tok = tokenizer();
+        let ids = tok.encode(&text, false).unwrap();
+        prop_assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+}
