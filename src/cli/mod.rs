@@ -1,5 +1,8 @@
 //! The `sluice` command line: subcommands and their arguments.
 
+pub mod generate;
+pub mod model_args;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,6 +16,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate a continuation of one prompt.
+    Generate(generate::GenerateArgs),
     /// Benchmarks against any OpenAI-compatible server.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -26,6 +31,7 @@ pub fn main(cli: Cli) -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => crate::bench::run(cmd),
     };
     match result {

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod device;
 pub mod dtype;
 pub mod host;
 

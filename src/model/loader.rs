@@ -1,7 +1,7 @@
 //! Opening a model: detecting its format (GGUF file, Hugging Face directory, or dummy weights
 //! for a config) and producing its config and weight source.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::config::ModelConfig;
 use super::gguf::GgufFile;

