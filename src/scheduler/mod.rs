@@ -20,7 +20,8 @@
 //! Invariants:
 //! * every sequence is either waiting (no block table, `num_computed == 0`) or running (a block
 //!   table covering at least its computed tokens); `running` is sorted by (priority, arrival);
-//! * `running.len() <= max_num_seqs`; a step's tokens sum to at most `max_num_batched_tokens`;
+//! * `running.len()` plus the unforked members of running groups is at most `max_num_seqs`;
+//!   a step's tokens sum to at most `max_num_batched_tokens`;
 //! * a sequence that could not fit even in an empty pool is refused by `add` or, if it grows
 //!   that long, reported in `StepPlan::too_long_seq_ids` and dropped: nothing waits forever.
 //!
@@ -322,8 +323,15 @@ impl Scheduler {
     /// it goes idle; an error is a bug.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;
-        if self.running.len() > self.config.max_num_seqs {
-            return Err(format!("{} running > max_num_seqs", self.running.len()));
+        let num_reserved: usize = (self.running.iter())
+            .filter_map(|(_, id)| self.seqs.get(id))
+            .map(|s| s.fork_children.len())
+            .sum();
+        if self.running.len() + num_reserved > self.config.max_num_seqs {
+            return Err(format!(
+                "{} running + {num_reserved} reserved > max_num_seqs",
+                self.running.len()
+            ));
         }
         if self.seqs.len() != self.running.len() + self.waiting.len() {
             return Err("a sequence is in no queue or in both".into());

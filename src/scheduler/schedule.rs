@@ -97,6 +97,12 @@ impl Scheduler {
     }
 
     fn schedule_waiting(&mut self, step: &mut StepBuilder) {
+        // Seats: running sequences plus the unforked members of running groups.
+        let mut num_seats = self.running.len()
+            + (self.running.iter())
+                .filter_map(|(_, id)| self.seqs.get(id))
+                .map(|s| s.fork_children.len())
+                .sum::<usize>();
         while step.budget > 0 {
             let Some((&key, &seq_id)) = self.waiting.first_key_value() else {
                 break;
@@ -106,7 +112,7 @@ impl Scheduler {
                 continue;
             };
             let group_size = 1 + seq.fork_children.len();
-            if self.running.len() + group_size > self.config.max_num_seqs {
+            if num_seats + group_size > self.config.max_num_seqs {
                 break;
             }
             if seq.min_blocks_needed(self.kv.block_size()) > self.kv.num_blocks() {
@@ -131,6 +137,7 @@ impl Scheduler {
                 break;
             }
             self.waiting.remove(&key);
+            num_seats += group_size;
             self.admit(key, seq_id, num_computed);
             if num_new > 0 {
                 self.mark_scheduled(step, seq_id, num_computed, num_new, Vec::new());

@@ -382,3 +382,15 @@ fn commit_rejects_stale_plans_and_wrong_samples() {
     assert_eq!(s.commit(&plan, &[(1, 7)]), Ok(()));
     assert_eq!(s.check_invariants(), Ok(()));
 }
+
+#[test]
+fn unforked_group_members_hold_their_seats() {
+    let mut s = scheduler(20, 64);
+    s.config.max_prefill_chunk_tokens = 4;
+    let _ = s.add_group(make_seq(1, &prompt(0, 10)), &[2, 3, 4, 5, 6, 7]);
+    let _ = s.add(make_seq(10, &prompt(100, 2)));
+    let _ = s.add(make_seq(11, &prompt(200, 2)));
+    // Seven seats for the group, one for seq 10; seq 11 waits although only 2 run.
+    assert_eq!(ran(&step(&mut s)), vec![(1, 4), (10, 2)]);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 7));
+}
