@@ -1,0 +1,87 @@
+//! `commit()`: apply a finished step to the sequences.
+
+use std::collections::{HashMap, HashSet};
+
+use super::plan::StepPlan;
+use super::{Scheduler, SchedulerError, SeqId};
+
+impl Scheduler {
+    /// Records that `plan` ran: its positions are computed and `sampled` holds one token for
+    /// every sequence the plan asked to sample. Advances `num_computed_tokens`, appends the
+    /// tokens, enters newly full blocks into the prefix cache and forks group members whose
+    /// prompt is ready. Sequences finished or aborted since `schedule` are skipped.
+    ///
+    /// Checked first, so that an error changes nothing: the plan is the latest one, and the
+    /// samples match its `sample` flags.
+    pub fn commit(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &[(SeqId, u32)],
+    ) -> Result<(), SchedulerError> {
+        let samples = self.check_commit(plan, sampled)?;
+        for entry in &plan.seqs {
+            let Some(seq) = self.seqs.get_mut(&entry.seq_id) else {
+                continue;
+            };
+            let num_prompt = entry
+                .end
+                .min(seq.num_prompt_tokens)
+                .saturating_sub(entry.start);
+            seq.stats.num_computed_prompt_tokens += num_prompt;
+            self.counters.num_computed_prompt_tokens_total += num_prompt as u64;
+            seq.num_computed_tokens = entry.end;
+            if let Some(&token_id) = samples.get(&entry.seq_id) {
+                seq.token_ids.push(token_id);
+                self.counters.num_generated_tokens_total += 1;
+            }
+            self.kv
+                .cache_full_blocks(entry.seq_id, &seq.token_ids, seq.num_computed_tokens);
+            if !seq.fork_children.is_empty() && seq.num_remaining() == 0 {
+                self.fork_children(entry.seq_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_commit(
+        &self,
+        plan: &StepPlan,
+        sampled: &[(SeqId, u32)],
+    ) -> Result<HashMap<SeqId, u32>, SchedulerError> {
+        if plan.step_id != self.step_id {
+            return Err(SchedulerError::StalePlan {
+                plan_step_id: plan.step_id,
+                step_id: self.step_id,
+            });
+        }
+        let to_sample: HashSet<SeqId> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq_id)
+            .collect();
+        let mut samples = HashMap::with_capacity(sampled.len());
+        for &(seq_id, token_id) in sampled {
+            if !to_sample.contains(&seq_id) || samples.insert(seq_id, token_id).is_some() {
+                return Err(SchedulerError::UnexpectedSample(seq_id));
+            }
+        }
+        for entry in &plan.seqs {
+            let Some(seq) = self.seqs.get(&entry.seq_id) else {
+                continue;
+            };
+            let stale =
+                seq.last_scheduled_step != plan.step_id || seq.num_computed_tokens != entry.start;
+            if stale {
+                return Err(SchedulerError::StalePlan {
+                    plan_step_id: plan.step_id,
+                    step_id: self.step_id,
+                });
+            }
+            if entry.sample && !samples.contains_key(&entry.seq_id) {
+                return Err(SchedulerError::MissingSample(entry.seq_id));
+            }
+        }
+        Ok(samples)
+    }
+}

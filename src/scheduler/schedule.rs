@@ -1,0 +1,255 @@
+//! `schedule()`: the phases of one step (see the module docs of `scheduler`).
+
+use super::plan::{ScheduledSeq, StepPlan};
+use super::sequence::SeqKey;
+use super::{Scheduler, SeqId};
+use crate::kv_cache::BlockCopy;
+
+/// Which running sequences a pass serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// One token left: decodes (and last prompt tokens).
+    Decode,
+    /// More than one token left: prefill chunks.
+    Prefill,
+}
+
+/// The step being built.
+struct StepBuilder {
+    step_id: u64,
+    /// Tokens left in this step.
+    budget: usize,
+    /// `(seq_id, start, num_new)` in scheduling order.
+    scheduled: Vec<(SeqId, usize, usize)>,
+    block_copies: Vec<BlockCopy>,
+    preempted_seq_ids: Vec<SeqId>,
+    too_long_seq_ids: Vec<SeqId>,
+}
+
+impl Scheduler {
+    /// Decides the next step. Never fails: lack of blocks preempts or defers sequences.
+    pub fn schedule(&mut self) -> StepPlan {
+        self.step_id += 1;
+        let mut step = StepBuilder {
+            step_id: self.step_id,
+            budget: self.config.max_num_batched_tokens,
+            scheduled: Vec::new(),
+            block_copies: Vec::new(),
+            preempted_seq_ids: Vec::new(),
+            too_long_seq_ids: Vec::new(),
+        };
+        self.schedule_running(&mut step, Pass::Decode);
+        self.schedule_running(&mut step, Pass::Prefill);
+        // As vLLM: a step short of blocks admits nobody new.
+        if step.preempted_seq_ids.is_empty() {
+            self.schedule_waiting(&mut step);
+        }
+        self.build_plan(step)
+    }
+
+    fn schedule_running(&mut self, step: &mut StepBuilder, pass: Pass) {
+        let mut i = 0;
+        while i < self.running.len() && step.budget > 0 {
+            let seq_id = self.running[i].1;
+            let Some(seq) = self.seqs.get(&seq_id) else {
+                i += 1;
+                continue;
+            };
+            let remaining = seq.num_remaining();
+            let wanted = match pass {
+                Pass::Decode => remaining == 1,
+                Pass::Prefill => remaining > 1,
+            };
+            if !wanted || seq.last_scheduled_step == step.step_id {
+                i += 1;
+                continue;
+            }
+            let Some(num_new) = self.num_new_tokens(remaining, step.budget) else {
+                i += 1;
+                continue;
+            };
+            let start = seq.num_computed_tokens;
+            if self.kv.config().blocks_for(start + num_new) > self.kv.num_blocks() {
+                self.drop_too_long(seq_id, step);
+                continue;
+            }
+            loop {
+                if let Some(copies) = self.kv.allocate_slots(seq_id, start, num_new, None) {
+                    self.mark_scheduled(step, seq_id, start, num_new, copies);
+                    i += 1;
+                    break;
+                }
+                // Out of blocks. Decodes take from the end of the order (maybe themselves);
+                // prefills only from sequences after them not scheduled yet, else they wait.
+                let victim = match pass {
+                    Pass::Decode => self.running.len() - 1,
+                    Pass::Prefill => match self.last_unscheduled_after(i, step.step_id) {
+                        Some(v) => v,
+                        None => return,
+                    },
+                };
+                self.preempt(victim, step);
+                if victim == i {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn schedule_waiting(&mut self, step: &mut StepBuilder) {
+        // Seats: running sequences plus the unforked members of running groups.
+        let mut num_seats = self.running.len()
+            + (self.running.iter())
+                .filter_map(|(_, id)| self.seqs.get(id))
+                .map(|s| s.fork_children.len())
+                .sum::<usize>();
+        while step.budget > 0 {
+            let Some((&key, &seq_id)) = self.waiting.first_key_value() else {
+                break;
+            };
+            let Some(seq) = self.seqs.get(&seq_id) else {
+                self.waiting.remove(&key);
+                continue;
+            };
+            let group_size = 1 + seq.fork_children.len();
+            if num_seats + group_size > self.config.max_num_seqs {
+                break;
+            }
+            if seq.min_blocks_needed(self.kv.block_size()) > self.kv.num_blocks() {
+                self.drop_too_long(seq_id, step);
+                continue;
+            }
+            let hits = self.kv.computed_blocks(&seq.token_ids);
+            let num_computed = hits.num_computed_tokens;
+            let remaining = seq.target_tokens() - num_computed;
+            let num_new = match remaining {
+                0 => 0,
+                _ => match self.num_new_tokens(remaining, step.budget) {
+                    Some(n) => n,
+                    None => break,
+                },
+            };
+            if self
+                .kv
+                .allocate_slots(seq_id, num_computed, num_new, Some(&hits))
+                .is_none()
+            {
+                break;
+            }
+            self.waiting.remove(&key);
+            num_seats += group_size;
+            self.admit(key, seq_id, num_computed);
+            if num_new > 0 {
+                self.mark_scheduled(step, seq_id, num_computed, num_new, Vec::new());
+            } else {
+                // Prefix hits reach the fork point: the group runs from the next step.
+                self.fork_children(seq_id);
+            }
+        }
+    }
+
+    fn admit(&mut self, key: SeqKey, seq_id: SeqId, num_computed: usize) {
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.num_computed_tokens = num_computed;
+            if !seq.admitted {
+                seq.admitted = true;
+                seq.stats.cached_tokens = num_computed.min(seq.num_prompt_tokens);
+            }
+        }
+        self.insert_running(key, seq_id);
+    }
+
+    /// Tokens a sequence with `remaining` tokens to compute gets from `budget`, or `None` when
+    /// it must wait (chunking off and the prefill does not fit).
+    fn num_new_tokens(&self, remaining: usize, budget: usize) -> Option<usize> {
+        if remaining == 1 {
+            return Some(1);
+        }
+        let n = if self.config.enable_chunked_prefill {
+            remaining.min(self.config.max_prefill_chunk_tokens)
+        } else if remaining <= budget || remaining > self.config.max_num_batched_tokens {
+            remaining
+        } else {
+            return None;
+        };
+        Some(n.min(budget))
+    }
+
+    fn mark_scheduled(
+        &mut self,
+        step: &mut StepBuilder,
+        seq_id: SeqId,
+        start: usize,
+        num_new: usize,
+        copies: Vec<BlockCopy>,
+    ) {
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.last_scheduled_step = step.step_id;
+        }
+        step.budget -= num_new;
+        step.scheduled.push((seq_id, start, num_new));
+        step.block_copies.extend(copies);
+    }
+
+    /// Index of the last running sequence after `i` that this step has not scheduled.
+    fn last_unscheduled_after(&self, i: usize, step_id: u64) -> Option<usize> {
+        (i + 1..self.running.len()).rev().find(|&j| {
+            self.seqs
+                .get(&self.running[j].1)
+                .is_some_and(|s| s.last_scheduled_step != step_id)
+        })
+    }
+
+    /// Takes back the blocks of `running[idx]`; it waits and recomputes from its prefix hits.
+    fn preempt(&mut self, idx: usize, step: &mut StepBuilder) {
+        let (key, seq_id) = self.running.remove(idx);
+        self.kv.free(seq_id);
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.num_computed_tokens = 0;
+            seq.stats.num_preemptions += 1;
+        }
+        self.waiting.insert(key, seq_id);
+        self.counters.num_preemptions_total += 1;
+        step.preempted_seq_ids.push(seq_id);
+    }
+
+    /// Drops a sequence (and its unforked group) that cannot fit in the whole cache.
+    fn drop_too_long(&mut self, seq_id: SeqId, step: &mut StepBuilder) {
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            for (child_id, _) in std::mem::take(&mut seq.fork_children) {
+                self.pending_children.remove(&child_id);
+                step.too_long_seq_ids.push(child_id);
+            }
+        }
+        self.remove(seq_id);
+        step.too_long_seq_ids.push(seq_id);
+    }
+
+    fn build_plan(&self, step: StepBuilder) -> StepPlan {
+        let mut plan = StepPlan {
+            step_id: step.step_id,
+            seqs: Vec::with_capacity(step.scheduled.len()),
+            block_copies: step.block_copies,
+            preempted_seq_ids: step.preempted_seq_ids,
+            too_long_seq_ids: step.too_long_seq_ids,
+            num_batched_tokens: 0,
+        };
+        for (seq_id, start, num_new) in step.scheduled {
+            let (Some(seq), Some(table)) = (self.seqs.get(&seq_id), self.kv.block_table(seq_id))
+            else {
+                continue;
+            };
+            let end = start + num_new;
+            plan.num_batched_tokens += num_new;
+            plan.seqs.push(ScheduledSeq {
+                seq_id,
+                start,
+                end,
+                token_ids: seq.token_ids[start..end].to_vec(),
+                block_table: table.to_vec(),
+                sample: end == seq.num_tokens(),
+            });
+        }
+        plan
+    }
+}
