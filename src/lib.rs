@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod engine;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

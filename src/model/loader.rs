@@ -51,11 +51,12 @@ pub enum TokenizerSource {
 
 pub fn open(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
     let path = &spec.path;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
-    let name = path
-        .file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let meta =
+        std::fs::metadata(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let format = match spec.load_format {
         LoadFormat::Auto if meta.is_dir() => LoadFormat::Safetensors,
         LoadFormat::Auto => LoadFormat::Gguf,
@@ -106,4 +107,3 @@ pub fn open(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
         LoadFormat::Auto => unreachable!("resolved above"),
     }
 }
-

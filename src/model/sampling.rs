@@ -82,6 +82,11 @@ pub struct SequenceSampler {
     rng: ChaCha8Rng,
     prompt_tokens: HashSet<u32>,
     output_counts: HashMap<u32, u32>,
+    num_generated: usize,
+    /// Tokens that may not be sampled while fewer than `suppress_until` exist (EOS and stop
+    /// tokens under `min_tokens`).
+    suppressed: Vec<u32>,
+    suppress_until: usize,
 }
 
 impl SequenceSampler {
@@ -105,12 +110,22 @@ impl SequenceSampler {
             rng,
             prompt_tokens,
             output_counts: HashMap::new(),
+            num_generated: 0,
+            suppressed: Vec::new(),
+            suppress_until: 0,
         }
+    }
+
+    /// Forbids `ids` until `min_tokens` tokens have been generated.
+    pub fn suppress_until(&mut self, ids: Vec<u32>, min_tokens: usize) {
+        self.suppressed = ids;
+        self.suppress_until = min_tokens;
     }
 
     /// Records a generated token for the penalties.
     pub fn observe(&mut self, token: u32) {
         *self.output_counts.entry(token).or_default() += 1;
+        self.num_generated += 1;
     }
 
     /// Samples the next token from `logits` (one row, modified in place), and records it.
@@ -178,6 +193,13 @@ impl SequenceSampler {
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l += b;
+            }
+        }
+        if self.num_generated < self.suppress_until {
+            for &t in &self.suppressed {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
             }
         }
     }

@@ -1,0 +1,99 @@
+//! The flags that shape the engine: batch limits, KV-cache size, prefix caching.
+
+use crate::engine::EngineConfig;
+use crate::kv_cache::CacheConfig;
+use crate::model::config::ModelConfig;
+use crate::scheduler::SchedulerConfig;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one step (decode tokens and prefill chunks together).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Token slots per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Bytes of KV cache (default: `--kv-cache-fraction` of free memory).
+    #[arg(long)]
+    pub kv_cache_memory: Option<u64>,
+    /// Fraction of the machine's available memory given to the KV cache when
+    /// `--kv-cache-memory` is not set.
+    #[arg(long, default_value_t = 0.25)]
+    pub kv_cache_fraction: f64,
+    /// Do not reuse KV blocks across requests with a common prefix.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Do not split long prompts into chunks.
+    #[arg(long)]
+    pub no_chunked_prefill: bool,
+    /// Longest prompt + generation in tokens (default: the model's context length).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most requests waiting to start; more are refused with 429 (0: no limit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+}
+
+/// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self, model: &ModelConfig) -> anyhow::Result<EngineConfig> {
+        let max_model_len = self.max_model_len.unwrap_or(model.max_position_embeddings);
+        if max_model_len == 0 || max_model_len > model.max_position_embeddings {
+            anyhow::bail!(
+                "--max-model-len {max_model_len} must be between 1 and the model's context of {}",
+                model.max_position_embeddings
+            );
+        }
+        if self.block_size == 0 || !self.block_size.is_power_of_two() || self.block_size > 256 {
+            anyhow::bail!("--block-size must be a power of two up to 256");
+        }
+        let budget = match self.kv_cache_memory {
+            Some(b) => b,
+            None => {
+                let avail = available_memory().unwrap_or(4 << 30);
+                (avail as f64 * self.kv_cache_fraction.clamp(0.0, 0.95)) as u64
+            }
+        };
+        let bytes_per_block = (model.kv_bytes_per_token(4) * self.block_size) as u64;
+        // Never more blocks than all sequences at full length can use.
+        let useful = (self.max_num_seqs * max_model_len).div_ceil(self.block_size) as u64 + 1;
+        let num_blocks = (budget / bytes_per_block).min(useful) as usize;
+        if num_blocks * self.block_size < max_model_len.min(2048) {
+            anyhow::bail!(
+                "a KV cache of {budget} bytes holds {num_blocks} blocks of {} tokens: too small \
+                 (raise --kv-cache-memory or lower --max-model-len)",
+                self.block_size
+            );
+        }
+        tracing::info!(
+            "KV cache: {num_blocks} blocks of {} tokens ({:.1} MiB)",
+            self.block_size,
+            (num_blocks as u64 * bytes_per_block) as f64 / (1 << 20) as f64
+        );
+        Ok(EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+                enable_chunked_prefill: !self.no_chunked_prefill,
+                ..SchedulerConfig::default()
+            },
+            cache: CacheConfig {
+                block_size: self.block_size,
+                num_blocks,
+                enable_prefix_caching: !self.no_prefix_cache,
+            },
+            max_model_len,
+            max_waiting: self.max_waiting,
+        })
+    }
+}

@@ -1,0 +1,583 @@
+//! The engine loop: intake, schedule, execute, commit, outputs — one step at a time, on its
+//! own thread, owning all serving state.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::handle::{now_millis, EngineCommand, EngineInfo, RequestId, Shared};
+use super::metrics::EngineMetrics;
+use super::output::SeqOutput;
+use super::request::{
+    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
+};
+use super::runner::ModelRunner;
+use crate::kernels::Backend;
+use crate::model::sampling::{SampledToken, SequenceSampler};
+use crate::scheduler::{NewSequence, Scheduler, SeqId, StepPlan};
+use crate::tokenizer::Tokenizer;
+
+/// How often an idle engine wakes to report that it is alive.
+const IDLE_HEARTBEAT: Duration = Duration::from_millis(500);
+
+struct RequestState {
+    request: Box<GenerateRequest>,
+    events: flume::Sender<StreamEvent>,
+    /// Choice index → sequence id.
+    seq_ids: Vec<SeqId>,
+    live_seqs: usize,
+    /// Scheduled at least once (no longer counted as waiting).
+    started: bool,
+    first_token_at: Option<Instant>,
+    completion_tokens: usize,
+    cached_tokens: usize,
+}
+
+struct SeqState {
+    request: RequestId,
+    index: usize,
+    output: SeqOutput,
+    num_generated: usize,
+    last_token_at: Option<Instant>,
+}
+
+/// How a sequence's step ended.
+enum SeqOutcome {
+    Continue,
+    Finished(FinishReason, Option<StopReason>),
+}
+
+pub(crate) struct EngineLoop<B: Backend> {
+    scheduler: Scheduler,
+    runner: ModelRunner<B>,
+    tokenizer: Arc<Tokenizer>,
+    commands: flume::Receiver<EngineCommand>,
+    shared: Arc<Shared>,
+    metrics: Arc<EngineMetrics>,
+    info: Arc<EngineInfo>,
+    requests: HashMap<RequestId, RequestState>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_seq_id: SeqId,
+    shutdown_deadline: Option<Instant>,
+    /// Prefix-cache counters already exported to metrics.
+    exported_prefix: (u64, u64),
+    exported_counters: (u64, u64),
+}
+
+impl<B: Backend> EngineLoop<B> {
+    pub fn new(
+        scheduler: Scheduler,
+        runner: ModelRunner<B>,
+        tokenizer: Arc<Tokenizer>,
+        commands: flume::Receiver<EngineCommand>,
+        shared: Arc<Shared>,
+        metrics: Arc<EngineMetrics>,
+        info: Arc<EngineInfo>,
+    ) -> Self {
+        Self {
+            scheduler,
+            runner,
+            tokenizer,
+            commands,
+            shared,
+            metrics,
+            info,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq_id: 1,
+            shutdown_deadline: None,
+            exported_prefix: (0, 0),
+            exported_counters: (0, 0),
+        }
+    }
+
+    pub fn run(&mut self) {
+        loop {
+            if !self.intake() {
+                break;
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.requests.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    self.fail_all("the server is shutting down", EngineErrorKind::Unavailable);
+                    break;
+                }
+            }
+            if self.requests.is_empty() {
+                continue;
+            }
+            self.step();
+            self.shared
+                .last_progress_ms
+                .store(now_millis(), Ordering::Release);
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+    }
+
+    /// Takes new commands; blocks while there is nothing to run. Returns false when the
+    /// loop must end (every handle dropped).
+    fn intake(&mut self) -> bool {
+        if self.requests.is_empty() {
+            self.on_idle();
+            loop {
+                match self.commands.recv_timeout(IDLE_HEARTBEAT) {
+                    Ok(cmd) => {
+                        self.handle(cmd);
+                        break;
+                    }
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        self.shared
+                            .last_progress_ms
+                            .store(now_millis(), Ordering::Release);
+                        if self.shutdown_deadline.is_some() {
+                            return true;
+                        }
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => return false,
+                }
+            }
+        }
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.handle(cmd);
+        }
+        // Clients whose stream was dropped without a word.
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_disconnected())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort(id);
+        }
+        true
+    }
+
+    /// The accounting check whenever the engine goes idle: every block must be free.
+    fn on_idle(&mut self) {
+        self.update_gauges();
+        if let Err(e) = self.scheduler.check_invariants() {
+            self.metrics.kv_accounting_errors_total.inc();
+            tracing::error!("KV-cache accounting is wrong while idle: {e}");
+            debug_assert!(false, "KV-cache accounting is wrong while idle: {e}");
+        }
+        let kv = self.scheduler.kv_cache();
+        if kv.num_free_blocks() != kv.num_blocks() {
+            self.metrics.kv_accounting_errors_total.inc();
+            let msg = format!(
+                "{} of {} KV blocks are not free while idle",
+                kv.num_blocks() - kv.num_free_blocks(),
+                kv.num_blocks()
+            );
+            tracing::error!("{msg}");
+            debug_assert!(false, "{msg}");
+        }
+    }
+
+    fn handle(&mut self, cmd: EngineCommand) {
+        match cmd {
+            EngineCommand::Add {
+                id,
+                request,
+                events,
+            } => self.add(id, request, events),
+            EngineCommand::Abort(id) => self.abort(id),
+            EngineCommand::Shutdown { deadline } => {
+                self.shutdown_deadline = Some(deadline);
+            }
+        }
+    }
+
+    fn add(
+        &mut self,
+        id: RequestId,
+        request: Box<GenerateRequest>,
+        events: flume::Sender<StreamEvent>,
+    ) {
+        let fail = |events: &flume::Sender<StreamEvent>, kind, message: String| {
+            let _ = events.try_send(StreamEvent::Error { kind, message });
+        };
+        if self.shutdown_deadline.is_some() {
+            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
+            fail(
+                &events,
+                EngineErrorKind::Unavailable,
+                "the server is shutting down".into(),
+            );
+            return;
+        }
+        let n = request.n.max(1);
+        let seq_ids: Vec<SeqId> = (0..n as u64).map(|i| self.next_seq_id + i).collect();
+        self.next_seq_id += n as u64;
+        let added = self.scheduler.add_group(
+            NewSequence {
+                seq_id: seq_ids[0],
+                prompt_token_ids: request.prompt_token_ids.clone(),
+                priority: request.priority,
+            },
+            &seq_ids[1..],
+        );
+        if let Err(e) = added {
+            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
+            self.metrics
+                .request_errors_total
+                .with_label_values(&["invalid_request"])
+                .inc();
+            fail(&events, EngineErrorKind::InvalidRequest, e.to_string());
+            return;
+        }
+        let mut stop_ids: Vec<u32> = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            stop_ids.extend_from_slice(self.tokenizer.eos_token_ids());
+        }
+        for (index, &seq_id) in seq_ids.iter().enumerate() {
+            let mut sampler = SequenceSampler::new(
+                request.sampling.clone(),
+                &request.prompt_token_ids,
+                index as u64,
+            );
+            if request.min_tokens > 0 {
+                sampler.suppress_until(stop_ids.clone(), request.min_tokens);
+            }
+            self.runner.add_seq(seq_id, sampler);
+            self.seqs.insert(
+                seq_id,
+                SeqState {
+                    request: id,
+                    index,
+                    output: SeqOutput::new(
+                        &self.tokenizer,
+                        request.skip_special_tokens,
+                        request.stop.clone(),
+                        request.include_stop_str_in_output,
+                    ),
+                    num_generated: 0,
+                    last_token_at: None,
+                },
+            );
+        }
+        self.metrics
+            .prompt_tokens_total
+            .inc_by(request.prompt_token_ids.len() as u64);
+        self.requests.insert(
+            id,
+            RequestState {
+                request,
+                events,
+                live_seqs: seq_ids.len(),
+                seq_ids,
+                started: false,
+                first_token_at: None,
+                completion_tokens: 0,
+                cached_tokens: 0,
+            },
+        );
+    }
+
+    /// Drops a request and frees its blocks now.
+    fn abort(&mut self, id: RequestId) {
+        if let Some(r) = self.requests.remove(&id) {
+            self.release(&r);
+            self.metrics
+                .request_success_total
+                .with_label_values(&["abort"])
+                .inc();
+        }
+    }
+
+    /// Frees every sequence of a request that has left `requests`.
+    fn release(&mut self, r: &RequestState) {
+        if !r.started {
+            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        for seq_id in &r.seq_ids {
+            if self.seqs.remove(seq_id).is_some() {
+                self.scheduler.abort(*seq_id);
+                self.runner.remove_seq(*seq_id);
+            }
+        }
+    }
+
+    fn fail_request(&mut self, id: RequestId, kind: EngineErrorKind, message: String) {
+        if let Some(r) = self.requests.remove(&id) {
+            self.release(&r);
+            let label = match kind {
+                EngineErrorKind::InvalidRequest => "invalid_request",
+                EngineErrorKind::Unavailable => "unavailable",
+                EngineErrorKind::Internal => "internal",
+            };
+            self.metrics
+                .request_errors_total
+                .with_label_values(&[label])
+                .inc();
+            let _ = r.events.try_send(StreamEvent::Error { kind, message });
+        }
+    }
+
+    fn fail_all(&mut self, message: &str, kind: EngineErrorKind) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.fail_request(id, kind, message.to_string());
+        }
+    }
+
+    fn step(&mut self) {
+        let step_start = Instant::now();
+        let plan = self.scheduler.schedule();
+        for &seq_id in &plan.too_long_seq_ids {
+            if let Some(s) = self.seqs.get(&seq_id) {
+                let id = s.request;
+                self.fail_request(
+                    id,
+                    EngineErrorKind::InvalidRequest,
+                    format!(
+                        "the request needs more KV cache than the server has ({} tokens)",
+                        self.info.kv_cache_tokens
+                    ),
+                );
+            }
+        }
+        if plan.seqs.is_empty() {
+            self.update_gauges();
+            // Nothing could run (e.g. all waiting on blocks held by nobody): avoid spinning.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        self.mark_started(&plan);
+        let forward_start = Instant::now();
+        let output = self
+            .runner
+            .execute(&plan, self.scheduler.kv_cache().block_size());
+        self.metrics
+            .forward_seconds
+            .observe(forward_start.elapsed().as_secs_f64());
+        let mut good = Vec::with_capacity(output.sampled.len());
+        for (seq_id, result) in output.sampled {
+            match result {
+                Ok(t) => good.push((seq_id, t)),
+                Err(message) => {
+                    if let Some(s) = self.seqs.get(&seq_id) {
+                        let id = s.request;
+                        self.fail_request(id, EngineErrorKind::Internal, message);
+                    }
+                }
+            }
+        }
+        good.retain(|(seq_id, _)| self.seqs.contains_key(seq_id));
+        let ids: Vec<(SeqId, u32)> = good.iter().map(|(s, t)| (*s, t.token_id)).collect();
+        if let Err(e) = self.scheduler.commit(&plan, &ids) {
+            // A bookkeeping bug, not a client's doing: fail the step's requests, keep serving.
+            tracing::error!("commit failed: {e}");
+            let reqs: Vec<RequestId> = plan
+                .seqs
+                .iter()
+                .filter_map(|s| self.seqs.get(&s.seq_id).map(|s| s.request))
+                .collect();
+            for id in reqs {
+                self.fail_request(
+                    id,
+                    EngineErrorKind::Internal,
+                    format!("internal error: {e}"),
+                );
+            }
+            return;
+        }
+        let now = Instant::now();
+        for (seq_id, token) in good {
+            self.on_token(seq_id, token, now);
+        }
+        self.update_gauges();
+        self.metrics
+            .step_seconds
+            .observe(step_start.elapsed().as_secs_f64());
+    }
+
+    fn mark_started(&mut self, plan: &StepPlan) {
+        for s in &plan.seqs {
+            let Some(seq) = self.seqs.get(&s.seq_id) else {
+                continue;
+            };
+            if let Some(r) = self.requests.get_mut(&seq.request) {
+                if !r.started {
+                    r.started = true;
+                    self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics
+                        .request_queue_time_seconds
+                        .observe(r.request.arrival.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+
+    fn on_token(&mut self, seq_id: SeqId, token: SampledToken, now: Instant) {
+        let Some(seq) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&seq.request) else {
+            return;
+        };
+        let request_id = seq.request;
+        seq.num_generated += 1;
+        req.completion_tokens += 1;
+        self.metrics.generation_tokens_total.inc();
+        match seq.last_token_at {
+            Some(t) => self
+                .metrics
+                .inter_token_latency_seconds
+                .observe((now - t).as_secs_f64()),
+            None if req.first_token_at.is_none() => {
+                req.first_token_at = Some(now);
+                self.metrics
+                    .time_to_first_token_seconds
+                    .observe((now - req.request.arrival).as_secs_f64());
+            }
+            None => {}
+        }
+        seq.last_token_at = Some(now);
+        let r = &req.request;
+        let id = token.token_id;
+        let is_stop_token = r.stop_token_ids.contains(&id);
+        let is_eos = !r.ignore_eos && self.tokenizer.is_eos(id);
+        let (text, outcome) = if is_stop_token || is_eos {
+            let reason = is_stop_token.then_some(StopReason::Token(id));
+            (
+                String::new(),
+                SeqOutcome::Finished(FinishReason::Stop, reason),
+            )
+        } else {
+            match seq.output.push(&self.tokenizer, id) {
+                Ok((text, Some(stop))) => (
+                    text,
+                    SeqOutcome::Finished(FinishReason::Stop, Some(StopReason::Text(stop))),
+                ),
+                Ok((text, None)) => {
+                    let at_limit = seq.num_generated >= r.max_tokens
+                        || r.prompt_token_ids.len() + seq.num_generated >= self.info.max_model_len;
+                    let outcome = if at_limit {
+                        SeqOutcome::Finished(FinishReason::Length, None)
+                    } else {
+                        SeqOutcome::Continue
+                    };
+                    (text, outcome)
+                }
+                Err(e) => {
+                    let msg = format!("detokenization failed: {e}");
+                    self.fail_request(request_id, EngineErrorKind::Internal, msg);
+                    return;
+                }
+            }
+        };
+        let logprobs = if r.sampling.logprobs.is_some() {
+            vec![TokenLogprob {
+                token_id: id,
+                logprob: token.logprob,
+                top: token.top_logprobs,
+            }]
+        } else {
+            Vec::new()
+        };
+        let index = seq.index;
+        let finished = matches!(outcome, SeqOutcome::Finished(..));
+        let mut events = vec![StreamEvent::Token {
+            index,
+            text,
+            token_ids: vec![id],
+            logprobs,
+        }];
+        if let SeqOutcome::Finished(reason, stop_reason) = outcome {
+            // Text held back (bytes of a character, a possible stop string) is released now,
+            // except after a stop string, which ends the text where it matched.
+            if !matches!(stop_reason, Some(StopReason::Text(_))) {
+                match seq.output.finish(&self.tokenizer) {
+                    Ok(rest) if !rest.is_empty() => {
+                        if let Some(StreamEvent::Token { text, .. }) = events.last_mut() {
+                            text.push_str(&rest);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let msg = format!("detokenization failed: {e}");
+                        self.fail_request(request_id, EngineErrorKind::Internal, msg);
+                        return;
+                    }
+                }
+            }
+            events.push(StreamEvent::SeqFinished {
+                index,
+                reason,
+                stop_reason,
+            });
+        }
+        for ev in events {
+            if req.events.try_send(ev).is_err() {
+                // The client is gone; the next intake aborts the request.
+                break;
+            }
+        }
+        if finished {
+            self.finish_seq(seq_id);
+        }
+    }
+
+    fn finish_seq(&mut self, seq_id: SeqId) {
+        let Some(seq) = self.seqs.remove(&seq_id) else {
+            return;
+        };
+        let stats = self.scheduler.finish(seq_id);
+        self.runner.remove_seq(seq_id);
+        let Some(req) = self.requests.get_mut(&seq.request) else {
+            return;
+        };
+        if seq.index == 0 {
+            req.cached_tokens = stats.map_or(0, |s| s.cached_tokens);
+        }
+        req.live_seqs -= 1;
+        if req.live_seqs > 0 {
+            return;
+        }
+        let Some(req) = self.requests.remove(&seq.request) else {
+            return;
+        };
+        let usage = Usage {
+            prompt_tokens: req.request.prompt_token_ids.len(),
+            completion_tokens: req.completion_tokens,
+            cached_tokens: req.cached_tokens,
+        };
+        let m = &self.metrics;
+        m.e2e_request_latency_seconds
+            .observe(req.request.arrival.elapsed().as_secs_f64());
+        m.request_prompt_tokens.observe(usage.prompt_tokens as f64);
+        m.request_generation_tokens
+            .observe(usage.completion_tokens as f64);
+        let _ = req.events.try_send(StreamEvent::Done { usage });
+    }
+
+    fn update_gauges(&mut self) {
+        let m = &self.metrics;
+        let running = self.requests.values().filter(|r| r.started).count();
+        m.num_requests_running.set(running as i64);
+        m.num_requests_waiting
+            .set(self.shared.num_waiting.load(Ordering::Acquire) as i64);
+        m.kv_cache_usage_perc.set(self.scheduler.kv_usage());
+        let prefix = self.scheduler.prefix_cache_stats();
+        let (q, h) = (prefix.num_query_tokens, prefix.num_hit_tokens);
+        m.prefix_cache_queries_total
+            .inc_by(q.saturating_sub(self.exported_prefix.0));
+        m.prefix_cache_hits_total
+            .inc_by(h.saturating_sub(self.exported_prefix.1));
+        self.exported_prefix = (q, h);
+        let c = self.scheduler.counters();
+        m.num_preemptions_total.inc_by(
+            c.num_preemptions_total
+                .saturating_sub(self.exported_counters.0),
+        );
+        m.prompt_tokens_computed_total.inc_by(
+            c.num_computed_prompt_tokens_total
+                .saturating_sub(self.exported_counters.1),
+        );
+        self.exported_counters = (c.num_preemptions_total, c.num_computed_prompt_tokens_total);
+    }
+}

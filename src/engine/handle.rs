@@ -1,0 +1,197 @@
+//! The handle the async world holds: submit a validated request, receive its events.
+//!
+//! The engine thread owns all serving state; the handle only sends it messages over a bounded
+//! flume channel. Dropping a `RequestStream` before its terminal event aborts the request, so
+//! its KV blocks are freed within one step (the engine also notices a dropped receiver).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::metrics::EngineMetrics;
+use super::request::{GenerateRequest, StreamEvent};
+
+pub type RequestId = u64;
+
+pub(crate) enum EngineCommand {
+    Add {
+        id: RequestId,
+        request: Box<GenerateRequest>,
+        events: flume::Sender<StreamEvent>,
+    },
+    Abort(RequestId),
+    /// Stop taking requests; the loop exits once the running ones have finished or `deadline`
+    /// passes (then they end with an error).
+    Shutdown {
+        deadline: std::time::Instant,
+    },
+}
+
+/// Facts about the served model that the API validates against.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    /// Longest prompt + generation, in tokens.
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    /// Tokens the whole KV cache holds; a sequence longer than this can never run.
+    pub kv_cache_tokens: usize,
+    pub max_num_seqs: usize,
+    /// Most requests waiting to start before new ones are refused (0: no limit).
+    pub max_waiting: usize,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error(
+        "the server is at capacity: {waiting} requests are waiting (limit {limit}); retry later"
+    )]
+    Overloaded { waiting: usize, limit: usize },
+    #[error("the engine is not running")]
+    Stopped,
+}
+
+pub(crate) struct Shared {
+    pub next_id: AtomicU64,
+    /// Requests submitted and not yet scheduled for the first time (admission control).
+    pub num_waiting: AtomicUsize,
+    /// Set once the engine loop has exited.
+    pub stopped: AtomicBool,
+    /// Unix millis of the last completed step or idle wake-up (liveness).
+    pub last_progress_ms: AtomicU64,
+}
+
+/// Cheap to clone; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(crate) commands: flume::Sender<EngineCommand>,
+    pub(crate) shared: Arc<Shared>,
+    pub info: Arc<EngineInfo>,
+    pub metrics: Arc<EngineMetrics>,
+}
+
+impl EngineHandle {
+    /// Queues a request and returns its event stream. Refused at once when `max_waiting`
+    /// requests are already waiting (the count is reserved atomically, so a burst admits
+    /// exactly the limit).
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(SubmitError::Stopped);
+        }
+        let limit = self.info.max_waiting;
+        let reserved =
+            self.shared
+                .num_waiting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (limit == 0 || w < limit).then_some(w + 1)
+                });
+        if let Err(waiting) = reserved {
+            self.metrics.requests_rejected.inc();
+            return Err(SubmitError::Overloaded { waiting, limit });
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Events of one request are bounded by its tokens: a token and a finish per generated
+        // position, plus the terminal event.
+        let capacity = request.n * (request.max_tokens + 2) + 2;
+        let (tx, rx) = flume::bounded(capacity);
+        let cmd = EngineCommand::Add {
+            id,
+            request: Box::new(request),
+            events: tx,
+        };
+        if self.commands.try_send(cmd).is_err() {
+            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(if self.commands.is_disconnected() {
+                SubmitError::Stopped
+            } else {
+                SubmitError::Overloaded {
+                    waiting: self.shared.num_waiting.load(Ordering::Acquire),
+                    limit,
+                }
+            });
+        }
+        Ok(RequestStream {
+            id,
+            events: rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
+    }
+
+    /// Tells the engine to stop taking requests and finish the running ones by `deadline`.
+    pub fn shutdown(&self, deadline: std::time::Instant) {
+        let _ = self.commands.try_send(EngineCommand::Shutdown { deadline });
+    }
+
+    /// Whether the loop is alive and made progress within `max_silence`.
+    pub fn is_healthy(&self, max_silence: std::time::Duration) -> bool {
+        if self.shared.stopped.load(Ordering::Acquire) || self.commands.is_disconnected() {
+            return false;
+        }
+        let last = self.shared.last_progress_ms.load(Ordering::Acquire);
+        now_millis().saturating_sub(last) <= max_silence.as_millis() as u64
+    }
+
+    /// Requests submitted and not yet started.
+    pub fn num_waiting(&self) -> usize {
+        self.shared.num_waiting.load(Ordering::Acquire)
+    }
+}
+
+pub(crate) fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A request's events. Dropping it before the terminal event aborts the request.
+pub struct RequestStream {
+    id: RequestId,
+    events: flume::Receiver<StreamEvent>,
+    commands: flume::Sender<EngineCommand>,
+    finished: bool,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event; after the terminal event, `None`. A stream whose engine went away
+    /// without a terminal event yields one `Error` instead of hanging.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        if self.finished {
+            return None;
+        }
+        let ev = self.events.recv_async().await;
+        self.on_event(ev)
+    }
+
+    /// Blocking variant of `next`, for threads outside the async runtime.
+    pub fn next_blocking(&mut self) -> Option<StreamEvent> {
+        if self.finished {
+            return None;
+        }
+        let ev = self.events.recv();
+        self.on_event(ev)
+    }
+
+    fn on_event(&mut self, ev: Result<StreamEvent, flume::RecvError>) -> Option<StreamEvent> {
+        let ev = ev.unwrap_or_else(|_| StreamEvent::Error {
+            kind: super::request::EngineErrorKind::Unavailable,
+            message: "the engine stopped before the request finished".into(),
+        });
+        if ev.is_terminal() {
+            self.finished = true;
+        }
+        Some(ev)
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: if the command queue is full the engine still sees the dropped
+            // receiver at its next step.
+            let _ = self.commands.try_send(EngineCommand::Abort(self.id));
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The engine: one thread that owns the scheduler, the KV-cache manager and the model runner,
+//! and runs the serving loop.
+//!
+//! ```text
+//! loop {
+//!     intake: new requests, aborts (explicit, or a client whose stream was dropped)
+//!     plan   = scheduler.schedule()            who runs, with how many tokens
+//!     output = runner.execute(&plan)           one forward pass for all, then sampling
+//!     scheduler.commit(&plan, &sampled)        append tokens, cache full blocks
+//!     outputs: detokenize, stop checks, events to each request's stream
+//! }
+//! ```
+//! The async world talks to it only through channels (`EngineHandle`). When the loop goes
+//! idle it checks the KV-cache accounting: every block free again.
+
+mod engine_loop;
+pub mod handle;
+pub mod metrics;
+mod output;
+pub mod request;
+mod runner;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
+pub use request::{
+    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
+};
+
+use crate::kernels::Backend;
+use crate::kv_cache::CacheConfig;
+use crate::model::llama::Llama;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub cache: CacheConfig,
+    /// Longest prompt + generation, in tokens (at most the model's context).
+    pub max_model_len: usize,
+    /// Most requests waiting to start before new ones are refused (0: no limit).
+    pub max_waiting: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Scheduler(#[from] crate::scheduler::SchedulerError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    Spawn(String),
+}
+
+/// Starts the engine thread and returns its handle.
+pub fn spawn<B: Backend>(
+    model: Llama<B>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+) -> Result<EngineHandle, EngineError> {
+    let kv = model.kv_cache(config.cache.num_blocks, config.cache.block_size)?;
+    let scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
+    let info = Arc::new(EngineInfo {
+        max_model_len: config.max_model_len,
+        vocab_size: model.config.vocab_size,
+        kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
+        max_num_seqs: config.scheduler.max_num_seqs,
+        max_waiting: config.max_waiting,
+    });
+    let metrics = Arc::new(metrics::EngineMetrics::new());
+    let shared = Arc::new(handle::Shared {
+        next_id: AtomicU64::new(1),
+        num_waiting: AtomicUsize::new(0),
+        stopped: AtomicBool::new(false),
+        last_progress_ms: AtomicU64::new(handle::now_millis()),
+    });
+    // The command queue is bounded: a full queue answers `Overloaded` at once.
+    let (tx, rx) = flume::bounded(4096);
+    let runner = runner::ModelRunner::new(model, kv);
+    let mut engine = engine_loop::EngineLoop::new(
+        scheduler,
+        runner,
+        tokenizer,
+        rx,
+        shared.clone(),
+        metrics.clone(),
+        info.clone(),
+    );
+    std::thread::Builder::new()
+        .name("sluice-engine".into())
+        .spawn(move || engine.run())
+        .map_err(|e| EngineError::Spawn(e.to_string()))?;
+    Ok(EngineHandle {
+        commands: tx,
+        shared,
+        info,
+        metrics,
+    })
+}

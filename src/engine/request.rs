@@ -1,0 +1,136 @@
+//! What crosses between the API and the engine: a validated request in, a stream of events
+//! out.
+
+use std::time::Instant;
+
+use crate::model::sampling::SamplingParams;
+
+/// A request the API has validated and tokenized: everything downstream trusts it.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// For logs and the OpenAI response id (`cmpl-…`, `chatcmpl-…`).
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// Sampling of every sequence; with a seed, sequence `i` uses stream `i` of it.
+    pub sampling: SamplingParams,
+    /// Sequences to generate (OpenAI `n`).
+    pub n: usize,
+    /// Most generated tokens per sequence.
+    pub max_tokens: usize,
+    /// End-of-sequence and stop tokens are suppressed until this many tokens exist.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    /// Text that ends a sequence; not emitted unless `include_stop_str_in_output`.
+    pub stop: Vec<String>,
+    /// Tokens that end a sequence (besides EOS).
+    pub stop_token_ids: Vec<u32>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    /// Lower is served first and preempted last.
+    pub priority: i32,
+    /// When the API received it (queue time and TTFT are measured from here).
+    pub arrival: Instant,
+}
+
+impl GenerateRequest {
+    /// A greedy request with defaults, for tests and tools.
+    pub fn greedy(prompt_token_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            request_id: String::new(),
+            prompt_token_ids,
+            sampling: SamplingParams::greedy(),
+            n: 1,
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: false,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+            priority: 0,
+            arrival: Instant::now(),
+        }
+    }
+}
+
+/// Why a sequence ended (OpenAI `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    /// Aborted (shutdown, or an error in another part of the request).
+    Abort,
+}
+
+/// What stopped a sequence that ended with `Stop` (vLLM's `stop_reason`): `None` for EOS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Token(u32),
+    Text(String),
+}
+
+/// The log-probabilities of one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// The most probable alternatives, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token counts of a finished request (OpenAI `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Summed over the request's sequences.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// The kind of an error that ends a request, for the API's status code and metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// The request cannot be served as asked (too long for the KV cache, ...): a 400.
+    InvalidRequest,
+    /// The engine is shutting down or stopped.
+    Unavailable,
+    /// Something failed inside the engine: a 500, never caused by the client.
+    Internal,
+}
+
+/// One event of a request's stream. Every stream ends with exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// New output of sequence `index`: text (possibly empty while bytes of a character or a
+    /// possible stop string are held back) and the tokens it came from.
+    Token {
+        index: usize,
+        text: String,
+        token_ids: Vec<u32>,
+        /// One entry per token in `token_ids` when logprobs were asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Sequence `index` ended; more events may follow for other sequences.
+    SeqFinished {
+        index: usize,
+        reason: FinishReason,
+        stop_reason: Option<StopReason>,
+    },
+    /// The request is complete.
+    Done { usage: Usage },
+    /// The request failed; nothing follows.
+    Error {
+        kind: EngineErrorKind,
+        message: String,
+    },
+}
+
+impl StreamEvent {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Done { .. } | Self::Error { .. })
+    }
+}

@@ -1,0 +1,118 @@
+//! The model runner: turns a `StepPlan` into one flat `ForwardBatch`, runs the forward pass,
+//! and samples a token for each sequence the plan asks to sample.
+//!
+//! It keeps what it needs per sequence across steps (the sampler with its generator and
+//! penalty counts), so a sequence's sampling parameters cross once, when it is added.
+
+use std::collections::HashMap;
+
+use crate::kernels::{Backend, BatchSeq, ForwardBatch};
+use crate::model::llama::Llama;
+use crate::model::sampling::{SampledToken, SamplingScratch, SequenceSampler};
+use crate::scheduler::{SeqId, StepPlan};
+
+/// What one step produced, per sampled sequence.
+pub(crate) struct StepOutput {
+    pub sampled: Vec<(SeqId, Result<SampledToken, String>)>,
+}
+
+pub(crate) struct ModelRunner<B: Backend> {
+    model: Llama<B>,
+    kv: B::KvCache,
+    samplers: HashMap<SeqId, SequenceSampler>,
+    scratch: SamplingScratch,
+    batch: ForwardBatch,
+}
+
+impl<B: Backend> ModelRunner<B> {
+    pub fn new(model: Llama<B>, kv: B::KvCache) -> Self {
+        Self {
+            model,
+            kv,
+            samplers: HashMap::new(),
+            scratch: SamplingScratch::default(),
+            batch: ForwardBatch::default(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    pub fn add_seq(&mut self, seq_id: SeqId, sampler: SequenceSampler) {
+        self.samplers.insert(seq_id, sampler);
+    }
+
+    pub fn remove_seq(&mut self, seq_id: SeqId) {
+        self.samplers.remove(&seq_id);
+    }
+
+    fn build_batch(&mut self, plan: &StepPlan, block_size: usize) {
+        let b = &mut self.batch;
+        b.token_ids.clear();
+        b.positions.clear();
+        b.slot_mapping.clear();
+        b.logits_rows.clear();
+        b.seqs.clear();
+        for s in &plan.seqs {
+            let query_start = b.token_ids.len();
+            b.token_ids.extend_from_slice(&s.token_ids);
+            for p in s.start..s.end {
+                b.positions.push(p as u32);
+                let block = s.block_table[p / block_size];
+                b.slot_mapping
+                    .push(block * block_size as u32 + (p % block_size) as u32);
+            }
+            if s.sample {
+                b.logits_rows.push((b.token_ids.len() - 1) as u32);
+            }
+            b.seqs.push(BatchSeq {
+                query_start,
+                query_len: s.end - s.start,
+                context_len: s.end,
+                block_table: s.block_table.clone(),
+            });
+        }
+    }
+
+    /// Runs one step. Sequences without a sampler (none is expected) get an error entry.
+    pub fn execute(&mut self, plan: &StepPlan, block_size: usize) -> StepOutput {
+        self.build_batch(plan, block_size);
+        self.model.copy_blocks(&mut self.kv, &plan.block_copies);
+        let logits = self.model.forward(&self.batch, &mut self.kv);
+        let vocab = self.vocab_size();
+        let mut sampled = Vec::with_capacity(self.batch.logits_rows.len());
+        let mut rows = logits.chunks_exact(vocab);
+        let mut row_buf = Vec::new();
+        for s in plan.seqs.iter().filter(|s| s.sample) {
+            let Some(row) = rows.next() else {
+                sampled.push((
+                    s.seq_id,
+                    Err("the forward pass returned too few rows".into()),
+                ));
+                continue;
+            };
+            let result = match self.samplers.get_mut(&s.seq_id) {
+                None => Err(format!("no sampler for sequence {}", s.seq_id)),
+                Some(_) if row.iter().any(|x| x.is_nan()) => {
+                    Err("the model produced NaN logits for this sequence".into())
+                }
+                Some(sampler) => {
+                    row_buf.clear();
+                    row_buf.extend_from_slice(row);
+                    let t = sampler.sample(&mut row_buf, &mut self.scratch);
+                    if (t.token_id as usize) < vocab {
+                        Ok(t)
+                    } else {
+                        Err(format!(
+                            "sampled token {} is outside the vocabulary",
+                            t.token_id
+                        ))
+                    }
+                }
+            };
+            sampled.push((s.seq_id, result));
+        }
+        StepOutput { sampled }
+    }
+}
