@@ -93,9 +93,8 @@ impl ThreadPool {
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
         // SAFETY: the reference's lifetime is erased only for the duration of this call; we
         // wait below until `busy` is zero, so no worker touches `f` after we return.
-        let job: &'static Job = unsafe {
-            std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job)
-        };
+        let job: &'static Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
         s.next_task.store(0, Ordering::Relaxed);
         s.num_tasks.store(num_tasks, Ordering::Relaxed);
         s.busy.store(self.workers.len(), Ordering::Relaxed);

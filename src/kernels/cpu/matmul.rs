@@ -1,1 +1,0 @@
-//! Quantized matmul (placeholder; see kernels helper).
