@@ -257,6 +257,7 @@ unsafe fn hsum(v: __m512) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)))
 }
 
+/// Float weights: the AVX2 kernel (AVX-512 support implies AVX2's), memory-bound at m=1.
 pub(super) fn float_chunk(c: &Chunk, x: &[f32], k: usize) {
-    super::portable_float_chunk(c, x, k)
+    super::avx2::float_chunk(c, x, k)
 }
