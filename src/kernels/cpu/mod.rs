@@ -3,7 +3,6 @@
 pub mod attention;
 pub mod backend;
 pub mod matmul;
-mod naive;
 pub mod ops;
 pub mod pool;
 

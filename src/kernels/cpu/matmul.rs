@@ -1,2 +1,0 @@
-//! Quantized matmul (placeholder; see kernels helper).
-pub use super::naive::{dequantize_row, linear, MatmulScratch};

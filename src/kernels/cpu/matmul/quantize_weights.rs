@@ -1,0 +1,135 @@
+//! Simple weight quantizers into GGML block layouts, for tests, benches and dummy weights.
+//!
+//! They produce valid blocks whose dequantized values approximate the input (round to
+//! nearest, no search for optimal scales as llama.cpp's quantizers do); the kernels are held
+//! against `dequantize_row` of these blocks, never against the input floats.
+
+use half::{bf16, f16};
+
+use super::reference::q4k_scale_min;
+use crate::kernels::dtype::WeightDType;
+
+/// Quantizes one row of `values` into `dtype`'s raw GGML bytes.
+///
+/// # Panics
+/// When `values.len()` is not a whole number of `dtype` blocks.
+pub fn quantize_row(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
+    let bl = dtype.block_len();
+    assert!(
+        values.len() % bl == 0,
+        "{} values is not whole {dtype} blocks",
+        values.len()
+    );
+    let mut out = Vec::with_capacity(values.len() / bl * dtype.block_bytes());
+    for x in values.chunks_exact(bl) {
+        match dtype {
+            WeightDType::F32 => out.extend_from_slice(&x[0].to_le_bytes()),
+            WeightDType::F16 => out.extend_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
+            WeightDType::BF16 => out.extend_from_slice(&bf16::from_f32(x[0]).to_le_bytes()),
+            WeightDType::Q4_0 => q4_0(x, &mut out),
+            WeightDType::Q4_1 => q4_1(x, &mut out),
+            WeightDType::Q8_0 => q8_0(x, &mut out),
+            WeightDType::Q4K => q4_k(x, &mut out),
+            WeightDType::Q6K => q6_k(x, &mut out),
+        }
+    }
+    out
+}
+
+fn push_f16(out: &mut Vec<u8>, v: f32) -> f32 {
+    let h = f16::from_f32(v);
+    out.extend_from_slice(&h.to_le_bytes());
+    h.to_f32()
+}
+
+fn inv(d: f32) -> f32 {
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+fn q4_0(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let id = inv(push_f16(out, amax / 7.0));
+    let q = |v: f32| ((v * id).round() + 8.0).clamp(0.0, 15.0) as u8;
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+}
+
+fn q4_1(x: &[f32], out: &mut Vec<u8>) {
+    let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let id = inv(push_f16(out, (max - min) / 15.0));
+    let min = push_f16(out, min);
+    let q = |v: f32| ((v - min) * id).round().clamp(0.0, 15.0) as u8;
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+}
+
+fn q8_0(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let id = inv(push_f16(out, amax / 127.0));
+    out.extend(
+        x.iter()
+            .map(|&v| (v * id).round().clamp(-128.0, 127.0) as i8 as u8),
+    );
+}
+
+fn q4_k(x: &[f32], out: &mut Vec<u8>) {
+    // Per sub-block of 32: w = scale·q − min with min ≥ 0, then scales and mins to 6 bits.
+    let mut scale = [0.0f32; 8];
+    let mut minv = [0.0f32; 8];
+    for (i, sub) in x.chunks_exact(32).enumerate() {
+        let lo = sub.iter().fold(0.0f32, |a, &v| a.min(v));
+        let hi = sub.iter().fold(lo, |a, &v| a.max(v));
+        scale[i] = (hi - lo) / 15.0;
+        minv[i] = -lo;
+    }
+    let d = push_f16(out, scale.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0);
+    let dmin = push_f16(out, minv.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0);
+    let sc: [u8; 8] = std::array::from_fn(|i| (scale[i] * inv(d)).round().clamp(0.0, 63.0) as u8);
+    let mn: [u8; 8] = std::array::from_fn(|i| (minv[i] * inv(dmin)).round().clamp(0.0, 63.0) as u8);
+    let mut packed = [0u8; 12];
+    for i in 0..4 {
+        packed[i] = sc[i] | ((sc[i + 4] >> 4) << 6);
+        packed[i + 4] = mn[i] | ((mn[i + 4] >> 4) << 6);
+        packed[i + 8] = (sc[i + 4] & 0xF) | ((mn[i + 4] & 0xF) << 4);
+    }
+    debug_assert!((0..8).all(|i| q4k_scale_min(&packed, i) == (sc[i], mn[i])));
+    out.extend_from_slice(&packed);
+    let mut qs = [0u8; 128];
+    for (i, sub) in x.chunks_exact(32).enumerate() {
+        let (step, off) = (d * sc[i] as f32, dmin * mn[i] as f32);
+        for (j, &v) in sub.iter().enumerate() {
+            let q = ((v + off) * inv(step)).round().clamp(0.0, 15.0) as u8;
+            qs[32 * (i / 2) + j] |= q << (4 * (i % 2));
+        }
+    }
+    out.extend_from_slice(&qs);
+}
+
+fn q6_k(x: &[f32], out: &mut Vec<u8>) {
+    let scale: [f32; 16] = std::array::from_fn(|i| {
+        x[16 * i..16 * i + 16]
+            .iter()
+            .fold(0.0f32, |a, v| a.max(v.abs()))
+            / 31.0
+    });
+    let d = f16::from_f32(scale.iter().fold(0.0f32, |a, &v| a.max(v)) / 127.0).to_f32();
+    let sc: [i8; 16] =
+        std::array::from_fn(|i| (scale[i] * inv(d)).round().clamp(-127.0, 127.0) as i8);
+    let mut blk = [0u8; 210];
+    for (i, &v) in x.iter().enumerate() {
+        let q = ((v * inv(d * sc[i / 16] as f32)).round().clamp(-32.0, 31.0) as i32 + 32) as u8;
+        let (half, v) = (i / 128, i % 128);
+        let (run, l) = (v / 32, v % 32);
+        let nib = if run < 2 { q & 0xF } else { (q & 0xF) << 4 };
+        blk[64 * half + l + 32 * (run % 2)] |= nib;
+        blk[128 + 32 * half + l] |= (q >> 4) << (2 * run);
+    }
+    for (b, &s) in blk[192..208].iter_mut().zip(&sc) {
+        *b = s as u8;
+    }
+    blk[208..210].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    out.extend_from_slice(&blk);
+}
