@@ -6,51 +6,53 @@
 //! then sleep on a condition variable; the calling thread takes part in every job. Tasks are
 //! handed out by an atomic counter, so uneven tasks balance themselves.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
+/// Spins of the calling thread, waiting for tasks in flight on other threads, before it
+/// starts yielding its core (a worker descheduled mid-task must get to run).
+const WAIT_SPINS: u32 = 2_000;
 
 type Job = dyn Fn(usize) + Sync;
 
-struct Shared {
-    /// Bumped once per job; workers wake when it moves.
-    epoch: AtomicUsize,
-    /// The current job; `run` keeps it alive until `busy` is zero.
-    job: Mutex<Option<JobRef>>,
-    wake: Condvar,
-    next_task: AtomicUsize,
-    num_tasks: AtomicUsize,
-    /// Workers still inside the current job.
-    busy: AtomicUsize,
-    shutdown: AtomicBool,
-}
-
 #[derive(Clone, Copy)]
 struct JobRef(*const Job);
-// SAFETY: the pointee is `Sync` and `run` keeps it alive until every worker has left it.
+// SAFETY: the pointee is `Sync`; see `run` for why it is alive whenever it is called.
 unsafe impl Send for JobRef {}
+
+/// Task claims are `(epoch << 32) | next_task` in one atomic, so a thread can only claim a
+/// task of the job it read: a claim of a finished job's epoch fails, and a job stays alive
+/// until every claimed task of it is done. The caller never waits for workers that have not
+/// joined, only for tasks in flight.
+struct Shared {
+    claims: AtomicU64,
+    /// The current job: `(epoch, job, num_tasks)`.
+    job: Mutex<(u32, Option<JobRef>, usize)>,
+    wake: Condvar,
+    /// Tasks of the current job completed.
+    done: AtomicUsize,
+    shutdown: AtomicBool,
+}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     /// Serializes `run` calls from different threads (the pool has one job slot).
-    run_lock: Mutex<()>,
+    run_lock: Mutex<u32>,
 }
 
 impl ThreadPool {
     /// A pool of `num_threads` threads in all, the caller's included.
     pub fn new(num_threads: usize) -> Self {
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
-            job: Mutex::new(None),
+            claims: AtomicU64::new(0),
+            job: Mutex::new((0, None, 0)),
             wake: Condvar::new(),
-            next_task: AtomicUsize::new(0),
-            num_tasks: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
         });
         let workers = (1..num_threads.max(1))
@@ -65,7 +67,7 @@ impl ThreadPool {
         Self {
             shared,
             workers,
-            run_lock: Mutex::new(()),
+            run_lock: Mutex::new(0),
         }
     }
 
@@ -88,70 +90,89 @@ impl ThreadPool {
             (0..num_tasks).for_each(f);
             return;
         }
-        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut epoch_guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        *epoch_guard = epoch_guard.wrapping_add(1);
+        let epoch = *epoch_guard;
         let s = &*self.shared;
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
-        // SAFETY: the reference's lifetime is erased only for the duration of this call; we
-        // wait below until `busy` is zero, so no worker touches `f` after we return.
+        // SAFETY: the lifetime is erased only while this call runs. A task can only be
+        // claimed under this epoch (see `Shared`), and we return only once every claimed
+        // task is done and the epoch is closed, so `f` is never called after we return.
         let job: &'static Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
-        s.next_task.store(0, Ordering::Relaxed);
-        s.num_tasks.store(num_tasks, Ordering::Relaxed);
-        s.busy.store(self.workers.len(), Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
         {
             let mut slot = s.job.lock().unwrap_or_else(|e| e.into_inner());
-            *slot = Some(JobRef(job));
-            s.epoch.fetch_add(1, Ordering::Release);
+            *slot = (epoch, Some(JobRef(job)), num_tasks);
+            s.claims.store((epoch as u64) << 32, Ordering::Release);
         }
         s.wake.notify_all();
-        work_on(s, job);
-        while s.busy.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+        work_on(s, epoch, job, num_tasks);
+        let mut spins = 0u32;
+        while s.done.load(Ordering::Acquire) < num_tasks {
+            if spins < WAIT_SPINS {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 }
 
-fn work_on(s: &Shared, job: &Job) {
-    let n = s.num_tasks.load(Ordering::Relaxed);
+/// Claims and runs tasks of job `epoch` until none are left.
+fn work_on(s: &Shared, epoch: u32, job: &Job, num_tasks: usize) {
+    let mut cur = s.claims.load(Ordering::Acquire);
     loop {
-        let i = s.next_task.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
+        if (cur >> 32) as u32 != epoch {
+            return;
         }
-        job(i);
+        let i = (cur & 0xffff_ffff) as usize;
+        if i >= num_tasks {
+            return;
+        }
+        match s
+            .claims
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                job(i);
+                s.done.fetch_add(1, Ordering::AcqRel);
+                cur = s.claims.load(Ordering::Acquire);
+            }
+            Err(actual) => cur = actual,
+        }
     }
 }
 
 fn worker(s: &Shared) {
-    let mut seen = 0usize;
+    let mut seen = 0u32;
     loop {
-        // Spin, then sleep, until the epoch moves.
         let start = Instant::now();
-        while s.epoch.load(Ordering::Acquire) == seen {
+        // Spin, then sleep, until a new epoch is published.
+        loop {
             if s.shutdown.load(Ordering::Relaxed) {
                 return;
             }
+            if (s.claims.load(Ordering::Acquire) >> 32) as u32 != seen {
+                break;
+            }
             if start.elapsed() > SPIN {
                 let mut slot = s.job.lock().unwrap_or_else(|e| e.into_inner());
-                while s.epoch.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Relaxed)
-                {
+                while slot.0 == seen && !s.shutdown.load(Ordering::Relaxed) {
                     slot = s.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
                 }
-                drop(slot);
                 break;
             }
             std::hint::spin_loop();
         }
-        if s.shutdown.load(Ordering::Relaxed) {
-            return;
-        }
-        seen = s.epoch.load(Ordering::Acquire);
-        let job = s.job.lock().unwrap_or_else(|e| e.into_inner()).map(|j| j.0);
+        let (epoch, job, n) = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        seen = epoch;
         if let Some(job) = job {
-            // SAFETY: `run` keeps the job alive until `busy` reaches zero.
-            work_on(s, unsafe { &*job });
+            // SAFETY: `work_on` calls the job only after claiming a task of its epoch, which
+            // keeps the job alive (see `ThreadPool::run`).
+            work_on(s, epoch, unsafe { &*job.0 }, n);
         }
-        s.busy.fetch_sub(1, Ordering::Release);
     }
 }
 
