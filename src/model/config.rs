@@ -85,7 +85,9 @@ impl ModelConfig {
             head_dim,
             vocab_size,
             max_position_embeddings: usize_key("context_length").unwrap_or(4096),
-            rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
+            rms_norm_eps: f
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
             rope_theta: f.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
             // llama.cpp's converter permutes Llama/Mistral Q and K for pairwise rotation;
             // Qwen2 keeps Hugging Face's layout ("neox" mode).

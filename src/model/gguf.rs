@@ -299,14 +299,13 @@ impl GgufFile {
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = HashMap::with_capacity(infos.len());
         for (name, dims, type_id, rel_offset) in infos {
-            let dtype = WeightDType::from_ggml_id(type_id).ok_or_else(|| {
-                GgufError::UnsupportedType {
+            let dtype =
+                WeightDType::from_ggml_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
                     path: path.to_path_buf(),
                     name: name.clone(),
                     type_name: WeightDType::ggml_name(type_id),
                     id: type_id,
-                }
-            })?;
+                })?;
             let corrupt = |what: String| GgufError::Corrupt {
                 path: path.to_path_buf(),
                 offset: data_start,
@@ -424,12 +423,11 @@ impl GgufFile {
 
     /// Parses a GGUF image held in memory (fuzzing, tests).
     pub fn parse_bytes(bytes: &[u8]) -> Result<Self, GgufError> {
-        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|source| {
-            GgufError::Io {
+        let mut map =
+            memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|source| GgufError::Io {
                 path: PathBuf::from("<memory>"),
                 source,
-            }
-        })?;
+            })?;
         map[..bytes.len()].copy_from_slice(bytes);
         let map = map.make_read_only().map_err(|source| GgufError::Io {
             path: PathBuf::from("<memory>"),
