@@ -119,7 +119,7 @@ fn model(c: &mut Criterion) {
         let mut out = vec![0.0; m * vocab];
         let mut scratch = MatmulScratch::new();
         group.throughput(Throughput::Elements(m as u64));
-        for path in paths(m.min(2)) {
+        for path in paths(m) {
             group.bench_function(BenchmarkId::new(format!("{path:?}"), m), |b| {
                 b.iter(|| {
                     let xh = &x[..m * h];

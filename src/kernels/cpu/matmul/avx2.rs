@@ -188,10 +188,10 @@ unsafe fn float_tile<const NR: usize, const NC: usize>(
             }
         }
     }
-    for r in 0..NR {
-        for cc in 0..NC {
+    for (r, row) in acc.iter().enumerate() {
+        for (cc, &v) in row.iter().enumerate() {
             // SAFETY: rows r0..r0+NR ≤ m and weight rows j0..j0+NC ≤ c1 are this task's.
-            c.out.write(r0 + r, j0 + cc - c.c0, hsum(acc[r][cc]));
+            c.out.write(r0 + r, j0 + cc - c.c0, hsum(v));
         }
     }
 }

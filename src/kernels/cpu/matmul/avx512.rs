@@ -4,13 +4,16 @@
 //! the matching 64 activation bytes of each row of a tile: the 16 i32 lanes hold 4-value
 //! partial sums, lanes 0..8 of the first block, 8..16 of the second. Each lane is converted
 //! to f32 and accumulated with its block's scale product (`dw·dx`), plus for Q4_0/Q4_1 the
-//! min term (`mw · s/8` per lane). A lone last block fills the pair with zero bytes and zero
+//! min term, `Σ_b mw·s` over vectors of 16 blocks after the main loop. A lone last block fills the pair with zero bytes and zero
 //! scales, which adds exactly +0. Lanes are reduced with one fixed tree at the end, so the
 //! tile shape never changes an element's bits.
 //!
 //! * Q4_0/Q4_1: nibbles are unsigned (0..15) and activations signed, as `vpdpbusd` wants.
 //! * Q8_0: weights are signed, so they go in biased (`w ^ 0x80 = w + 128`, unsigned) and the
 //!   activation table `corr = −128·Σx` per lane, used as the accumulator's start, cancels it.
+// The AVX-512 intrinsics are stable since Rust 1.89, the toolchain the project builds with;
+// Cargo.toml's `rust-version` (1.85) predates them and should be raised.
+#![allow(clippy::incompatible_msrv)]
 
 use std::arch::x86_64::*;
 
@@ -28,7 +31,8 @@ const C: usize = 4;
 struct ActPtrs {
     qs: *const i8,
     dl: *const f32,
-    sl: *const f32,
+    /// Compact `s = d·Σq` per block, [2·npairs] per row.
+    s: *const f32,
     corr: *const i32,
     npairs: usize,
 }
@@ -36,11 +40,11 @@ struct ActPtrs {
 impl ActPtrs {
     fn new(acts: &Q8Acts, r0: usize) -> Self {
         let np = acts.npairs;
-        let (qs, _, _) = acts.row(r0);
+        let (qs, _, s) = acts.row(r0);
         Self {
             qs: qs.as_ptr(),
             dl: acts.dl[r0 * np * 16..].as_ptr(),
-            sl: acts.sl[r0 * np * 16..].as_ptr(),
+            s: s.as_ptr(),
             corr: acts.corr[r0 * np * 16..].as_ptr(),
             npairs: np,
         }
@@ -215,11 +219,6 @@ unsafe fn tile<const KIND: u8, const NR: usize, const NC: usize>(
                 )
             };
             let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(scales));
-            let mw = match KIND {
-                0 => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
-                1 => _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(scales)),
-                _ => _mm512_setzero_ps(),
-            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm512_loadu_si512(a.qs.add((r * a.npairs + p) * PAIR) as *const _);
                 let lane = (r * a.npairs + p) * 16;
@@ -231,9 +230,70 @@ unsafe fn tile<const KIND: u8, const NR: usize, const NC: usize>(
                 let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wq, x));
                 let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(a.dl.add(lane)));
                 acc[c] = _mm512_fmadd_ps(dot, scale, acc[c]);
-                if KIND < 2 {
-                    acc[c] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(a.sl.add(lane)), acc[c]);
-                }
+            }
+        }
+    }
+    let mut sums = [[0.0f32; NC]; NR];
+    for r in 0..NR {
+        for c in 0..NC {
+            sums[r][c] = hsum(acc[r][c]);
+        }
+    }
+    if KIND < 2 {
+        let mins = min_terms::<KIND, NR, NC>(w, rb, nb, a);
+        for r in 0..NR {
+            for c in 0..NC {
+                sums[r][c] += mins[r][c];
+            }
+        }
+    }
+    sums
+}
+
+/// The Q4_0/Q4_1 min terms Σ_b mw[b]·s[b] (`mw = m`, or `−8·d` for Q4_0), 16 blocks per
+/// vector: each column's mins are gathered once and reused by every row of the tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[inline]
+unsafe fn min_terms<const KIND: u8, const NR: usize, const NC: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: ActPtrs,
+) -> [[f32; NC]; NR] {
+    let bb: usize = if KIND == 0 { 18 } else { 20 };
+    let offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(bb as i32),
+    );
+    let rs = a.npairs * 2;
+    let mut acc = [[_mm512_setzero_ps(); NC]; NR];
+    for g in (0..nb).step_by(16) {
+        let mask: __mmask16 = if nb - g >= 16 {
+            !0
+        } else {
+            (1 << (nb - g)) - 1
+        };
+        for c in 0..NC {
+            // Each 32-bit gather lane holds a block's (d, m) f16 pair.
+            let base = w.add(c * rb + g * bb);
+            let dm = _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                mask,
+                offsets,
+                base as *const i32,
+            );
+            let half = if KIND == 0 {
+                dm
+            } else {
+                _mm512_srli_epi32::<16>(dm)
+            };
+            let mut mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half));
+            if KIND == 0 {
+                mv = _mm512_mul_ps(mv, _mm512_set1_ps(-8.0));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let sv = _mm512_maskz_loadu_ps(mask, a.s.add(r * rs + g));
+                acc[c] = _mm512_fmadd_ps(mv, sv, acc[c]);
             }
         }
     }

@@ -17,8 +17,23 @@
 //! The code path (AVX-512 VNNI, AVX2, portable) is picked once per process from the CPU's
 //! features; `SLUICE_CPU_KERNEL=portable|avx2|avx512` forces one (if the CPU supports it).
 
+#[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+/// Off x86 the SIMD paths are never supported (`linear_with` asserts so); these keep the
+/// dispatch total.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    pub(super) fn q8_chunk(c: &super::Chunk, acts: &super::Q8Acts) {
+        super::portable_q8_chunk(c, acts)
+    }
+    pub(super) fn float_chunk(c: &super::Chunk, x: &[f32], k: usize) {
+        super::portable_float_chunk(c, x, k)
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+use avx2 as avx512;
 mod quantize;
 pub mod quantize_weights;
 mod reference;

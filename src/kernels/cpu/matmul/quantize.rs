@@ -34,11 +34,9 @@ pub(super) struct Q8Acts {
     /// [m, 2·npairs] scales `d` and `s = d·Σq`.
     d: Vec<f32>,
     s: Vec<f32>,
-    /// AVX-512 only, [m, npairs, 16] each: `d` of the lane's block, `s/8` of the lane's block
-    /// (so that the 8 lanes of a block add up to `s`), and `−128·Σ` of the lane's 4 quants
-    /// (cancels the +128 bias of Q8_0 weights fed to `vpdpbusd` as unsigned bytes).
+    /// AVX-512 only, [m, npairs, 16] each: `d` of the lane's block, and `−128·Σ` of the
+    /// lane's 4 quants (cancels the +128 bias of Q8_0 weights fed to `vpdpbusd` unsigned).
     pub(super) dl: Vec<f32>,
-    pub(super) sl: Vec<f32>,
     pub(super) corr: Vec<i32>,
 }
 
@@ -63,7 +61,6 @@ impl Q8Acts {
         let lanes = path == KernelPath::Avx512;
         if lanes {
             grow(&mut self.dl, m * self.npairs * 16);
-            grow(&mut self.sl, m * self.npairs * 16);
             grow(&mut self.corr, m * self.npairs * 16);
         }
         let (qs, d, s) = (
@@ -71,11 +68,7 @@ impl Q8Acts {
             SyncPtr::new(&mut self.d),
             SyncPtr::new(&mut self.s),
         );
-        let (dl, sl, corr) = (
-            SyncPtr::new(&mut self.dl),
-            SyncPtr::new(&mut self.sl),
-            SyncPtr::new(&mut self.corr),
-        );
+        let (dl, corr) = (SyncPtr::new(&mut self.dl), SyncPtr::new(&mut self.corr));
         let npairs = self.npairs;
         let one_row = |r: usize| {
             // SAFETY: each row's ranges are disjoint from every other row's and in bounds
@@ -91,9 +84,8 @@ impl Q8Acts {
             if lanes {
                 let n = npairs * 16;
                 // SAFETY: as above.
-                let (dl, sl, corr) =
-                    unsafe { (dl.slice(r * n, n), sl.slice(r * n, n), corr.slice(r * n, n)) };
-                spread_lanes(qs, d, s, dl, sl, corr);
+                let (dl, corr) = unsafe { (dl.slice(r * n, n), corr.slice(r * n, n)) };
+                spread_lanes(qs, d, dl, corr);
             }
         };
         run_rows(pool, m, one_row);
@@ -133,16 +125,9 @@ fn quantize_row_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
 }
 
 /// Fills the AVX-512 lane tables of one row (see [`Q8Acts`]).
-fn spread_lanes(qs: &[i8], d: &[f32], s: &[f32], dl: &mut [f32], sl: &mut [f32], corr: &mut [i32]) {
-    for (lane, ((dl, sl), c)) in dl
-        .iter_mut()
-        .zip(sl.iter_mut())
-        .zip(corr.iter_mut())
-        .enumerate()
-    {
-        let block = lane / 8;
-        *dl = d[block];
-        *sl = s[block] * 0.125;
+fn spread_lanes(qs: &[i8], d: &[f32], dl: &mut [f32], corr: &mut [i32]) {
+    for (lane, (dl, c)) in dl.iter_mut().zip(corr.iter_mut()).enumerate() {
+        *dl = d[lane / 8];
         let q = &qs[4 * lane..4 * lane + 4];
         *c = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
     }
