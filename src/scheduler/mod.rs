@@ -97,7 +97,7 @@ pub struct SchedulerCounters {
 }
 
 /// The scheduler and the KV-cache manager it allocates from. Owned by the engine loop.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     config: SchedulerConfig,
     kv: KvCacheManager,
