@@ -38,11 +38,12 @@ mod sequence;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 pub use self::config::SchedulerConfig;
 pub use self::plan::{ScheduledSeq, SeqStats, StepPlan};
 use self::sequence::{SeqKey, Sequence};
+use crate::kv_cache::hash::FastMap;
 pub use crate::kv_cache::SeqId;
 use crate::kv_cache::{CacheConfig, KvCacheError, KvCacheManager, PrefixCacheStats};
 
@@ -101,12 +102,12 @@ pub struct SchedulerCounters {
 pub struct Scheduler {
     config: SchedulerConfig,
     kv: KvCacheManager,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: FastMap<SeqId, Sequence>,
     waiting: BTreeMap<SeqKey, SeqId>,
     /// Sorted by key: iteration order is priority order, the last entry is preempted first.
     running: Vec<(SeqKey, SeqId)>,
     /// Group members not forked yet → their group's computing sequence.
-    pending_children: HashMap<SeqId, SeqId>,
+    pending_children: FastMap<SeqId, SeqId>,
     next_arrival: u64,
     step_id: u64,
     counters: SchedulerCounters,
@@ -118,10 +119,10 @@ impl Scheduler {
         Ok(Self {
             config,
             kv: KvCacheManager::new(cache)?,
-            seqs: HashMap::new(),
+            seqs: FastMap::default(),
             waiting: BTreeMap::new(),
             running: Vec::new(),
-            pending_children: HashMap::new(),
+            pending_children: FastMap::default(),
             next_arrival: 0,
             step_id: 0,
             counters: SchedulerCounters::default(),
