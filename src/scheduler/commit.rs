@@ -69,8 +69,10 @@ impl Scheduler {
             let Some(seq) = self.seqs.get(&entry.seq_id) else {
                 continue;
             };
-            let stale =
-                seq.last_scheduled_step != plan.step_id || seq.num_computed_tokens != entry.start;
+            let stale = seq.last_scheduled_step != plan.step_id
+                || seq.num_computed_tokens != entry.start
+                || entry.end > seq.num_tokens()
+                || entry.end < entry.start;
             if stale {
                 return Err(SchedulerError::StalePlan {
                     plan_step_id: plan.step_id,

@@ -15,7 +15,8 @@
 //!    decodes; they only preempt sequences later in order that were not scheduled yet;
 //! 3. if nobody was preempted, waiting sequences in priority order, each admitted only if its
 //!    blocks (after prefix hits) can be allocated; prompts that do not fit the remaining budget
-//!    are chunked.
+//!    are chunked. The first one that cannot be admitted stops admission (no overtaking, so a
+//!    large high-priority prompt is not starved by small ones).
 //!
 //! Invariants:
 //! * every sequence is either waiting (no block table, `num_computed == 0`) or running (a block
