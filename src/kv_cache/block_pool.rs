@@ -13,9 +13,7 @@
 //!
 //! Costs: `allocate`, `free`, `touch` and `lookup` are O(1) per block.
 
-use std::collections::HashMap;
-
-use super::hash::{BlockHash, BuildBlockHasher};
+use super::hash::{BlockHash, FastMap};
 
 /// Index of a block in the pool; the backend's K/V tensors are indexed by it.
 pub type BlockId = u32;
@@ -36,7 +34,7 @@ pub struct BlockPool {
     free_head: Option<BlockId>,
     free_tail: Option<BlockId>,
     num_free: usize,
-    cached: HashMap<BlockHash, BlockId, BuildBlockHasher>,
+    cached: FastMap<BlockHash, BlockId>,
     num_evictions: u64,
 }
 
@@ -48,7 +46,7 @@ impl BlockPool {
             free_head: None,
             free_tail: None,
             num_free: 0,
-            cached: HashMap::default(),
+            cached: FastMap::default(),
             num_evictions: 0,
         };
         for id in 0..num_blocks {

@@ -16,10 +16,8 @@
 //! * Prefix-cache hits never cover a prompt's last token, so the model always computes at least
 //!   one token and produces logits.
 
-use std::collections::HashMap;
-
 use super::block_pool::{BlockId, BlockPool};
-use super::hash::{hash_block, BlockHash};
+use super::hash::{hash_block, BlockHash, FastMap};
 use super::{BlockCopy, CacheConfig, KvCacheError, SeqId};
 
 /// Prefix-cache hits of one token sequence, from [`KvCacheManager::computed_blocks`].
@@ -56,7 +54,7 @@ struct SeqBlocks {
 pub struct KvCacheManager {
     config: CacheConfig,
     pool: BlockPool,
-    tables: HashMap<SeqId, SeqBlocks>,
+    tables: FastMap<SeqId, SeqBlocks>,
     stats: PrefixCacheStats,
 }
 
@@ -66,7 +64,7 @@ impl KvCacheManager {
         Ok(Self {
             pool: BlockPool::new(config.num_blocks as u32),
             config,
-            tables: HashMap::new(),
+            tables: FastMap::default(),
             stats: PrefixCacheStats::default(),
         })
     }

@@ -1,9 +1,8 @@
 //! `commit()`: apply a finished step to the sequences.
 
-use std::collections::{HashMap, HashSet};
-
 use super::plan::StepPlan;
 use super::{Scheduler, SchedulerError, SeqId};
+use crate::kv_cache::hash::{FastMap, FastSet};
 
 impl Scheduler {
     /// Records that `plan` ran: its positions are computed and `sampled` holds one token for
@@ -47,20 +46,20 @@ impl Scheduler {
         &self,
         plan: &StepPlan,
         sampled: &[(SeqId, u32)],
-    ) -> Result<HashMap<SeqId, u32>, SchedulerError> {
+    ) -> Result<FastMap<SeqId, u32>, SchedulerError> {
         if plan.step_id != self.step_id {
             return Err(SchedulerError::StalePlan {
                 plan_step_id: plan.step_id,
                 step_id: self.step_id,
             });
         }
-        let to_sample: HashSet<SeqId> = plan
+        let to_sample: FastSet<SeqId> = plan
             .seqs
             .iter()
             .filter(|s| s.sample)
             .map(|s| s.seq_id)
             .collect();
-        let mut samples = HashMap::with_capacity(sampled.len());
+        let mut samples = FastMap::with_capacity_and_hasher(sampled.len(), Default::default());
         for &(seq_id, token_id) in sampled {
             if !to_sample.contains(&seq_id) || samples.insert(seq_id, token_id).is_some() {
                 return Err(SchedulerError::UnexpectedSample(seq_id));
@@ -70,8 +69,10 @@ impl Scheduler {
             let Some(seq) = self.seqs.get(&entry.seq_id) else {
                 continue;
             };
-            let stale =
-                seq.last_scheduled_step != plan.step_id || seq.num_computed_tokens != entry.start;
+            let stale = seq.last_scheduled_step != plan.step_id
+                || seq.num_computed_tokens != entry.start
+                || entry.end > seq.num_tokens()
+                || entry.end < entry.start;
             if stale {
                 return Err(SchedulerError::StalePlan {
                     plan_step_id: plan.step_id,

@@ -15,7 +15,8 @@
 //!    decodes; they only preempt sequences later in order that were not scheduled yet;
 //! 3. if nobody was preempted, waiting sequences in priority order, each admitted only if its
 //!    blocks (after prefix hits) can be allocated; prompts that do not fit the remaining budget
-//!    are chunked.
+//!    are chunked. The first one that cannot be admitted stops admission (no overtaking, so a
+//!    large high-priority prompt is not starved by small ones).
 //!
 //! Invariants:
 //! * every sequence is either waiting (no block table, `num_computed == 0`) or running (a block
@@ -38,11 +39,12 @@ mod sequence;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 pub use self::config::SchedulerConfig;
 pub use self::plan::{ScheduledSeq, SeqStats, StepPlan};
 use self::sequence::{SeqKey, Sequence};
+use crate::kv_cache::hash::FastMap;
 pub use crate::kv_cache::SeqId;
 use crate::kv_cache::{CacheConfig, KvCacheError, KvCacheManager, PrefixCacheStats};
 
@@ -97,16 +99,16 @@ pub struct SchedulerCounters {
 }
 
 /// The scheduler and the KV-cache manager it allocates from. Owned by the engine loop.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     config: SchedulerConfig,
     kv: KvCacheManager,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: FastMap<SeqId, Sequence>,
     waiting: BTreeMap<SeqKey, SeqId>,
     /// Sorted by key: iteration order is priority order, the last entry is preempted first.
     running: Vec<(SeqKey, SeqId)>,
     /// Group members not forked yet → their group's computing sequence.
-    pending_children: HashMap<SeqId, SeqId>,
+    pending_children: FastMap<SeqId, SeqId>,
     next_arrival: u64,
     step_id: u64,
     counters: SchedulerCounters,
@@ -118,10 +120,10 @@ impl Scheduler {
         Ok(Self {
             config,
             kv: KvCacheManager::new(cache)?,
-            seqs: HashMap::new(),
+            seqs: FastMap::default(),
             waiting: BTreeMap::new(),
             running: Vec::new(),
-            pending_children: HashMap::new(),
+            pending_children: FastMap::default(),
             next_arrival: 0,
             step_id: 0,
             counters: SchedulerCounters::default(),

@@ -14,6 +14,13 @@ enum Pass {
     Prefill,
 }
 
+/// Whether a prefill has started: one that has may always continue in chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prefill {
+    Fresh,
+    Continued,
+}
+
 /// The step being built.
 struct StepBuilder {
     step_id: u64,
@@ -64,7 +71,8 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let Some(num_new) = self.num_new_tokens(remaining, step.budget) else {
+            let Some(num_new) = self.num_new_tokens(remaining, step.budget, Prefill::Continued)
+            else {
                 i += 1;
                 continue;
             };
@@ -124,7 +132,7 @@ impl Scheduler {
             let remaining = seq.target_tokens() - num_computed;
             let num_new = match remaining {
                 0 => 0,
-                _ => match self.num_new_tokens(remaining, step.budget) {
+                _ => match self.num_new_tokens(remaining, step.budget, Prefill::Fresh) {
                     Some(n) => n,
                     None => break,
                 },
@@ -160,14 +168,17 @@ impl Scheduler {
     }
 
     /// Tokens a sequence with `remaining` tokens to compute gets from `budget`, or `None` when
-    /// it must wait (chunking off and the prefill does not fit).
-    fn num_new_tokens(&self, remaining: usize, budget: usize) -> Option<usize> {
+    /// it must wait (chunking off and a fresh prefill does not fit).
+    fn num_new_tokens(&self, remaining: usize, budget: usize, prefill: Prefill) -> Option<usize> {
         if remaining == 1 {
             return Some(1);
         }
         let n = if self.config.enable_chunked_prefill {
             remaining.min(self.config.max_prefill_chunk_tokens)
-        } else if remaining <= budget || remaining > self.config.max_num_batched_tokens {
+        } else if remaining <= budget
+            || remaining > self.config.max_num_batched_tokens
+            || prefill == Prefill::Continued
+        {
             remaining
         } else {
             return None;

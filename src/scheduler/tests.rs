@@ -394,3 +394,31 @@ fn unforked_group_members_hold_their_seats() {
     assert_eq!(ran(&step(&mut s)), vec![(1, 4), (10, 2)]);
     assert_eq!((s.num_running(), s.num_waiting()), (2, 7));
 }
+
+#[test]
+fn without_chunking_a_started_prefill_keeps_going() {
+    let mut s = scheduler(20, 8);
+    s.config.enable_chunked_prefill = false;
+    let _ = s.add(make_seq(1, &prompt(0, 3)));
+    let _ = s.add(make_seq(2, &prompt(50, 3)));
+    step(&mut s);
+    // 14 tokens exceed the whole budget, so the prompt is split; once started it continues
+    // in whatever the two decodes leave.
+    let _ = s.add(make_seq(3, &prompt(100, 14)));
+    assert_eq!(ran(&step(&mut s)), vec![(1, 1), (2, 1), (3, 6)]);
+    assert_eq!(ran(&step(&mut s)), vec![(1, 1), (2, 1), (3, 6)]);
+    assert_eq!(ran(&step(&mut s)), vec![(1, 1), (2, 1), (3, 2)]);
+}
+
+#[test]
+fn commit_rejects_a_tampered_range() {
+    let mut s = scheduler(10, 64);
+    let _ = s.add(make_seq(1, &prompt(0, 3)));
+    let mut plan = s.schedule();
+    plan.seqs[0].end = 9;
+    assert!(matches!(
+        s.commit(&plan, &[(1, 5)]),
+        Err(SchedulerError::StalePlan { .. })
+    ));
+    assert_eq!(s.check_invariants(), Ok(()));
+}
