@@ -373,3 +373,6 @@ fn end_of_turn_ids(tokens: &[String]) -> impl Iterator<Item = u32> + '_ {
         .filter(|(_, t)| END_OF_TURN.contains(&t.as_str()))
         .map(|(id, _)| id as u32)
 }
+
+#[cfg(test)]
+mod tests;

@@ -171,3 +171,6 @@ pub(crate) fn load(dir: &Path) -> Result<TokenizerParts, TokenizerError> {
         chat_template,
     })
 }
+
+#[cfg(test)]
+mod tests;

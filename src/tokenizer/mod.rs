@@ -303,6 +303,12 @@ impl Tokenizer {
         self.chat.apply(messages, opts)
     }
 
+    /// The underlying `tokenizers` tokenizer (offsets, export to `tokenizer.json`). Its
+    /// post-processor is not what `encode` uses for BOS/EOS.
+    pub fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// The per-id byte table, for byte-level vocabularies.
     pub(crate) fn byte_table(&self) -> Option<&TokenBytes> {
         self.token_bytes.as_ref()
