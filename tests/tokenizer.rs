@@ -221,10 +221,161 @@ proptest! {
         prop_assert_eq!(deltas.concat(), tok.decode(&ids, skip).unwrap());
     }
 
+    /// The fast path (hand-written pre-tokenizer) gives what the `tokenizers` pipeline gives.
+    #[test]
+    fn encode_matches_the_tokenizers_pipeline(
+        parts in proptest::collection::vec(
+            prop_oneof![
+                4 => "[ a-zA-Z0-9'\\n\\t.,!?-]{0,12}",
+                1 => "\\PC{0,6}",
+                1 => Just("<|im_start|>".to_string()),
+                1 => Just("<|im_end|>".to_string()),
+            ],
+            0..12,
+        ),
+    ) {
+        let tok = tokenizer();
+        let text = parts.concat();
+        let want = tok.hf_tokenizer().encode_fast(text.as_str(), false).unwrap();
+        prop_assert_eq!(tok.encode(&text, false).unwrap(), want.get_ids());
+    }
+
     #[test]
     fn encode_decode_round_trips_arbitrary_text(text in "\\PC{0,40}") {
         let tok = tokenizer();
         let ids = tok.encode(&text, false).unwrap();
         prop_assert_eq!(tok.decode(&ids, false).unwrap(), text);
     }
+}
+
+#[test]
+fn hf_directory_export_of_the_default_tokenizer_encodes_the_same() {
+    let tok = tokenizer();
+    let dir = std::env::temp_dir().join(format!("sluice-hf-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tok.hf_tokenizer()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "add_bos_token": false,
+        "chat_template": tok.chat_template(),
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let hf = Tokenizer::from_hf_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let hf = hf.unwrap();
+    assert_eq!(hf.vocab_size(), tok.vocab_size());
+    assert_eq!(hf.eos_token_ids(), &[2]);
+    for f in read_jsonl::<TokenizeFixture>("tokenize.jsonl") {
+        assert_eq!(hf.encode(&f.text, true).unwrap(), f.ids, "{:?}", f.text);
+        assert_eq!(
+            hf.decode(&f.ids, false).unwrap(),
+            tok.decode(&f.ids, false).unwrap()
+        );
+    }
+    let opts = ChatTemplateOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    for f in read_jsonl::<GreedyFixture>("greedy.jsonl")
+        .into_iter()
+        .filter(|f| f.chat)
+    {
+        assert_eq!(
+            hf.apply_chat_template(&f.messages, &opts).unwrap(),
+            f.prompt
+        );
+    }
+}
+
+/// A prompt of at least `num_tokens` tokens made of the fixture texts.
+fn long_prompt(tok: &Tokenizer, num_tokens: usize) -> String {
+    let pieces: Vec<String> = read_jsonl::<TokenizeFixture>("tokenize.jsonl")
+        .into_iter()
+        .map(|f| f.text)
+        .chain(
+            read_jsonl::<GreedyFixture>("greedy.jsonl")
+                .into_iter()
+                .map(|f| f.prompt),
+        )
+        .collect();
+    let mut text = String::new();
+    for piece in pieces.iter().cycle() {
+        text.push_str(piece);
+        text.push('\n');
+        if text.len() > num_tokens && tok.encode(&text, false).unwrap().len() >= num_tokens {
+            return text;
+        }
+    }
+    unreachable!()
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Timings: `cargo test --release --test tokenizer -- --ignored --nocapture timings`.
+#[test]
+#[ignore = "timing; run explicitly"]
+fn timings() {
+    use std::time::Instant;
+    let tok = tokenizer();
+    let text = long_prompt(tok, 1500);
+    let ids = tok.encode(&text, false).unwrap();
+    for _ in 0..5 {
+        tok.encode(&text, false).unwrap();
+    }
+    let encode_ms = median(
+        (0..101)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(tok.encode(&text, false).unwrap());
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let push_us = median(
+        (0..101)
+            .map(|_| {
+                let mut detok = IncrementalDetokenizer::new(tok, true);
+                let t = Instant::now();
+                for &id in &ids {
+                    std::hint::black_box(detok.push(tok, id).unwrap());
+                }
+                t.elapsed().as_secs_f64() * 1e6 / ids.len() as f64
+            })
+            .collect(),
+    );
+    let decode_us = median(
+        (0..101)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(tok.decode(&ids, true).unwrap());
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect(),
+    );
+    // A fresh tokenizer: its BPE cache is empty, as for a first prompt.
+    let (mut load_ms, mut cold_ms) = (Vec::new(), Vec::new());
+    let file = GgufFile::open(&model_path()).unwrap();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let fresh = Tokenizer::from_gguf(&file).unwrap();
+        load_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        std::hint::black_box(fresh.encode(&text, false).unwrap());
+        cold_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "{} tokens ({} bytes): encode median {encode_ms:.3} ms (cold cache {:.3} ms); \
+         detokenizer push median {push_us:.3} us/token; full decode median {decode_us:.1} us; \
+         from_gguf median {:.1} ms",
+        ids.len(),
+        text.len(),
+        median(cold_ms),
+        median(load_ms),
+    );
 }

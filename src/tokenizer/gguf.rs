@@ -23,6 +23,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use super::pretokenize::SplitStyle;
 use super::{TokenizerError, TokenizerParts};
 use crate::model::gguf::{GgufFile, GgufValue};
 
@@ -30,11 +31,12 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// GPT-2's split: contractions, letters, digits, other symbols, trailing whitespace.
-const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub(crate) const GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3: case-insensitive contractions, letters with one leading non-letter, 1-3 digits.
-const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2: Llama 3's split with single digits.
-const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How one `tokenizer.ggml.pre` name tokenizes.
 struct PreTokenizerSpec {
@@ -43,30 +45,41 @@ struct PreTokenizerSpec {
     ignore_merges: bool,
     /// `add_bos` when the metadata does not say.
     add_bos_default: bool,
+    /// The hand-written scanner giving the same pieces as `regexes`, if any.
+    fast: Option<SplitStyle>,
 }
 
 fn pre_tokenizer_spec(name: &str) -> Option<PreTokenizerSpec> {
-    let spec = |regexes, ignore_merges, add_bos_default| PreTokenizerSpec {
+    let spec = |regexes, ignore_merges, add_bos_default, fast| PreTokenizerSpec {
         regexes,
         ignore_merges,
         add_bos_default,
+        fast,
     };
     Some(match name {
         "default" => spec(
             &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
             false,
             false,
+            None,
         ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => spec(&[LLAMA3], true, true),
-        "dbrx" | "smaug-bpe" => spec(&[LLAMA3], false, false),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => {
+            spec(&[LLAMA3], true, true, Some(SplitStyle::Llama3))
+        }
+        "dbrx" | "smaug-bpe" => spec(&[LLAMA3], false, false, Some(SplitStyle::Llama3)),
         "qwen2" | "qwen2.5" | "deepseek-r1-qwen" | "stablelm2" | "megrez" => {
-            spec(&[QWEN2], false, false)
+            spec(&[QWEN2], false, false, Some(SplitStyle::Qwen2))
         }
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            spec(&[r"\p{N}", GPT2], false, false)
+            spec(
+                &[r"\p{N}", GPT2],
+                false,
+                false,
+                Some(SplitStyle::DigitsThenGpt2),
+            )
         }
         "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => {
-            spec(&[GPT2], false, false)
+            spec(&[GPT2], false, false, Some(SplitStyle::Gpt2))
         }
         _ => return None,
     })
@@ -223,6 +236,7 @@ pub(crate) fn load(file: &GgufFile) -> Result<TokenizerParts, TokenizerError> {
         inner,
         tokens,
         byte_level: true,
+        split_style: pre.fast,
         bos_token_id,
         eos_token_id,
         eos_token_ids,
@@ -373,3 +387,6 @@ fn end_of_turn_ids(tokens: &[String]) -> impl Iterator<Item = u32> + '_ {
         .filter(|(_, t)| END_OF_TURN.contains(&t.as_str()))
         .map(|(id, _)| id as u32)
 }
+
+#[cfg(test)]
+mod tests;

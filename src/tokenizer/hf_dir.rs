@@ -163,6 +163,7 @@ pub(crate) fn load(dir: &Path) -> Result<TokenizerParts, TokenizerError> {
         inner,
         tokens,
         byte_level,
+        split_style: None,
         bos_token_id,
         eos_token_id,
         eos_token_ids,
@@ -171,3 +172,6 @@ pub(crate) fn load(dir: &Path) -> Result<TokenizerParts, TokenizerError> {
         chat_template,
     })
 }
+
+#[cfg(test)]
+mod tests;

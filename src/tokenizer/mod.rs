@@ -23,8 +23,10 @@
 mod bytes;
 pub mod chat;
 pub mod detokenize;
+mod encode;
 mod gguf;
 mod hf_dir;
+mod pretokenize;
 mod strftime;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,8 @@ pub use detokenize::IncrementalDetokenizer;
 use crate::model::gguf::GgufFile;
 use bytes::TokenBytes;
 use chat::ChatTemplate;
+use encode::{AddedMatcher, FastEncoder};
+use pretokenize::SplitStyle;
 
 /// Everything that can go wrong in the tokenizer room. Messages name the file, key or id.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,8 @@ pub(crate) struct TokenizerParts {
     pub tokens: Vec<String>,
     /// Whether ids decode to bytes through the GPT-2 byte-to-char table.
     pub byte_level: bool,
+    /// Set when the pre-tokenizer has a hand-written scanner (byte-level BPE only).
+    pub split_style: Option<SplitStyle>,
     pub bos_token_id: Option<u32>,
     /// The primary EOS (appended by `add_eos`, shown to templates as `eos_token`).
     pub eos_token_id: Option<u32>,
@@ -93,6 +99,8 @@ pub struct Tokenizer {
     special: Vec<bool>,
     /// Present for byte-level vocabularies; drives `decode` and the detokenizer.
     token_bytes: Option<TokenBytes>,
+    /// The fast encode path, when the pre-tokenizer has one (GGUF vocabularies).
+    fast: Option<FastEncoder>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
@@ -144,6 +152,13 @@ impl Tokenizer {
                 }
             }
         }
+        let fast = parts.split_style.map(|style| {
+            let added = parts.inner.get_added_tokens_decoder();
+            FastEncoder::new(
+                style,
+                AddedMatcher::new(added.into_iter().map(|(id, t)| (t.content, id))),
+            )
+        });
         let token_bytes = parts
             .byte_level
             .then(|| TokenBytes::byte_level(&parts.tokens));
@@ -166,6 +181,7 @@ impl Tokenizer {
             tokens: parts.tokens,
             special,
             token_bytes,
+            fast,
             bos_token_id: parts.bos_token_id,
             eos_token_id: parts.eos_token_id,
             eos_token_ids: parts.eos_token_ids,
@@ -179,16 +195,20 @@ impl Tokenizer {
     /// EOS, for the rare model that asks) is added iff `add_special_tokens` and the model's
     /// metadata says so.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let ids = encoding.get_ids();
-        let mut out = Vec::with_capacity(ids.len() + 2);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special_tokens && self.add_bos {
             out.extend(self.bos_token_id);
         }
-        out.extend_from_slice(ids);
+        match &self.fast {
+            Some(fast) => fast.encode(self.inner.get_model(), text, &mut out)?,
+            None => {
+                let encoding = self
+                    .inner
+                    .encode_fast(text, false)
+                    .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+                out.extend_from_slice(encoding.get_ids());
+            }
+        }
         if add_special_tokens && self.add_eos {
             out.extend(self.eos_token_id);
         }
@@ -301,6 +321,12 @@ impl Tokenizer {
         opts: &ChatTemplateOptions,
     ) -> Result<String, TokenizerError> {
         self.chat.apply(messages, opts)
+    }
+
+    /// The underlying `tokenizers` tokenizer (offsets, export to `tokenizer.json`). Its
+    /// post-processor is not what `encode` uses for BOS/EOS.
+    pub fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner
     }
 
     /// The per-id byte table, for byte-level vocabularies.
