@@ -1,0 +1,453 @@
+//! The bench client against an in-process scripted server.
+//!
+//! The server streams `max_tokens` chunks: the first after `FIRST_MS`, then one every
+//! `GAP_MS`, then a usage chunk and `[DONE]`. The prompt names a scenario that breaks the
+//! script: `http500`, `inband` (an error chunk after 2 tokens), `drop` (connection cut after
+//! 2 tokens), `nodone` (clean end without `[DONE]`), `nousage`, `slow` (2 s before anything),
+//! `fast` (no delays). The same scenarios run over the WebSocket endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{SinkExt, Stream, StreamExt};
+use indicatif::ProgressBar;
+use serde_json::{json, Value};
+use sluice::bench::client::{CountSource, Driver, ErrorKind, HttpDriver};
+use sluice::bench::report::{summarize, Slo, Summary};
+use sluice::bench::runner::{run_load, LoadShape, RunOutcome, RunPlan, StopAt};
+use sluice::bench::workload::PreparedRequest;
+use sluice::bench::ws::WsDriver;
+use sluice::bench::Endpoint;
+use tokio::sync::mpsc;
+
+const FIRST_MS: u64 = 200;
+const GAP_MS: u64 = 20;
+
+// ---------------------------------------------------------------- the scripted server
+
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    Completions,
+    Chat,
+}
+
+fn scenario_of(body: &Value) -> (String, u64) {
+    let prompt = body["prompt"]
+        .as_str()
+        .or_else(|| body["messages"][0]["content"].as_str())
+        .unwrap_or("ok")
+        .to_string();
+    (prompt, body["max_tokens"].as_u64().unwrap_or(4))
+}
+
+fn content_chunk(route: Route, i: u64) -> Value {
+    match route {
+        Route::Completions => json!({"choices": [{"index": 0, "text": format!("t{i} ")}]}),
+        Route::Chat => json!({"choices": [{"index": 0, "delta": {"content": format!("t{i} ")}}]}),
+    }
+}
+
+/// Scripted events: `Ok(Some(chunk))`, `Ok(None)` for the end marker, `Err` to cut the line.
+fn script(
+    route: Route,
+    scenario: String,
+    n: u64,
+) -> impl Stream<Item = Result<Option<Value>, std::io::Error>> {
+    async_stream::stream! {
+        let delay = |ms: u64| tokio::time::sleep(Duration::from_millis(if scenario == "fast" { 0 } else { ms }));
+        if route == Route::Chat {
+            // Like vLLM: a role chunk with empty content at once; it must not count as TTFT.
+            yield Ok(Some(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})));
+        }
+        if scenario == "slow" {
+            delay(2000).await;
+        }
+        delay(FIRST_MS).await;
+        for i in 0..n {
+            if i > 0 {
+                delay(GAP_MS).await;
+            }
+            if i == 2 && scenario == "inband" {
+                yield Ok(Some(json!({"error": {"message": "scripted in-band error", "type": "x"}})));
+                yield Ok(None);
+                return;
+            }
+            if i == 2 && scenario == "drop" {
+                yield Err(std::io::Error::other("scripted drop"));
+                return;
+            }
+            yield Ok(Some(content_chunk(route, i)));
+        }
+        if scenario != "nousage" {
+            yield Ok(Some(json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})));
+        }
+        if scenario != "nodone" {
+            yield Ok(None);
+        }
+    }
+}
+
+async fn sse(route: Route, body: Value) -> Response {
+    let (scenario, n) = scenario_of(&body);
+    if scenario == "http500" {
+        let err = json!({"error": {"message": "scripted failure", "type": "server_error"}});
+        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, Json(err)).into_response();
+    }
+    let lines = script(route, scenario, n).map(|ev| {
+        ev.map(|c| match c {
+            Some(chunk) => format!("data: {chunk}\n\n"),
+            None => "data: [DONE]\n\n".to_string(),
+        })
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(lines))
+        .unwrap()
+}
+
+async fn ws_session(socket: WebSocket) {
+    let (mut sink, mut incoming) = socket.split();
+    // None: close the socket (the WS form of a dropped connection).
+    let (tx, mut rx) = mpsc::channel::<Option<String>>(1024);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            match frame {
+                Some(text) => {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(Ok(msg)) = incoming.next().await {
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(text.as_str()).unwrap();
+        let route = match v["type"].as_str() {
+            Some("chat.completions") => Route::Chat,
+            _ => Route::Completions,
+        };
+        let id = v["id"].clone();
+        let (scenario, n) = scenario_of(&v["request"]);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut events = Box::pin(script(route, scenario, n));
+            while let Some(ev) = events.next().await {
+                let frame = match ev {
+                    Ok(Some(chunk)) if chunk.get("error").is_some() => {
+                        json!({"type": "error", "id": id, "error": chunk["error"]})
+                    }
+                    Ok(Some(chunk)) => json!({"type": "chunk", "id": id, "data": chunk}),
+                    Ok(None) => json!({"type": "done", "id": id}),
+                    Err(_) => {
+                        let _ = tx.send(None).await;
+                        return;
+                    }
+                };
+                let last = frame["type"] == "error";
+                let _ = tx.send(Some(frame.to_string())).await;
+                if last {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn start_server() -> SocketAddr {
+    let app = Router::new()
+        .route(
+            "/v1/completions",
+            post(|Json(b): Json<Value>| sse(Route::Completions, b)),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|Json(b): Json<Value>| sse(Route::Chat, b)),
+        )
+        .route(
+            "/v1/ws",
+            get(|ws: WebSocketUpgrade| async { ws.on_upgrade(ws_session) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn request(scenario: &str, max_tokens: u64) -> PreparedRequest {
+    PreparedRequest {
+        body: json!({"model": "m", "prompt": scenario, "max_tokens": max_tokens, "stream": true})
+            .to_string(),
+        input_len: None,
+    }
+}
+
+fn chat_request(scenario: &str, max_tokens: u64) -> PreparedRequest {
+    PreparedRequest {
+        body: json!({"model": "m", "messages": [{"role": "user", "content": scenario}],
+                     "max_tokens": max_tokens, "stream": true})
+        .to_string(),
+        input_len: None,
+    }
+}
+
+fn http(addr: SocketAddr, path: &str, timeout: Duration) -> Arc<Driver> {
+    let d = HttpDriver::new(format!("http://{addr}{path}"), None, 16, timeout).unwrap();
+    Arc::new(Driver::Http(d))
+}
+
+async fn ws(addr: SocketAddr, sockets: usize, endpoint: Endpoint) -> Arc<Driver> {
+    let url = format!("ws://{addr}/v1/ws");
+    let d = WsDriver::connect(&url, None, sockets, endpoint, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(d.num_sockets(), sockets);
+    Arc::new(Driver::Ws(d))
+}
+
+fn closed(concurrency: usize, n: usize) -> RunPlan {
+    RunPlan {
+        shape: LoadShape::Closed { concurrency },
+        stop: StopAt::Requests(n),
+        warmup_requests: 0,
+        seed: 1,
+    }
+}
+
+async fn run(driver: Arc<Driver>, reqs: Vec<PreparedRequest>, plan: RunPlan) -> RunOutcome {
+    run_load(driver, Arc::new(reqs), &plan, ProgressBar::hidden()).await
+}
+
+fn summary(o: &RunOutcome) -> Summary {
+    summarize(&o.records, o.wall_s, o.client_cpu, Slo::default())
+}
+
+/// TTFT within [scripted, scripted + 80 ms]; ITL and TPOT within [GAP − 2, GAP + 15] ms on
+/// average (scheduling only ever adds delay, timer rounding may shave a little).
+fn assert_scripted_timings(s: &Summary, tokens: u64) {
+    let ttft = s.ttft_ms.unwrap();
+    assert!(ttft.min >= FIRST_MS as f64 - 2.0, "ttft {ttft:?}");
+    assert!(ttft.max <= FIRST_MS as f64 + 80.0, "ttft {ttft:?}");
+    let itl = s.itl_ms.unwrap();
+    assert_eq!(itl.count as u64, s.num_completed as u64 * (tokens - 1));
+    assert!(
+        itl.mean >= GAP_MS as f64 - 2.0 && itl.mean <= GAP_MS as f64 + 15.0,
+        "itl {itl:?}"
+    );
+    assert!(itl.median >= GAP_MS as f64 - 2.0 && itl.median <= GAP_MS as f64 + 10.0);
+    let tpot = s.tpot_ms.unwrap();
+    assert!(
+        tpot.mean >= GAP_MS as f64 - 2.0 && tpot.mean <= GAP_MS as f64 + 15.0,
+        "tpot {tpot:?}"
+    );
+    let e2e = s.e2e_ms.unwrap();
+    let scripted_e2e = (FIRST_MS + GAP_MS * (tokens - 1)) as f64;
+    assert!(
+        e2e.min >= scripted_e2e - 5.0 && e2e.max <= scripted_e2e + 120.0,
+        "e2e {e2e:?}"
+    );
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_timings_match_the_script() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let o = run(driver, vec![request("ok", 10); 8], closed(4, 8)).await;
+    let s = summary(&o);
+    assert_eq!((s.num_completed, s.num_failed), (8, 0));
+    assert_eq!(s.total_output_tokens, 80);
+    assert_eq!(s.total_input_tokens, 56);
+    assert_eq!(s.num_counted_by_usage, 8);
+    assert_scripted_timings(&s, 10);
+    // Two waves of four: about 2 × 380 ms.
+    assert!(o.wall_s > 0.7 && o.wall_s < 1.5, "wall {}", o.wall_s);
+    assert!(s.client_cpu.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_role_chunk_is_not_the_first_token() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/chat/completions", Duration::from_secs(5));
+    let o = run(driver, vec![chat_request("ok", 5); 2], closed(2, 2)).await;
+    let s = summary(&o);
+    assert_eq!(s.num_completed, 2);
+    assert_scripted_timings(&s, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_failures_are_counted_by_kind() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let reqs = ["ok", "http500", "inband", "drop", "nodone"]
+        .iter()
+        .map(|s| request(s, 5))
+        .collect();
+    let o = run(driver, reqs, closed(5, 5)).await;
+    let s = summary(&o);
+    assert_eq!((s.num_requests, s.num_completed, s.num_failed), (5, 1, 4));
+    for kind in ["http_500", "in_band", "connection", "incomplete"] {
+        assert_eq!(s.errors.get(kind), Some(&1), "{kind} in {:?}", s.errors);
+    }
+    let http500 = o
+        .records
+        .iter()
+        .find_map(|r| r.error.as_ref().filter(|e| e.kind == ErrorKind::Http(500)))
+        .unwrap();
+    assert_eq!(http500.message, "scripted failure");
+    // Latencies are over successes only.
+    assert_eq!(s.ttft_ms.unwrap().count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_usage_output_is_counted_by_chunks() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let mut req = request("nousage", 6);
+    req.input_len = Some(3);
+    let o = run(driver, vec![req], closed(1, 1)).await;
+    let r = &o.records[0];
+    assert!(r.is_ok(), "{:?}", r.error);
+    assert_eq!(r.output_tokens, 6);
+    assert_eq!(r.output_counted_by, CountSource::Chunks);
+    // No usage: the workload's own prompt length stands in.
+    assert_eq!(r.input_tokens, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_times_out() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_millis(300));
+    let t = Instant::now();
+    let o = run(driver, vec![request("slow", 3)], closed(1, 1)).await;
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let e = o.records[0].error.as_ref().unwrap();
+    assert_eq!(e.kind, ErrorKind::Timeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_connection_error() {
+    // Bind and drop to get a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let driver = http(port, "/v1/completions", Duration::from_secs(2));
+    let o = run(driver, vec![request("ok", 3); 2], closed(1, 2)).await;
+    assert_eq!(summary(&o).errors.get("connection"), Some(&2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisson_arrivals_keep_the_rate() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let plan = RunPlan {
+        shape: LoadShape::Open {
+            rate: 100.0,
+            burstiness: 1.0,
+            max_concurrency: None,
+        },
+        stop: StopAt::Requests(200),
+        warmup_requests: 2,
+        seed: 5,
+    };
+    let o = run(driver, vec![request("fast", 1); 10], plan).await;
+    let s = summary(&o);
+    assert_eq!(s.num_completed, 200);
+    let last_start = o.records.last().unwrap().start_s;
+    let rate = 199.0 / last_start;
+    assert!((75.0..=125.0).contains(&rate), "measured {rate} req/s");
+    // Poisson gaps: coefficient of variation near 1 (a fixed-interval sender would give 0).
+    let starts: Vec<f64> = o.records.iter().map(|r| r.start_s).collect();
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
+    assert!((0.7..1.3).contains(&(sd / mean)), "cv {}", sd / mean);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_cap_limits_in_flight() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let plan = RunPlan {
+        shape: LoadShape::Open {
+            rate: f64::INFINITY,
+            burstiness: 1.0,
+            max_concurrency: Some(2),
+        },
+        stop: StopAt::Requests(6),
+        warmup_requests: 0,
+        seed: 0,
+    };
+    let o = run(driver, vec![request("ok", 2); 6], plan).await;
+    // Six 220 ms requests, two at a time: three waves.
+    assert!(o.wall_s > 0.6, "wall {}", o.wall_s);
+    assert_eq!(summary(&o).num_completed, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_stops_new_requests() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    let plan = RunPlan {
+        shape: LoadShape::Closed { concurrency: 2 },
+        stop: StopAt::Duration(Duration::from_millis(500)),
+        warmup_requests: 0,
+        seed: 0,
+    };
+    let o = run(driver, vec![request("ok", 2)], plan).await;
+    // Each request takes ~220 ms: each worker starts 3 (at 0, 220, 440 ms), none after 500.
+    assert_eq!(o.records.len(), 6);
+    assert!(o.records.iter().all(|r| r.start_s < 0.5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_timings_match_the_script() {
+    let addr = start_server().await;
+    let driver = ws(addr, 2, Endpoint::Completions).await;
+    let o = run(driver, vec![request("ok", 10); 8], closed(8, 8)).await;
+    let s = summary(&o);
+    assert_eq!((s.num_completed, s.num_failed), (8, 0));
+    assert_eq!(s.total_output_tokens, 80);
+    assert_scripted_timings(&s, 10);
+    // All eight multiplexed on two sockets at once: one wave.
+    assert!(o.wall_s < 0.6, "wall {}", o.wall_s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_chat_and_in_band_errors() {
+    let addr = start_server().await;
+    let driver = ws(addr, 1, Endpoint::Chat).await;
+    let reqs = vec![chat_request("ok", 4), chat_request("inband", 4)];
+    let o = run(driver, reqs, closed(2, 2)).await;
+    let s = summary(&o);
+    assert_eq!((s.num_completed, s.num_failed), (1, 1));
+    assert_eq!(s.errors.get("in_band"), Some(&1));
+    assert_scripted_timings(&s, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_closed_socket_fails_its_requests() {
+    let addr = start_server().await;
+    let driver = ws(addr, 1, Endpoint::Completions).await;
+    // The drop closes the one socket: the request in flight beside it fails too, and a request
+    // sent afterwards finds the socket gone.
+    let reqs = vec![request("drop", 4), request("ok", 10)];
+    let o = run(driver.clone(), reqs, closed(2, 2)).await;
+    let s = summary(&o);
+    assert_eq!(s.errors.get("connection"), Some(&2), "{:?}", s.errors);
+    let after = run(driver, vec![request("ok", 2)], closed(1, 1)).await;
+    assert_eq!(summary(&after).errors.get("connection"), Some(&1));
+}
