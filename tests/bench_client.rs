@@ -570,3 +570,27 @@ fn serve_rejects_bad_arguments() {
             .contains("/nonexistent.jsonl")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_server_paces_both_transports() {
+    let args = sluice::bench::mock::MockArgs {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        ttft_ms: 50,
+        itl_ms: 10,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = sluice::bench::mock::router(args);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for driver in [
+        http(addr, "/v1/chat/completions", Duration::from_secs(5)),
+        ws(addr, 1, Endpoint::Chat).await,
+    ] {
+        let o = run(driver, vec![chat_request("hi", 5); 4], closed(4, 4)).await;
+        let s = summary(&o);
+        assert_eq!((s.num_completed, s.total_output_tokens), (4, 20));
+        let (ttft, tpot) = (s.ttft_ms.unwrap(), s.tpot_ms.unwrap());
+        assert!(ttft.min >= 48.0 && ttft.max < 120.0, "{ttft:?}");
+        assert!(tpot.mean >= 9.0 && tpot.mean < 25.0, "{tpot:?}");
+    }
+}

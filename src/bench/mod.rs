@@ -2,7 +2,8 @@
 //!
 //! `sluice bench serve` builds a workload (`workload`), drives it against a server over SSE or
 //! WebSocket (`client`, `ws`) under a load shape (`runner`), and summarises the per-request
-//! timings (`report`). `sluice bench compare` prints result files side by side (`compare`).
+//! timings (`report`). `sluice bench compare` prints result files side by side (`compare`);
+//! `sluice bench mock-server` is a paced fake server for measuring the client (`mock`).
 //!
 //! Invariants: the bench measures, it never retries — every request sent ends up as exactly one
 //! `RequestRecord`, success or a typed error, and failures are counted in the report, not
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod compare;
+pub mod mock;
 pub mod report;
 pub mod runner;
 pub mod sse;
@@ -54,6 +56,8 @@ pub enum BenchCommand {
     /// Print two or more result files (`--output` of `serve`) side by side, with ratios
     /// against the first.
     Compare(CompareArgs),
+    /// Serve fake completions at a fixed pace, to measure the bench client's own overhead.
+    MockServer(mock::MockArgs),
 }
 
 /// Which OpenAI route the requests go to.
@@ -205,6 +209,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let table = compare::compare_files(&args.files)?;
             print!("{table}");
         }
+        BenchCommand::MockServer(args) => mock::mock_server(args)?,
     }
     Ok(())
 }
