@@ -85,7 +85,7 @@ pub struct RequestRecord {
     pub e2e_s: f64,
     /// gaps between consecutive content chunks
     pub itls_s: Vec<f64>,
-    /// in tokens, from `usage`
+    /// in tokens, from `usage`, else the workload's own count (random and prefix workloads)
     pub input_tokens: Option<u64>,
     /// in tokens
     pub output_tokens: u64,
@@ -181,7 +181,7 @@ impl StreamTracker {
                 .map(|t| t.saturating_duration_since(self.sent_at).as_secs_f64()),
             e2e_s: end.saturating_duration_since(self.sent_at).as_secs_f64(),
             itls_s: self.itls_s,
-            input_tokens: self.usage.map(|u| u.prompt_tokens),
+            input_tokens: self.usage.and_then(|u| u.prompt_tokens),
             output_tokens,
             output_counted_by,
             error,

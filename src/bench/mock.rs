@@ -56,9 +56,6 @@ pub fn router(args: MockArgs) -> Router {
 
 fn tokens(args: MockArgs, chat: bool, body: &Value) -> impl Stream<Item = String> {
     let n = body["max_tokens"].as_u64().unwrap_or(DEFAULT_MAX_TOKENS);
-    let prompt_tokens = body["prompt"]
-        .as_str()
-        .map_or(1, |p| p.len() as u64 / 4 + 1);
     async_stream::stream! {
         tokio::time::sleep(Duration::from_millis(args.ttft_ms)).await;
         for i in 0..n {
@@ -73,9 +70,8 @@ fn tokens(args: MockArgs, chat: bool, body: &Value) -> impl Stream<Item = String
             }
             .to_string();
         }
-        yield json!({"choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                     "completion_tokens": n, "total_tokens": prompt_tokens + n}})
-        .to_string();
+        // No prompt_tokens: the mock has no tokenizer, so the bench uses its own count.
+        yield json!({"choices": [], "usage": {"completion_tokens": n}}).to_string();
     }
 }
 

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 /// Token counts from a chunk's `usage` (the final chunk, with `include_usage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Usage {
+    /// absent from some servers' (and the mock's) usage
     #[serde(default)]
-    pub prompt_tokens: u64,
+    pub prompt_tokens: Option<u64>,
     #[serde(default)]
     pub completion_tokens: u64,
 }
@@ -182,7 +183,7 @@ mod tests {
         assert_eq!(
             c.usage,
             Some(Usage {
-                prompt_tokens: 5,
+                prompt_tokens: Some(5),
                 completion_tokens: 3
             })
         );

@@ -32,28 +32,33 @@ pub fn load_tokenizer(path: &Path) -> Result<Box<dyn PromptTokenizer>, BenchErro
     } else {
         from_gguf(path)?
     };
-    Ok(Box::new(HfTokenizer(tok)))
+    // Computed once: `get_vocab_size(true)` builds the whole vocabulary map on every call.
+    let vocab_size = tok.get_vocab_size(true);
+    Ok(Box::new(HfTokenizer { tok, vocab_size }))
 }
 
-struct HfTokenizer(tokenizers::Tokenizer);
+struct HfTokenizer {
+    tok: tokenizers::Tokenizer,
+    vocab_size: usize,
+}
 
 impl PromptTokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>, BenchError> {
         let enc = self
-            .0
+            .tok
             .encode(text, false)
             .map_err(|e| BenchError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, BenchError> {
-        self.0
+        self.tok
             .decode(ids, true)
             .map_err(|e| BenchError::Tokenizer(e.to_string()))
     }
 
     fn vocab_size(&self) -> usize {
-        self.0.get_vocab_size(true)
+        self.vocab_size
     }
 }
 
