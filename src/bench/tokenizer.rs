@@ -171,4 +171,34 @@ mod tests {
         }
         assert!(checked > 5);
     }
+
+    /// Random and prefix prompts re-encode to exactly the drawn length with the real tokenizer.
+    #[test]
+    fn random_prompts_with_the_real_tokenizer_have_exact_lengths() {
+        use crate::bench::workload::{random_requests, Prompt, RandomSpec};
+        let path = default_tokenizer_path();
+        if !path.exists() {
+            eprintln!("skipped: {} not present", path.display());
+            return;
+        }
+        let tok = load_tokenizer(&path).unwrap();
+        for prefix_len in [0, 200] {
+            let spec = RandomSpec {
+                input_len: 128,
+                output_len: 8,
+                range_ratio: 0.0,
+                prefix_len,
+                num_prompts: 50,
+                seed: 11,
+            };
+            for r in random_requests(tok.as_ref(), &spec).unwrap() {
+                let Prompt::Text(text) = &r.prompt else {
+                    panic!("random prompts are text")
+                };
+                let n = tok.encode(text).unwrap().len();
+                assert_eq!(n, prefix_len + 128);
+                assert_eq!(r.input_len, Some(n));
+            }
+        }
+    }
 }
