@@ -434,3 +434,43 @@ async fn mock_server_paces_both_transports() {
         assert!(tpot.mean >= 9.0 && tpot.mean < 25.0, "{tpot:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_stops_new_requests_and_keeps_finished_ones() {
+    let addr = start_server().await;
+    let driver = http(addr, "/v1/completions", Duration::from_secs(5));
+    for shape in [
+        LoadShape::Closed { concurrency: 2 },
+        LoadShape::Open {
+            rate: 5.0,
+            burstiness: 1.0,
+            max_concurrency: None,
+        },
+    ] {
+        let plan = RunPlan {
+            shape,
+            stop: StopAt::Duration(Duration::from_secs(10)),
+            warmup_requests: 0,
+            seed: 0,
+        };
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send(true).unwrap();
+        });
+        let t = Instant::now();
+        let reqs = Arc::new(vec![request("ok", 2)]);
+        let o = sluice::bench::runner::run_load_until(
+            driver.clone(),
+            reqs,
+            &plan,
+            ProgressBar::hidden(),
+            rx,
+        )
+        .await;
+        assert!(o.interrupted);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(!o.records.is_empty());
+        assert!(o.records.iter().all(|r| r.is_ok() && r.start_s < 0.35));
+    }
+}

@@ -190,6 +190,9 @@ pub struct BenchResult {
     pub machine: MachineInfo,
     pub config: ServeArgs,
     pub summary: Summary,
+    /// stopped early by Ctrl-C: the figures cover what ran
+    #[serde(default)]
+    pub interrupted: bool,
     /// a few failures' messages, to see what went wrong without reading every request
     #[serde(default)]
     pub error_samples: Vec<String>,
@@ -219,7 +222,12 @@ pub fn render(result: &BenchResult) -> String {
     let s = &result.summary;
     let mut t = String::new();
     let w = &mut t;
-    let _ = writeln!(w, "==== sluice bench serve: {} ====", result.label);
+    let note = if result.interrupted {
+        " (interrupted)"
+    } else {
+        ""
+    };
+    let _ = writeln!(w, "==== sluice bench serve: {}{note} ====", result.label);
     let row = |w: &mut String, k: &str, v: String| {
         let _ = writeln!(w, "{k:<34}{v:>14}");
     };

@@ -8,7 +8,9 @@
 //!
 //! Warm-up requests run first, closed loop, and are discarded. The stop condition is a number
 //! of requests or a duration; with a duration, no request starts after it and those in flight
-//! finish and count. Requests cycle through the workload's bodies.
+//! finish and count. Requests cycle through the workload's bodies. An interrupt (Ctrl-C in
+//! `sluice bench serve`) is one more stop condition: nothing new starts, in-flight requests
+//! finish, and the report covers what ran.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::client::{Driver, RequestRecord};
 use super::sysinfo::{cpu_times, CpuTimes};
@@ -61,6 +63,8 @@ pub struct RunOutcome {
     pub wall_s: f64,
     /// the bench process's own CPU time over `wall_s` (None off Linux)
     pub client_cpu: Option<CpuTimes>,
+    /// the run was cut short by the interrupt
+    pub interrupted: bool,
 }
 
 /// Runs the warm-up, then the measured load.
@@ -70,7 +74,25 @@ pub async fn run_load(
     plan: &RunPlan,
     progress: ProgressBar,
 ) -> RunOutcome {
-    if plan.warmup_requests > 0 && !bodies.is_empty() {
+    // The sender stays alive for the whole run, so the interrupt never fires.
+    let (_never, interrupt) = watch::channel(false);
+    run_load_until(driver, bodies, plan, progress, interrupt).await
+}
+
+/// `run_load`, stopping early (gracefully) once `interrupt` turns true.
+pub async fn run_load_until(
+    driver: Arc<Driver>,
+    bodies: Arc<Vec<PreparedRequest>>,
+    plan: &RunPlan,
+    progress: ProgressBar,
+    interrupt: watch::Receiver<bool>,
+) -> RunOutcome {
+    let ctx = LoopContext {
+        driver,
+        bodies,
+        interrupt,
+    };
+    if plan.warmup_requests > 0 && !ctx.bodies.is_empty() {
         let in_flight = match plan.shape {
             LoadShape::Closed { concurrency } => concurrency,
             LoadShape::Open {
@@ -80,16 +102,16 @@ pub async fn run_load(
         let warmup = StopAt::Requests(plan.warmup_requests);
         let hidden = ProgressBar::hidden();
         let workers = in_flight.clamp(1, plan.warmup_requests);
-        closed_loop(&driver, &bodies, workers, warmup, Instant::now(), &hidden).await;
+        closed_loop(&ctx, workers, warmup, Instant::now(), &hidden).await;
     }
     let cpu_before = cpu_times();
     let origin = Instant::now();
-    let mut records = if bodies.is_empty() {
+    let mut records = if ctx.bodies.is_empty() {
         Vec::new()
     } else {
         match plan.shape {
             LoadShape::Closed { concurrency } => {
-                closed_loop(&driver, &bodies, concurrency, plan.stop, origin, &progress).await
+                closed_loop(&ctx, concurrency, plan.stop, origin, &progress).await
             }
             LoadShape::Open {
                 rate,
@@ -98,7 +120,7 @@ pub async fn run_load(
             } => {
                 let gaps = Arrivals::new(rate, burstiness, plan.seed);
                 let cap = max_concurrency.map(|n| Arc::new(Semaphore::new(n.max(1))));
-                open_loop(&driver, &bodies, gaps, cap, plan.stop, origin, &progress).await
+                open_loop(&ctx, gaps, cap, plan.stop, origin, &progress).await
             }
         }
     };
@@ -110,12 +132,25 @@ pub async fn run_load(
         records,
         wall_s,
         client_cpu,
+        interrupted: ctx.interrupted(),
+    }
+}
+
+/// What every loop needs: the driver, the requests, and the interrupt.
+struct LoopContext {
+    driver: Arc<Driver>,
+    bodies: Arc<Vec<PreparedRequest>>,
+    interrupt: watch::Receiver<bool>,
+}
+
+impl LoopContext {
+    fn interrupted(&self) -> bool {
+        *self.interrupt.borrow()
     }
 }
 
 async fn closed_loop(
-    driver: &Arc<Driver>,
-    bodies: &Arc<Vec<PreparedRequest>>,
+    ctx: &LoopContext,
     concurrency: usize,
     stop: StopAt,
     origin: Instant,
@@ -124,9 +159,10 @@ async fn closed_loop(
     let next = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
-            let (driver, bodies, next, progress) = (
-                driver.clone(),
-                bodies.clone(),
+            let (driver, bodies, interrupt, next, progress) = (
+                ctx.driver.clone(),
+                ctx.bodies.clone(),
+                ctx.interrupt.clone(),
                 next.clone(),
                 progress.clone(),
             );
@@ -138,7 +174,7 @@ async fn closed_loop(
                         StopAt::Requests(n) => i < n,
                         StopAt::Duration(d) => origin.elapsed() < d,
                     };
-                    if !go_on {
+                    if !go_on || *interrupt.borrow() {
                         break;
                     }
                     out.push(send(&driver, &bodies[i % bodies.len()], origin).await);
@@ -152,8 +188,7 @@ async fn closed_loop(
 }
 
 async fn open_loop(
-    driver: &Arc<Driver>,
-    bodies: &Arc<Vec<PreparedRequest>>,
+    ctx: &LoopContext,
     mut arrivals: Arrivals,
     cap: Option<Arc<Semaphore>>,
     stop: StopAt,
@@ -167,16 +202,21 @@ async fn open_loop(
             StopAt::Requests(n) => i < n,
             StopAt::Duration(d) => next_at.saturating_duration_since(origin) < d,
         };
-        if !go_on {
+        if !go_on || ctx.interrupted() {
             break;
         }
-        tokio::time::sleep_until(next_at.into()).await;
+        let mut interrupt = ctx.interrupt.clone();
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_at.into()) => {}
+            // An error means no interrupt can come any more: the branch is then disabled.
+            Ok(()) = interrupt.changed() => continue, // re-checked at the top
+        }
         let permit = match &cap {
             // A closed semaphore cannot happen (we never close it); send uncapped if it did.
             Some(sem) => sem.clone().acquire_owned().await.ok(),
             None => None,
         };
-        let (driver, bodies, progress) = (driver.clone(), bodies.clone(), progress.clone());
+        let (driver, bodies, progress) = (ctx.driver.clone(), ctx.bodies.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
             let record = send(&driver, &bodies[i % bodies.len()], origin).await;
             drop(permit);

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::client::{Driver, HttpDriver};
 use super::report::{self, BenchResult, Slo};
-use super::runner::{run_load, LoadShape, RunPlan, StopAt};
+use super::runner::{run_load_until, LoadShape, RunPlan, StopAt};
 use super::sysinfo;
 use super::tokenizer::{default_tokenizer_path, load_tokenizer};
 use super::workload::{self, BodyOptions, RandomSpec};
@@ -41,7 +41,8 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), BenchError> {
     let outcome = runtime.block_on(async {
         let driver = Arc::new(connect(&args, in_flight).await?);
         let progress = progress_bar(&args, &plan);
-        Ok::<_, BenchError>(run_load(driver, requests, &plan, progress).await)
+        let interrupt = interrupt_on_ctrl_c();
+        Ok::<_, BenchError>(run_load_until(driver, requests, &plan, progress, interrupt).await)
     })?;
     let slo = Slo {
         ttft_ms: args.slo_ttft_ms,
@@ -56,6 +57,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), BenchError> {
         machine: sysinfo::machine_info(),
         config: args.clone(),
         summary,
+        interrupted: outcome.interrupted,
         error_samples: report::error_samples(&outcome.records),
         requests: outcome.records,
     };
@@ -70,6 +72,21 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), BenchError> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// First Ctrl-C: start nothing new, let requests in flight finish, report. Second: quit.
+fn interrupt_on_ctrl_c() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: waiting for requests in flight (Ctrl-C again to quit)");
+            let _ = tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
 }
 
 fn run_plan(args: &ServeArgs) -> Result<RunPlan, BenchError> {
