@@ -145,10 +145,10 @@ fn build_workload(
             workload::jsonl_requests(path, args.output_len, Some(num_prompts))?
         }
         kind => {
-            let path = args
-                .tokenizer
-                .clone()
-                .unwrap_or_else(default_tokenizer_path);
+            let path = match &args.tokenizer {
+                Some(p) => p.clone(),
+                None => default_tokenizer_path()?,
+            };
             let tok = load_tokenizer(&path)?;
             let spec = RandomSpec {
                 input_len: args.input_len,

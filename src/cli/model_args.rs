@@ -8,7 +8,6 @@ use anyhow::Context;
 
 use crate::kernels::cpu::CpuBackend;
 use crate::kernels::dtype::WeightDType;
-use crate::model::gguf::GgufFile;
 use crate::model::llama::Llama;
 use crate::model::loader::{self, LoadFormat, ModelSpec, TokenizerSource};
 use crate::tokenizer::Tokenizer;
@@ -81,9 +80,9 @@ impl ModelArgs {
         let _device = crate::kernels::device::select(&self.device)?;
         let opened = loader::open(&spec)?;
         let tokenizer = match (&self.tokenizer, &opened.tokenizer_source) {
-            (Some(p), _) => load_tokenizer(p)?,
-            (None, TokenizerSource::Gguf(p)) => load_tokenizer(p)?,
-            (None, TokenizerSource::HfDir(d)) => load_tokenizer(d)?,
+            (Some(p), _) => Tokenizer::from_path(p)?,
+            (None, TokenizerSource::Gguf(p)) => Tokenizer::from_path(p)?,
+            (None, TokenizerSource::HfDir(d)) => Tokenizer::from_path(d)?,
             (None, TokenizerSource::Missing) => anyhow::bail!(
                 "{}: no tokenizer.json beside the config; pass --tokenizer PATH",
                 spec.path.display()
@@ -110,15 +109,5 @@ impl ModelArgs {
             tokenizer: Arc::new(tokenizer),
             name: opened.name,
         })
-    }
-}
-
-/// A tokenizer from a GGUF file's metadata or a Hugging Face directory.
-pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<Tokenizer> {
-    if path.is_dir() {
-        Ok(Tokenizer::from_hf_dir(path)?)
-    } else {
-        let f = GgufFile::open(path)?;
-        Ok(Tokenizer::from_gguf(&f)?)
     }
 }

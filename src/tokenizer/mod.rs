@@ -135,6 +135,23 @@ impl Tokenizer {
         Self::from_parts(gguf::load(file)?)
     }
 
+    /// A tokenizer from a GGUF file's metadata, a Hugging Face directory, or the
+    /// `tokenizer.json` inside one.
+    pub fn from_path(path: &Path) -> Result<Self, TokenizerError> {
+        let dir = match path.extension() {
+            Some(e) if e == "json" => path.parent().unwrap_or(Path::new(".")),
+            _ => path,
+        };
+        if dir.is_dir() {
+            return Self::from_hf_dir(dir);
+        }
+        let file = GgufFile::open(path).map_err(|e| TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        })?;
+        Self::from_gguf(&file)
+    }
+
     /// Builds the tokenizer of a Hugging Face model directory: `tokenizer.json`, and when
     /// present `tokenizer_config.json` (chat template, BOS/EOS, `add_bos_token`),
     /// `chat_template.jinja` and `generation_config.json` (`eos_token_id`).
