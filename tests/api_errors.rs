@@ -1,12 +1,12 @@
 //! The error table of `sluice serve`, status by status: every refusal is an OpenAI-shaped
 //! error `{"error": {"message", "type", "param", "code"}}` with the right status and `param`.
+//! Beside it, the small endpoints that need no generation: `/tokenize`, `/detokenize`.
 
 mod api_support;
 
 use std::time::Duration;
 
 use api_support::{client, post, Server, API_KEY};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// Sends `req` and checks the status, the error shape and `param`.
@@ -157,6 +157,45 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
         .body("messages=hi");
     expect_error(form, 415, None, "form body").await;
 
+    // /tokenize and /detokenize, vLLM's shapes; the ids are llama.cpp's (tests/fixtures).
+    let tokenize = format!("{}/tokenize", server.url);
+    let resp = post(&tokenize, &json!({"prompt": "The capital of France is"}))
+        .send()
+        .await
+        .expect("tokenize");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("tokenize JSON");
+    assert_eq!(body["tokens"], json!([504, 3575, 282, 4649, 314]), "{body}");
+    assert_eq!(body["count"], 5);
+    assert_eq!(body["max_model_len"], 1024);
+    let chat_ids = json!({"messages": [{"role": "user", "content": "Hello! Who are you?"}]});
+    let body: Value = post(&tokenize, &chat_ids)
+        .send()
+        .await
+        .expect("tokenize chat")
+        .json()
+        .await
+        .expect("tokenize chat JSON");
+    // The chat fixture's prompt: system prompt, user turn, assistant header.
+    assert_eq!(body["count"], 36, "{body}");
+    let detok = post(
+        &format!("{}/detokenize", server.url),
+        &json!({"tokens": [504, 3575, 282, 4649, 314]}),
+    );
+    let body: Value = detok
+        .send()
+        .await
+        .expect("detokenize")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(body["prompt"], "The capital of France is");
+    let bad = post(
+        &format!("{}/detokenize", server.url),
+        &json!({"tokens": [1 << 30]}),
+    );
+    expect_error(bad, 400, Some("tokens"), "detokenize out of range").await;
+
     // 429 with Retry-After: one request runs (--max-num-seqs 1), one waits
     // (--max-waiting 1), the next is refused at once.
     let long_stream = |content: &str| {
@@ -170,12 +209,13 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
         .await
         .expect("first");
     assert_eq!(running.status(), 200);
-    let mut running = running.bytes_stream();
-    // Its first chunk means it was scheduled: it is no longer waiting.
-    let first = tokio::time::timeout(Duration::from_secs(120), running.next())
-        .await
-        .expect("a first chunk");
-    assert!(first.is_some());
+    let running = running.bytes_stream();
+    // Once the engine counts it as running, it no longer takes the waiting seat.
+    api_support::wait_for_metrics(&server, Duration::from_secs(120), |t| {
+        api_support::metric(t, "sluice:num_requests_running") == 1.0
+    })
+    .await
+    .expect("the first request running");
     let waiting = post(&chat, &long_stream("two"))
         .send()
         .await
