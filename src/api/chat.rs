@@ -19,6 +19,7 @@ use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobEntry, ChatLogprobs, ChatTopLogprob, UsageInfo,
 };
+use super::prompt;
 use super::sse::{self, ChunkStream};
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
@@ -61,7 +62,7 @@ pub async fn prepare(
     validation::check_model(req.common.model.as_deref(), &state.model_name)?;
     let info = &state.engine.info;
     let params = validation::validate_chat(&req, info)?;
-    let messages = validation::chat_messages(&req.messages)?;
+    let messages = prompt::chat_messages(&req.messages)?;
     let opts = ChatTemplateOptions {
         add_generation_prompt: req
             .add_generation_prompt
@@ -72,7 +73,7 @@ pub async fn prepare(
     // The template writes the special tokens itself (vLLM's default for chat).
     let add_special = req.common.add_special_tokens.unwrap_or(false);
     let prompt_token_ids =
-        validation::tokenize_chat(state.tokenizer.clone(), messages, opts, add_special).await?;
+        prompt::tokenize_chat(state.tokenizer.clone(), messages, opts, add_special).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = validation::build(
         &params,

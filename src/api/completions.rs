@@ -19,6 +19,7 @@ use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, UsageInfo,
 };
+use super::prompt;
 use super::sse::{self, ChunkStream};
 use super::validation::{self, ValidatedParams, COMPLETIONS_DEFAULT_MAX_TOKENS};
 use super::{AppState, JsonBody};
@@ -67,7 +68,7 @@ pub async fn prepare(
     let params = validation::validate_completion(&req, info)?;
     let add_special = req.common.add_special_tokens.unwrap_or(true);
     let prompts =
-        validation::tokenize_prompts(state.tokenizer.clone(), req.prompt, add_special).await?;
+        prompt::tokenize_prompts(state.tokenizer.clone(), req.prompt, add_special).await?;
     if prompts.is_empty() {
         return Err(ApiError::invalid(
             "prompt",

@@ -13,7 +13,7 @@ use super::generation::token_text;
 use super::openai_types::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
-use super::validation;
+use super::{prompt, validation};
 use super::{AppState, JsonBody};
 use crate::tokenizer::ChatTemplateOptions;
 
@@ -42,10 +42,10 @@ pub async fn tokenize(
         (Some(prompt), None) => {
             let add_special = req.add_special_tokens.unwrap_or(true);
             let tok = tokenizer.clone();
-            validation::blocking(move || Ok(tok.encode(&prompt, add_special)?)).await?
+            prompt::blocking(move || Ok(tok.encode(&prompt, add_special)?)).await?
         }
         (None, Some(messages)) => {
-            let messages = validation::chat_messages(&messages)?;
+            let messages = prompt::chat_messages(&messages)?;
             let opts = ChatTemplateOptions {
                 add_generation_prompt: req
                     .add_generation_prompt
@@ -54,7 +54,7 @@ pub async fn tokenize(
                 chat_template_kwargs: req.chat_template_kwargs.unwrap_or_default(),
             };
             let add_special = req.add_special_tokens.unwrap_or(false);
-            validation::tokenize_chat(tokenizer.clone(), messages, opts, add_special).await?
+            prompt::tokenize_chat(tokenizer.clone(), messages, opts, add_special).await?
         }
         _ => {
             return Err(ApiError::invalid(
@@ -101,7 +101,7 @@ pub async fn detokenize(
         })
         .collect::<Result<Vec<u32>, _>>()?;
     let tokenizer = state.tokenizer.clone();
-    let prompt = validation::blocking(move || Ok(tokenizer.decode(&ids, false)?)).await?;
+    let prompt = prompt::blocking(move || Ok(tokenizer.decode(&ids, false)?)).await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
 

@@ -17,6 +17,7 @@ pub mod errors;
 pub mod generation;
 pub mod misc;
 pub mod openai_types;
+pub mod prompt;
 pub mod sse;
 pub mod validation;
 pub mod websocket;

@@ -1,18 +1,14 @@
 //! The one place where an OpenAI request becomes the engine's `GenerateRequest`: every value
-//! range-checked (each message names the field and the limit) and the prompt tokenized off the
-//! async runtime. Nothing downstream re-checks what a client sent.
+//! range-checked (each message names the field and the limit), the prompt (tokenized off the
+//! async runtime by `prompt.rs`) checked against the context. Nothing downstream re-checks
+//! what a client sent.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::errors::ApiError;
-use super::openai_types::{
-    ChatCompletionRequest, CommonParams, CompletionRequest, MessageContent, PromptSpec,
-    RequestMessage,
-};
+use super::openai_types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::engine::{EngineInfo, GenerateRequest};
 use crate::model::sampling::SamplingParams;
-use crate::tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer};
 
 /// Most alternatives per token (vLLM's `max_logprobs`).
 pub const MAX_LOGPROBS: i64 = 20;
@@ -73,7 +69,7 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     Ok(v)
 }
 
-fn token_id(param: &str, id: i64, vocab_size: usize) -> Result<u32, ApiError> {
+pub(crate) fn token_id(param: &str, id: i64, vocab_size: usize) -> Result<u32, ApiError> {
     if id < 0 || id as u64 >= vocab_size as u64 {
         return Err(ApiError::invalid(
             param,
@@ -324,95 +320,6 @@ pub fn validate_chat(
     validate_params(&req.common, max_tokens, logprobs, info)
 }
 
-/// Chat messages as the template sees them: text parts joined, other parts refused.
-pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, ApiError> {
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let content = match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut texts = Vec::with_capacity(parts.len());
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => texts.push(t.as_str()),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    format!("messages[{i}].content"),
-                                    format!(
-                                    "content parts of type `{kind}` are not supported (text only)"
-                                ),
-                                ))
-                            }
-                        }
-                    }
-                    texts.join("\n")
-                }
-            };
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content,
-                extra: m.extra.clone(),
-            })
-        })
-        .collect()
-}
-
-/// Renders and tokenizes a conversation on the blocking pool (templates and long prompts
-/// take milliseconds).
-pub async fn tokenize_chat(
-    tokenizer: Arc<Tokenizer>,
-    messages: Vec<ChatMessage>,
-    opts: ChatTemplateOptions,
-    add_special_tokens: bool,
-) -> Result<Vec<u32>, ApiError> {
-    blocking(move || {
-        let text = tokenizer.apply_chat_template(&messages, &opts)?;
-        Ok(tokenizer.encode(&text, add_special_tokens)?)
-    })
-    .await
-}
-
-/// The token ids of each prompt of a completions request.
-pub async fn tokenize_prompts(
-    tokenizer: Arc<Tokenizer>,
-    prompt: PromptSpec,
-    add_special_tokens: bool,
-) -> Result<Vec<Vec<u32>>, ApiError> {
-    let vocab_size = tokenizer.vocab_size();
-    let ids = |list: Vec<i64>| -> Result<Vec<u32>, ApiError> {
-        list.into_iter()
-            .map(|id| token_id("prompt", id, vocab_size))
-            .collect()
-    };
-    match prompt {
-        PromptSpec::Ids(list) => Ok(vec![ids(list)?]),
-        PromptSpec::IdLists(lists) => lists.into_iter().map(ids).collect(),
-        PromptSpec::Text(text) => {
-            blocking(move || Ok(vec![tokenizer.encode(&text, add_special_tokens)?])).await
-        }
-        PromptSpec::Texts(texts) => {
-            blocking(move || {
-                texts
-                    .iter()
-                    .map(|t| Ok(tokenizer.encode(t, add_special_tokens)?))
-                    .collect()
-            })
-            .await
-        }
-    }
-}
-
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenization task failed: {e}")))?
-}
-
 /// One engine request for one prompt: length checks against the context and the KV cache.
 /// `default_max_tokens`: `None` means "up to the context" (chat), else the given number,
 /// capped by what the context leaves.
@@ -592,7 +499,7 @@ mod tests {
         .unwrap();
         let p = validate_chat(&req, &info()).unwrap();
         assert_eq!(p.max_tokens, Some(3));
-        let msgs = chat_messages(&req.messages).unwrap();
+        let msgs = super::super::prompt::chat_messages(&req.messages).unwrap();
         assert_eq!(msgs[0].content, "a\nb");
     }
 
