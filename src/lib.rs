@@ -6,6 +6,7 @@
 //! `ForwardBatch`), which runs on `kernels` (the backend ops). `tokenizer` turns text into ids
 //! and back; `bench` is the load generator.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod engine;

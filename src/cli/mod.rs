@@ -3,6 +3,7 @@
 pub mod engine_args;
 pub mod generate;
 pub mod model_args;
+pub mod serve;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a continuation of one prompt.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible API (HTTP, SSE, WebSocket).
+    Serve(serve::ServeArgs),
     /// Benchmarks against any OpenAI-compatible server.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -33,6 +36,7 @@ pub fn main(cli: Cli) -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(cmd) => crate::bench::run(cmd),
     };
     match result {

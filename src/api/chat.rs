@@ -1,0 +1,305 @@
+//! `POST /v1/chat/completions`: the conversation rendered with the model's chat template,
+//! answered whole or as `chat.completion.chunk`s.
+//!
+//! Chunk order per request, as vLLM sends it: for each choice a first chunk with the role and
+//! empty content; token chunks with `delta.content`; a last chunk per choice with
+//! `finish_reason` and `stop_reason`; with `stream_options.include_usage`, one more chunk with
+//! `choices: []` and `usage`.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+
+use super::errors::ApiError;
+use super::generation::{
+    choice_events, clamp_logprob, finish_reason_str, stop_reason_json, submit_all, token_text,
+    unix_now, ChoiceEvent, ChoiceStream, ResponseMeta,
+};
+use super::openai_types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatLogprobEntry, ChatLogprobs, ChatTopLogprob, UsageInfo,
+};
+use super::prompt;
+use super::sse::{self, ChunkStream};
+use super::validation::{self, ValidatedParams};
+use super::{AppState, JsonBody};
+use crate::engine::TokenLogprob;
+use crate::tokenizer::{ChatTemplateOptions, Tokenizer};
+
+/// A validated, submitted chat request.
+pub struct PreparedChat {
+    meta: ResponseMeta,
+    params: ValidatedParams,
+    prompt_token_ids: Vec<u32>,
+    events: ChoiceStream,
+}
+
+impl PreparedChat {
+    pub fn stream(&self) -> bool {
+        self.params.stream
+    }
+}
+
+pub async fn handler(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, req).await?;
+    if prepared.stream() {
+        Ok(sse::respond(chunks(prepared)))
+    } else {
+        Ok(axum::Json(collect(prepared).await?).into_response())
+    }
+}
+
+/// Validates, renders, tokenizes and submits. Every refusal happens here, before a stream
+/// begins, so it gets its own status code.
+pub async fn prepare(
+    state: &AppState,
+    req: ChatCompletionRequest,
+) -> Result<PreparedChat, ApiError> {
+    let arrival = std::time::Instant::now();
+    validation::check_model(req.common.model.as_deref(), &state.model_name)?;
+    let info = &state.engine.info;
+    let params = validation::validate_chat(&req, info)?;
+    let messages = prompt::chat_messages(&req.messages)?;
+    let opts = ChatTemplateOptions {
+        add_generation_prompt: req
+            .add_generation_prompt
+            .unwrap_or(!req.continue_final_message),
+        continue_final_message: req.continue_final_message,
+        chat_template_kwargs: req.chat_template_kwargs.clone().unwrap_or_default(),
+    };
+    // The template writes the special tokens itself (vLLM's default for chat).
+    let add_special = req.common.add_special_tokens.unwrap_or(false);
+    let prompt_token_ids =
+        prompt::tokenize_chat(state.tokenizer.clone(), messages, opts, add_special).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let request = validation::build(
+        &params,
+        prompt_token_ids.clone(),
+        "messages",
+        None,
+        info,
+        id.clone(),
+        arrival,
+    )?;
+    let streams = submit_all(&state.engine, vec![request])?;
+    let events = choice_events(&state.engine, streams, params.n);
+    Ok(PreparedChat {
+        meta: ResponseMeta {
+            id,
+            created: unix_now(),
+            model: state.model_name.clone(),
+            tokenizer: state.tokenizer.clone(),
+        },
+        params,
+        prompt_token_ids,
+        events,
+    })
+}
+
+fn logprob_entries(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> Vec<ChatLogprobEntry> {
+    logprobs
+        .iter()
+        .map(|lp| {
+            let token = token_text(tokenizer, lp.token_id);
+            ChatLogprobEntry {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: clamp_logprob(lp.logprob),
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| {
+                        let token = token_text(tokenizer, id);
+                        ChatTopLogprob {
+                            bytes: token.as_bytes().to_vec(),
+                            token,
+                            logprob: clamp_logprob(logprob),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// The request's chunks, as JSON values, for SSE or WebSocket.
+pub fn chunks(p: PreparedChat) -> ChunkStream {
+    let PreparedChat {
+        meta,
+        params,
+        prompt_token_ids,
+        mut events,
+    } = p;
+    let want_logprobs = params.sampling.logprobs.is_some();
+    let chunk = move |choices: Vec<ChatChunkChoice>,
+                      usage: Option<UsageInfo>,
+                      prompt_ids: Option<Vec<u32>>| {
+        serde_json::to_value(ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: "chat.completion.chunk",
+            created: meta.created,
+            model: meta.model.clone(),
+            choices,
+            usage,
+            prompt_token_ids: prompt_ids,
+        })
+        .map_err(|e| ApiError::Internal(format!("cannot serialize a chunk: {e}")))
+    };
+    let tokenizer = meta.tokenizer.clone();
+    Box::pin(async_stream::stream! {
+        for index in 0..params.n {
+            let prompt_ids = (index == 0 && params.return_token_ids).then(|| prompt_token_ids.clone());
+            yield chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                    logprobs: None,
+                    finish_reason: None,
+                    stop_reason: None,
+                    token_ids: None,
+                }],
+                None,
+                prompt_ids,
+            );
+        }
+        while let Some(ev) = events.next().await {
+            match ev {
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+                Ok(ChoiceEvent::Token { choice, text, token_ids, logprobs }) => {
+                    // Text held back (a partial character or stop string) sends nothing,
+                    // unless the client wants every token's ids or logprobs.
+                    if text.is_empty() && !want_logprobs && !params.return_token_ids {
+                        continue;
+                    }
+                    let logprobs = want_logprobs.then(|| ChatLogprobs {
+                        content: logprob_entries(&tokenizer, &logprobs),
+                    });
+                    yield chunk(
+                        vec![ChatChunkChoice {
+                            index: choice,
+                            delta: ChatDelta { role: None, content: Some(text) },
+                            logprobs,
+                            finish_reason: None,
+                            stop_reason: None,
+                            token_ids: params.return_token_ids.then_some(token_ids),
+                        }],
+                        None,
+                        None,
+                    );
+                }
+                Ok(ChoiceEvent::Finished { choice, reason, stop_reason }) => {
+                    yield chunk(
+                        vec![ChatChunkChoice {
+                            index: choice,
+                            delta: ChatDelta { role: None, content: Some(String::new()) },
+                            logprobs: None,
+                            finish_reason: Some(finish_reason_str(reason)),
+                            stop_reason: Some(stop_reason_json(&stop_reason)),
+                            token_ids: None,
+                        }],
+                        None,
+                        None,
+                    );
+                }
+                Ok(ChoiceEvent::Done(u)) => {
+                    if params.include_usage {
+                        let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
+                        yield chunk(Vec::new(), Some(usage), None);
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Per-choice state of a non-streaming response.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<ChatLogprobEntry>,
+    finish_reason: Option<&'static str>,
+    stop_reason: serde_json::Value,
+}
+
+/// The whole response, once every choice has finished.
+pub async fn collect(p: PreparedChat) -> Result<ChatCompletionResponse, ApiError> {
+    let PreparedChat {
+        meta,
+        params,
+        prompt_token_ids,
+        mut events,
+    } = p;
+    let mut acc: Vec<ChoiceAcc> = (0..params.n).map(|_| ChoiceAcc::default()).collect();
+    let mut usage = None;
+    while let Some(ev) = events.next().await {
+        match ev? {
+            ChoiceEvent::Token {
+                choice,
+                text,
+                token_ids,
+                logprobs,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.text.push_str(&text);
+                    a.token_ids.extend_from_slice(&token_ids);
+                    a.logprobs
+                        .extend(logprob_entries(&meta.tokenizer, &logprobs));
+                }
+            }
+            ChoiceEvent::Finished {
+                choice,
+                reason,
+                stop_reason,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.finish_reason = Some(finish_reason_str(reason));
+                    a.stop_reason = stop_reason_json(&stop_reason);
+                }
+            }
+            ChoiceEvent::Done(u) => {
+                usage = Some(UsageInfo::new(
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.cached_tokens,
+                ));
+                break;
+            }
+        }
+    }
+    let usage =
+        usage.ok_or_else(|| ApiError::Internal("the request ended without usage".into()))?;
+    let want_logprobs = params.sampling.logprobs.is_some();
+    Ok(ChatCompletionResponse {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        choices: acc
+            .into_iter()
+            .enumerate()
+            .map(|(index, a)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: a.text,
+                },
+                logprobs: want_logprobs.then_some(ChatLogprobs {
+                    content: a.logprobs,
+                }),
+                finish_reason: a.finish_reason,
+                stop_reason: a.stop_reason,
+                token_ids: params.return_token_ids.then_some(a.token_ids),
+            })
+            .collect(),
+        usage,
+        prompt_token_ids: params.return_token_ids.then_some(prompt_token_ids),
+    })
+}

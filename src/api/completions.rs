@@ -1,0 +1,365 @@
+//! `POST /v1/completions`: raw prompts (text, texts, token ids), answered whole or as
+//! `text_completion` chunks.
+//!
+//! Several prompts are several engine requests; choice `i` of prompt `p` has index
+//! `p * n + i`. With `echo` the prompt text comes first in each choice (and its tokens, with
+//! null logprobs, in `logprobs`: the engine does not compute prompt logprobs).
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+
+use super::errors::ApiError;
+use super::generation::{
+    choice_events, clamp_logprob, finish_reason_str, stop_reason_json, submit_all, token_text,
+    unix_now, ChoiceEvent, ChoiceStream, ResponseMeta,
+};
+use super::openai_types::{
+    CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, UsageInfo,
+};
+use super::prompt;
+use super::sse::{self, ChunkStream};
+use super::validation::{self, ValidatedParams, COMPLETIONS_DEFAULT_MAX_TOKENS};
+use super::{AppState, JsonBody};
+use crate::engine::TokenLogprob;
+use crate::tokenizer::Tokenizer;
+
+/// A validated, submitted completions request.
+pub struct PreparedCompletion {
+    meta: ResponseMeta,
+    params: ValidatedParams,
+    echo: bool,
+    /// Token ids of each prompt.
+    prompts: Vec<Vec<u32>>,
+    events: ChoiceStream,
+}
+
+impl PreparedCompletion {
+    pub fn stream(&self) -> bool {
+        self.params.stream
+    }
+
+    fn num_choices(&self) -> usize {
+        self.prompts.len() * self.params.n
+    }
+}
+
+pub async fn handler(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(&state, req).await?;
+    if prepared.stream() {
+        Ok(sse::respond(chunks(prepared)))
+    } else {
+        Ok(axum::Json(collect(prepared).await?).into_response())
+    }
+}
+
+pub async fn prepare(
+    state: &AppState,
+    req: CompletionRequest,
+) -> Result<PreparedCompletion, ApiError> {
+    let arrival = std::time::Instant::now();
+    validation::check_model(req.common.model.as_deref(), &state.model_name)?;
+    let info = &state.engine.info;
+    let params = validation::validate_completion(&req, info)?;
+    let add_special = req.common.add_special_tokens.unwrap_or(true);
+    let prompts =
+        prompt::tokenize_prompts(state.tokenizer.clone(), req.prompt, add_special).await?;
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
+    }
+    if prompts.len() * params.n > validation::MAX_N as usize {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "prompts x n must be at most {}, got {}",
+                validation::MAX_N,
+                prompts.len() * params.n
+            ),
+        ));
+    }
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            validation::build(
+                &params,
+                ids.clone(),
+                "prompt",
+                Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+                info,
+                format!("{id}-{i}"),
+                arrival,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let streams = submit_all(&state.engine, requests)?;
+    let events = choice_events(&state.engine, streams, params.n);
+    Ok(PreparedCompletion {
+        meta: ResponseMeta {
+            id,
+            created: unix_now(),
+            model: state.model_name.clone(),
+            tokenizer: state.tokenizer.clone(),
+        },
+        params,
+        echo: req.echo,
+        prompts,
+        events,
+    })
+}
+
+/// Builds the legacy logprobs lists, keeping each choice's running text offset.
+fn append_logprobs(
+    tokenizer: &Tokenizer,
+    out: &mut CompletionLogprobs,
+    offset: &mut usize,
+    logprobs: &[TokenLogprob],
+) {
+    for lp in logprobs {
+        let token = token_text(tokenizer, lp.token_id);
+        let mut top = Map::new();
+        top.insert(token.clone(), Value::from(clamp_logprob(lp.logprob)));
+        for &(id, logprob) in &lp.top {
+            top.entry(token_text(tokenizer, id))
+                .or_insert_with(|| Value::from(clamp_logprob(logprob)));
+        }
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        out.tokens.push(token);
+        out.token_logprobs.push(Some(clamp_logprob(lp.logprob)));
+        out.top_logprobs.push(Some(top));
+    }
+}
+
+/// The prompt's tokens in `logprobs` (echo): their logprobs are not computed, so null.
+fn append_prompt_tokens(
+    tokenizer: &Tokenizer,
+    out: &mut CompletionLogprobs,
+    offset: &mut usize,
+    ids: &[u32],
+) {
+    for &id in ids {
+        let token = token_text(tokenizer, id);
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        out.tokens.push(token);
+        out.token_logprobs.push(None);
+        out.top_logprobs.push(None);
+    }
+}
+
+fn prompt_text(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String, ApiError> {
+    Ok(tokenizer.decode(ids, false)?)
+}
+
+pub fn chunks(p: PreparedCompletion) -> ChunkStream {
+    let num_choices = p.num_choices();
+    let PreparedCompletion {
+        meta,
+        params,
+        echo,
+        prompts,
+        mut events,
+    } = p;
+    let n = params.n;
+    let want_logprobs = params.sampling.logprobs.is_some();
+    let tokenizer = meta.tokenizer.clone();
+    let (id, created, model) = (meta.id, meta.created, meta.model);
+    let chunk = move |choices: Vec<CompletionChunkChoice>, usage: Option<UsageInfo>| {
+        serde_json::to_value(CompletionChunk {
+            id: id.clone(),
+            object: "text_completion",
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        })
+        .map_err(|e| ApiError::Internal(format!("cannot serialize a chunk: {e}")))
+    };
+    Box::pin(async_stream::stream! {
+        let mut offsets = vec![0usize; num_choices];
+        let mut sent_first = vec![false; num_choices];
+        if echo {
+            for choice in 0..num_choices {
+                let ids = &prompts[choice / n];
+                let text = match prompt_text(&tokenizer, ids) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                let logprobs = want_logprobs.then(|| {
+                    let mut lp = CompletionLogprobs::default();
+                    append_prompt_tokens(&tokenizer, &mut lp, &mut offsets[choice], ids);
+                    lp
+                });
+                sent_first[choice] = true;
+                yield chunk(vec![CompletionChunkChoice {
+                    index: choice,
+                    text,
+                    logprobs,
+                    finish_reason: None,
+                    stop_reason: None,
+                    token_ids: None,
+                    prompt_token_ids: params.return_token_ids.then(|| ids.clone()),
+                }], None);
+            }
+        }
+        while let Some(ev) = events.next().await {
+            match ev {
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+                Ok(ChoiceEvent::Token { choice, text, token_ids, logprobs }) => {
+                    if choice >= num_choices {
+                        continue;
+                    }
+                    if text.is_empty() && !want_logprobs && !params.return_token_ids {
+                        continue;
+                    }
+                    let lp = want_logprobs.then(|| {
+                        let mut lp = CompletionLogprobs::default();
+                        append_logprobs(&tokenizer, &mut lp, &mut offsets[choice], &logprobs);
+                        lp
+                    });
+                    let first = !std::mem::replace(&mut sent_first[choice], true);
+                    yield chunk(vec![CompletionChunkChoice {
+                        index: choice,
+                        text,
+                        logprobs: lp,
+                        finish_reason: None,
+                        stop_reason: None,
+                        token_ids: params.return_token_ids.then_some(token_ids),
+                        prompt_token_ids: (first && params.return_token_ids)
+                            .then(|| prompts[choice / n].clone()),
+                    }], None);
+                }
+                Ok(ChoiceEvent::Finished { choice, reason, stop_reason }) => {
+                    yield chunk(vec![CompletionChunkChoice {
+                        index: choice,
+                        text: String::new(),
+                        logprobs: None,
+                        finish_reason: Some(finish_reason_str(reason)),
+                        stop_reason: Some(stop_reason_json(&stop_reason)),
+                        token_ids: None,
+                        prompt_token_ids: None,
+                    }], None);
+                }
+                Ok(ChoiceEvent::Done(u)) => {
+                    if params.include_usage {
+                        yield chunk(Vec::new(), Some(UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)));
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
+struct ChoiceAcc {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: CompletionLogprobs,
+    offset: usize,
+    finish_reason: Option<&'static str>,
+    stop_reason: Value,
+}
+
+pub async fn collect(p: PreparedCompletion) -> Result<CompletionResponse, ApiError> {
+    let num_choices = p.num_choices();
+    let PreparedCompletion {
+        meta,
+        params,
+        echo,
+        prompts,
+        mut events,
+    } = p;
+    let n = params.n;
+    let tok = &meta.tokenizer;
+    let mut acc = Vec::with_capacity(num_choices);
+    for choice in 0..num_choices {
+        let ids = &prompts[choice / n];
+        let mut a = ChoiceAcc {
+            text: String::new(),
+            token_ids: Vec::new(),
+            logprobs: CompletionLogprobs::default(),
+            offset: 0,
+            finish_reason: None,
+            stop_reason: Value::Null,
+        };
+        if echo {
+            a.text = prompt_text(tok, ids)?;
+            append_prompt_tokens(tok, &mut a.logprobs, &mut a.offset, ids);
+        }
+        acc.push(a);
+    }
+    let mut usage = None;
+    while let Some(ev) = events.next().await {
+        match ev? {
+            ChoiceEvent::Token {
+                choice,
+                text,
+                token_ids,
+                logprobs,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.text.push_str(&text);
+                    a.token_ids.extend_from_slice(&token_ids);
+                    append_logprobs(tok, &mut a.logprobs, &mut a.offset, &logprobs);
+                }
+            }
+            ChoiceEvent::Finished {
+                choice,
+                reason,
+                stop_reason,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.finish_reason = Some(finish_reason_str(reason));
+                    a.stop_reason = stop_reason_json(&stop_reason);
+                }
+            }
+            ChoiceEvent::Done(u) => {
+                usage = Some(UsageInfo::new(
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.cached_tokens,
+                ));
+                break;
+            }
+        }
+    }
+    let usage =
+        usage.ok_or_else(|| ApiError::Internal("the request ended without usage".into()))?;
+    let want_logprobs = params.sampling.logprobs.is_some();
+    Ok(CompletionResponse {
+        id: meta.id,
+        object: "text_completion",
+        created: meta.created,
+        model: meta.model,
+        choices: acc
+            .into_iter()
+            .enumerate()
+            .map(|(index, a)| CompletionChoice {
+                index,
+                text: a.text,
+                logprobs: want_logprobs.then_some(a.logprobs),
+                finish_reason: a.finish_reason,
+                stop_reason: a.stop_reason,
+                token_ids: params.return_token_ids.then_some(a.token_ids),
+                prompt_token_ids: params.return_token_ids.then(|| prompts[index / n].clone()),
+            })
+            .collect(),
+        usage,
+    })
+}

@@ -1,0 +1,216 @@
+//! `ApiError`: every way a request can fail at the API, mapped once to an HTTP status and the
+//! OpenAI error body `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Invariant: a 5xx is only ever the engine's or the server's own failure (`Internal`,
+//! `Unavailable`); everything a client sent that cannot be served is a 4xx naming the field.
+//! An error after a stream began is sent in-band with the same object (`in_stream_json`).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::engine::{EngineErrorKind, SubmitError};
+use crate::tokenizer::TokenizerError;
+
+/// Seconds a client should wait after a 429 before retrying.
+const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A value the client sent is invalid; `param` names the field.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("unsupported content type `{0}`: send `application/json`")]
+    UnsupportedMediaType(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Overloaded(SubmitError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The OpenAI error object.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    error: ErrorObject,
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn object(&self) -> ErrorObject {
+        let (kind, code, param) = match self {
+            Self::InvalidRequest { param, .. } => ("invalid_request_error", None, param.clone()),
+            Self::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model".to_string()),
+            ),
+            Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key"), None),
+            Self::PayloadTooLarge { .. } => {
+                ("invalid_request_error", Some("request_too_large"), None)
+            }
+            Self::UnsupportedMediaType(_) => (
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+            ),
+            Self::NotFound(_) => ("invalid_request_error", Some("not_found"), None),
+            Self::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed"), None),
+            Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
+            Self::Unavailable(_) => ("service_unavailable", Some("service_unavailable"), None),
+            Self::Internal(_) => ("server_error", Some("internal_error"), None),
+        };
+        ErrorObject {
+            message: self.to_string(),
+            kind,
+            param,
+            code,
+        }
+    }
+
+    /// The `{"error": {...}}` value sent in-band once a stream has begun.
+    pub fn in_stream_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.object() })
+    }
+
+    /// An engine error event turned into an API error.
+    pub fn from_engine(kind: EngineErrorKind, message: String) -> Self {
+        match kind {
+            EngineErrorKind::InvalidRequest => Self::InvalidRequest {
+                message,
+                param: None,
+            },
+            EngineErrorKind::Unavailable => Self::Unavailable(message),
+            EngineErrorKind::Internal => Self::Internal(message),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Overloaded { .. } => Self::Overloaded(e),
+            SubmitError::Stopped => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<TokenizerError> for ApiError {
+    fn from(e: TokenizerError) -> Self {
+        match e {
+            // A template that refuses the conversation (`raise_exception`) is the client's.
+            TokenizerError::Template(message) => Self::InvalidRequest {
+                message,
+                param: Some("messages".into()),
+            },
+            TokenizerError::IdOutOfRange { .. } => Self::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
+            TokenizerError::Encode(_) | TokenizerError::Decode(_) => Self::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "request failed: {self}");
+        }
+        let body = ErrorBody {
+            error: self.object(),
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self, Self::Overloaded(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overloaded_is_429_with_retry_after() {
+        let e: ApiError = SubmitError::Overloaded {
+            waiting: 3,
+            limit: 3,
+        }
+        .into();
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn invalid_names_the_param() {
+        let e = ApiError::invalid("top_p", "top_p must be in (0, 1], got 2");
+        let obj = e.object();
+        assert_eq!(obj.param.as_deref(), Some("top_p"));
+        assert_eq!(obj.kind, "invalid_request_error");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn engine_invalid_request_is_a_400_not_a_500() {
+        let e = ApiError::from_engine(EngineErrorKind::InvalidRequest, "too long".into());
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let v = e.in_stream_json();
+        assert_eq!(v["error"]["message"], "too long");
+    }
+}

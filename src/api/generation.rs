@@ -1,0 +1,163 @@
+//! Submitting validated requests and reading their events as one stream of choices.
+//!
+//! A completions request with several prompts becomes one engine request per prompt; their
+//! events are merged here and tagged with the choice index OpenAI expects
+//! (`prompt_index * n + sequence_index`). Invariants: the merged stream ends after every
+//! engine request's `Done` (usage summed) or at the first `Error`; dropping it drops every
+//! `RequestStream`, which aborts whatever is still running in the engine.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+
+use super::errors::ApiError;
+use crate::engine::{
+    EngineHandle, FinishReason, GenerateRequest, RequestStream, StopReason, StreamEvent,
+    TokenLogprob, Usage,
+};
+use crate::tokenizer::Tokenizer;
+
+/// One event of one choice.
+#[derive(Debug, Clone)]
+pub enum ChoiceEvent {
+    Token {
+        choice: usize,
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        stop_reason: Option<StopReason>,
+    },
+    /// Every choice has finished.
+    Done(Usage),
+}
+
+pub type ChoiceStream = Pin<Box<dyn Stream<Item = Result<ChoiceEvent, ApiError>> + Send>>;
+
+/// Submits every request, or none: when one is refused, the ones already queued are dropped
+/// (and so aborted) and the refusal is the answer.
+pub fn submit_all(
+    engine: &EngineHandle,
+    requests: Vec<GenerateRequest>,
+) -> Result<Vec<RequestStream>, ApiError> {
+    requests
+        .into_iter()
+        .map(|r| engine.submit(r).map_err(ApiError::from))
+        .collect()
+}
+
+/// Merges the requests' events into one stream of choice events.
+pub fn choice_events(engine: &EngineHandle, streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
+    let num_requests = streams.len();
+    let metrics = engine.metrics.clone();
+    let tagged = streams.into_iter().enumerate().map(|(prompt_index, rs)| {
+        futures::stream::unfold(rs, |mut rs| async move {
+            let ev = rs.next().await?;
+            Some((ev, rs))
+        })
+        .map(move |ev| (prompt_index, ev))
+        .boxed()
+    });
+    let mut merged = futures::stream::select_all(tagged);
+    Box::pin(async_stream::stream! {
+        let mut usage = Usage::default();
+        let mut num_done = 0;
+        while let Some((prompt_index, ev)) = merged.next().await {
+            let base = prompt_index * n;
+            match ev {
+                StreamEvent::Token { index, text, token_ids, logprobs } => {
+                    yield Ok(ChoiceEvent::Token { choice: base + index, text, token_ids, logprobs });
+                }
+                StreamEvent::SeqFinished { index, reason, stop_reason } => {
+                    count_finished(&metrics, reason);
+                    yield Ok(ChoiceEvent::Finished { choice: base + index, reason, stop_reason });
+                }
+                StreamEvent::Done { usage: u } => {
+                    usage.prompt_tokens += u.prompt_tokens;
+                    usage.completion_tokens += u.completion_tokens;
+                    usage.cached_tokens += u.cached_tokens;
+                    num_done += 1;
+                    if num_done == num_requests {
+                        yield Ok(ChoiceEvent::Done(usage));
+                        return;
+                    }
+                }
+                StreamEvent::Error { kind, message } => {
+                    yield Err(ApiError::from_engine(kind, message));
+                    return;
+                }
+            }
+        }
+        // Every engine stream ends with a terminal event, so this is not reached; if it were,
+        // the client still gets an error rather than a silent end.
+        yield Err(ApiError::Internal("the request ended without a result".into()));
+    })
+}
+
+/// `sluice:request_success_total{finished_reason}` for sequences that ended normally.
+///
+/// The engine counts only aborts under this name today; until it counts `stop` and `length`
+/// itself, the API does, per sequence (vLLM V1 counts each of the `n` sequences).
+fn count_finished(metrics: &crate::engine::metrics::EngineMetrics, reason: FinishReason) {
+    let label = match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // Counted by the engine.
+        FinishReason::Abort => return,
+    };
+    metrics
+        .request_success_total
+        .with_label_values(&[label])
+        .inc();
+}
+
+pub fn finish_reason_str(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+/// vLLM's `stop_reason`: the stop token id, the stop string, or null.
+pub fn stop_reason_json(stop: &Option<StopReason>) -> serde_json::Value {
+    match stop {
+        None => serde_json::Value::Null,
+        Some(StopReason::Token(id)) => serde_json::Value::from(*id),
+        Some(StopReason::Text(s)) => serde_json::Value::from(s.clone()),
+    }
+}
+
+/// A token's text as logprobs show it (special tokens included, broken UTF-8 replaced).
+pub fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// JSON has no -inf: clamp as vLLM does.
+pub fn clamp_logprob(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+/// Unix seconds, for `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What every response of one request shares.
+#[derive(Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub tokenizer: Arc<Tokenizer>,
+}

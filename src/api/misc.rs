@@ -1,0 +1,127 @@
+//! The small endpoints: `/v1/models`, `/tokenize`, `/detokenize` (vLLM's shapes), `/health`
+//! and `/metrics`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::errors::ApiError;
+use super::generation::token_text;
+use super::openai_types::{
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+};
+use super::{prompt, validation};
+use super::{AppState, JsonBody};
+use crate::tokenizer::ChatTemplateOptions;
+
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "sluice",
+            root: state.model_name.clone(),
+            parent: None,
+            max_model_len: state.engine.info.max_model_len,
+        }],
+    })
+}
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    validation::check_model(req.model.as_deref(), &state.model_name)?;
+    let tokenizer = state.tokenizer.clone();
+    let tokens = match (req.prompt, req.messages) {
+        (Some(prompt), None) => {
+            let add_special = req.add_special_tokens.unwrap_or(true);
+            let tok = tokenizer.clone();
+            prompt::blocking(move || Ok(tok.encode(&prompt, add_special)?)).await?
+        }
+        (None, Some(messages)) => {
+            let messages = prompt::chat_messages(&messages)?;
+            let opts = ChatTemplateOptions {
+                add_generation_prompt: req
+                    .add_generation_prompt
+                    .unwrap_or(!req.continue_final_message),
+                continue_final_message: req.continue_final_message,
+                chat_template_kwargs: req.chat_template_kwargs.unwrap_or_default(),
+            };
+            let add_special = req.add_special_tokens.unwrap_or(false);
+            prompt::tokenize_chat(tokenizer.clone(), messages, opts, add_special).await?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "send exactly one of `prompt` and `messages`",
+            ))
+        }
+    };
+    let token_strs = req.return_token_strs.then(|| {
+        tokens
+            .iter()
+            .map(|&id| token_text(&tokenizer, id))
+            .collect()
+    });
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.engine.info.max_model_len,
+        tokens,
+        token_strs,
+    }))
+}
+
+pub async fn detokenize(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<DetokenizeRequest>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    validation::check_model(req.model.as_deref(), &state.model_name)?;
+    let vocab_size = state.tokenizer.vocab_size();
+    let ids = req
+        .tokens
+        .iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "tokens",
+                        format!(
+                            "tokens: token id {id} is out of range (the vocabulary has {vocab_size} tokens)"
+                        ),
+                    )
+                })
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let tokenizer = state.tokenizer.clone();
+    let prompt = prompt::blocking(move || Ok(tokenizer.decode(&ids, false)?)).await?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
+
+/// 200 while the engine loop is alive and the server is not draining, 503 otherwise.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let draining = state.shutting_down.load(Ordering::Acquire);
+    if !draining && state.engine.is_healthy(state.config.health_max_silence) {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::Unavailable("the engine is not running".into()).into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.engine.metrics.render(),
+    )
+        .into_response()
+}

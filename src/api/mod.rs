@@ -1,0 +1,306 @@
+//! The OpenAI-compatible HTTP server: routes, shared state, body extraction and the API key.
+//!
+//! ```text
+//! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
+//! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
+//! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
+//! GET  /health, /metrics                       never behind the API key
+//! ```
+//! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
+//! methods included); a request is validated and submitted before any byte of a stream is
+//! sent, so refusals get their status code; the API holds no serving state, only the
+//! `EngineHandle`.
+
+pub mod chat;
+pub mod completions;
+pub mod errors;
+pub mod generation;
+pub mod misc;
+pub mod openai_types;
+pub mod prompt;
+pub mod sse;
+pub mod validation;
+pub mod websocket;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderMap, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+
+pub use errors::ApiError;
+
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+
+/// How the server behaves, from `sluice serve`'s flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Required as `Authorization: Bearer <key>` on everything but `/health` and `/metrics`.
+    pub api_key: Option<String>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// `/health` answers 503 when the engine loop made no progress for this long.
+    pub health_max_silence: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            max_body_bytes: 4 << 20,
+            health_max_silence: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name clients use in `model` (`--served-model-name`).
+    pub model_name: String,
+    /// Unix seconds when the server started (`/v1/models`' `created`).
+    pub created: u64,
+    pub config: Arc<ServerConfig>,
+    /// Set when shutdown began: new generation requests get 503, `/health` too.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        model_name: String,
+        config: ServerConfig,
+    ) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            model_name,
+            created: generation::unix_now(),
+            config: Arc::new(config),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Refuses new work while draining.
+    pub fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable("the server is shutting down".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(chat::handler))
+        .route("/v1/completions", post(completions::handler))
+        .route("/v1/models", get(misc::models))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .route("/v1/ws", get(websocket::handler))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(misc::health))
+        .route("/metrics", get(misc::metrics))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_string())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Compares in time independent of where the strings differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn require_api_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(key) = &state.config.api_key {
+        match bearer(request.headers()) {
+            Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => {}
+            Some(_) => return Err(ApiError::Unauthorized("Incorrect API key provided.".into())),
+            None => {
+                return Err(ApiError::Unauthorized(
+                    "Missing API key: send `Authorization: Bearer <key>`.".into(),
+                ))
+            }
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// A JSON body: content type checked (415), size bounded (413), malformed JSON and wrong
+/// types refused with a 400 that names the field.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        state.check_accepting()?;
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_string();
+            if !is_json(&ct) {
+                return Err(ApiError::UnsupportedMediaType(ct));
+            }
+        }
+        let limit = state.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let mut body = req.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.next().await {
+            let frame = frame.map_err(|e| ApiError::InvalidRequest {
+                message: format!("cannot read the request body: {e}"),
+                param: None,
+            })?;
+            if bytes.len() + frame.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            bytes.extend_from_slice(&frame);
+        }
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// `application/json`, with parameters, or any `+json` type.
+fn is_json(content_type: &str) -> bool {
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Parses a body, naming the field whose value has the wrong type.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidRequest {
+            message: format!("malformed JSON: {e}"),
+            param: None,
+        })?;
+    from_value(value)
+}
+
+/// Deserializes a request, naming the field whose value has the wrong type.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    match serde_path_to_error::deserialize::<_, T>(&value) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let err = path_error(e);
+            // serde loses the path inside `#[serde(flatten)]` fields: the shared sampling
+            // fields are tried alone to find which one it was.
+            if err.object().param.is_none() {
+                if let Err(e) =
+                    serde_path_to_error::deserialize::<_, openai_types::CommonParams>(&value)
+                {
+                    let named = path_error(e);
+                    if named.object().param.is_some() {
+                        return Err(named);
+                    }
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let param = (!path.is_empty() && path != "." && path != "?").then_some(path);
+    let message = match &param {
+        Some(p) => format!("invalid value for `{p}`: {inner}"),
+        None => format!("invalid request: {inner}"),
+    };
+    ApiError::InvalidRequest { message, param }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/vnd.api+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json("application/x-www-form-urlencoded"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = parse_json::<openai_types::ChatCompletionRequest>(
+            br#"{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.object().param.as_deref(), Some("temperature"), "{e}");
+        let e =
+            parse_json::<openai_types::ChatCompletionRequest>(br#"{"messages": 5}"#).unwrap_err();
+        assert_eq!(e.object().param.as_deref(), Some("messages"), "{e}");
+        let e =
+            parse_json::<openai_types::ChatCompletionRequest>(br#"{"messages": [}"#).unwrap_err();
+        assert!(e.to_string().starts_with("malformed JSON"), "{e}");
+        let e = parse_json::<openai_types::CompletionRequest>(br#"{"max_tokens": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("prompt"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let r = parse_json::<openai_types::CompletionRequest>(
+            br#"{"prompt": "x", "no_such_field": {"a": 1}, "best_of": 1}"#,
+        );
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,133 @@
+//! `sluice serve`: load the model, start the engine, serve the OpenAI-compatible API until
+//! SIGINT or SIGTERM.
+//!
+//! Start-up prints exactly one line on stdout, `sluice listening on http://ADDR:PORT`, once
+//! the socket is bound and the engine runs (tests and scripts wait for it). Shutdown: stop
+//! accepting, refuse new requests with 503, let in-flight ones finish until
+//! `--shutdown-timeout` (then the engine ends them with an error), exit 0.
+
+use std::future::IntoFuture;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::engine_args::EngineArgs;
+use super::model_args::ModelArgs;
+use crate::api::{self, AppState, ServerConfig};
+
+/// Extra time, past the shutdown timeout, for responses to reach their clients.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (the printed address tells which).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients use (default: the model file's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` (except on /health and /metrics).
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
+        anyhow::bail!("--shutdown-timeout must be a number of seconds, at least 0");
+    }
+    let loaded = args.model.load()?;
+    let engine_config = args.engine.engine_config(&loaded.model.config)?;
+    let name = args.served_model_name.clone().unwrap_or(loaded.name);
+    let tokenizer = loaded.tokenizer;
+    let engine = crate::engine::spawn(loaded.model, tokenizer.clone(), engine_config)?;
+    let state = AppState::new(
+        engine,
+        tokenizer,
+        name,
+        ServerConfig {
+            api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            max_body_bytes: args.max_body_bytes,
+            ..ServerConfig::default()
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice-api")
+        .build()
+        .context("starting the async runtime")?;
+    let timeout = Duration::from_secs_f64(args.shutdown_timeout);
+    let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
+    // Tasks still open (WebSockets past the deadline) are dropped, not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("binding {host}:{port}"))?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "sluice listening on http://{addr}")?;
+        out.flush()?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = api::router(state.clone());
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    let signal = wait_for_signal().await?;
+    tracing::info!(
+        "{signal}: shutting down, in-flight requests have {:.0?} to finish",
+        timeout
+    );
+    state
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::Release);
+    state.engine.shutdown(Instant::now() + timeout);
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(timeout + SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("server error during shutdown: {e}"),
+        Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
+        Err(_) => tracing::warn!("connections still open after the shutdown timeout; closing"),
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("installing the Ctrl-C handler")?;
+    Ok("Ctrl-C")
+}

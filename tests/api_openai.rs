@@ -1,0 +1,100 @@
+//! `sluice serve` driven by the official `openai` Python package (tests/python/), and the
+//! server's greedy chat output held against `sluice generate`'s for the chat fixtures.
+
+mod api_support;
+
+use std::process::Command;
+
+use api_support::{post, Server, API_KEY};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Fixture {
+    name: String,
+    chat: bool,
+    #[serde(default)]
+    messages: Vec<serde_json::Value>,
+}
+
+/// Tokens compared per fixture (the model is slow on the CPU in debug builds).
+const GREEDY_TOKENS: usize = 8;
+
+#[derive(Debug, Deserialize)]
+struct GenerateOutput {
+    ids: Vec<u32>,
+    text: String,
+}
+
+fn generate(prompt: &str) -> GenerateOutput {
+    let model = sluice::model::fetch::default_model_path().expect("the default model");
+    let out = Command::new(api_support::sluice_bin())
+        .args(["generate", "--chat", "--json", "--threads", "2"])
+        .args(["--max-tokens", &GREEDY_TOKENS.to_string()])
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt", prompt])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running sluice generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("generate --json output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_and_greedy_chat_match_generate() {
+    let server = Server::start(&["--api-key", API_KEY]);
+    let out = tokio::task::spawn_blocking({
+        let url = server.url.clone();
+        move || api_support::run_python("openai_checks.py", &url, &[])
+    })
+    .await
+    .expect("python task");
+    assert!(out.contains("all checks passed"), "{out}");
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/greedy.jsonl");
+    let fixtures: Vec<Fixture> = std::fs::read_to_string(path)
+        .expect("greedy.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a fixture"))
+        .filter(|f: &Fixture| f.chat)
+        .collect();
+    assert!(fixtures.len() >= 5, "chat fixtures: {}", fixtures.len());
+    // All requests at once: batched serving must give what one sequence alone gives.
+    let url = format!("{}/v1/chat/completions", server.url);
+    let requests = fixtures.iter().map(|f| {
+        let body = serde_json::json!({
+            "model": "smol", "messages": f.messages, "max_tokens": GREEDY_TOKENS,
+            "temperature": 0, "return_token_ids": true,
+        });
+        let req = post(&url, &body);
+        async move {
+            let resp = req.send().await.expect("chat request");
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.expect("chat JSON")
+        }
+    });
+    let responses = futures::future::join_all(requests).await;
+    for (f, resp) in fixtures.iter().zip(responses) {
+        let content = f.messages[0]["content"].as_str().expect("a user message");
+        let expected = tokio::task::spawn_blocking({
+            let content = content.to_string();
+            move || generate(&content)
+        })
+        .await
+        .expect("generate task");
+        let choice = &resp["choices"][0];
+        let ids: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).expect("token_ids");
+        assert_eq!(ids, expected.ids, "{}: token ids", f.name);
+        assert_eq!(
+            choice["message"]["content"].as_str(),
+            Some(expected.text.as_str()),
+            "{}: text",
+            f.name
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Shared by the `api_*` integration tests: a `sluice serve` child process on an ephemeral
+//! port (killed on drop), the Python virtual environment with the official `openai` package,
+//! and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `openai` package the Python tests run against.
+pub const OPENAI_VERSION: &str = "3.22.1";
+pub const API_KEY: &str = "test-key-123";
+
+/// The `sluice` binary under test: `$SLUICE_BIN` when set (e.g. a release build, or a copy
+/// kept apart from a target directory that others build into), else Cargo's.
+pub fn sluice_bin() -> PathBuf {
+    std::env::var_os("SLUICE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")))
+}
+
+/// A running `sluice serve`; killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub model: String,
+}
+
+impl Server {
+    /// Starts the server with the default model on 127.0.0.1, port 0, small KV cache and
+    /// context, plus `extra` flags; waits for the "listening" line.
+    pub fn start(extra: &[&str]) -> Server {
+        let model = sluice::model::fetch::default_model_path().expect("the default model");
+        let mut cmd = Command::new(sluice_bin());
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--threads", "2", "--kv-cache-memory", "134217728"])
+            .args(["--max-model-len", "1024", "--served-model-name", "smol"])
+            .arg("--model")
+            .arg(&model)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawning sluice serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("sluice listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let mut server = Server {
+            child: Some(child),
+            url: String::new(),
+            model: "smol".into(),
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => server.url = url,
+            Err(_) => panic!("sluice serve did not print its address within 120 s"),
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
+    /// Waits (at most `within`) for the server to exit, and returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("a running server");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the server") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "the server did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    sluice::model::fetch::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
+}
+
+/// The Python interpreter of `<cache>/test-venv`, created once with the pinned `openai`.
+/// Concurrent creators each build a temporary venv and rename it into place; the loser
+/// removes its own.
+pub fn venv_python() -> PathBuf {
+    let venv = cache_dir().join("test-venv");
+    let marker = venv.join(format!(".openai-{OPENAI_VERSION}"));
+    let python = venv.join("bin").join("python");
+    if marker.exists() && python.exists() {
+        return python;
+    }
+    let tmp = cache_dir().join(format!("test-venv.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(cache_dir()).expect("creating the cache directory");
+    run_ok(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
+    run_ok(
+        Command::new(tmp.join("bin").join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!("openai=={OPENAI_VERSION}")),
+    );
+    std::fs::write(tmp.join(format!(".openai-{OPENAI_VERSION}")), b"").expect("marker");
+    if venv.exists() && !marker.exists() {
+        // An older environment: replace it.
+        let _ = std::fs::remove_dir_all(&venv);
+    }
+    if std::fs::rename(&tmp, &venv).is_err() {
+        // Another test created it first.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(python.exists(), "no interpreter at {}", python.display());
+    python
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("running a set-up command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `tests/python/<script>` against the server at `url` (served as `smol`); panics with
+/// its output when it fails.
+pub fn run_python(script: &str, url: &str, env: &[(&str, &str)]) -> String {
+    let python = venv_python();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = Command::new(python)
+        .arg(&path)
+        .env("SLUICE_URL", url)
+        .env("SLUICE_MODEL", "smol")
+        .env("SLUICE_API_KEY", API_KEY)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A POST with the test API key and a JSON body.
+pub fn post(url: &str, body: &serde_json::Value) -> reqwest::RequestBuilder {
+    client()
+        .post(url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+}
+
+/// The value of an unlabelled metric (or the sum over a labelled one's matching lines).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn metrics(server: &Server) -> String {
+    client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Polls `/metrics` until `pred` holds, for at most `within`.
+pub async fn wait_for_metrics(
+    server: &Server,
+    within: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        let text = metrics(server).await;
+        if pred(&text) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            return Err(text);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
