@@ -3,8 +3,9 @@
 //!
 //! The environment: `trim_blocks` and `lstrip_blocks` on (as in `transformers`), Python string
 //! and dict methods (`.strip()`, `.items()`, ... from `minijinja-contrib`'s pycompat),
-//! `raise_exception(msg)`, `strftime_now(fmt)`, and a `tojson` that prints what Python's
-//! `json.dumps(ensure_ascii=False)` prints (`{"a": 1, "b": [1, 2]}`, optional `indent`).
+//! `raise_exception(msg)`, `strftime_now(fmt)`, and the `tojson` of `transformers`: Python's
+//! `json.dumps` (`{"a": 1, "b": [1, 2]}`, non-ASCII kept, no HTML escaping), with its
+//! `indent`, `separators`, `sort_keys` and `ensure_ascii` options.
 //!
 //! The context: `messages` (each message's `role`, `content` and its `extra` fields),
 //! `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and `documents` (none unless given),
@@ -16,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::Value;
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +81,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", super::strftime::strftime_now);
-        env.add_filter("tojson", tojson);
+        env.add_filter("tojson", tojson::tojson);
         let compile_error = env
             .add_template_owned(TEMPLATE_NAME, source.clone())
             .err()
@@ -192,135 +193,7 @@ fn raise_exception(message: String) -> Result<Value, Error> {
     ))
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`.
-fn tojson(value: &Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, Error> {
-    let indent = match kwargs.get::<Option<usize>>("indent")? {
-        Some(n) => Some(n),
-        None => indent,
-    };
-    // Accepted for compatibility; output is always unsorted and non-ASCII kept.
-    let _: Option<bool> = kwargs.get("ensure_ascii")?;
-    let _: Option<bool> = kwargs.get("sort_keys")?;
-    kwargs.assert_all_used()?;
-    let mut out = String::new();
-    write_json(&mut out, value, indent, 0)?;
-    Ok(Value::from_safe_string(out))
-}
-
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    indent: Option<usize>,
-    depth: usize,
-) -> Result<(), Error> {
-    match value.kind() {
-        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
-        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => write_number(out, value),
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default()),
-        ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, '[', ']', &items, indent, depth, |out, item, depth| {
-                write_json(out, item, indent, depth)
-            })?;
-        }
-        ValueKind::Map => {
-            let keys: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, '{', '}', &keys, indent, depth, |out, key, depth| {
-                match key.as_str() {
-                    Some(s) => write_json_string(out, s),
-                    None => write_json_string(out, &key.to_string()),
-                }
-                out.push_str(": ");
-                write_json(out, &value.get_item(key)?, indent, depth)
-            })?;
-        }
-        _ => write_json_string(out, &value.to_string()),
-    }
-    Ok(())
-}
-
-fn write_container(
-    out: &mut String,
-    open: char,
-    close: char,
-    items: &[Value],
-    indent: Option<usize>,
-    depth: usize,
-    mut write_item: impl FnMut(&mut String, &Value, usize) -> Result<(), Error>,
-) -> Result<(), Error> {
-    out.push(open);
-    if items.is_empty() {
-        out.push(close);
-        return Ok(());
-    }
-    for (i, item) in items.iter().enumerate() {
-        match indent {
-            Some(n) => {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push('\n');
-                out.extend(std::iter::repeat_n(' ', n * (depth + 1)));
-            }
-            None if i > 0 => out.push_str(", "),
-            None => {}
-        }
-        write_item(out, item, depth + 1)?;
-    }
-    if let Some(n) = indent {
-        out.push('\n');
-        out.extend(std::iter::repeat_n(' ', n * depth));
-    }
-    out.push(close);
-    Ok(())
-}
-
-fn write_number(out: &mut String, value: &Value) {
-    if value.is_integer() {
-        out.push_str(&value.to_string());
-        return;
-    }
-    let x = f64::try_from(value.clone()).unwrap_or(f64::NAN);
-    if x.is_nan() {
-        out.push_str("NaN");
-    } else if x.is_infinite() {
-        out.push_str(if x > 0.0 { "Infinity" } else { "-Infinity" });
-    } else if x != 0.0 && (x.abs() >= 1e16 || x.abs() < 1e-4) {
-        // Python's repr: 1e-05, 1.5e+16.
-        let s = format!("{x:e}");
-        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
-        let (sign, digits) = match exp.strip_prefix('-') {
-            Some(d) => ('-', d),
-            None => ('+', exp),
-        };
-        out.push_str(&format!("{mantissa}e{sign}{digits:0>2}"));
-    } else {
-        let s = format!("{x}");
-        out.push_str(&s);
-        if !s.contains('.') {
-            out.push_str(".0");
-        }
-    }
-}
-
-fn write_json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0C}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
+mod tojson;
 
 #[cfg(test)]
 mod tests;

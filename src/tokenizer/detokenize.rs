@@ -64,7 +64,7 @@ impl IncrementalDetokenizer {
         let skip = self.skip_special_tokens;
         match &mut self.state {
             State::Bytes { pending } => {
-                let table = tokenizer.byte_table().ok_or_else(|| mode_mismatch())?;
+                let table = tokenizer.byte_table().ok_or_else(mode_mismatch)?;
                 if let Some(bytes) = tokenizer.token_bytes_of(table, id, skip)? {
                     pending.extend_from_slice(bytes);
                 }

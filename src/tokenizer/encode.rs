@@ -29,7 +29,7 @@ impl AddedMatcher {
             }
         }
         for bucket in &mut by_first_byte {
-            bucket.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            bucket.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
         }
         Self { by_first_byte }
     }

@@ -93,6 +93,12 @@ fn tojson_prints_like_python_json_dumps() {
     );
     let out = render("{{ x.a[:2] | tojson(indent=2) }}", &[], &opts).unwrap();
     assert_eq!(out, "[\n  1,\n  2.5\n]");
+    let out = render("{{ x.a[:2] | tojson(4) }}", &[], &opts).unwrap();
+    assert_eq!(out, "[\n    1,\n    2.5\n]");
+    let template = "{{ x.b | tojson(ensure_ascii=true) }} {{ {'z': 1, 'a': [2]} | tojson(separators=[',', ':'], sort_keys=true) }}";
+    let out = render(template, &[], &opts).unwrap();
+    assert_eq!(out, r#""\u00e9\"\n<tag>" {"a":[2],"z":1}"#);
+    assert!(render("{{ x | tojson(bogus=1) }}", &[], &opts).is_err());
 }
 
 #[test]

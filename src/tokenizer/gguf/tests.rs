@@ -124,9 +124,11 @@ fn load_err(edit: impl FnOnce(&mut GgufFile)) -> String {
     }
 }
 
+type Edit = Box<dyn FnOnce(&mut GgufFile)>;
+
 #[test]
 fn bad_metadata_is_a_clear_error() {
-    let cases: Vec<(Box<dyn FnOnce(&mut GgufFile)>, &str)> = vec![
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|f| {
                 f.metadata.remove("tokenizer.ggml.model");
