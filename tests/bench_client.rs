@@ -297,8 +297,10 @@ async fn ws_closed_socket_fails_its_requests() {
 fn cli_run(args: &[&str]) -> anyhow::Result<()> {
     use clap::Parser;
     let cli = sluice::cli::Cli::try_parse_from(args)?;
-    let sluice::cli::Command::Bench(cmd) = cli.command;
-    sluice::bench::run(cmd)
+    match cli.command {
+        sluice::cli::Command::Bench(cmd) => sluice::bench::run(cmd),
+        other => anyhow::bail!("not a bench command: {other:?}"),
+    }
 }
 
 #[test]

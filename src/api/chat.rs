@@ -12,8 +12,8 @@ use futures::StreamExt;
 
 use super::errors::ApiError;
 use super::generation::{
-    choice_events, clamp_logprob, finish_reason_str, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceEvent, ChoiceStream, ResponseMeta,
+    choice_events, clamp_logprob, stop_reason_json, submit_all, token_text, unix_now, ChoiceEvent,
+    ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -85,7 +85,7 @@ pub async fn prepare(
         arrival,
     )?;
     let streams = submit_all(&state.engine, vec![request])?;
-    let events = choice_events(&state.engine, streams, params.n);
+    let events = choice_events(streams, params.n);
     Ok(PreparedChat {
         meta: ResponseMeta {
             id,
@@ -199,7 +199,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                             index: choice,
                             delta: ChatDelta { role: None, content: Some(String::new()) },
                             logprobs: None,
-                            finish_reason: Some(finish_reason_str(reason)),
+                            finish_reason: Some(reason.as_str()),
                             stop_reason: Some(stop_reason_json(&stop_reason)),
                             token_ids: None,
                         }],
@@ -260,7 +260,7 @@ pub async fn collect(p: PreparedChat) -> Result<ChatCompletionResponse, ApiError
                 stop_reason,
             } => {
                 if let Some(a) = acc.get_mut(choice) {
-                    a.finish_reason = Some(finish_reason_str(reason));
+                    a.finish_reason = Some(reason.as_str());
                     a.stop_reason = stop_reason_json(&stop_reason);
                 }
             }

@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 
 use super::errors::ApiError;
 use super::generation::{
-    choice_events, clamp_logprob, finish_reason_str, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceEvent, ChoiceStream, ResponseMeta,
+    choice_events, clamp_logprob, stop_reason_json, submit_all, token_text, unix_now, ChoiceEvent,
+    ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -102,7 +102,7 @@ pub async fn prepare(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let streams = submit_all(&state.engine, requests)?;
-    let events = choice_events(&state.engine, streams, params.n);
+    let events = choice_events(streams, params.n);
     Ok(PreparedCompletion {
         meta: ResponseMeta {
             id,
@@ -250,7 +250,7 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
                         index: choice,
                         text: String::new(),
                         logprobs: None,
-                        finish_reason: Some(finish_reason_str(reason)),
+                        finish_reason: Some(reason.as_str()),
                         stop_reason: Some(stop_reason_json(&stop_reason)),
                         token_ids: None,
                         prompt_token_ids: None,
@@ -325,7 +325,7 @@ pub async fn collect(p: PreparedCompletion) -> Result<CompletionResponse, ApiErr
                 stop_reason,
             } => {
                 if let Some(a) = acc.get_mut(choice) {
-                    a.finish_reason = Some(finish_reason_str(reason));
+                    a.finish_reason = Some(reason.as_str());
                     a.stop_reason = stop_reason_json(&stop_reason);
                 }
             }

@@ -51,9 +51,8 @@ pub fn submit_all(
 }
 
 /// Merges the requests' events into one stream of choice events.
-pub fn choice_events(engine: &EngineHandle, streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
+pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
     let num_requests = streams.len();
-    let metrics = engine.metrics.clone();
     let tagged = streams.into_iter().enumerate().map(|(prompt_index, rs)| {
         futures::stream::unfold(rs, |mut rs| async move {
             let ev = rs.next().await?;
@@ -73,7 +72,6 @@ pub fn choice_events(engine: &EngineHandle, streams: Vec<RequestStream>, n: usiz
                     yield Ok(ChoiceEvent::Token { choice: base + index, text, token_ids, logprobs });
                 }
                 StreamEvent::SeqFinished { index, reason, stop_reason } => {
-                    count_finished(&metrics, reason);
                     yield Ok(ChoiceEvent::Finished { choice: base + index, reason, stop_reason });
                 }
                 StreamEvent::Done { usage: u } => {
@@ -96,31 +94,6 @@ pub fn choice_events(engine: &EngineHandle, streams: Vec<RequestStream>, n: usiz
         // the client still gets an error rather than a silent end.
         yield Err(ApiError::Internal("the request ended without a result".into()));
     })
-}
-
-/// `sluice:request_success_total{finished_reason}` for sequences that ended normally.
-///
-/// The engine counts only aborts under this name today; until it counts `stop` and `length`
-/// itself, the API does, per sequence (vLLM V1 counts each of the `n` sequences).
-fn count_finished(metrics: &crate::engine::metrics::EngineMetrics, reason: FinishReason) {
-    let label = match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        // Counted by the engine.
-        FinishReason::Abort => return,
-    };
-    metrics
-        .request_success_total
-        .with_label_values(&[label])
-        .inc();
-}
-
-pub fn finish_reason_str(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Abort => "abort",
-    }
 }
 
 /// vLLM's `stop_reason`: the stop token id, the stop string, or null.

@@ -505,6 +505,10 @@ impl<B: Backend> EngineLoop<B> {
                     }
                 }
             }
+            self.metrics
+                .request_success_total
+                .with_label_values(&[reason.as_str()])
+                .inc();
             events.push(StreamEvent::SeqFinished {
                 index,
                 reason,

@@ -65,6 +65,17 @@ pub enum FinishReason {
     Abort,
 }
 
+impl FinishReason {
+    /// The OpenAI spelling (`stop`, `length`, `abort`), also the metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Abort => "abort",
+        }
+    }
+}
+
 /// What stopped a sequence that ended with `Stop` (vLLM's `stop_reason`): `None` for EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {

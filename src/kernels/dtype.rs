@@ -108,7 +108,8 @@ impl WeightDType {
 
     /// Bytes of a row of `len` values, or `None` when `len` is not a whole number of blocks.
     pub fn row_bytes(self, len: usize) -> Option<usize> {
-        (len % self.block_len() == 0).then(|| len / self.block_len() * self.block_bytes())
+        len.is_multiple_of(self.block_len())
+            .then(|| len / self.block_len() * self.block_bytes())
     }
 }
 

@@ -199,7 +199,7 @@ impl KvCacheManager {
         let bs = self.config.block_size;
         let idx = num_computed_tokens / bs;
         let shared = |id: BlockId| self.pool.ref_cnt(id) > 1;
-        (num_new_tokens > 0 && num_computed_tokens % bs != 0)
+        (num_new_tokens > 0 && !num_computed_tokens.is_multiple_of(bs))
             .then_some(idx)
             .filter(|&i| table.block_ids.get(i).is_some_and(|&id| shared(id)))
     }

@@ -124,10 +124,7 @@ impl<B: Backend> Llama<B> {
             Some(_) => weights.require("output.weight", c.vocab_size, hid)?,
             None => embed_t.clone(),
         };
-        let freq_factors = match weights.get("rope_freqs.weight")? {
-            Some(t) => Some(t.to_f32()),
-            None => None,
-        };
+        let freq_factors = weights.get("rope_freqs.weight")?.map(|t| t.to_f32());
         let rope = Rope {
             inv_freqs: c.rope_inv_freqs(freq_factors.as_deref()),
             interleaved: c.rope_style == super::config::RopeStyle::Interleaved,

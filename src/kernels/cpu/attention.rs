@@ -137,7 +137,9 @@ pub fn rope_and_store(
     let k_ptr = SyncPtr::new(&mut kv.k[layer]);
     let v_ptr = SyncPtr::new(&mut kv.v[layer]);
     pool.run(n.div_ceil(ROPE_CHUNK), |task| {
-        for t in task * ROPE_CHUNK..((task + 1) * ROPE_CHUNK).min(n) {
+        let first = task * ROPE_CHUNK;
+        let last = ((task + 1) * ROPE_CHUNK).min(n);
+        for (t, &slot_index) in index.iter().enumerate().take(last).skip(first) {
             // SAFETY: each token row, and each token's cache slot, belongs to one task.
             let row = unsafe { qkv_ptr.slice(t * cols, cols) };
             let (cos, sin) = (&step.cos[t * half..][..half], &step.sin[t * half..][..half]);
@@ -145,7 +147,7 @@ pub fn rope_and_store(
                 rope_head(head, cos, sin, step.interleaved);
             }
             for g in 0..kvh {
-                let at = index[t] + g * head_stride;
+                let at = slot_index + g * head_stride;
                 // SAFETY: slots are distinct per token; see above.
                 unsafe {
                     k_ptr
