@@ -166,6 +166,12 @@ fn pack_quants(kind: PackedKind, blk: &[u8], c: usize, quants: &mut [u8]) {
     }
 }
 
+/// `SLUICE_CPU_REPACK=0` turns repacking off (the raw-block kernels then run), to compare
+/// the two end to end.
+fn repack_enabled() -> bool {
+    std::env::var("SLUICE_CPU_REPACK").map_or(true, |v| v != "0")
+}
+
 /// One part of a [`PackedLinear`]: the tensor as loaded, and its packed copy where the
 /// selected kernel path uses one.
 pub(super) struct PackedPart {
@@ -215,7 +221,7 @@ impl PackedLinear {
                 p.rows * p.row_bytes()
             )));
         }
-        let repack = path == KernelPath::Avx512 && path.is_supported();
+        let repack = path == KernelPath::Avx512 && path.is_supported() && repack_enabled();
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,

@@ -27,7 +27,7 @@ impl PackedActs {
     ///
     /// Needs the AVX-512 path (only called where packed weights exist, which implies it).
     pub(super) fn quantize(&mut self, pool: &ThreadPool, x: &[f32], m: usize, k: usize) {
-        debug_assert!(k % 32 == 0 && x.len() == m * k);
+        debug_assert!(k.is_multiple_of(32) && x.len() == m * k);
         let nb = k / 32;
         self.k = k;
         self.nb = nb;

@@ -87,6 +87,10 @@ struct Tile {
     mask: __mmask16,
 }
 
+/// How far ahead of the block being computed the m = 1 kernel prefetches weights, in bytes
+/// (measured: 4–32 KiB all beat the hardware prefetchers alone by 1.3–1.6× on this Xeon).
+const PREFETCH_BYTES: usize = 8192;
+
 /// Broadcast of 4 activation bytes at `p`.
 #[inline(always)]
 unsafe fn bcast4(p: *const i8) -> __m512i {
@@ -111,6 +115,18 @@ unsafe fn tile<const KIND: u8, const NR: usize>(t: &Tile, a: &PackedActs, r0: us
     let mut acc = [_mm512_setzero_ps(); NR];
     for b in 0..nb {
         let q = t.w.add(b * qb);
+        if split {
+            // Decode streams weights from memory: ask for them well ahead, across the 4 KiB
+            // page boundaries where the hardware prefetchers stop. Prefetches never fault,
+            // so running past the buffer's end is harmless.
+            let dist = PREFETCH_BYTES;
+            for i in 0..qb / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(dist + 64 * i) as *const i8);
+            }
+            if KIND == 1 || b % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(dist + b * sb) as *const i8);
+            }
+        }
         let mut isum = [_mm512_setzero_si512(); NR];
         let mut isum2 = [_mm512_setzero_si512(); NR];
         if KIND < 2 {

@@ -50,7 +50,7 @@ impl Q8Acts {
         m: usize,
         k: usize,
     ) {
-        debug_assert!(k % 32 == 0 && x.len() == m * k);
+        debug_assert!(k.is_multiple_of(32) && x.len() == m * k);
         self.m = m;
         self.k = k;
         self.npairs = k.div_ceil(PAIR);
@@ -147,7 +147,7 @@ pub(super) struct Q8KActs {
 
 impl Q8KActs {
     pub(super) fn quantize(&mut self, pool: &ThreadPool, x: &[f32], m: usize, k: usize) {
-        debug_assert!(k % Q8K_BLOCK == 0 && x.len() == m * k);
+        debug_assert!(k.is_multiple_of(Q8K_BLOCK) && x.len() == m * k);
         self.k = k;
         let nb = k / Q8K_BLOCK;
         grow(&mut self.qs, m * k);

@@ -16,7 +16,7 @@ use crate::kernels::dtype::WeightDType;
 pub fn quantize_row(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
     let bl = dtype.block_len();
     assert!(
-        values.len() % bl == 0,
+        values.len().is_multiple_of(bl),
         "{} values is not whole {dtype} blocks",
         values.len()
     );

@@ -426,3 +426,56 @@ fn packed_real_model_tensors() {
         }
     }
 }
+
+/// Timing probe (not a test): `cargo test --release --lib timing_probe -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing_probe() {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let pool = ThreadPool::with_default_threads();
+    let path = KernelPath::detect();
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for (dtype, k, n, copies) in [
+        (WeightDType::Q4_1, 576, 576, 1),
+        (WeightDType::Q4_1, 576, 3072, 30),
+        (WeightDType::Q4_1, 1536, 576, 30),
+        (WeightDType::Q8_0, 576, 49152, 1),
+    ] {
+        let ws: Vec<HostTensor> = (0..copies)
+            .map(|_| random_tensor(&mut rng, dtype, n, k))
+            .collect();
+        let wp: Vec<PackedLinear> = ws
+            .iter()
+            .map(|w| PackedLinear::with_path(path, vec![w.clone()]).unwrap())
+            .collect();
+        for m in [1usize, 64] {
+            let x = random_values(&mut rng, m * k, 1.0);
+            let mut out = vec![0.0; m * n];
+            let mut scratch = MatmulScratch::new();
+            let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
+            let reps = if m == 1 { reps } else { reps / 10 + 1 };
+            for i in 0..reps {
+                let w = &ws[i % copies];
+                let t = std::time::Instant::now();
+                linear_packed_with(path, &pool, &x, m, &wp[i % copies], &mut out, &mut scratch);
+                best_new = best_new.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                linear_with(path, &pool, &x, m, &[w], &mut out, &mut scratch);
+                best_old = best_old.min(t.elapsed().as_secs_f64());
+            }
+            let bytes = ws[0].bytes.len() as f64;
+            let macs = (m * n * k) as f64;
+            eprintln!(
+                "{dtype} {k}->{n} m={m}: packed {:.1} us ({:.1} GB/s, {:.1} GMAC/s), old {:.1} us, ratio {:.2}",
+                best_new * 1e6,
+                bytes / best_new / 1e9,
+                macs / best_new / 1e9,
+                best_old * 1e6,
+                best_old / best_new
+            );
+        }
+    }
+}
