@@ -16,6 +16,13 @@
 //!
 //! The code path (AVX-512 VNNI, AVX2, portable) is picked once per process from the CPU's
 //! features; `SLUICE_CPU_KERNEL=portable|avx2|avx512` forces one (if the CPU supports it).
+//!
+//! Two entry points:
+//! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 path its
+//!   Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run the
+//!   column-interleaved kernels ([`packed_avx512`]), which the CPU backend uses. Other parts
+//!   and paths run the raw-block kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
+//! * [`linear`] over raw [`HostTensor`]s (tests, benches, the baseline).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -38,6 +45,7 @@ mod packed;
 mod packed_acts;
 #[cfg(target_arch = "x86_64")]
 mod packed_avx512;
+mod packed_linear;
 /// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the AVX-512 path).
 #[cfg(not(target_arch = "x86_64"))]
 mod packed_avx512 {
@@ -52,6 +60,8 @@ mod packed_avx512 {
         unreachable!("packed weights exist only on x86-64 with AVX-512")
     }
 }
+#[cfg(test)]
+mod packed_tests;
 mod quantize;
 pub mod quantize_weights;
 mod reference;
@@ -61,13 +71,13 @@ mod tests;
 use std::sync::OnceLock;
 
 pub use packed::PackedLinear;
+pub use packed_linear::{linear_packed, linear_packed_with};
 pub use reference::dequantize_row;
 
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
 use packed_acts::PackedActs;
-use packed_avx512::PackedChunk;
 use quantize::{Q8Acts, Q8KActs};
 
 /// Which implementation of the kernels runs.
@@ -288,129 +298,6 @@ fn raw_chunk(path: KernelPath, c: &Chunk, q8: &Q8Acts, q8k: &Q8KActs, x: &[f32],
             KernelPath::Avx2 => avx2::float_chunk(c, x, k),
             KernelPath::Portable => portable_float_chunk(c, x, k),
         },
-    }
-}
-
-/// [`linear`] over prepared weights: packed parts run the packed AVX-512 kernels
-/// ([`packed`]), the others the kernels of [`linear`]. Same shapes and output as [`linear`].
-///
-/// # Panics
-/// On inconsistent shapes (`x` not `[m, w.cols()]`, `out` not `[m, w.rows()]`).
-pub fn linear_packed(
-    pool: &ThreadPool,
-    x: &[f32],
-    m: usize,
-    w: &PackedLinear,
-    out: &mut [f32],
-    scratch: &mut MatmulScratch,
-) {
-    linear_packed_with(KernelPath::selected(), pool, x, m, w, out, scratch);
-}
-
-/// [`linear_packed`] on an explicit code path; packed copies are used only on
-/// [`KernelPath::Avx512`], other paths read the parts as loaded.
-///
-/// # Panics
-/// As [`linear_packed`], and when `path` is not supported by this CPU.
-pub fn linear_packed_with(
-    path: KernelPath,
-    pool: &ThreadPool,
-    x: &[f32],
-    m: usize,
-    w: &PackedLinear,
-    out: &mut [f32],
-    scratch: &mut MatmulScratch,
-) {
-    assert!(
-        path.is_supported(),
-        "kernel path {path:?} is not supported by this CPU"
-    );
-    let (k, n) = (w.cols(), w.rows());
-    assert_eq!(x.len(), m * k, "linear: x is not [m, k]");
-    assert_eq!(out.len(), m * n, "linear: out is not [m, n]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&packed::PackedWeights> {
-        p.packed.as_ref().filter(|_| path == KernelPath::Avx512)
-    }
-    let packed = |p| used(path, p);
-    let mut need = (false, false, false);
-    for p in &w.parts {
-        match (packed(p), p.raw.dtype) {
-            (Some(_), _) => need.0 = true,
-            (None, WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0) => need.1 = true,
-            (None, WeightDType::Q4K | WeightDType::Q6K) => need.2 = true,
-            _ => {}
-        }
-    }
-    if need.0 {
-        scratch.packed.quantize(pool, x, m, k);
-    }
-    if need.1 {
-        scratch.q8.quantize(path, pool, x, m, k);
-    }
-    if need.2 {
-        scratch.q8k.quantize(pool, x, m, k);
-    }
-    plan_packed_tasks(&mut scratch.tasks, w, n, m, pool.num_threads());
-    let ptr = SyncPtr::new(out);
-    let (tasks, q8, q8k, pa) = (&scratch.tasks, &scratch.q8, &scratch.q8k, &scratch.packed);
-    pool.run(tasks.len(), |t| {
-        let task = tasks[t];
-        let part = &w.parts[task.part];
-        let out = OutView {
-            ptr,
-            stride: n,
-            col: task.out_col,
-        };
-        if let Some(pw) = packed(part) {
-            let chunk = PackedChunk {
-                w: pw,
-                g0: task.c0 / packed::GROUP,
-                g1: task.c1.div_ceil(packed::GROUP),
-                m,
-                out,
-            };
-            packed_avx512::packed_chunk(&chunk, pa);
-        } else {
-            let chunk = Chunk {
-                w: &part.raw,
-                c0: task.c0,
-                c1: task.c1,
-                m,
-                out,
-            };
-            raw_chunk(path, &chunk, q8, q8k, x, k);
-        }
-    });
-}
-
-/// Cuts every part of a prepared linear into chunks of whole groups of output columns
-/// (chunk starts are multiples of [`packed::GROUP`] within the part), about 8 chunks per
-/// thread in all; one chunk per part for a single thread at m = 1.
-fn plan_packed_tasks(tasks: &mut Vec<Task>, w: &PackedLinear, n: usize, m: usize, threads: usize) {
-    let per_chunk = if threads <= 1 && m == 1 {
-        n
-    } else {
-        n.div_ceil(threads * 8).next_multiple_of(packed::GROUP)
-    };
-    tasks.clear();
-    let mut out_col = 0;
-    for (part, p) in w.parts.iter().enumerate() {
-        let rows = p.raw.rows;
-        let mut c0 = 0;
-        while c0 < rows {
-            let c1 = (c0 + per_chunk).min(rows);
-            tasks.push(Task {
-                part,
-                c0,
-                c1,
-                out_col: out_col + c0,
-            });
-            c0 = c1;
-        }
-        out_col += rows;
     }
 }
 
