@@ -36,9 +36,7 @@ fn start(num_blocks: usize, max_num_batched_tokens: usize, prefix_cache: bool) -
 /// that prompts of one length differ.
 fn prompt(len: usize, salt: usize) -> Vec<u32> {
     let text = common::teacher_forced_fixture().ids;
-    (0..len)
-        .map(|i| text[(i + salt * 7) % text.len()])
-        .collect()
+    (0..len).map(|i| text[(i + salt * 7) % text.len()]).collect()
 }
 
 struct Outcome {
@@ -93,19 +91,11 @@ fn batch_invariance_mixed_lengths() {
     let lens = [
         1, 3, 7, 16, 17, 33, 64, 100, 128, 200, 333, 500, 700, 1000, 1200, 1500,
     ];
-    let prompts: Vec<Vec<u32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| prompt(l, i))
-        .collect();
+    let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &l)| prompt(l, i)).collect();
     let alone: Vec<Vec<u32>> = prompts.iter().map(|p| run_alone(&engine, p, 8)).collect();
     let together = run_together(&engine, &prompts, 8);
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(
-            a, t,
-            "prompt of {} tokens: alone vs in a batch of 16",
-            lens[i]
-        );
+        assert_eq!(a, t, "prompt of {} tokens: alone vs in a batch of 16", lens[i]);
     }
 }
 
