@@ -5,7 +5,8 @@
 //! * `model/<path>/m`: the matmuls of one whole forward step of m tokens (30 layers of
 //!   q,k,v | o | gate,up | down, then the Q8_0 LM head); throughput is tokens per second.
 //!
-//! The portable path runs beside the selected one at small m as the baseline.
+//! `Packed` is `linear_packed` over weights repacked at load (what the CPU backend runs);
+//! the raw-block paths run beside it as the baseline (the portable one only at small m).
 //! Run: `cargo bench --bench matmul` (filters: `-- model`, `-- shape/Q4_1`).
 
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice::kernels::cpu::matmul::{linear_with, KernelPath, MatmulScratch};
+use sluice::kernels::cpu::matmul::{
+    linear_packed_with, linear_with, KernelPath, MatmulScratch, PackedLinear,
+};
 use sluice::kernels::cpu::pool::ThreadPool;
 use sluice::kernels::dtype::WeightDType;
 use sluice::kernels::host::{HostTensor, WeightBytes};
@@ -63,6 +66,7 @@ fn shapes(c: &mut Criterion) {
     ];
     for (dtype, k, n) in cases {
         let w = random_weight(&mut rng, dtype, n, k);
+        let wp = packed(KernelPath::detect(), vec![w.clone()]);
         let mut group = c.benchmark_group(format!("shape/{dtype} {k}→{n}"));
         group.sample_size(10);
         for m in [1, 16, 64, 512] {
@@ -74,6 +78,10 @@ fn shapes(c: &mut Criterion) {
             } else {
                 Throughput::Elements((2 * m * n * k) as u64)
             });
+            let path = KernelPath::detect();
+            group.bench_function(BenchmarkId::new("Packed", m), |b| {
+                b.iter(|| linear_packed_with(path, &pool, &x, m, &wp, &mut out, &mut scratch))
+            });
             for path in paths(m) {
                 group.bench_function(BenchmarkId::new(format!("{path:?}"), m), |b| {
                     b.iter(|| linear_with(path, &pool, &x, m, &[&w], &mut out, &mut scratch))
@@ -82,6 +90,21 @@ fn shapes(c: &mut Criterion) {
         }
         group.finish();
     }
+}
+
+fn packed(path: KernelPath, parts: Vec<HostTensor>) -> PackedLinear {
+    match PackedLinear::with_path(path, parts) {
+        Ok(w) => w,
+        Err(e) => panic!("bench weights rejected: {e}"),
+    }
+}
+
+/// One layer's weights prepared for `linear_packed`.
+struct PackedLayer {
+    qkv: PackedLinear,
+    o: PackedLinear,
+    gate_up: PackedLinear,
+    down: PackedLinear,
 }
 
 struct Layer {
@@ -112,6 +135,17 @@ fn model(c: &mut Criterion) {
         })
         .collect();
     let head = random_weight(&mut rng, WeightDType::Q8_0, vocab, h);
+    let path = KernelPath::detect();
+    let player: Vec<PackedLayer> = layers
+        .iter()
+        .map(|l| PackedLayer {
+            qkv: packed(path, l.qkv.to_vec()),
+            o: packed(path, vec![l.o.clone()]),
+            gate_up: packed(path, l.gate_up.to_vec()),
+            down: packed(path, vec![l.down.clone()]),
+        })
+        .collect();
+    let phead = packed(path, vec![head.clone()]);
     let mut group = c.benchmark_group("model");
     group.sample_size(10);
     for m in [1, 16, 64, 512] {
@@ -119,6 +153,22 @@ fn model(c: &mut Criterion) {
         let mut out = vec![0.0; m * vocab];
         let mut scratch = MatmulScratch::new();
         group.throughput(Throughput::Elements(m as u64));
+        group.bench_function(BenchmarkId::new("Packed", m), |b| {
+            b.iter(|| {
+                let xh = &x[..m * h];
+                let mut run = |x: &[f32], w: &PackedLinear| {
+                    let out = &mut out[..m * w.rows()];
+                    linear_packed_with(path, &pool, x, m, w, out, &mut scratch)
+                };
+                for l in &player {
+                    run(xh, &l.qkv);
+                    run(xh, &l.o);
+                    run(xh, &l.gate_up);
+                    run(&x[..m * ff], &l.down);
+                }
+                run(xh, &phead);
+            })
+        });
         for path in paths(m) {
             group.bench_function(BenchmarkId::new(format!("{path:?}"), m), |b| {
                 b.iter(|| {

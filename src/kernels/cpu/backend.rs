@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use super::attention::{self, CpuKvCache, CpuStep};
-use super::matmul::{self, MatmulScratch};
+use super::matmul::{self, MatmulScratch, PackedLinear};
 use super::ops;
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::host::HostTensor;
@@ -33,7 +33,10 @@ impl CpuTensor {
 }
 
 pub struct CpuLinear {
+    /// The parts as loaded (cheap handles on the file's bytes); `embed` reads rows of them.
     parts: Vec<HostTensor>,
+    /// The same weights prepared for the matmul kernels (repacked where the path uses it).
+    packed: PackedLinear,
     rows: usize,
     cols: usize,
 }
@@ -79,22 +82,12 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, parts: Vec<HostTensor>) -> Result<CpuLinear, KernelError> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if parts.is_empty() || parts.iter().any(|p| p.cols != cols) {
-            return Err(KernelError::Invalid(
-                "linear layer parts must share their input size".into(),
-            ));
-        }
-        if let Some(p) = parts.iter().find(|p| p.cols % p.dtype.block_len() != 0) {
-            return Err(KernelError::Invalid(format!(
-                "input size {} is not a whole number of {} blocks",
-                p.cols, p.dtype
-            )));
-        }
+        let packed = PackedLinear::new(parts.clone())?;
         Ok(CpuLinear {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols,
+            rows: packed.rows(),
+            cols: packed.cols(),
             parts,
+            packed,
         })
     }
 
@@ -164,31 +157,15 @@ impl Backend for CpuBackend {
         debug_assert_eq!(x.cols, w.cols);
         out.resize(x.rows, w.rows);
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let p = &w.parts;
         let (x_data, m) = (&x.data[..x.rows * x.cols], x.rows);
-        match p.len() {
-            1 => matmul::linear(&self.pool, x_data, m, &[&p[0]], &mut out.data, &mut scratch),
-            2 => matmul::linear(
-                &self.pool,
-                x_data,
-                m,
-                &[&p[0], &p[1]],
-                &mut out.data,
-                &mut scratch,
-            ),
-            3 => matmul::linear(
-                &self.pool,
-                x_data,
-                m,
-                &[&p[0], &p[1], &p[2]],
-                &mut out.data,
-                &mut scratch,
-            ),
-            _ => {
-                let refs: Vec<&HostTensor> = p.iter().collect();
-                matmul::linear(&self.pool, x_data, m, &refs, &mut out.data, &mut scratch)
-            }
-        }
+        matmul::linear_packed(
+            &self.pool,
+            x_data,
+            m,
+            &w.packed,
+            &mut out.data,
+            &mut scratch,
+        );
         if let Some(b) = bias {
             for row in out.data.chunks_exact_mut(w.rows) {
                 for (o, b) in row.iter_mut().zip(b) {

@@ -16,6 +16,13 @@
 //!
 //! The code path (AVX-512 VNNI, AVX2, portable) is picked once per process from the CPU's
 //! features; `SLUICE_CPU_KERNEL=portable|avx2|avx512` forces one (if the CPU supports it).
+//!
+//! Two entry points:
+//! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 path its
+//!   Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run the
+//!   column-interleaved kernels ([`packed_avx512`]), which the CPU backend uses. Other parts
+//!   and paths run the raw-block kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
+//! * [`linear`] over raw [`HostTensor`]s (tests, benches, the baseline).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -34,6 +41,27 @@ mod avx2 {
 }
 #[cfg(not(target_arch = "x86_64"))]
 use avx2 as avx512;
+mod packed;
+mod packed_acts;
+#[cfg(target_arch = "x86_64")]
+mod packed_avx512;
+mod packed_linear;
+/// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the AVX-512 path).
+#[cfg(not(target_arch = "x86_64"))]
+mod packed_avx512 {
+    pub(super) struct PackedChunk<'a> {
+        pub(super) w: &'a super::packed::PackedWeights,
+        pub(super) g0: usize,
+        pub(super) g1: usize,
+        pub(super) m: usize,
+        pub(super) out: super::OutView,
+    }
+    pub(super) fn packed_chunk(_: &PackedChunk, _: &super::packed_acts::PackedActs) {
+        unreachable!("packed weights exist only on x86-64 with AVX-512")
+    }
+}
+#[cfg(test)]
+mod packed_tests;
 mod quantize;
 pub mod quantize_weights;
 mod reference;
@@ -42,11 +70,14 @@ mod tests;
 
 use std::sync::OnceLock;
 
+pub use packed::PackedLinear;
+pub use packed_linear::{linear_packed, linear_packed_with};
 pub use reference::dequantize_row;
 
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
+use packed_acts::PackedActs;
 use quantize::{Q8Acts, Q8KActs};
 
 /// Which implementation of the kernels runs.
@@ -129,6 +160,7 @@ struct Task {
 pub struct MatmulScratch {
     q8: Q8Acts,
     q8k: Q8KActs,
+    packed: PackedActs,
     tasks: Vec<Task>,
 }
 
@@ -151,7 +183,14 @@ impl OutView {
     /// `(r, j)` must be inside this task's chunk (no other task writes it) and inside `out`.
     #[inline(always)]
     pub(super) unsafe fn write(&self, r: usize, j: usize, v: f32) {
-        *self.ptr.0.add(r * self.stride + self.col + j) = v;
+        *self.at(r, j) = v;
+    }
+
+    /// # Safety
+    /// As [`write`](Self::write), for every element written through the pointer.
+    #[inline(always)]
+    pub(super) unsafe fn at(&self, r: usize, j: usize) -> *mut f32 {
+        self.ptr.0.add(r * self.stride + self.col + j)
     }
 }
 
@@ -241,20 +280,25 @@ pub fn linear_with(
             m,
             out,
         };
-        match w.dtype {
-            WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0 => match path {
-                KernelPath::Avx512 => avx512::q8_chunk(&chunk, q8),
-                KernelPath::Avx2 => avx2::q8_chunk(&chunk, q8),
-                KernelPath::Portable => portable_q8_chunk(&chunk, q8),
-            },
-            WeightDType::Q4K | WeightDType::Q6K => portable_q8k_chunk(&chunk, q8k),
-            WeightDType::F32 | WeightDType::F16 | WeightDType::BF16 => match path {
-                KernelPath::Avx512 => avx512::float_chunk(&chunk, x, k),
-                KernelPath::Avx2 => avx2::float_chunk(&chunk, x, k),
-                KernelPath::Portable => portable_float_chunk(&chunk, x, k),
-            },
-        }
+        raw_chunk(path, &chunk, q8, q8k, x, k);
     });
+}
+
+/// Runs one chunk of a part as loaded (raw GGML blocks or floats) on `path`.
+fn raw_chunk(path: KernelPath, c: &Chunk, q8: &Q8Acts, q8k: &Q8KActs, x: &[f32], k: usize) {
+    match c.w.dtype {
+        WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0 => match path {
+            KernelPath::Avx512 => avx512::q8_chunk(c, q8),
+            KernelPath::Avx2 => avx2::q8_chunk(c, q8),
+            KernelPath::Portable => portable_q8_chunk(c, q8),
+        },
+        WeightDType::Q4K | WeightDType::Q6K => portable_q8k_chunk(c, q8k),
+        WeightDType::F32 | WeightDType::F16 | WeightDType::BF16 => match path {
+            KernelPath::Avx512 => avx512::float_chunk(c, x, k),
+            KernelPath::Avx2 => avx2::float_chunk(c, x, k),
+            KernelPath::Portable => portable_float_chunk(c, x, k),
+        },
+    }
 }
 
 /// Cuts every part into chunks of output columns: a multiple of 16 columns (one cache line

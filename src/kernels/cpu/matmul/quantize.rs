@@ -196,7 +196,7 @@ impl Q8KActs {
 }
 
 /// Runs `f` for each row, on the pool when there are enough rows to pay for waking it.
-fn run_rows<F: Fn(usize) + Sync>(pool: &ThreadPool, m: usize, f: F) {
+pub(super) fn run_rows<F: Fn(usize) + Sync>(pool: &ThreadPool, m: usize, f: F) {
     if m < PARALLEL_ROWS {
         (0..m).for_each(f);
     } else {
@@ -208,7 +208,7 @@ fn run_rows<F: Fn(usize) + Sync>(pool: &ThreadPool, m: usize, f: F) {
 }
 
 /// Grows `v` to at least `len` elements (never shrinks, so warm calls allocate nothing).
-fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
+pub(super) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
     }

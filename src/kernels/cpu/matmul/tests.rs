@@ -19,7 +19,7 @@ const ALL_DTYPES: [WeightDType; 8] = [
     WeightDType::Q6K,
 ];
 
-fn paths() -> Vec<KernelPath> {
+pub(super) fn paths() -> Vec<KernelPath> {
     let all = [KernelPath::Portable, KernelPath::Avx2, KernelPath::Avx512];
     let ok: Vec<_> = all.into_iter().filter(|p| p.is_supported()).collect();
     if ok.len() < all.len() {
@@ -29,7 +29,7 @@ fn paths() -> Vec<KernelPath> {
 }
 
 /// Values like a transformer's: mostly small, a few outliers.
-fn random_values(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
+pub(super) fn random_values(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
     (0..len)
         .map(|_| {
             let v: f32 = rng.random_range(-1.0..1.0) * scale;
@@ -42,7 +42,12 @@ fn random_values(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn random_tensor(rng: &mut ChaCha8Rng, dtype: WeightDType, rows: usize, cols: usize) -> HostTensor {
+pub(super) fn random_tensor(
+    rng: &mut ChaCha8Rng,
+    dtype: WeightDType,
+    rows: usize,
+    cols: usize,
+) -> HostTensor {
     let mut bytes = Vec::new();
     for _ in 0..rows {
         bytes.extend(quantize_row(dtype, &random_values(rng, cols, 0.1)));
@@ -66,7 +71,7 @@ fn dequantize(w: &HostTensor) -> Vec<f32> {
 /// Reference output and per-element error bound. Quantizing activations to 8 bits with
 /// round-to-nearest moves each value by at most half a step, `amax_block / 254`, so the dot
 /// moves by at most Σ_blocks (amax/254)·Σ|w|; f32 accumulation adds a relative 1e-5 of Σ|w·x|.
-fn reference(x: &[f32], m: usize, parts: &[&HostTensor]) -> (Vec<f64>, Vec<f64>) {
+pub(super) fn reference(x: &[f32], m: usize, parts: &[&HostTensor]) -> (Vec<f64>, Vec<f64>) {
     let k = parts[0].cols;
     let n: usize = parts.iter().map(|p| p.rows).sum();
     let (mut want, mut tol) = (vec![0.0; m * n], vec![0.0; m * n]);

@@ -1,0 +1,134 @@
+//! [`linear_packed`]: the entry point over a [`PackedLinear`]. Packed parts run the
+//! column-interleaved AVX-512 kernels ([`super::packed_avx512`]); other parts (floats,
+//! K-quants, or any part off the AVX-512 path) run the raw-block kernels of [`super::linear`],
+//! each writing its own columns of the same output.
+
+use super::packed::{self, PackedLinear};
+use super::packed_avx512::{self, PackedChunk};
+use super::{raw_chunk, Chunk, KernelPath, MatmulScratch, OutView, Task};
+use crate::kernels::cpu::pool::{SyncPtr, ThreadPool};
+use crate::kernels::dtype::WeightDType;
+
+/// [`super::linear`] over prepared weights: packed parts run the packed AVX-512 kernels
+/// ([`packed`]), the others the kernels of [`linear`]. Same shapes and output as [`super::linear`].
+///
+/// # Panics
+/// On inconsistent shapes (`x` not `[m, w.cols()]`, `out` not `[m, w.rows()]`).
+pub fn linear_packed(
+    pool: &ThreadPool,
+    x: &[f32],
+    m: usize,
+    w: &PackedLinear,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    linear_packed_with(KernelPath::selected(), pool, x, m, w, out, scratch);
+}
+
+/// [`linear_packed`] on an explicit code path; packed copies are used only on
+/// [`KernelPath::Avx512`], other paths read the parts as loaded.
+///
+/// # Panics
+/// As [`linear_packed`], and when `path` is not supported by this CPU.
+pub fn linear_packed_with(
+    path: KernelPath,
+    pool: &ThreadPool,
+    x: &[f32],
+    m: usize,
+    w: &PackedLinear,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    assert!(
+        path.is_supported(),
+        "kernel path {path:?} is not supported by this CPU"
+    );
+    let (k, n) = (w.cols(), w.rows());
+    assert_eq!(x.len(), m * k, "linear: x is not [m, k]");
+    assert_eq!(out.len(), m * n, "linear: out is not [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&packed::PackedWeights> {
+        p.packed.as_ref().filter(|_| path == KernelPath::Avx512)
+    }
+    let packed = |p| used(path, p);
+    let mut need = (false, false, false);
+    for p in &w.parts {
+        match (packed(p), p.raw.dtype) {
+            (Some(_), _) => need.0 = true,
+            (None, WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0) => need.1 = true,
+            (None, WeightDType::Q4K | WeightDType::Q6K) => need.2 = true,
+            _ => {}
+        }
+    }
+    if need.0 {
+        scratch.packed.quantize(pool, x, m, k);
+    }
+    if need.1 {
+        scratch.q8.quantize(path, pool, x, m, k);
+    }
+    if need.2 {
+        scratch.q8k.quantize(pool, x, m, k);
+    }
+    plan_packed_tasks(&mut scratch.tasks, w, n, m, pool.num_threads());
+    let ptr = SyncPtr::new(out);
+    let (tasks, q8, q8k, pa) = (&scratch.tasks, &scratch.q8, &scratch.q8k, &scratch.packed);
+    pool.run(tasks.len(), |t| {
+        let task = tasks[t];
+        let part = &w.parts[task.part];
+        let out = OutView {
+            ptr,
+            stride: n,
+            col: task.out_col,
+        };
+        if let Some(pw) = packed(part) {
+            let chunk = PackedChunk {
+                w: pw,
+                g0: task.c0 / packed::GROUP,
+                g1: task.c1.div_ceil(packed::GROUP),
+                m,
+                out,
+            };
+            packed_avx512::packed_chunk(&chunk, pa);
+        } else {
+            let chunk = Chunk {
+                w: &part.raw,
+                c0: task.c0,
+                c1: task.c1,
+                m,
+                out,
+            };
+            raw_chunk(path, &chunk, q8, q8k, x, k);
+        }
+    });
+}
+
+/// Cuts every part of a prepared linear into chunks of whole groups of output columns
+/// (chunk starts are multiples of [`packed::GROUP`] within the part). At m = 1 a chunk is a
+/// weight stream whose first bytes come unprefetched, so chunks are few: two per thread
+/// (one per part for a single thread); otherwise about 8 per thread so uneven ones balance.
+fn plan_packed_tasks(tasks: &mut Vec<Task>, w: &PackedLinear, n: usize, m: usize, threads: usize) {
+    let per_chunk = match (m, threads) {
+        (1, 0 | 1) => n,
+        (1, t) => n.div_ceil(t * 2).next_multiple_of(packed::GROUP),
+        (_, t) => n.div_ceil(t * 8).next_multiple_of(packed::GROUP),
+    };
+    tasks.clear();
+    let mut out_col = 0;
+    for (part, p) in w.parts.iter().enumerate() {
+        let rows = p.raw.rows;
+        let mut c0 = 0;
+        while c0 < rows {
+            let c1 = (c0 + per_chunk).min(rows);
+            tasks.push(Task {
+                part,
+                c0,
+                c1,
+                out_col: out_col + c0,
+            });
+            c0 = c1;
+        }
+        out_col += rows;
+    }
+}

@@ -1,0 +1,214 @@
+//! The packed path ([`PackedLinear`], [`linear_packed_with`]) against the dequantize-then-f64
+//! reference, mixed with raw parts, bit-exact batch invariance, and the real model's tensors.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::tests::{paths, random_tensor, random_values, reference};
+use super::*;
+
+fn run_packed(
+    path: KernelPath,
+    pool: &ThreadPool,
+    x: &[f32],
+    m: usize,
+    w: &PackedLinear,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * w.rows()];
+    let mut scratch = MatmulScratch::new();
+    linear_packed_with(path, pool, x, m, w, &mut out, &mut scratch);
+    out
+}
+
+fn check_packed(pool: &ThreadPool, x: &[f32], m: usize, parts: &[HostTensor], what: &str) {
+    let refs: Vec<&HostTensor> = parts.iter().collect();
+    let (want, tol) = reference(x, m, &refs);
+    for path in paths() {
+        let Ok(w) = PackedLinear::with_path(path, parts.to_vec()) else {
+            panic!("{what}: parts rejected");
+        };
+        let got = run_packed(path, pool, x, m, &w);
+        for (i, ((&g, &w), &t)) in got.iter().zip(&want).zip(&tol).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= t,
+                "packed {what} {path:?} m={m}: element {i} (row {}, col {}) is {g}, want {w} ± {t}",
+                i / (got.len() / m),
+                i % (got.len() / m)
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let pool = ThreadPool::new(2);
+    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
+        for k in [32, 96, 576] {
+            for (m, n) in [(1, 37), (1, 16), (3, 64), (13, 50), (64, 19), (9, 200)] {
+                let w = random_tensor(&mut rng, dtype, n, k);
+                let x = random_values(&mut rng, m * k, 1.0);
+                check_packed(&pool, &x, m, &[w], &format!("{dtype} k={k} n={n}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_multi_part_mixed_dtypes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let pool = ThreadPool::new(3);
+    let k = 512;
+    let parts: Vec<HostTensor> = [
+        (WeightDType::Q4_1, 40),
+        (WeightDType::Q8_0, 24),
+        (WeightDType::F16, 9),
+        (WeightDType::Q4K, 33),
+        (WeightDType::Q4_0, 70),
+        (WeightDType::Q8_0, 16),
+    ]
+    .into_iter()
+    .map(|(d, rows)| random_tensor(&mut rng, d, rows, k))
+    .collect();
+    for m in [1, 5, 17] {
+        let x = random_values(&mut rng, m * k, 1.0);
+        check_packed(&pool, &x, m, &parts, "mixed parts");
+    }
+}
+
+#[test]
+fn packed_batch_invariance_bit_exact() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let pools = [ThreadPool::new(1), ThreadPool::new(2), ThreadPool::new(3)];
+    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
+        let k = 608;
+        let parts = vec![
+            random_tensor(&mut rng, dtype, 83, k),
+            random_tensor(&mut rng, dtype, 45, k),
+        ];
+        let n = 83 + 45;
+        let x = random_values(&mut rng, 64 * k, 1.0);
+        for path in paths() {
+            let Ok(w) = PackedLinear::with_path(path, parts.clone()) else {
+                panic!("parts rejected");
+            };
+            let full = run_packed(path, &pools[1], &x, 64, &w);
+            for (pi, pool) in pools.iter().enumerate() {
+                for r in [0, 7, 63] {
+                    let one = run_packed(path, pool, &x[r * k..(r + 1) * k], 1, &w);
+                    assert!(
+                        one.iter()
+                            .zip(&full[r * n..(r + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "packed {dtype} {path:?}: row {r} alone (pool {pi}) differs from m=64"
+                    );
+                }
+                for (r0, len) in [(5, 13), (1, 7), (40, 3)] {
+                    let part = run_packed(path, pool, &x[r0 * k..(r0 + len) * k], len, &w);
+                    assert!(
+                        part.iter()
+                            .zip(&full[r0 * n..(r0 + len) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "packed {dtype} {path:?}: rows {r0}+{len} (pool {pi}) differ from m=64"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_rejects_bad_parts() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let a = random_tensor(&mut rng, WeightDType::Q4_1, 16, 64);
+    let b = random_tensor(&mut rng, WeightDType::Q4_1, 16, 96);
+    assert!(PackedLinear::new(vec![a.clone(), b]).is_err());
+    assert!(PackedLinear::new(vec![]).is_err());
+    let mut short = a.clone();
+    short.rows = 17;
+    assert!(PackedLinear::new(vec![short]).is_err());
+    let Ok(w) = PackedLinear::new(vec![a]) else {
+        panic!("a valid part was rejected");
+    };
+    assert_eq!((w.rows(), w.cols()), (16, 64));
+}
+
+#[test]
+fn packed_real_model_tensors() {
+    let path = dirs::home_dir()
+        .unwrap_or_default()
+        .join(".cache/sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let Ok(file) = crate::model::gguf::GgufFile::open(&path) else {
+        eprintln!("note: skipped, no model at {}", path.display());
+        return;
+    };
+    let pool = ThreadPool::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    for (name, rows) in [
+        ("blk.0.ffn_up.weight", 1536),
+        ("blk.0.ffn_down.weight", 576),
+        ("token_embd.weight", 300),
+    ] {
+        let Ok(t) = file.tensor(name) else {
+            panic!("the model has no {name}");
+        };
+        let t = t.slice_rows(0, rows.min(t.rows));
+        for m in [1, 11] {
+            let x = random_values(&mut rng, m * t.cols, 1.0);
+            check_packed(&pool, &x, m, std::slice::from_ref(&t), name);
+        }
+    }
+}
+
+/// Timing probe (not a test): `cargo test --release --lib timing_probe -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing_probe() {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let pool = ThreadPool::with_default_threads();
+    let path = KernelPath::detect();
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for (dtype, k, n, copies) in [
+        (WeightDType::Q4_1, 576, 576, 1),
+        (WeightDType::Q4_1, 576, 3072, 30),
+        (WeightDType::Q4_1, 1536, 576, 30),
+        (WeightDType::Q8_0, 576, 49152, 1),
+    ] {
+        let ws: Vec<HostTensor> = (0..copies)
+            .map(|_| random_tensor(&mut rng, dtype, n, k))
+            .collect();
+        let wp: Vec<PackedLinear> = ws
+            .iter()
+            .map(|w| PackedLinear::with_path(path, vec![w.clone()]).unwrap())
+            .collect();
+        for m in [1usize, 64] {
+            let x = random_values(&mut rng, m * k, 1.0);
+            let mut out = vec![0.0; m * n];
+            let mut scratch = MatmulScratch::new();
+            let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
+            let reps = if m == 1 { reps } else { reps / 10 + 1 };
+            for i in 0..reps {
+                let w = &ws[i % copies];
+                let t = std::time::Instant::now();
+                linear_packed_with(path, &pool, &x, m, &wp[i % copies], &mut out, &mut scratch);
+                best_new = best_new.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                linear_with(path, &pool, &x, m, &[w], &mut out, &mut scratch);
+                best_old = best_old.min(t.elapsed().as_secs_f64());
+            }
+            let bytes = ws[0].bytes.len() as f64;
+            let macs = (m * n * k) as f64;
+            eprintln!(
+                "{dtype} {k}->{n} m={m}: packed {:.1} us ({:.1} GB/s, {:.1} GMAC/s), old {:.1} us, ratio {:.2}",
+                best_new * 1e6,
+                bytes / best_new / 1e9,
+                macs / best_new / 1e9,
+                best_old * 1e6,
+                best_old / best_new
+            );
+        }
+    }
+}
