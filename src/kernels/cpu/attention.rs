@@ -112,6 +112,16 @@ impl CpuStep {
     }
 }
 
+/// Rounds values to f16 precision. The cache holds K and V at the precision of an f16 cache
+/// (llama.cpp's default, and what a GPU cache holds), and queries meet keys at that precision
+/// too, so results agree with those engines to near-ties rather than drifting apart.
+#[inline]
+fn round_to_f16(x: &mut [f32]) {
+    for v in x {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
 /// Rotates Q and K in `qkv` and writes K and V into their cache slots.
 pub fn rope_and_store(
     pool: &ThreadPool,
@@ -145,7 +155,9 @@ pub fn rope_and_store(
             let (cos, sin) = (&step.cos[t * half..][..half], &step.sin[t * half..][..half]);
             for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
                 rope_head(head, cos, sin, step.interleaved);
+                round_to_f16(head);
             }
+            round_to_f16(&mut row[(h + kvh) * d..(h + 2 * kvh) * d]);
             for g in 0..kvh {
                 let at = slot_index + g * head_stride;
                 // SAFETY: slots are distinct per token; see above.
