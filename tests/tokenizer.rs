@@ -2,8 +2,8 @@
 //! (SmolLM2-135M-Instruct Q4_1): encoding, chat templates, incremental detokenization,
 //! malformed metadata, and (ignored by default) timings.
 //!
-//! The model file is `$SLUICE_MODEL` when set, else the cache path
-//! `~/.cache/sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf`; a missing file fails the tests.
+//! The model file is `$SLUICE_MODEL` when set, else the default model, fetched into the
+//! cache on first use.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -23,9 +23,7 @@ fn model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("SLUICE_MODEL") {
         return PathBuf::from(path);
     }
-    dirs::cache_dir()
-        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
-        .join("sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    sluice::model::fetch::default_model_path().expect("fetching the default model")
 }
 
 fn tokenizer() -> &'static Tokenizer {

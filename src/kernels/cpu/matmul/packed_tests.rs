@@ -135,13 +135,8 @@ fn packed_rejects_bad_parts() {
 
 #[test]
 fn packed_real_model_tensors() {
-    let path = dirs::home_dir()
-        .unwrap_or_default()
-        .join(".cache/sluice/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let Ok(file) = crate::model::gguf::GgufFile::open(&path) else {
-        eprintln!("note: skipped, no model at {}", path.display());
-        return;
-    };
+    let path = crate::model::fetch::default_model_path().expect("fetching the default model");
+    let file = crate::model::gguf::GgufFile::open(&path).expect("opening the default model");
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     for (name, rows) in [
