@@ -75,7 +75,7 @@ async fn websocket_interleaves_and_cancels(server: &Server) {
                       "max_tokens": 6, "temperature": 0, "ignore_eos": true});
     let completion = json!({"prompt": "The capital of France is", "max_tokens": 6,
                             "temperature": 0, "ignore_eos": true});
-    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 500, "ignore_eos": true});
+    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": true});
     send(
         &mut ws,
         json!({"type": "chat.completions", "id": "a", "request": chat}),
@@ -157,7 +157,7 @@ async fn websocket_interleaves_and_cancels(server: &Server) {
 async fn sse_disconnect_frees_the_request_and_metrics_move(server: &Server) {
     let before = metrics(server).await;
     let url = format!("{}/v1/completions", server.url);
-    let body = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 500, "ignore_eos": true,
+    let body = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": true,
                       "stream": true});
     let resp = post(&url, &body).send().await.expect("stream");
     assert_eq!(resp.status(), 200);
@@ -220,7 +220,9 @@ async fn sse_disconnect_frees_the_request_and_metrics_move(server: &Server) {
 
 async fn shutdown_finishes_in_flight_and_ends_the_rest(server: &mut Server) {
     let url = format!("{}/v1/completions", server.url);
-    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 500, "ignore_eos": true,
+    // Long enough to outlive the shutdown deadline at any speed (the context is 1,024), while
+    // the short one runs long enough (40 tokens) for the metrics poll to see both running.
+    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": true,
                          "stream": true});
     let resp = post(&url, &endless).send().await.expect("stream");
     assert_eq!(resp.status(), 200);
@@ -228,7 +230,7 @@ async fn shutdown_finishes_in_flight_and_ends_the_rest(server: &mut Server) {
     let short = tokio::spawn(
         post(
             &url,
-            &json!({"prompt": "Hi", "max_tokens": 3, "ignore_eos": true}),
+            &json!({"prompt": "Hi", "max_tokens": 40, "ignore_eos": true}),
         )
         .send(),
     );
