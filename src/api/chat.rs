@@ -12,8 +12,8 @@ use futures::StreamExt;
 
 use super::errors::ApiError;
 use super::generation::{
-    choice_events, clamp_logprob, stop_reason_json, submit_all, token_text, unix_now, ChoiceEvent,
-    ChoiceStream, ResponseMeta,
+    choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
+    unix_now, ChoiceAcc, ChoiceEvent, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -219,63 +219,21 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
     })
 }
 
-/// Per-choice state of a non-streaming response.
-#[derive(Default)]
-struct ChoiceAcc {
-    text: String,
-    token_ids: Vec<u32>,
-    logprobs: Vec<ChatLogprobEntry>,
-    finish_reason: Option<&'static str>,
-    stop_reason: serde_json::Value,
-}
-
 /// The whole response, once every choice has finished.
 pub async fn collect(p: PreparedChat) -> Result<ChatCompletionResponse, ApiError> {
     let PreparedChat {
         meta,
         params,
         prompt_token_ids,
-        mut events,
+        events,
     } = p;
-    let mut acc: Vec<ChoiceAcc> = (0..params.n).map(|_| ChoiceAcc::default()).collect();
-    let mut usage = None;
-    while let Some(ev) = events.next().await {
-        match ev? {
-            ChoiceEvent::Token {
-                choice,
-                text,
-                token_ids,
-                logprobs,
-            } => {
-                if let Some(a) = acc.get_mut(choice) {
-                    a.text.push_str(&text);
-                    a.token_ids.extend_from_slice(&token_ids);
-                    a.logprobs
-                        .extend(logprob_entries(&meta.tokenizer, &logprobs));
-                }
-            }
-            ChoiceEvent::Finished {
-                choice,
-                reason,
-                stop_reason,
-            } => {
-                if let Some(a) = acc.get_mut(choice) {
-                    a.finish_reason = Some(reason.as_str());
-                    a.stop_reason = stop_reason_json(&stop_reason);
-                }
-            }
-            ChoiceEvent::Done(u) => {
-                usage = Some(UsageInfo::new(
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.cached_tokens,
-                ));
-                break;
-            }
-        }
-    }
-    let usage =
-        usage.ok_or_else(|| ApiError::Internal("the request ended without usage".into()))?;
+    let mut acc: Vec<ChoiceAcc<Vec<ChatLogprobEntry>>> =
+        (0..params.n).map(|_| ChoiceAcc::default()).collect();
+    let u = collect_choices(events, &mut acc, |out, logprobs| {
+        out.extend(logprob_entries(&meta.tokenizer, logprobs))
+    })
+    .await?;
+    let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
     let want_logprobs = params.sampling.logprobs.is_some();
     Ok(ChatCompletionResponse {
         id: meta.id,

@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 
 use super::errors::ApiError;
 use super::generation::{
-    choice_events, clamp_logprob, stop_reason_json, submit_all, token_text, unix_now, ChoiceEvent,
-    ChoiceStream, ResponseMeta,
+    choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
+    unix_now, ChoiceAcc, ChoiceEvent, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -267,15 +267,6 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
     })
 }
 
-struct ChoiceAcc {
-    text: String,
-    token_ids: Vec<u32>,
-    logprobs: CompletionLogprobs,
-    offset: usize,
-    finish_reason: Option<&'static str>,
-    stop_reason: Value,
-}
-
 pub async fn collect(p: PreparedCompletion) -> Result<CompletionResponse, ApiError> {
     let num_choices = p.num_choices();
     let PreparedCompletion {
@@ -283,64 +274,26 @@ pub async fn collect(p: PreparedCompletion) -> Result<CompletionResponse, ApiErr
         params,
         echo,
         prompts,
-        mut events,
+        events,
     } = p;
     let n = params.n;
     let tok = &meta.tokenizer;
     let mut acc = Vec::with_capacity(num_choices);
     for choice in 0..num_choices {
         let ids = &prompts[choice / n];
-        let mut a = ChoiceAcc {
-            text: String::new(),
-            token_ids: Vec::new(),
-            logprobs: CompletionLogprobs::default(),
-            offset: 0,
-            finish_reason: None,
-            stop_reason: Value::Null,
-        };
+        let mut a = ChoiceAcc::<(CompletionLogprobs, usize)>::default();
         if echo {
             a.text = prompt_text(tok, ids)?;
-            append_prompt_tokens(tok, &mut a.logprobs, &mut a.offset, ids);
+            let (out, offset) = &mut a.logprobs;
+            append_prompt_tokens(tok, out, offset, ids);
         }
         acc.push(a);
     }
-    let mut usage = None;
-    while let Some(ev) = events.next().await {
-        match ev? {
-            ChoiceEvent::Token {
-                choice,
-                text,
-                token_ids,
-                logprobs,
-            } => {
-                if let Some(a) = acc.get_mut(choice) {
-                    a.text.push_str(&text);
-                    a.token_ids.extend_from_slice(&token_ids);
-                    append_logprobs(tok, &mut a.logprobs, &mut a.offset, &logprobs);
-                }
-            }
-            ChoiceEvent::Finished {
-                choice,
-                reason,
-                stop_reason,
-            } => {
-                if let Some(a) = acc.get_mut(choice) {
-                    a.finish_reason = Some(reason.as_str());
-                    a.stop_reason = stop_reason_json(&stop_reason);
-                }
-            }
-            ChoiceEvent::Done(u) => {
-                usage = Some(UsageInfo::new(
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.cached_tokens,
-                ));
-                break;
-            }
-        }
-    }
-    let usage =
-        usage.ok_or_else(|| ApiError::Internal("the request ended without usage".into()))?;
+    let u = collect_choices(events, &mut acc, |(out, offset), logprobs| {
+        append_logprobs(tok, out, offset, logprobs)
+    })
+    .await?;
+    let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
     let want_logprobs = params.sampling.logprobs.is_some();
     Ok(CompletionResponse {
         id: meta.id,
@@ -353,7 +306,7 @@ pub async fn collect(p: PreparedCompletion) -> Result<CompletionResponse, ApiErr
             .map(|(index, a)| CompletionChoice {
                 index,
                 text: a.text,
-                logprobs: want_logprobs.then_some(a.logprobs),
+                logprobs: want_logprobs.then_some(a.logprobs.0),
                 finish_reason: a.finish_reason,
                 stop_reason: a.stop_reason,
                 token_ids: params.return_token_ids.then_some(a.token_ids),

@@ -38,6 +38,54 @@ pub enum ChoiceEvent {
 
 pub type ChoiceStream = Pin<Box<dyn Stream<Item = Result<ChoiceEvent, ApiError>> + Send>>;
 
+/// One choice of a non-streaming response, built up from its events. `L` is the endpoint's
+/// logprobs shape (chat's entries, or completions' legacy lists with their text offset).
+#[derive(Debug, Default)]
+pub struct ChoiceAcc<L> {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: L,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: serde_json::Value,
+}
+
+/// Reads `events` to the end into `acc` (one entry per choice, possibly pre-filled, e.g. with
+/// an echoed prompt); `add_logprobs` appends a token event's logprobs to a choice's.
+pub async fn collect_choices<L>(
+    mut events: ChoiceStream,
+    acc: &mut [ChoiceAcc<L>],
+    mut add_logprobs: impl FnMut(&mut L, &[TokenLogprob]),
+) -> Result<Usage, ApiError> {
+    while let Some(ev) = events.next().await {
+        match ev? {
+            ChoiceEvent::Token {
+                choice,
+                text,
+                token_ids,
+                logprobs,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.text.push_str(&text);
+                    a.token_ids.extend_from_slice(&token_ids);
+                    add_logprobs(&mut a.logprobs, &logprobs);
+                }
+            }
+            ChoiceEvent::Finished {
+                choice,
+                reason,
+                stop_reason,
+            } => {
+                if let Some(a) = acc.get_mut(choice) {
+                    a.finish_reason = Some(reason.as_str());
+                    a.stop_reason = stop_reason_json(&stop_reason);
+                }
+            }
+            ChoiceEvent::Done(usage) => return Ok(usage),
+        }
+    }
+    Err(ApiError::Internal("the request ended without usage".into()))
+}
+
 /// Submits every request, or none: when one is refused, the ones already queued are dropped
 /// (and so aborted) and the refusal is the answer.
 pub fn submit_all(
