@@ -27,7 +27,7 @@ mod encode;
 mod gguf;
 mod hf_dir;
 mod pretokenize;
-mod strftime;
+pub(crate) mod strftime;
 
 use std::path::{Path, PathBuf};
 
