@@ -85,6 +85,8 @@ pub trait Backend: Send + Sync + 'static {
     type Linear: Send + Sync;
     /// A 1-D weight (norm gains, biases).
     type Vector: Send + Sync;
+    /// A token-embedding table, read by rows (never multiplied, so never prepared for matmul).
+    type Embedding: Send + Sync;
     /// The KV cache of all layers.
     type KvCache: Send;
     /// Per-step metadata moved to where the ops need it (positions, slots, block tables).
@@ -97,6 +99,8 @@ pub trait Backend: Send + Sync + 'static {
     /// gate/up), each `[out_i, in]`, possibly of different storage types.
     fn linear(&self, parts: Vec<HostTensor>) -> Result<Self::Linear, KernelError>;
     fn vector(&self, t: &HostTensor) -> Result<Self::Vector, KernelError>;
+    /// A `[vocab, hidden]` embedding table.
+    fn embedding(&self, table: HostTensor) -> Result<Self::Embedding, KernelError>;
     fn kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, KernelError>;
     /// An empty activation tensor, resized by the ops as needed.
     fn tensor(&self) -> Self::Tensor;
@@ -104,7 +108,7 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> Self::Step;
 
     /// `out[t] = table[token_ids[t]]`, the table being `[vocab, hidden]`.
-    fn embed(&self, table: &Self::Linear, step: &Self::Step, out: &mut Self::Tensor);
+    fn embed(&self, table: &Self::Embedding, step: &Self::Step, out: &mut Self::Tensor);
     /// `out = rms_norm(x) * w`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32, out: &mut Self::Tensor);
     /// `residual += delta; out = rms_norm(residual) * w`.

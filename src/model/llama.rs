@@ -43,7 +43,7 @@ struct Buffers<B: Backend> {
 pub struct Llama<B: Backend> {
     pub config: ModelConfig,
     backend: B,
-    embed: B::Linear,
+    embed: B::Embedding,
     layers: Vec<Layer<B>>,
     norm: B::Vector,
     lm_head: B::Linear,
@@ -147,7 +147,7 @@ impl<B: Backend> Llama<B> {
             logits: backend.tensor(),
         };
         Ok(Self {
-            embed: backend.linear(vec![embed_t]).map_err(kernel)?,
+            embed: backend.embedding(embed_t).map_err(kernel)?,
             lm_head: backend.linear(vec![lm_head_t]).map_err(kernel)?,
             norm: vector("output_norm.weight", hid)?,
             layers,

@@ -33,8 +33,6 @@ impl CpuTensor {
 }
 
 pub struct CpuLinear {
-    /// The parts as loaded (cheap handles on the file's bytes); `embed` reads rows of them.
-    parts: Vec<HostTensor>,
     /// The same weights prepared for the matmul kernels (repacked where the path uses it).
     packed: PackedLinear,
     rows: usize,
@@ -70,6 +68,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Linear = CpuLinear;
     type Vector = Vec<f32>;
+    type Embedding = HostTensor;
     type KvCache = CpuKvCache;
     type Step = CpuStep;
 
@@ -82,17 +81,23 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, parts: Vec<HostTensor>) -> Result<CpuLinear, KernelError> {
-        let packed = PackedLinear::new(parts.clone())?;
+        let packed = PackedLinear::new(parts)?;
         Ok(CpuLinear {
             rows: packed.rows(),
             cols: packed.cols(),
-            parts,
             packed,
         })
     }
 
     fn vector(&self, t: &HostTensor) -> Result<Vec<f32>, KernelError> {
         Ok(t.to_f32())
+    }
+
+    fn embedding(&self, table: HostTensor) -> Result<HostTensor, KernelError> {
+        if table.rows == 0 {
+            return Err(KernelError::Invalid("empty embedding table".into()));
+        }
+        Ok(table)
     }
 
     fn kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, KernelError> {
@@ -107,12 +112,11 @@ impl Backend for CpuBackend {
         CpuStep::new(batch, rope)
     }
 
-    fn embed(&self, table: &CpuLinear, step: &CpuStep, out: &mut CpuTensor) {
+    fn embed(&self, part: &HostTensor, step: &CpuStep, out: &mut CpuTensor) {
         let ids = &step.batch.token_ids;
-        let cols = table.cols;
+        let cols = part.cols;
         out.resize(ids.len(), cols);
         let ptr = SyncPtr::new(&mut out.data);
-        let part = &table.parts[0];
         self.for_rows(ids.len(), |t| {
             let id = (ids[t] as usize).min(part.rows - 1);
             // SAFETY: one row per task.
