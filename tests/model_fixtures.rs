@@ -11,7 +11,7 @@ const BLOCK_SIZE: usize = 16;
 /// A top-2 logprob margin below which a different top-1 is a near-tie (llama.cpp keeps K, V
 /// and its attention accumulators in f16, we in f32 with K/V rounded to f16: differences of
 /// this size are expected).
-const NEAR_TIE: f32 = 0.2;
+const NEAR_TIE: f32 = 0.5;
 
 /// Runs `ids` as one prefill of a fresh sequence and returns the logits of every position.
 fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {

@@ -64,7 +64,8 @@ impl EngineArgs {
                 (avail as f64 * self.kv_cache_fraction.clamp(0.0, 0.95)) as u64
             }
         };
-        let bytes_per_block = (model.kv_bytes_per_token(4) * self.block_size) as u64;
+        // K and V are f16 in every backend's cache.
+        let bytes_per_block = (model.kv_bytes_per_token(2) * self.block_size) as u64;
         // Never more blocks than all sequences at full length can use.
         let useful = (self.max_num_seqs * max_model_len).div_ceil(self.block_size) as u64 + 1;
         let num_blocks = (budget / bytes_per_block).min(useful) as usize;

@@ -1,16 +1,22 @@
 //! Paged attention on the CPU: RoPE, the K/V write into cache slots, and causal attention of
 //! each query over its sequence's cached context, read through the block table.
 //!
-//! KV layout per layer (K and V alike): `[num_blocks, num_kv_heads, block_size, head_dim]` f32.
-//! Work is split into tasks of (sequence, KV head, up to `QUERY_CHUNK` queries); a task
-//! handles every query head of its KV head (GQA), so a block of keys read for one query head
-//! is still in cache for the next. No task splits a query's keys, so each output is computed
-//! the same way whatever else is in the batch or how a prompt was chunked.
+//! KV layout per layer, f16: K is `[num_blocks, num_kv_heads, head_dim, block_size]` (transposed
+//! within a block, so a vector FMA scores 16 keys) and V is `[num_blocks, num_kv_heads,
+//! block_size, head_dim]`. Work is split into tasks of (sequence, KV head, up to `QUERY_CHUNK`
+//! queries); a task handles every query head of its KV head (GQA), so each K and V load serves
+//! all of them. No task splits a query's keys, so each output is computed the same way whatever
+//! else is in the batch or how a prompt was chunked. The inner loops are `attention_kernels`.
 
 use std::cell::RefCell;
 
+use half::f16;
+
+use super::attention_kernels::{
+    accumulate_v, block_scores, softmax_numerators, GroupQuery, KvBlock, Scratch,
+};
 use super::backend::CpuTensor;
-use super::ops::{axpy, dot, rope_head, simd_dispatch};
+use super::ops::rope_head;
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::{AttentionShape, ForwardBatch, KvCacheShape};
 
@@ -19,31 +25,33 @@ const QUERY_CHUNK: usize = 16;
 /// Tokens per RoPE/store task.
 const ROPE_CHUNK: usize = 32;
 
-/// K and V of every layer.
+/// K and V of every layer, f16 (the precision of llama.cpp's default cache and of a GPU one).
 pub struct CpuKvCache {
     pub shape: KvCacheShape,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
 }
 
 impl CpuKvCache {
     pub fn new(shape: KvCacheShape) -> Self {
         let per_layer = shape.num_blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
+        let zeros = || -> Vec<Vec<f16>> {
+            (0..shape.num_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect()
+        };
         Self {
             shape,
-            k: (0..shape.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
-            v: (0..shape.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
+            k: zeros(),
+            v: zeros(),
         }
     }
 
-    /// Offset of (block, kv head, offset in block) in a layer's buffer.
-    fn index(&self, block: usize, head: usize, offset: usize) -> usize {
+    /// Offset of (block, KV head) in a layer's K or V buffer; the region is
+    /// `block_size * head_dim` long in both.
+    fn head_base(&self, block: usize, head: usize) -> usize {
         let s = &self.shape;
-        ((block * s.num_kv_heads + head) * s.block_size + offset) * s.head_dim
+        (block * s.num_kv_heads + head) * s.block_size * s.head_dim
     }
 
     pub fn copy_blocks(&mut self, copies: &[(u32, u32)]) {
@@ -112,13 +120,12 @@ impl CpuStep {
     }
 }
 
-/// Rounds values to f16 precision. The cache holds K and V at the precision of an f16 cache
-/// (llama.cpp's default, and what a GPU cache holds), and queries meet keys at that precision
-/// too, so results agree with those engines to near-ties rather than drifting apart.
+/// Rounds values to f16 precision. Queries meet the f16 keys at that precision too, so
+/// results agree with engines that attend in f16 to near-ties rather than drifting apart.
 #[inline]
 fn round_to_f16(x: &mut [f32]) {
     for v in x {
-        *v = half::f16::from_f32(*v).to_f32();
+        *v = f16::from_f32(*v).to_f32();
     }
 }
 
@@ -137,11 +144,12 @@ pub fn rope_and_store(
     let n = qkv.rows;
     let bs = kv.shape.block_size;
     let qkv_ptr = SyncPtr::new(&mut qkv.data);
-    let index: Vec<usize> = step
+    // (region of KV head 0 of the slot's block, offset in the block) per token.
+    let slots: Vec<(usize, usize)> = step
         .batch
         .slot_mapping
         .iter()
-        .map(|&slot| kv.index(slot as usize / bs, 0, slot as usize % bs))
+        .map(|&slot| (kv.head_base(slot as usize / bs, 0), slot as usize % bs))
         .collect();
     let head_stride = bs * d;
     let k_ptr = SyncPtr::new(&mut kv.k[layer]);
@@ -149,25 +157,28 @@ pub fn rope_and_store(
     pool.run(n.div_ceil(ROPE_CHUNK), |task| {
         let first = task * ROPE_CHUNK;
         let last = ((task + 1) * ROPE_CHUNK).min(n);
-        for (t, &slot_index) in index.iter().enumerate().take(last).skip(first) {
+        for (t, &(base, offset)) in slots.iter().enumerate().take(last).skip(first) {
             // SAFETY: each token row, and each token's cache slot, belongs to one task.
             let row = unsafe { qkv_ptr.slice(t * cols, cols) };
             let (cos, sin) = (&step.cos[t * half..][..half], &step.sin[t * half..][..half]);
             for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
                 rope_head(head, cos, sin, step.interleaved);
-                round_to_f16(head);
             }
-            round_to_f16(&mut row[(h + kvh) * d..(h + 2 * kvh) * d]);
+            round_to_f16(&mut row[..h * d]);
             for g in 0..kvh {
-                let at = slot_index + g * head_stride;
-                // SAFETY: slots are distinct per token; see above.
+                let at = base + g * head_stride;
+                let (k_row, v_row) = (&row[(h + g) * d..][..d], &row[(h + kvh + g) * d..][..d]);
+                // SAFETY: slots are distinct per token; see above. K's dimension `i` of this
+                // token sits at `i * bs + offset` of its block region (transposed).
                 unsafe {
-                    k_ptr
-                        .slice(at, d)
-                        .copy_from_slice(&row[(h + g) * d..(h + g + 1) * d]);
-                    v_ptr
-                        .slice(at, d)
-                        .copy_from_slice(&row[(h + kvh + g) * d..(h + kvh + g + 1) * d]);
+                    let k = k_ptr.slice(at, head_stride);
+                    for (i, &x) in k_row.iter().enumerate() {
+                        k[i * bs + offset] = f16::from_f32(x);
+                    }
+                    let v = v_ptr.slice(at + offset * d, d);
+                    for (o, &x) in v.iter_mut().zip(v_row) {
+                        *o = f16::from_f32(x);
+                    }
                 }
             }
         }
@@ -175,7 +186,9 @@ pub fn rope_and_store(
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per worker: scores `[group heads][context]`, each head's 1 / softmax sum, conversion space.
+    static SCORES: RefCell<(Vec<f32>, Vec<f32>, Scratch)> =
+        RefCell::new((Vec::new(), Vec::new(), Scratch::default()));
 }
 
 /// Causal attention of every query over its sequence's cache; `out` is `[tokens, heads * d]`.
@@ -189,6 +202,8 @@ pub fn attend(
     out: &mut CpuTensor,
 ) {
     let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    let group = h / kvh;
+    let bs = kv.shape.block_size;
     out.resize(qkv.rows, h * d);
     let out_ptr = SyncPtr::new(&mut out.data);
     let (k, v) = (&kv.k[layer][..], &kv.v[layer][..]);
@@ -197,82 +212,189 @@ pub fn attend(
         let task = step.tasks[i / kvh];
         let g = i % kvh;
         let seq = &step.batch.seqs[task.seq];
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
+        SCORES.with(|cell| {
+            let (scores, inv_sums, scratch) = &mut *cell.borrow_mut();
             for q in task.q_begin..task.q_end {
                 let row = seq.query_start + q;
                 let ctx = seq.context_len - seq.query_len + q + 1;
-                for head in g * (h / kvh)..(g + 1) * (h / kvh) {
-                    let query = &qkv.data[row * qkv.cols + head * d..][..d];
-                    // SAFETY: (row, head) pairs are disjoint across tasks.
-                    let o = unsafe { out_ptr.slice(row * h * d + head * d, d) };
-                    attend_one(
-                        AttendOne {
-                            query,
-                            k,
-                            v,
-                            block_table: &seq.block_table,
-                            ctx,
-                            kv_head: g,
-                            shape: &kv.shape,
-                            scale: shape.scale,
-                        },
-                        &mut scores,
-                        o,
-                    );
+                let gq = GroupQuery {
+                    q: &qkv.data[row * qkv.cols + g * group * d..][..group * d],
+                    heads: group,
+                    head_dim: d,
+                    scale: shape.scale,
+                };
+                let block = |b: usize| {
+                    let base = kv.head_base(seq.block_table[b] as usize, g);
+                    KvBlock {
+                        k: &k[base..][..bs * d],
+                        v: &v[base..][..bs * d],
+                        block_size: bs,
+                        n: bs.min(ctx - b * bs),
+                    }
+                };
+                let blocks = ctx.div_ceil(bs);
+                scores.resize(group * ctx, 0.0);
+                for b in 0..blocks {
+                    block_scores(gq, block(b), &mut scores[b * bs..], ctx, scratch);
+                }
+                inv_sums.clear();
+                inv_sums.extend(
+                    scores
+                        .chunks_exact_mut(ctx)
+                        .map(|row| 1.0 / softmax_numerators(row)),
+                );
+                // SAFETY: (row, KV head) pairs are disjoint across tasks, and a KV head's query
+                // heads are contiguous in the output row.
+                let o = unsafe { out_ptr.slice(row * h * d + g * group * d, group * d) };
+                o.fill(0.0);
+                for b in 0..blocks {
+                    accumulate_v(group, &scores[b * bs..], ctx, block(b), d, o, scratch);
+                }
+                for (o, inv) in o.chunks_exact_mut(d).zip(inv_sums.iter()) {
+                    for x in o {
+                        *x *= inv;
+                    }
                 }
             }
         });
     });
 }
 
-struct AttendOne<'a> {
-    query: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    block_table: &'a [u32],
-    ctx: usize,
-    kv_head: usize,
-    shape: &'a KvCacheShape,
-    scale: f32,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{BatchSeq, Rope};
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
-#[inline(always)]
-fn attend_one_body(a: AttendOne<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let d = a.shape.head_dim;
-    let bs = a.shape.block_size;
-    let block_base =
-        |b: usize| ((a.block_table[b] as usize * a.shape.num_kv_heads + a.kv_head) * bs) * d;
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for b in 0..a.ctx.div_ceil(bs) {
-        let base = block_base(b);
-        let n = bs.min(a.ctx - b * bs);
-        for j in 0..n {
-            let s = dot(a.query, &a.k[base + j * d..][..d]) * a.scale;
-            max = max.max(s);
-            scores.push(s);
+    /// One step over `(seq, start, end)` token ranges; sequence `s` uses `tables[s]`.
+    fn batch(ranges: &[(usize, usize, usize)], tables: &[Vec<u32>], bs: usize) -> ForwardBatch {
+        let mut b = ForwardBatch::default();
+        for &(s, start, end) in ranges {
+            let query_start = b.token_ids.len();
+            for p in start..end {
+                b.token_ids.push(0);
+                b.positions.push(p as u32);
+                b.slot_mapping
+                    .push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            b.seqs.push(BatchSeq {
+                query_start,
+                query_len: end - start,
+                context_len: end,
+                block_table: tables[s].clone(),
+            });
+        }
+        b
+    }
+
+    /// Ragged prefill chunks over a cached prefix, then decode, against an f64 evaluation of
+    /// softmax(q·k) v over the same rotated, f16-rounded Q, K and V, for GQA ratios 1/3/4/8,
+    /// head dims 64/128/48 and block sizes 8/16/32.
+    #[test]
+    fn paged_attention_matches_f64_reference() {
+        let pool = ThreadPool::new(2);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for &(h, kvh, d, bs) in &[
+            (3, 3, 64, 16),
+            (9, 3, 64, 16),
+            (8, 2, 128, 8),
+            (8, 1, 64, 32),
+            (4, 2, 48, 16),
+        ] {
+            let shape = AttentionShape {
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let lens = [37usize, 1, 70];
+            let num_blocks = 16;
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            ids.shuffle(&mut rng);
+            let mut tables = Vec::new();
+            let mut next = 0;
+            for len in lens {
+                let n = (len + 1).div_ceil(bs);
+                tables.push(ids[next..next + n].to_vec());
+                next += n;
+            }
+            let mut kv = CpuKvCache::new(KvCacheShape {
+                num_layers: 1,
+                num_blocks,
+                block_size: bs,
+                num_kv_heads: kvh,
+                head_dim: d,
+            });
+            let rope = Rope {
+                inv_freqs: (0..d / 2)
+                    .map(|i| 10000f32.powf(-2.0 * i as f32 / d as f32))
+                    .collect(),
+                interleaved: false,
+            };
+            // (seq, pos) -> rotated, rounded q | k | v of that token.
+            let mut seen: Vec<Vec<Vec<f32>>> = lens.iter().map(|_| Vec::new()).collect();
+            let cols = (h + 2 * kvh) * d;
+            let steps = [
+                vec![(0, 0, 20), (2, 0, 33)],
+                vec![(0, 20, 37), (1, 0, 1), (2, 33, 70)],
+                vec![(2, 70, 71), (0, 37, 38)],
+            ];
+            for ranges in steps {
+                let fb = batch(&ranges, &tables, bs);
+                let step = CpuStep::new(&fb, &rope);
+                let mut qkv = CpuTensor::default();
+                qkv.resize(fb.num_tokens(), cols);
+                for x in qkv.data.iter_mut() {
+                    *x = rng.random_range(-1.0..1.0);
+                }
+                rope_and_store(&pool, &mut qkv, shape, 0, &mut kv, &step);
+                let mut out = CpuTensor::default();
+                attend(&pool, &qkv, shape, 0, &kv, &step, &mut out);
+                let mut row = 0;
+                for &(s, start, end) in &ranges {
+                    for _ in start..end {
+                        let mut t = qkv.row(row).to_vec();
+                        for x in &mut t[h * d..] {
+                            *x = f16::from_f32(*x).to_f32();
+                        }
+                        seen[s].push(t);
+                        let ctx = &seen[s];
+                        let query = ctx.last().expect("just pushed");
+                        for head in 0..h {
+                            let g = head / (h / kvh);
+                            let q = &query[head * d..][..d];
+                            let scores: Vec<f64> = ctx
+                                .iter()
+                                .map(|t| {
+                                    let k = &t[(h + g) * d..][..d];
+                                    q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                                        * shape.scale as f64
+                                })
+                                .collect();
+                            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                            let sum: f64 = w.iter().sum();
+                            for i in 0..d {
+                                let exact: f64 = ctx
+                                    .iter()
+                                    .zip(&w)
+                                    .map(|(t, w)| w * t[(h + kvh + g) * d + i] as f64)
+                                    .sum::<f64>()
+                                    / sum;
+                                let got = out.row(row)[head * d + i] as f64;
+                                assert!(
+                                    (got - exact).abs() < 1e-5,
+                                    "h {h} kvh {kvh} d {d} bs {bs} seq {s} row {row} head {head} \
+                                     dim {i}: {got} vs {exact}"
+                                );
+                            }
+                        }
+                        row += 1;
+                    }
+                }
+            }
         }
     }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for b in 0..a.ctx.div_ceil(bs) {
-        let base = block_base(b);
-        let n = bs.min(a.ctx - b * bs);
-        for j in 0..n {
-            axpy(scores[b * bs + j], &a.v[base + j * d..][..d], out);
-        }
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
 }
-
-simd_dispatch!(
-    fn attend_one(a: AttendOne<'_>, scores: &mut Vec<f32>, out: &mut [f32]) => attend_one_body
-);

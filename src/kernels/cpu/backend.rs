@@ -1,5 +1,5 @@
 //! The CPU backend: activations as f32 rows, weights as they lie in the file (quantized
-//! blocks, memory-mapped), the paged KV cache in f32, ops spread over a persistent pool.
+//! blocks, memory-mapped), the paged KV cache in f16, ops spread over a persistent pool.
 
 use std::sync::Mutex;
 

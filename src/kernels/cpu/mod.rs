@@ -1,6 +1,7 @@
 //! The CPU backend: SIMD quantized matmuls, paged attention and the small fused ops.
 
 pub mod attention;
+mod attention_kernels;
 pub mod backend;
 pub mod matmul;
 pub mod ops;

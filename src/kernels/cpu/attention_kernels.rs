@@ -1,0 +1,423 @@
+//! The inner loops of CPU paged attention, for one query position and the query heads of one
+//! KV head (a GQA group): the scores of a block's keys, the softmax exponent, and the sum of V
+//! rows weighted by the probabilities.
+//!
+//! K is stored transposed within a block (`[head_dim][block_size]` per KV head), so one vector
+//! FMA per dimension scores 16 keys at once and every query head of the group reuses each K
+//! load; a V row (`[block_size][head_dim]`) is read once for all heads of the group. Both are
+//! f16, which is the precision the cache always kept (values were rounded to it before).
+//!
+//! The AVX-512 path and the portable path perform the same float operations in the same order
+//! (per key: two partial sums over even and odd dimensions, then `(a + b) * scale`; per output
+//! element: one FMA per key in key order), so their results are identical (tested), and a
+//! sequence's results never depend on what else is in the batch.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::ops::{simd_dispatch, simd_level, SimdLevel};
+
+/// Keys scored per vector.
+const KEY_CHUNK: usize = 16;
+/// Query heads whose accumulators are kept in registers together.
+const HEAD_GROUP: usize = 4;
+
+/// The query heads of one GQA group at one position.
+#[derive(Clone, Copy)]
+pub struct GroupQuery<'a> {
+    /// `[heads][head_dim]`, rounded to f16 precision.
+    pub q: &'a [f32],
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// One block of one KV head: `k` is `[head_dim][block_size]`, `v` is `[block_size][head_dim]`;
+/// the first `n` keys are part of the context.
+#[derive(Clone, Copy)]
+pub struct KvBlock<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub block_size: usize,
+    pub n: usize,
+}
+
+/// Reused conversion space of the portable path.
+#[derive(Default)]
+pub struct Scratch {
+    block: Vec<f32>,
+}
+
+/// `scores[h * stride + j] = scale * q_h · k_j` for the block's `n` keys.
+pub fn block_scores(
+    gq: GroupQuery<'_>,
+    blk: KvBlock<'_>,
+    scores: &mut [f32],
+    stride: usize,
+    scratch: &mut Scratch,
+) {
+    let d = gq.head_dim;
+    assert!(blk.k.len() >= d * blk.block_size && gq.q.len() >= gq.heads * d);
+    assert!(scores.len() >= (gq.heads - 1) * stride + blk.n);
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx512 {
+        let mut h0 = 0;
+        while h0 < gq.heads {
+            let hn = (gq.heads - h0).min(HEAD_GROUP);
+            let q = &gq.q[h0 * d..];
+            let out = &mut scores[h0 * stride..];
+            // SAFETY: AVX-512 was detected; the asserts above bound every access.
+            unsafe {
+                match hn {
+                    1 => avx512::scores::<1>(q, d, blk, gq.scale, out, stride),
+                    2 => avx512::scores::<2>(q, d, blk, gq.scale, out, stride),
+                    3 => avx512::scores::<3>(q, d, blk, gq.scale, out, stride),
+                    _ => avx512::scores::<4>(q, d, blk, gq.scale, out, stride),
+                }
+            }
+            h0 += hn;
+        }
+        return;
+    }
+    let kt = convert(&blk.k[..d * blk.block_size], scratch);
+    scores_portable(gq, kt, blk.block_size, blk.n, scores, stride);
+}
+
+/// `out_h += Σ_j p[h * stride + j] * v_j` over the block's `n` keys, in key order;
+/// `out` is `[heads][head_dim]`.
+pub fn accumulate_v(
+    heads: usize,
+    p: &[f32],
+    stride: usize,
+    blk: KvBlock<'_>,
+    d: usize,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    assert!(blk.v.len() >= blk.n * d && out.len() >= heads * d);
+    assert!(p.len() >= (heads - 1) * stride + blk.n);
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx512 && d % 16 == 0 {
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = (heads - h0).min(HEAD_GROUP);
+            let (p, out) = (&p[h0 * stride..], &mut out[h0 * d..]);
+            // SAFETY: AVX-512 was detected; the asserts above bound every access.
+            unsafe {
+                match hn {
+                    1 => avx512::accumulate_v::<1>(p, stride, blk, d, out),
+                    2 => avx512::accumulate_v::<2>(p, stride, blk, d, out),
+                    3 => avx512::accumulate_v::<3>(p, stride, blk, d, out),
+                    _ => avx512::accumulate_v::<4>(p, stride, blk, d, out),
+                }
+            }
+            h0 += hn;
+        }
+        return;
+    }
+    let v = convert(&blk.v[..blk.n * d], scratch);
+    accumulate_v_portable(heads, p, stride, v, blk.n, d, out);
+}
+
+/// The block's f16 values as f32 in `scratch`, padded by one key chunk so that the portable
+/// loops may read whole chunks past the end (those lanes are never stored).
+fn convert<'s>(src: &[f16], scratch: &'s mut Scratch) -> &'s [f32] {
+    scratch.block.resize(src.len() + KEY_CHUNK, 0.0);
+    src.convert_to_f32_slice(&mut scratch.block[..src.len()]);
+    &scratch.block
+}
+
+#[inline(always)]
+fn scores_portable_body(
+    gq: GroupQuery<'_>,
+    kt: &[f32],
+    bs: usize,
+    n: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let d = gq.head_dim;
+    for h in 0..gq.heads {
+        let q = &gq.q[h * d..][..d];
+        let mut c = 0;
+        while c < n {
+            let (mut a0, mut a1) = ([0.0f32; KEY_CHUNK], [0.0f32; KEY_CHUNK]);
+            let mut i = 0;
+            while i + 1 < d {
+                let (k0, k1) = (&kt[i * bs + c..][..KEY_CHUNK], &kt[(i + 1) * bs + c..][..KEY_CHUNK]);
+                for l in 0..KEY_CHUNK {
+                    a0[l] = q[i].mul_add(k0[l], a0[l]);
+                    a1[l] = q[i + 1].mul_add(k1[l], a1[l]);
+                }
+                i += 2;
+            }
+            if i < d {
+                let k0 = &kt[i * bs + c..][..KEY_CHUNK];
+                for l in 0..KEY_CHUNK {
+                    a0[l] = q[i].mul_add(k0[l], a0[l]);
+                }
+            }
+            let w = (n - c).min(KEY_CHUNK);
+            for l in 0..w {
+                scores[h * stride + c + l] = (a0[l] + a1[l]) * gq.scale;
+            }
+            c += KEY_CHUNK;
+        }
+    }
+}
+
+simd_dispatch!(
+    fn scores_portable(gq: GroupQuery<'_>, kt: &[f32], bs: usize, n: usize, scores: &mut [f32], stride: usize) => scores_portable_body
+);
+
+#[inline(always)]
+fn accumulate_v_portable_body(
+    heads: usize,
+    p: &[f32],
+    stride: usize,
+    v: &[f32],
+    n: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    for h in 0..heads {
+        let o = &mut out[h * d..][..d];
+        for j in 0..n {
+            let pj = p[h * stride + j];
+            for (o, x) in o.iter_mut().zip(&v[j * d..][..d]) {
+                *o = pj.mul_add(*x, *o);
+            }
+        }
+    }
+}
+
+simd_dispatch!(
+    fn accumulate_v_portable(heads: usize, p: &[f32], stride: usize, v: &[f32], n: usize, d: usize, out: &mut [f32]) => accumulate_v_portable_body
+);
+
+/// `exp(x)` for `x ≤ 0` (a score minus the row's maximum), evaluated in f64 and rounded once,
+/// so it is the correctly rounded f32 result but in the rarest cases: the same values a
+/// correctly rounding `expf` (glibc's, which llama.cpp's CPU attention calls) gives, yet
+/// vectorized. NaN stays NaN, so a broken row is still seen downstream.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Below this, the result is under f32's normal range: zero to a softmax.
+    const MIN_X: f64 = -104.0;
+    // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    let x = x as f64;
+    let x = if x < MIN_X { MIN_X } else { x };
+    let t = x * std::f64::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // |r| ≤ ln2 / 2; a degree-11 Taylor polynomial leaves a relative error under 1e-15.
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut y: f64 = 1.0 / 39_916_800.0;
+    for c in [
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        y = y.mul_add(r, c);
+    }
+    let pow2n = f64::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023)) << 52);
+    (y * pow2n) as f32
+}
+
+#[inline(always)]
+fn softmax_numerators_body(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s = exp_nonpositive(*s - max);
+    }
+    // A fixed 16-lane tree, like `ops::dot`, so the sum vectorizes and never depends on
+    // anything but the row.
+    let mut acc = [0.0f32; KEY_CHUNK];
+    let chunks = scores.chunks_exact(KEY_CHUNK);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..KEY_CHUNK {
+            acc[l] += c[l];
+        }
+    }
+    for (l, s) in tail.iter().enumerate() {
+        acc[l] += s;
+    }
+    let mut w = KEY_CHUNK / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+simd_dispatch!(
+    /// Replaces a row of scores by `exp(score - max)` and returns their sum.
+    pub fn softmax_numerators(scores: &mut [f32]) -> f32 => softmax_numerators_body
+);
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{KvBlock, KEY_CHUNK};
+
+    #[inline(always)]
+    fn lane_mask(w: usize) -> __mmask16 {
+        if w >= 16 {
+            0xffff
+        } else {
+            (1u16 << w) - 1
+        }
+    }
+
+    /// The heads `0..H` of `q` (`[H][d]`) against the block's keys; see `block_scores`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    pub unsafe fn scores<const H: usize>(
+        q: &[f32],
+        d: usize,
+        blk: KvBlock<'_>,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let bs = blk.block_size;
+        let kt = blk.k.as_ptr() as *const i16;
+        let mut c = 0;
+        while c < blk.n {
+            let mask = lane_mask(blk.n - c);
+            let mut a0 = [_mm512_setzero_ps(); H];
+            let mut a1 = [_mm512_setzero_ps(); H];
+            let mut i = 0;
+            while i + 1 < d {
+                let k0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add(i * bs + c)));
+                let k1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add((i + 1) * bs + c)));
+                for h in 0..H {
+                    let qh = q.as_ptr().add(h * d + i);
+                    a0[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh), k0, a0[h]);
+                    a1[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh.add(1)), k1, a1[h]);
+                }
+                i += 2;
+            }
+            if i < d {
+                let k0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add(i * bs + c)));
+                for h in 0..H {
+                    a0[h] = _mm512_fmadd_ps(_mm512_set1_ps(*q.as_ptr().add(h * d + i)), k0, a0[h]);
+                }
+            }
+            let scale = _mm512_set1_ps(scale);
+            for h in 0..H {
+                let s = _mm512_mul_ps(_mm512_add_ps(a0[h], a1[h]), scale);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(h * stride + c), mask, s);
+            }
+            c += KEY_CHUNK;
+        }
+    }
+
+    /// `out_h += Σ_j p[h * stride + j] v_j` for heads `0..H`; `d` is a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    pub unsafe fn accumulate_v<const H: usize>(
+        p: &[f32],
+        stride: usize,
+        blk: KvBlock<'_>,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let v = blk.v.as_ptr() as *const __m256i;
+        let o = out.as_mut_ptr();
+        let mut s = 0;
+        while s < d {
+            let mut acc = [_mm512_setzero_ps(); H];
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(o.add(h * d + s));
+            }
+            for j in 0..blk.n {
+                let vj = _mm512_cvtph_ps(_mm256_loadu_si256(v.byte_add((j * d + s) * 2)));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.as_ptr().add(h * stride + j)), vj, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.add(h * d + s), *a);
+            }
+            s += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn exp_is_correctly_rounded() {
+        let mut x = 0.0f32;
+        while x > -110.0 {
+            let (ours, exact) = (exp_nonpositive(x), (x as f64).exp() as f32);
+            assert_eq!(ours, exact, "exp({x})");
+            x -= 0.000_37;
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    fn random_f16(rng: &mut ChaCha8Rng, n: usize) -> Vec<f16> {
+        (0..n).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()
+    }
+
+    /// Both paths against an f64 evaluation, and against each other bit for bit.
+    #[test]
+    fn paths_agree_with_each_other_and_with_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for &(heads, d, bs, n) in &[
+            (1, 64, 16, 16),
+            (3, 64, 16, 7),
+            (4, 128, 16, 16),
+            (8, 128, 32, 29),
+            (5, 48, 8, 8),
+            (2, 64, 16, 1),
+        ] {
+            let q: Vec<f32> = random_f16(&mut rng, heads * d).iter().map(|x| x.to_f32()).collect();
+            let k = random_f16(&mut rng, d * bs);
+            let v = random_f16(&mut rng, bs * d);
+            let blk = KvBlock { k: &k, v: &v, block_size: bs, n };
+            let gq = GroupQuery { q: &q, heads, head_dim: d, scale: 0.125 };
+            let stride = n + 3;
+            let mut scratch = Scratch::default();
+            let mut fast = vec![0.0f32; heads * stride];
+            block_scores(gq, blk, &mut fast, stride, &mut scratch);
+            let mut portable = vec![0.0f32; heads * stride];
+            let kt = convert(&k, &mut scratch).to_vec();
+            scores_portable(gq, &kt, bs, n, &mut portable, stride);
+            assert_eq!(fast, portable, "scores heads {heads} d {d} bs {bs} n {n}");
+            for h in 0..heads {
+                for j in 0..n {
+                    let exact: f64 = (0..d)
+                        .map(|i| q[h * d + i] as f64 * k[i * bs + j].to_f64())
+                        .sum::<f64>()
+                        * 0.125;
+                    assert!((fast[h * stride + j] as f64 - exact).abs() < 1e-5);
+                }
+            }
+            let mut out_fast = vec![0.5f32; heads * d];
+            let mut out_portable = out_fast.clone();
+            accumulate_v(heads, &fast, stride, blk, d, &mut out_fast, &mut scratch);
+            let vf = convert(&v[..n * d], &mut scratch).to_vec();
+            accumulate_v_portable(heads, &fast, stride, &vf, n, d, &mut out_portable);
+            assert_eq!(out_fast, out_portable, "v heads {heads} d {d} bs {bs} n {n}");
+        }
+    }
+}
