@@ -5,4 +5,13 @@
 //! builds with no CUDA toolkit, and a missing library is reported as an error by the checks in
 //! `nvrtc::is_available` and `device.rs` before cudarc could panic on it.
 
+pub mod backend;
+pub mod context;
+pub mod nvml;
 pub mod nvrtc;
+mod ops;
+pub mod params;
+pub mod step;
+
+pub use backend::{CudaBackend, CudaTensor, KvDType};
+pub use context::{probe, CudaError};
