@@ -26,16 +26,39 @@ pub enum DeviceError {
     Unavailable { requested: String, why: String },
 }
 
-/// Why no GPU can be used here, or `None` when one can.
+/// Why no GPU can be used here, or `None` when one can. Checks that the driver, cuBLAS and
+/// NVRTC libraries load before anything could make cudarc panic on a missing one.
+#[cfg(not(feature = "cuda"))]
 fn cuda_unavailable_reason() -> Option<String> {
     Some("this sluice was built without the `cuda` feature".to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_unavailable_reason() -> Option<String> {
+    use crate::kernels::cuda;
+    match cuda::probe() {
+        Err(e) => return Some(e.to_string()),
+        Ok(0) => return Some("the CUDA driver sees no GPU".to_string()),
+        Ok(_) => {}
+    }
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Some(cuda::CudaError::NoCublas.to_string());
+    }
+    if !cuda::nvrtc::is_available() {
+        return Some(cuda::nvrtc::NvrtcError::Missing.to_string());
+    }
+    None
 }
 
 pub fn select(requested: &str) -> Result<Device, DeviceError> {
     match requested {
         "cpu" => Ok(Device::Cpu),
         "auto" => match cuda_unavailable_reason() {
-            None => Ok(Device::Cuda(0)),
+            None => {
+                tracing::info!("--device auto: using cuda:0");
+                Ok(Device::Cuda(0))
+            }
             Some(why) => {
                 tracing::info!("--device auto: using the CPU ({why})");
                 Ok(Device::Cpu)

@@ -1,0 +1,558 @@
+//! `CudaBackend`: the `Backend` ops on one GPU.
+//!
+//! Activations are f32 `[rows, cols]` device buffers that only grow. Linear weights stay in
+//! their storage type: f32/f16/bf16 go through cuBLAS (activations cast to the weight's 16-bit
+//! type, f32 accumulate and output); GGML blocks go through our GEMV when a call has at most
+//! `GEMV_MAX_ROWS` rows, else are dequantized to f16 scratch for a cuBLAS GEMM. The KV cache
+//! is f16 or bf16 (the model's dtype). The `Backend` ops return nothing, so a failed launch is
+//! recorded and reported (as a panic naming it) at the next download: a GPU fault is not a
+//! client's input, and silently wrong logits would be worse.
+
+use std::sync::Mutex;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::context::{kerr, ptr, CudaError, Gpu};
+use super::step::CudaStep;
+use crate::kernels::dtype::WeightDType;
+use crate::kernels::host::HostTensor;
+use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
+
+/// Rows up to which a quantized matmul runs as GEMV (must match `GEMV_MAX_ROWS` in gemv.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Storage type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDType {
+    F16,
+    BF16,
+}
+
+impl KvDType {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        }
+    }
+}
+
+/// Launches kernel `$name` with `$cfg` and the given argument references.
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $gpu.func($name)?;
+        let mut b = $gpu.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        // SAFETY: argument types and order match the kernel's C signature (see kernels-cuda/);
+        // every pointer is a live device buffer of the size the kernel is told.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(kerr)
+    }};
+}
+pub(crate) use launch;
+
+pub(crate) fn grid1(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks for a grid-stride loop over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    grid1(n.div_ceil(256).min(65_535), 256)
+}
+
+#[derive(Default)]
+pub struct CudaTensor {
+    pub(crate) buf: Option<CudaSlice<f32>>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CudaTensor {
+    pub(crate) fn ensure(
+        &mut self,
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let need = rows * cols;
+        if self.buf.as_ref().is_none_or(|b| b.len() < need) {
+            self.buf = Some(gpu.alloc::<f32>(need)?);
+        }
+        self.rows = rows;
+        self.cols = cols;
+        Ok(())
+    }
+    pub(crate) fn ptr(&self, gpu: &Gpu) -> Result<u64, KernelError> {
+        self.buf
+            .as_ref()
+            .map(|b| ptr(b, &gpu.stream))
+            .ok_or_else(|| KernelError::Invalid("an empty CUDA tensor was read".into()))
+    }
+}
+
+pub(crate) struct LinearPart {
+    pub dtype: WeightDType,
+    pub rows: usize,
+    /// First output feature of this part.
+    pub offset: usize,
+    pub data: CudaSlice<u8>,
+}
+
+pub struct CudaLinear {
+    pub(crate) parts: Vec<LinearPart>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct CudaVector {
+    pub(crate) data: CudaSlice<f32>,
+    pub len: usize,
+}
+
+pub struct CudaEmbedding {
+    pub(crate) dtype: WeightDType,
+    pub(crate) data: CudaSlice<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct CudaKvCache {
+    pub shape: KvCacheShape,
+    pub(crate) k: Vec<CudaSlice<u16>>,
+    pub(crate) v: Vec<CudaSlice<u16>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Activations cast to f16/bf16 for cuBLAS.
+    pub half: Option<CudaSlice<u16>>,
+    /// A quantized weight dequantized to f16.
+    pub weight: Option<CudaSlice<u16>>,
+    /// Split-KV partial results.
+    pub split: Option<CudaSlice<f32>>,
+}
+
+pub(crate) fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    slot: &mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<u64, KernelError> {
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        *slot = Some(gpu.alloc::<T>(len)?);
+    }
+    Ok(slot.as_ref().map(|b| ptr(b, &gpu.stream)).unwrap_or(0))
+}
+
+pub struct CudaBackend {
+    pub(crate) gpu: Gpu,
+    pub(crate) kv_dtype: KvDType,
+    pub(crate) scratch: Mutex<Scratch>,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and loads the kernels (compiled by NVRTC, or from the disk cache).
+    pub fn new(ordinal: usize, kv_dtype: KvDType) -> Result<Self, CudaError> {
+        Ok(Self {
+            gpu: Gpu::open(ordinal)?,
+            kv_dtype,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Waits for the stream and reports the first failed op since the last check.
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.gpu.stream.synchronize().map_err(kerr)?;
+        match self.gpu.take_error() {
+            Some(e) => Err(KernelError::Invalid(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn upload_bytes(&self, t: &HostTensor) -> Result<CudaSlice<u8>, KernelError> {
+        self.gpu.upload(&t.bytes[..])
+    }
+
+    fn matmul_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) -> Result<(), KernelError> {
+        let gpu = &self.gpu;
+        let (m, k, n_total) = (x.rows, w.cols, w.rows);
+        if x.cols != k {
+            return Err(KernelError::Invalid(format!(
+                "matmul: x has {} cols, W {k}",
+                x.cols
+            )));
+        }
+        out.ensure(gpu, m, n_total)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let xp = x.ptr(gpu)?;
+        let op = out.ptr(gpu)?;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cast_to: Option<WeightDType> = None;
+        for part in &w.parts {
+            let wp = ptr(&part.data, &gpu.stream);
+            let n = part.rows;
+            let y = op + (part.offset * 4) as u64;
+            match part.dtype {
+                WeightDType::F32 => self.gemm(GemmArgs {
+                    m,
+                    n,
+                    k,
+                    n_total,
+                    w: wp,
+                    x: xp,
+                    y,
+                    dtype: WeightDType::F32,
+                })?,
+                WeightDType::F16 | WeightDType::BF16 => {
+                    let xh = self.cast_acts(&mut scratch, xp, m * k, part.dtype, &mut cast_to)?;
+                    self.gemm(GemmArgs {
+                        m,
+                        n,
+                        k,
+                        n_total,
+                        w: wp,
+                        x: xh,
+                        y,
+                        dtype: part.dtype,
+                    })?;
+                }
+                q if m <= GEMV_MAX_ROWS => {
+                    let name = format!("gemv_{}", quant_suffix(q)?);
+                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
+                    let (mi, ni, ki, ld, off) = (
+                        m as i32,
+                        n as i32,
+                        k as i32,
+                        n_total as i32,
+                        part.offset as i32,
+                    );
+                    launch!(
+                        gpu,
+                        &name,
+                        grid1(n.div_ceil(4), 128),
+                        &wp,
+                        &xp,
+                        &op,
+                        &mi,
+                        &ni,
+                        &ki,
+                        &ld,
+                        &off,
+                        &row_bytes
+                    )?;
+                }
+                q => {
+                    let wh = grow(gpu, &mut scratch.weight, n * k)?;
+                    let name = format!("dequantize_{}_f16", quant_suffix(q)?);
+                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
+                    let (ni, ki) = (n as i32, k as i32);
+                    launch!(
+                        gpu,
+                        &name,
+                        elementwise(n * k / 32),
+                        &wp,
+                        &wh,
+                        &ni,
+                        &ki,
+                        &row_bytes
+                    )?;
+                    let xh =
+                        self.cast_acts(&mut scratch, xp, m * k, WeightDType::F16, &mut cast_to)?;
+                    self.gemm(GemmArgs {
+                        m,
+                        n,
+                        k,
+                        n_total,
+                        w: wh,
+                        x: xh,
+                        y,
+                        dtype: WeightDType::F16,
+                    })?;
+                }
+            }
+        }
+        if let Some(b) = bias {
+            let (r, c) = (m as i32, n_total as i32);
+            let bp = ptr(&b.data, &gpu.stream);
+            launch!(
+                gpu,
+                "add_bias_f32",
+                elementwise(m * n_total),
+                &op,
+                &bp,
+                &r,
+                &c
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `x` cast to the 16-bit `dtype` in scratch, reusing the last cast of this call.
+    fn cast_acts(
+        &self,
+        scratch: &mut Scratch,
+        xp: u64,
+        len: usize,
+        dtype: WeightDType,
+        done: &mut Option<WeightDType>,
+    ) -> Result<u64, KernelError> {
+        let gpu = &self.gpu;
+        let hp = grow(gpu, &mut scratch.half, len)?;
+        if *done != Some(dtype) {
+            let name = if dtype == WeightDType::BF16 {
+                "cast_f32_to_bf16"
+            } else {
+                "cast_f32_to_f16"
+            };
+            let n = len as u64;
+            launch!(gpu, name, elementwise(len), &xp, &n, &hp)?;
+            *done = Some(dtype);
+        }
+        Ok(hp)
+    }
+
+    /// Row-major `y[m, n] (ld n_total) = x[m, k] · W[n, k]ᵀ`, as column-major
+    /// `yᵀ = W · xᵀ`: cuBLAS `op(A) = Aᵀ` with A = W (k × n, ld k), B = x (k × m, ld k).
+    fn gemm(&self, a: GemmArgs) -> Result<(), KernelError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let ty = match a.dtype {
+            WeightDType::F32 => cudaDataType::CUDA_R_32F,
+            WeightDType::F16 => cudaDataType::CUDA_R_16F,
+            _ => cudaDataType::CUDA_R_16BF,
+        };
+        // SAFETY: the pointers are live device buffers of at least n·k, m·k and m·n_total
+        // elements of the stated types; cuBLAS runs on the backend's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                a.n as i32,
+                a.m as i32,
+                a.k as i32,
+                &alpha as *const f32 as *const _,
+                a.w as *const _,
+                ty,
+                a.k as i32,
+                a.x as *const _,
+                ty,
+                a.k as i32,
+                &beta as *const f32 as *const _,
+                a.y as *mut _,
+                cudaDataType::CUDA_R_32F,
+                a.n_total as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(kerr)
+    }
+}
+
+struct GemmArgs {
+    m: usize,
+    n: usize,
+    k: usize,
+    n_total: usize,
+    w: u64,
+    x: u64,
+    y: u64,
+    dtype: WeightDType,
+}
+
+/// The kernel-name suffix of a GGML block type.
+pub(crate) fn quant_suffix(d: WeightDType) -> Result<&'static str, KernelError> {
+    Ok(match d {
+        WeightDType::Q8_0 => "q8_0",
+        WeightDType::Q4_0 => "q4_0",
+        WeightDType::Q4_1 => "q4_1",
+        WeightDType::Q4K => "q4_k",
+        WeightDType::Q6K => "q6_k",
+        WeightDType::F32 => "f32",
+        WeightDType::F16 => "f16",
+        WeightDType::BF16 => "bf16",
+    })
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+    type Vector = CudaVector;
+    type Embedding = CudaEmbedding;
+    type KvCache = CudaKvCache;
+    type Step = CudaStep;
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda ({}, {}, {} SMs, kv {})",
+            self.gpu.name,
+            self.gpu.arch,
+            self.gpu.num_sms,
+            self.kv_dtype.suffix()
+        )
+    }
+
+    fn linear(&self, parts: Vec<HostTensor>) -> Result<CudaLinear, KernelError> {
+        let cols = parts.first().map(|p| p.cols).unwrap_or(0);
+        let mut out = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for p in &parts {
+            if p.cols != cols || p.dtype.row_bytes(cols).is_none() {
+                return Err(KernelError::Invalid(format!(
+                    "linear part {}x{} {} does not fit {cols} input features",
+                    p.rows, p.cols, p.dtype
+                )));
+            }
+            if p.dtype.is_quantized() && !cols.is_multiple_of(32) {
+                return Err(KernelError::Unsupported(format!(
+                    "{} with {cols} inputs",
+                    p.dtype
+                )));
+            }
+            out.push(LinearPart {
+                dtype: p.dtype,
+                rows: p.rows,
+                offset,
+                data: self.upload_bytes(p)?,
+            });
+            offset += p.rows;
+        }
+        Ok(CudaLinear {
+            parts: out,
+            rows: offset,
+            cols,
+        })
+    }
+
+    fn vector(&self, t: &HostTensor) -> Result<CudaVector, KernelError> {
+        let v = t.to_f32();
+        Ok(CudaVector {
+            len: v.len(),
+            data: self.gpu.upload(&v)?,
+        })
+    }
+
+    fn embedding(&self, table: HostTensor) -> Result<CudaEmbedding, KernelError> {
+        if table.rows == 0 || !table.cols.is_multiple_of(32) {
+            return Err(KernelError::Invalid(format!(
+                "embedding table {}x{}: needs rows and a multiple of 32 columns",
+                table.rows, table.cols
+            )));
+        }
+        Ok(CudaEmbedding {
+            dtype: table.dtype,
+            data: self.upload_bytes(&table)?,
+            rows: table.rows,
+            cols: table.cols,
+        })
+    }
+
+    fn kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache, KernelError> {
+        if !matches!(shape.head_dim, 64 | 128) {
+            return Err(KernelError::Unsupported(format!(
+                "head dim {} (the CUDA attention kernels take 64 or 128)",
+                shape.head_dim
+            )));
+        }
+        let per_layer = shape.num_blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
+        let mut k = Vec::with_capacity(shape.num_layers);
+        let mut v = Vec::with_capacity(shape.num_layers);
+        for _ in 0..shape.num_layers {
+            k.push(self.gpu.alloc::<u16>(per_layer)?);
+            v.push(self.gpu.alloc::<u16>(per_layer)?);
+        }
+        Ok(CudaKvCache { shape, k, v })
+    }
+
+    fn tensor(&self) -> CudaTensor {
+        CudaTensor::default()
+    }
+
+    fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CudaStep {
+        CudaStep::new(&self.gpu, batch, rope)
+    }
+
+    fn embed(&self, table: &CudaEmbedding, step: &CudaStep, out: &mut CudaTensor) {
+        self.gpu.record(self.embed_impl(table, step, out));
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaVector, eps: f32, out: &mut CudaTensor) {
+        self.gpu.record(self.rms_norm_impl(x, w, eps, out));
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        delta: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) {
+        self.gpu
+            .record(self.add_rms_norm_impl(residual, delta, w, eps, out));
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) {
+        self.gpu.record(self.matmul_impl(x, w, bias, out));
+    }
+
+    fn attention(
+        &self,
+        qkv: &mut CudaTensor,
+        shape: AttentionShape,
+        layer: usize,
+        kv: &mut CudaKvCache,
+        step: &CudaStep,
+        out: &mut CudaTensor,
+    ) {
+        self.gpu
+            .record(self.attention_impl(qkv, shape, layer, kv, step, out));
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) {
+        self.gpu.record(self.silu_mul_impl(gate_up, out));
+    }
+
+    fn gather_logits_rows(&self, x: &CudaTensor, step: &CudaStep, out: &mut CudaTensor) {
+        self.gpu.record(self.gather_impl(x, step, out));
+    }
+
+    fn copy_blocks(&self, kv: &mut CudaKvCache, copies: &[(u32, u32)]) {
+        self.gpu.record(self.copy_blocks_impl(kv, copies));
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+        let got = match &x.buf {
+            Some(b) => self.gpu.download(b, x.rows * x.cols),
+            None => Ok(Vec::new()),
+        };
+        if let Some(e) = self.gpu.take_error() {
+            panic!("a CUDA op of this step failed: {e}");
+        }
+        match got {
+            Ok(v) => v,
+            Err(e) => panic!("downloading from the GPU failed: {e}"),
+        }
+    }
+}
