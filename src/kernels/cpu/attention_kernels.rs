@@ -97,7 +97,7 @@ pub fn accumulate_v(
     assert!(blk.v.len() >= blk.n * d && out.len() >= heads * d);
     assert!(p.len() >= (heads - 1) * stride + blk.n);
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx512 && d % 16 == 0 {
+    if simd_level() == SimdLevel::Avx512 && d.is_multiple_of(16) {
         let mut h0 = 0;
         while h0 < heads {
             let hn = (heads - h0).min(HEAD_GROUP);
@@ -233,6 +233,7 @@ simd_dispatch!(
 );
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // the heads index several register arrays at once
 mod avx512 {
     use std::arch::x86_64::*;
 

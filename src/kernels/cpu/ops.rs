@@ -146,16 +146,11 @@ pub fn exp(x: f32) -> f32 {
     const MAX_X: f64 = 89.0;
     // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f64 = 6_755_399_441_055_744.0;
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     let x = x as f64;
-    let x = if x < MIN_X {
-        MIN_X
-    } else if x > MAX_X {
-        MAX_X
-    } else {
-        x
-    };
+    // `clamp` keeps NaN.
+    let x = x.clamp(MIN_X, MAX_X);
     let t = x * std::f64::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     // |r| ≤ ln2 / 2; a degree-11 Taylor polynomial leaves a relative error under 1e-15.
