@@ -43,10 +43,7 @@ pub enum ApiError {
     RequestTimeout(std::time::Duration),
     /// A rejection the HTTP framework made itself, with its status and reason.
     #[error("{message}")]
-    Http {
-        status: StatusCode,
-        message: String,
-    },
+    Http { status: StatusCode, message: String },
     #[error(transparent)]
     Overloaded(SubmitError),
     #[error("{0}")]

@@ -23,7 +23,7 @@ pub mod sse;
 pub mod validation;
 pub mod websocket;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Set when shutdown began: new generation requests get 503, `/health` too.
     pub shutting_down: Arc<AtomicBool>,
+    /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
+    /// waits for this to reach zero.
+    pub open_sockets: Arc<AtomicUsize>,
 }
 
 impl AppState {
@@ -94,6 +97,7 @@ impl AppState {
             created: generation::unix_now(),
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            open_sockets: Arc::new(AtomicUsize::new(0)),
         }
     }
 

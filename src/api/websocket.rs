@@ -59,7 +59,24 @@ fn text(v: Value) -> Message {
     Message::Text(v.to_string().into())
 }
 
+/// Counts a session open for as long as it lives.
+struct OpenSocket(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenSocket {
+    fn new(state: &AppState) -> Self {
+        state.open_sockets.fetch_add(1, Ordering::AcqRel);
+        Self(state.open_sockets.clone())
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn run(socket: WebSocket, state: AppState) {
+    let _open = OpenSocket::new(&state);
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_BUFFER);
     let writer = tokio::spawn(async move {

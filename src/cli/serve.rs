@@ -117,10 +117,21 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
         .store(true, std::sync::atomic::Ordering::Release);
     state.engine.shutdown(Instant::now() + timeout);
     let _ = stop_tx.send(());
-    match tokio::time::timeout(timeout + SHUTDOWN_GRACE, server).await {
+    let deadline = tokio::time::Instant::now() + timeout + SHUTDOWN_GRACE;
+    match tokio::time::timeout_at(deadline, server).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
         Err(_) => tracing::warn!("connections still open after the shutdown timeout; closing"),
+    }
+    // WebSocket sessions close once their requests have ended (they got an error event at
+    // the deadline at the latest).
+    while state
+        .open_sockets
+        .load(std::sync::atomic::Ordering::Acquire)
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }
