@@ -4,7 +4,7 @@
 //! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
 //! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
-//! GET  /health, /metrics                       never behind the API key
+//! GET  /health, /metrics, /openapi.json        never behind the API key
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
 //! methods included); a request is validated and submitted before any byte of a stream is
@@ -17,6 +17,7 @@ pub mod errors;
 pub mod generation;
 pub mod misc;
 pub mod openai_types;
+pub mod openapi;
 pub mod prompt;
 pub mod server;
 pub mod sse;
@@ -126,6 +127,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(misc::health))
         .route("/metrics", get(misc::metrics))
+        .route("/openapi.json", get(openapi::handler))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
