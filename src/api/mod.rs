@@ -7,8 +7,10 @@
 //! GET  /health, /metrics, /openapi.json        never behind the API key
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
-//! methods included); a request is validated and submitted before any byte of a stream is
-//! sent, so refusals get their status code; the API holds no serving state, only the
+//! methods, the framework's own rejections and handler panics included), whose message is at
+//! most `errors::MAX_MESSAGE_BYTES`; a request is validated and submitted before any byte of a
+//! stream is sent, so refusals get their status code; a slow client is bounded by the
+//! header-read and body-read timeouts (`server.rs`); the API holds no serving state, only the
 //! `EngineHandle`.
 
 pub mod chat;
