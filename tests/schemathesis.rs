@@ -9,7 +9,10 @@ use std::process::Command;
 #[test]
 fn no_generated_request_yields_a_5xx() {
     let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/schemathesis.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/schemathesis.sh"
+        ))
         .arg("30")
         .env("SLUICE_BIN", api_support::sluice_bin())
         .output()
