@@ -15,6 +15,10 @@ use crate::tokenizer::TokenizerError;
 /// Seconds a client should wait after a 429 before retrying.
 const RETRY_AFTER_SECS: u64 = 1;
 
+/// Longest error message sent, in bytes: messages quote client input (serde quotes a wrong
+/// value whole), and an error response stays small whatever was sent.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// A value the client sent is invalid; `param` names the field.
@@ -35,6 +39,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// A rejection the HTTP framework made itself, with its status and reason.
+    #[error("{message}")]
+    Http { status: StatusCode, message: String },
     #[error(transparent)]
     Overloaded(SubmitError),
     #[error("{0}")]
@@ -74,6 +83,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Http { status, .. } => *status,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -99,12 +110,17 @@ impl ApiError {
             ),
             Self::NotFound(_) => ("invalid_request_error", Some("not_found"), None),
             Self::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed"), None),
+            Self::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
+            Self::Http { status, .. } if status.is_server_error() => {
+                ("server_error", Some("internal_error"), None)
+            }
+            Self::Http { .. } => ("invalid_request_error", None, None),
             Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Self::Unavailable(_) => ("service_unavailable", Some("service_unavailable"), None),
             Self::Internal(_) => ("server_error", Some("internal_error"), None),
         };
         ErrorObject {
-            message: self.to_string(),
+            message: truncate(self.to_string()),
             kind,
             param,
             code,
@@ -127,6 +143,19 @@ impl ApiError {
             EngineErrorKind::Internal => Self::Internal(message),
         }
     }
+}
+
+/// Cuts a message to `MAX_MESSAGE_BYTES` at a character boundary.
+fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (truncated)");
+    }
+    message
 }
 
 impl From<SubmitError> for ApiError {
@@ -204,6 +233,14 @@ mod tests {
         assert_eq!(obj.param.as_deref(), Some("top_p"));
         assert_eq!(obj.kind, "invalid_request_error");
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let e = ApiError::invalid("prompt", "é".repeat(100_000));
+        let m = e.object().message;
+        assert!(m.len() <= MAX_MESSAGE_BYTES + 20, "{}", m.len());
+        assert!(m.ends_with("(truncated)"));
     }
 
     #[test]

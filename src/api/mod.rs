@@ -4,11 +4,13 @@
 //! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
 //! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
-//! GET  /health, /metrics                       never behind the API key
+//! GET  /health, /metrics, /openapi.json        never behind the API key
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
-//! methods included); a request is validated and submitted before any byte of a stream is
-//! sent, so refusals get their status code; the API holds no serving state, only the
+//! methods, the framework's own rejections and handler panics included), whose message is at
+//! most `errors::MAX_MESSAGE_BYTES`; a request is validated and submitted before any byte of a
+//! stream is sent, so refusals get their status code; a slow client is bounded by the
+//! header-read and body-read timeouts (`server.rs`); the API holds no serving state, only the
 //! `EngineHandle`.
 
 pub mod chat;
@@ -17,23 +19,26 @@ pub mod errors;
 pub mod generation;
 pub mod misc;
 pub mod openai_types;
+pub mod openapi;
 pub mod prompt;
+pub mod server;
 pub mod sse;
 pub mod validation;
 pub mod websocket;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use tower_http::catch_panic::CatchPanicLayer;
 
 pub use errors::ApiError;
 
@@ -49,6 +54,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// `/health` answers 503 when the engine loop made no progress for this long.
     pub health_max_silence: Duration,
+    /// Header-read (and idle keep-alive) and body-read bounds.
+    pub timeouts: server::HttpTimeouts,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +64,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 4 << 20,
             health_max_silence: Duration::from_secs(60),
+            timeouts: server::HttpTimeouts::default(),
         }
     }
 }
@@ -73,6 +81,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Set when shutdown began: new generation requests get 503, `/health` too.
     pub shutting_down: Arc<AtomicBool>,
+    /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
+    /// waits for this to reach zero.
+    pub open_sockets: Arc<AtomicUsize>,
 }
 
 impl AppState {
@@ -89,6 +100,7 @@ impl AppState {
             created: generation::unix_now(),
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            open_sockets: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -117,10 +129,50 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(misc::health))
         .route("/metrics", get(misc::metrics))
+        .route("/openapi.json", get(openapi::handler))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(middleware::map_response(openai_shaped))
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// A handler that panicked answers 500 (the connection and the server go on).
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("internal error: the request handler failed".into()).into_response()
+}
+
+/// Rejections the framework makes itself (a WebSocket upgrade without its headers, a
+/// timeout) come as plain text: they become the OpenAI error object, with their status.
+async fn openai_shaped(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json);
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // Framework messages are short; a bound keeps a surprise from echoing megabytes.
+    let text = axum::body::to_bytes(body, errors::MAX_MESSAGE_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::Http { status, message }.into_response();
+    for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -185,20 +237,29 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        let mut body = req.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        while let Some(frame) = body.next().await {
-            let frame = frame.map_err(|e| ApiError::InvalidRequest {
-                message: format!("cannot read the request body: {e}"),
-                param: None,
-            })?;
-            if bytes.len() + frame.len() > limit {
-                return Err(ApiError::PayloadTooLarge { limit });
-            }
-            bytes.extend_from_slice(&frame);
-        }
+        let deadline = state.config.timeouts.body_read;
+        let bytes = tokio::time::timeout(deadline, read_body(req, limit))
+            .await
+            .map_err(|_| ApiError::RequestTimeout(deadline))??;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// The whole body, at most `limit` bytes.
+async fn read_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = req.into_body().into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(|e| ApiError::InvalidRequest {
+            message: format!("cannot read the request body: {e}"),
+            param: None,
+        })?;
+        if bytes.len() + frame.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        bytes.extend_from_slice(&frame);
+    }
+    Ok(bytes)
 }
 
 /// `application/json`, with parameters, or any `+json` type.

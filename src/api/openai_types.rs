@@ -7,9 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 /// `stop`: one string or several.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
@@ -26,7 +27,7 @@ impl StopSpec {
 }
 
 /// The sampling and stopping fields that chat and completions share.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CommonParams {
     pub model: Option<String>,
     pub n: Option<i64>,
@@ -38,6 +39,7 @@ pub struct CommonParams {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     /// Token id (as a string key) to a bias in [-100, 100].
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Map<String, Value>>,
     pub user: Option<String>,
     #[serde(default)]
@@ -60,14 +62,14 @@ pub struct CommonParams {
     pub add_special_tokens: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// `prompt` of `/v1/completions`: text, texts, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptSpec {
     Text(String),
@@ -76,7 +78,7 @@ pub enum PromptSpec {
     IdLists(Vec<Vec<i64>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: PromptSpec,
     #[serde(flatten)]
@@ -89,31 +91,32 @@ pub struct CompletionRequest {
 }
 
 /// One chat message as clients send it; `content` may be text, null or a list of parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
     /// `name`, `tool_calls`, `tool_call_id`, ...: passed to the chat template.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub messages: Vec<RequestMessage>,
     #[serde(flatten)]
@@ -125,6 +128,7 @@ pub struct ChatCompletionRequest {
     pub add_generation_prompt: Option<bool>,
     #[serde(default)]
     pub continue_final_message: bool,
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
 }
 
@@ -320,7 +324,7 @@ pub struct ModelList {
 }
 
 /// `/tokenize` takes either a `prompt` or chat `messages`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -329,6 +333,7 @@ pub struct TokenizeRequest {
     pub add_generation_prompt: Option<bool>,
     #[serde(default)]
     pub continue_final_message: bool,
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
     #[serde(default)]
     pub return_token_strs: bool,
@@ -342,7 +347,7 @@ pub struct TokenizeResponse {
     pub token_strs: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<i64>,

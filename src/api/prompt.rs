@@ -55,9 +55,25 @@ pub async fn tokenize_chat(
 ) -> Result<Vec<u32>, ApiError> {
     blocking(move || {
         let text = tokenizer.apply_chat_template(&messages, &opts)?;
+        #[cfg(feature = "fault-injection")]
+        inject_template_fault(&text)?;
         Ok(tokenizer.encode(&text, add_special_tokens)?)
     })
     .await
+}
+
+/// Test-only: a marked conversation makes the template fail, or its renderer panic.
+#[cfg(feature = "fault-injection")]
+fn inject_template_fault(text: &str) -> Result<(), ApiError> {
+    use crate::engine::fault::{parse, Fault};
+    match parse(text).map(|f| f.fault) {
+        Some(Fault::Template) => Err(crate::tokenizer::TokenizerError::Template(
+            "injected fault: the chat template failed".into(),
+        )
+        .into()),
+        Some(Fault::TemplatePanic) => panic!("injected fault: the chat template panicked"),
+        _ => Ok(()),
+    }
 }
 
 /// The token ids of each prompt of a completions request.

@@ -339,12 +339,18 @@ pub fn build(
             format!("{prompt_param} is empty after tokenization"),
         ));
     }
+    // A sequence longer than the whole KV cache could never run: refused here, at once.
     let limit = info.max_model_len.min(info.kv_cache_tokens);
+    let what = if info.kv_cache_tokens < info.max_model_len {
+        "the server's KV cache holds"
+    } else {
+        "This model's maximum context length is"
+    };
     if num_prompt >= limit {
         return Err(ApiError::invalid(
             prompt_param,
             format!(
-                "This model's maximum context length is {limit} tokens. However, your prompt \
+                "{what} {limit} tokens. However, your prompt \
                  has {num_prompt} tokens, which leaves no room for a completion. Please reduce \
                  the length of the {prompt_param}."
             ),
@@ -356,7 +362,7 @@ pub fn build(
             return Err(ApiError::invalid(
                 "max_tokens",
                 format!(
-                    "This model's maximum context length is {limit} tokens. However, you \
+                    "{what} {limit} tokens. However, you \
                      requested {} tokens ({num_prompt} in the {prompt_param}, {m} in the \
                      completion). Please reduce the length of the {prompt_param} or completion.",
                     num_prompt + m
@@ -472,6 +478,27 @@ mod tests {
         assert_eq!(b(vec![1; 10], &open, None).unwrap().max_tokens, 90);
         assert_eq!(b(vec![1; 10], &open, Some(16)).unwrap().max_tokens, 16);
         assert_eq!(b(vec![1; 95], &open, Some(16)).unwrap().max_tokens, 5);
+    }
+
+    #[test]
+    fn the_kv_cache_limit_is_named() {
+        let p = params(serde_json::json!({"max_tokens": 50})).unwrap();
+        let small = EngineInfo {
+            kv_cache_tokens: 60,
+            ..info()
+        };
+        let e = build(
+            &p,
+            vec![1; 20],
+            "prompt",
+            None,
+            &small,
+            String::new(),
+            Instant::now(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("KV cache holds 60 tokens"), "{e}");
+        assert_eq!(param_of(e).as_deref(), Some("max_tokens"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! bounded channel.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -31,6 +32,9 @@ use super::{chat, completions, from_value, AppState};
 
 /// Outgoing messages buffered per socket before request tasks wait for the client.
 const OUTGOING_BUFFER: usize = 256;
+
+/// How often an idle socket checks whether the server is draining.
+const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub async fn handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     ws.max_message_size(state.config.max_body_bytes)
@@ -55,7 +59,24 @@ fn text(v: Value) -> Message {
     Message::Text(v.to_string().into())
 }
 
+/// Counts a session open for as long as it lives.
+struct OpenSocket(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenSocket {
+    fn new(state: &AppState) -> Self {
+        state.open_sockets.fetch_add(1, Ordering::AcqRel);
+        Self(state.open_sockets.clone())
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn run(socket: WebSocket, state: AppState) {
+    let _open = OpenSocket::new(&state);
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_BUFFER);
     let writer = tokio::spawn(async move {
@@ -68,8 +89,16 @@ async fn run(socket: WebSocket, state: AppState) {
     });
     let mut tasks = JoinSet::new();
     let mut cancels: HashMap<String, oneshot::Sender<()>> = HashMap::new();
+    // While the server drains, a socket with nothing in flight closes (new requests on it
+    // are refused anyway), so shutdown need not wait for the client to hang up.
+    let mut drain_check = tokio::time::interval(DRAIN_CHECK);
     loop {
         tokio::select! {
+            _ = drain_check.tick() => {
+                if tasks.is_empty() && state.shutting_down.load(Ordering::Acquire) {
+                    break;
+                }
+            }
             msg = incoming.next() => {
                 let body = match msg {
                     Some(Ok(Message::Text(t))) => t.as_str().to_string(),

@@ -14,6 +14,7 @@ pub mod compare;
 pub mod mock;
 pub mod report;
 pub mod runner;
+pub mod soak;
 pub mod sse;
 pub mod sysinfo;
 pub mod tokenizer;
@@ -58,6 +59,9 @@ pub enum BenchCommand {
     Compare(CompareArgs),
     /// Serve fake completions at a fixed pace, to measure the bench client's own overhead.
     MockServer(mock::MockArgs),
+    /// Mixed load (streams, disconnects, bursts, bad requests) for a while, then assert no
+    /// 5xx, no leaked KV block and flat RSS (exit status 1 when any fails).
+    Soak(soak::SoakArgs),
 }
 
 /// Which OpenAI route the requests go to.
@@ -210,6 +214,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             print!("{table}");
         }
         BenchCommand::MockServer(args) => mock::mock_server(args)?,
+        BenchCommand::Soak(args) => {
+            let report = soak::soak(args)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.failures.is_empty() {
+                anyhow::bail!("soak failed: {}", report.failures.join("; "));
+            }
+        }
     }
     Ok(())
 }

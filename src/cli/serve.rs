@@ -4,9 +4,9 @@
 //! Start-up prints exactly one line on stdout, `sluice listening on http://ADDR:PORT`, once
 //! the socket is bound and the engine runs (tests and scripts wait for it). Shutdown: stop
 //! accepting, refuse new requests with 503, let in-flight ones finish until
-//! `--shutdown-timeout` (then the engine ends them with an error), exit 0.
+//! `--shutdown-timeout` (then the engine ends them with an error and streams end with an
+//! error event), exit 0 within the timeout plus `SHUTDOWN_GRACE`.
 
-use std::future::IntoFuture;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -16,8 +16,8 @@ use super::engine_args::EngineArgs;
 use super::model_args::ModelArgs;
 use crate::api::{self, AppState, ServerConfig};
 
-/// Extra time, past the shutdown timeout, for responses to reach their clients.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Extra time, past the shutdown timeout, for the last events to reach their clients.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -42,12 +42,28 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = 30.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a whole request body (408 past it).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_read_timeout: f64,
+}
+
+fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v >= min && v < 1e9) {
+        anyhow::bail!("--{flag} must be a number of seconds, at least {min}");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        anyhow::bail!("--shutdown-timeout must be a number of seconds, at least 0");
-    }
+    let timeout = seconds("shutdown-timeout", args.shutdown_timeout, 0.0)?;
+    let timeouts = api::server::HttpTimeouts {
+        header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
+        body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
+    };
     let loaded = args.model.load()?;
     let engine_config = args.engine.engine_config(&loaded.model.config)?;
     let name = args.served_model_name.clone().unwrap_or(loaded.name);
@@ -60,6 +76,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ServerConfig {
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             max_body_bytes: args.max_body_bytes,
+            timeouts,
             ..ServerConfig::default()
         },
     );
@@ -68,10 +85,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let timeout = Duration::from_secs_f64(args.shutdown_timeout);
     let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
-    // Tasks still open (WebSockets past the deadline) are dropped, not waited for.
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(100));
     result
 }
 
@@ -87,13 +103,10 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(state.clone());
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .into_future(),
-    );
+    let timeouts = state.config.timeouts;
+    let server = tokio::spawn(api::server::serve(listener, app, timeouts, async move {
+        let _ = stop_rx.await;
+    }));
     let signal = wait_for_signal().await?;
     tracing::info!(
         "{signal}: shutting down, in-flight requests have {:.0?} to finish",
@@ -104,11 +117,21 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
         .store(true, std::sync::atomic::Ordering::Release);
     state.engine.shutdown(Instant::now() + timeout);
     let _ = stop_tx.send(());
-    match tokio::time::timeout(timeout + SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!("server error during shutdown: {e}"),
+    let deadline = tokio::time::Instant::now() + timeout + SHUTDOWN_GRACE;
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
         Err(_) => tracing::warn!("connections still open after the shutdown timeout; closing"),
+    }
+    // WebSocket sessions close once their requests have ended (they got an error event at
+    // the deadline at the latest).
+    while state
+        .open_sockets
+        .load(std::sync::atomic::Ordering::Acquire)
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }

@@ -1,7 +1,15 @@
 //! The engine loop: intake, schedule, execute, commit, outputs — one step at a time, on its
 //! own thread, owning all serving state.
+//!
+//! Fault isolation: a failure attributable to one sequence (non-finite logits, a sampled id
+//! outside the vocabulary, a detokenizer error) ends that request alone; the others in the
+//! step commit their tokens as if it had not been there. A panic anywhere inside a step is
+//! caught here: the requests of that step end with an internal error, their blocks are freed,
+//! and the loop goes on. Only steps that keep panicking (`MAX_FAILED_STEPS_IN_A_ROW`) mark the
+//! engine unhealthy.
 
 use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +48,9 @@ struct SeqState {
     output: SeqOutput,
     num_generated: usize,
     last_token_at: Option<Instant>,
+    /// Test-only: an output-stage fault for this sequence.
+    #[cfg(feature = "fault-injection")]
+    fault: Option<super::fault::ArmedFault>,
 }
 
 /// How a sequence's step ended.
@@ -63,6 +74,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     /// Prefix-cache counters already exported to metrics.
     exported_prefix: (u64, u64),
     exported_counters: (u64, u64),
+    /// The requests of the step being run, failed together if it panics.
+    step_request_ids: Vec<RequestId>,
 }
 
 impl<B: Backend> EngineLoop<B> {
@@ -89,6 +102,7 @@ impl<B: Backend> EngineLoop<B> {
             shutdown_deadline: None,
             exported_prefix: (0, 0),
             exported_counters: (0, 0),
+            step_request_ids: Vec::new(),
         }
     }
 
@@ -109,10 +123,11 @@ impl<B: Backend> EngineLoop<B> {
             if self.requests.is_empty() {
                 continue;
             }
-            self.step();
-            self.shared
-                .last_progress_ms
-                .store(now_millis(), Ordering::Release);
+            if self.guarded_step() {
+                self.shared
+                    .last_progress_ms
+                    .store(now_millis(), Ordering::Release);
+            }
         }
         self.shared.stopped.store(true, Ordering::Release);
     }
@@ -233,7 +248,13 @@ impl<B: Backend> EngineLoop<B> {
         if !request.ignore_eos {
             stop_ids.extend_from_slice(self.tokenizer.eos_token_ids());
         }
+        #[cfg(feature = "fault-injection")]
+        let fault = super::fault::find_in_prompt(&self.tokenizer, &request.prompt_token_ids);
         for (index, &seq_id) in seq_ids.iter().enumerate() {
+            #[cfg(feature = "fault-injection")]
+            if let Some(f) = fault.filter(|f| f.fault.is_runner()) {
+                self.runner.add_fault(seq_id, f.fault, f.after_tokens);
+            }
             let mut sampler = SequenceSampler::new(
                 request.sampling.clone(),
                 &request.prompt_token_ids,
@@ -256,6 +277,8 @@ impl<B: Backend> EngineLoop<B> {
                     ),
                     num_generated: 0,
                     last_token_at: None,
+                    #[cfg(feature = "fault-injection")]
+                    fault: fault.filter(|f| !f.fault.is_runner()),
                 },
             );
         }
@@ -324,9 +347,58 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
+    /// Runs one step, catching a panic inside it. Returns whether the step completed.
+    fn guarded_step(&mut self) -> bool {
+        self.step_request_ids.clear();
+        // The state a panic leaves behind is repaired by failing the step's requests: that
+        // frees their sequences in the scheduler (and so their blocks) and in the runner.
+        let result = panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+        match result {
+            Ok(()) => {
+                self.shared
+                    .failed_steps_in_a_row
+                    .store(0, Ordering::Release);
+                true
+            }
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("an engine step panicked: {what}");
+                self.shared
+                    .failed_steps_in_a_row
+                    .fetch_add(1, Ordering::AcqRel);
+                let mut ids = std::mem::take(&mut self.step_request_ids);
+                if ids.is_empty() {
+                    // The panic came before the plan named its requests (in the scheduler):
+                    // nothing tells which request caused it, so all of them end.
+                    ids = self.requests.keys().copied().collect();
+                }
+                for id in ids {
+                    self.fail_request(
+                        id,
+                        EngineErrorKind::Internal,
+                        format!("internal error: the engine step failed ({what})"),
+                    );
+                }
+                self.update_gauges();
+                false
+            }
+        }
+    }
+
     fn step(&mut self) {
         let step_start = Instant::now();
         let plan = self.scheduler.schedule();
+        for s in &plan.seqs {
+            if let Some(seq) = self.seqs.get(&s.seq_id) {
+                if !self.step_request_ids.contains(&seq.request) {
+                    self.step_request_ids.push(seq.request);
+                }
+            }
+        }
         for &seq_id in &plan.too_long_seq_ids {
             if let Some(s) = self.seqs.get(&seq_id) {
                 let id = s.request;
@@ -448,6 +520,11 @@ impl<B: Backend> EngineLoop<B> {
                 SeqOutcome::Finished(FinishReason::Stop, reason),
             )
         } else {
+            #[cfg(feature = "fault-injection")]
+            if let Some(message) = output_fault(seq.fault, seq.num_generated) {
+                self.fail_request(request_id, EngineErrorKind::Internal, message);
+                return;
+            }
             match seq.output.push(&self.tokenizer, id) {
                 Ok((text, Some(stop))) => (
                     text,
@@ -583,5 +660,18 @@ impl<B: Backend> EngineLoop<B> {
                 .saturating_sub(self.exported_counters.1),
         );
         self.exported_counters = (c.num_preemptions_total, c.num_computed_prompt_tokens_total);
+    }
+}
+
+/// Test-only: the error an output-stage fault produces once the sequence has generated
+/// `num_generated` tokens (this one included).
+#[cfg(feature = "fault-injection")]
+fn output_fault(fault: Option<super::fault::ArmedFault>, num_generated: usize) -> Option<String> {
+    use super::fault::Fault;
+    let f = fault.filter(|f| num_generated > f.after_tokens)?;
+    match f.fault {
+        Fault::Detokenize => Some("detokenization failed: injected fault".into()),
+        Fault::StopString => Some("stop-string matching failed: injected fault".into()),
+        _ => None,
     }
 }

@@ -4,7 +4,7 @@
 //! flume channel. Dropping a `RequestStream` before its terminal event aborts the request, so
 //! its KV blocks are freed within one step (the engine also notices a dropped receiver).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::metrics::EngineMetrics;
@@ -57,7 +57,12 @@ pub(crate) struct Shared {
     pub stopped: AtomicBool,
     /// Unix millis of the last completed step or idle wake-up (liveness).
     pub last_progress_ms: AtomicU64,
+    /// Steps that panicked since the last one that completed.
+    pub failed_steps_in_a_row: AtomicU32,
 }
+
+/// Steps panicking in a row past which the engine counts as unable to make progress.
+pub(crate) const MAX_FAILED_STEPS_IN_A_ROW: u32 = 3;
 
 /// Cheap to clone; every clone talks to the same engine thread.
 #[derive(Clone)]
@@ -121,9 +126,13 @@ impl EngineHandle {
         let _ = self.commands.try_send(EngineCommand::Shutdown { deadline });
     }
 
-    /// Whether the loop is alive and made progress within `max_silence`.
+    /// Whether the loop is alive and made progress within `max_silence`: it completed a step
+    /// or woke idle recently, and its steps are not all panicking.
     pub fn is_healthy(&self, max_silence: std::time::Duration) -> bool {
         if self.shared.stopped.load(Ordering::Acquire) || self.commands.is_disconnected() {
+            return false;
+        }
+        if self.shared.failed_steps_in_a_row.load(Ordering::Acquire) >= MAX_FAILED_STEPS_IN_A_ROW {
             return false;
         }
         let last = self.shared.last_progress_ms.load(Ordering::Acquire);

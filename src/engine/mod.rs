@@ -14,13 +14,15 @@
 //! idle it checks the KV-cache accounting: every block free again.
 
 mod engine_loop;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod handle;
 pub mod metrics;
 mod output;
 pub mod request;
 mod runner;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
@@ -75,6 +77,7 @@ pub fn spawn<B: Backend>(
         num_waiting: AtomicUsize::new(0),
         stopped: AtomicBool::new(false),
         last_progress_ms: AtomicU64::new(handle::now_millis()),
+        failed_steps_in_a_row: AtomicU32::new(0),
     });
     // The command queue is bounded: a full queue answers `Overloaded` at once.
     let (tx, rx) = flume::bounded(4096);

@@ -22,6 +22,9 @@ pub(crate) struct ModelRunner<B: Backend> {
     samplers: HashMap<SeqId, SequenceSampler>,
     scratch: SamplingScratch,
     batch: ForwardBatch,
+    /// Test-only: per sequence, a fault and the samples left before it fires.
+    #[cfg(feature = "fault-injection")]
+    faults: HashMap<SeqId, (super::fault::Fault, usize)>,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -32,6 +35,8 @@ impl<B: Backend> ModelRunner<B> {
             samplers: HashMap::new(),
             scratch: SamplingScratch::default(),
             batch: ForwardBatch::default(),
+            #[cfg(feature = "fault-injection")]
+            faults: HashMap::new(),
         }
     }
 
@@ -45,6 +50,24 @@ impl<B: Backend> ModelRunner<B> {
 
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.samplers.remove(&seq_id);
+        #[cfg(feature = "fault-injection")]
+        self.faults.remove(&seq_id);
+    }
+
+    /// Test-only: `fault` fires at the sequence's sample after `after` samples.
+    #[cfg(feature = "fault-injection")]
+    pub fn add_fault(&mut self, seq_id: SeqId, fault: super::fault::Fault, after: usize) {
+        self.faults.insert(seq_id, (fault, after));
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn due_fault(&mut self, seq_id: SeqId) -> Option<super::fault::Fault> {
+        let (fault, left) = self.faults.get_mut(&seq_id)?;
+        if *left > 0 {
+            *left -= 1;
+            return None;
+        }
+        Some(*fault)
     }
 
     fn build_batch(&mut self, plan: &StepPlan, block_size: usize) {
@@ -92,15 +115,27 @@ impl<B: Backend> ModelRunner<B> {
                 ));
                 continue;
             };
+            #[cfg(feature = "fault-injection")]
+            let fault = self.due_fault(s.seq_id);
+            row_buf.clear();
+            row_buf.extend_from_slice(row);
+            #[cfg(feature = "fault-injection")]
+            if let Some(f) = fault {
+                super::fault::corrupt_row(f, &mut row_buf);
+            }
             let result = match self.samplers.get_mut(&s.seq_id) {
                 None => Err(format!("no sampler for sequence {}", s.seq_id)),
-                Some(_) if row.iter().any(|x| x.is_nan()) => {
-                    Err("the model produced NaN logits for this sequence".into())
+                // NaN or +inf poisons softmax for this row only; the others sample as usual.
+                Some(_) if row_buf.iter().any(|x| x.is_nan() || *x == f32::INFINITY) => {
+                    Err("the model produced non-finite logits for this sequence".into())
                 }
                 Some(sampler) => {
-                    row_buf.clear();
-                    row_buf.extend_from_slice(row);
-                    let t = sampler.sample(&mut row_buf, &mut self.scratch);
+                    #[allow(unused_mut)]
+                    let mut t = sampler.sample(&mut row_buf, &mut self.scratch);
+                    #[cfg(feature = "fault-injection")]
+                    if fault == Some(super::fault::Fault::BadToken) {
+                        t.token_id = vocab as u32;
+                    }
                     if (t.token_id as usize) < vocab {
                         Ok(t)
                     } else {

@@ -1,0 +1,98 @@
+//! The HTTP edge: our own accept loop over hyper, because `axum::serve` sets no timer and so
+//! no timeouts at all.
+//!
+//! * Header-read timeout (hyper's, per connection): a request head not complete within
+//!   `header_read_timeout` closes the connection. hyper starts that timer whenever the
+//!   connection waits for a head, so an idle keep-alive connection is closed after the same
+//!   bound.
+//! * Body-read timeout: `JsonBody` reads the whole body within `body_read_timeout` or answers
+//!   408 (a trickling body cannot hold a connection longer).
+//! * Graceful shutdown: when `shutdown` resolves, the listener closes, every connection is
+//!   told to finish its current response and close, and `serve` returns once they have.
+//!   Upgraded connections (WebSockets) are no longer hyper's: their handler ends them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Connection-level limits of the HTTP edge.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    /// A request head must arrive within this; also how long an idle keep-alive connection
+    /// stays open.
+    pub header_read: Duration,
+    /// A request body must arrive whole within this.
+    pub body_read: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(30),
+            body_read: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains the connections.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    timeouts: HttpTimeouts,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read)
+        .keep_alive(true);
+    // Each connection task holds a receiver; `closed()` resolves when all are gone.
+    let (close_tx, close_rx) = watch::channel(());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        let close_rx = close_rx.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection from {peer} ended: {e}");
+            }
+            drop(close_rx);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(close_rx);
+    close_tx.closed().await;
+}

@@ -1,0 +1,38 @@
+//! `sluice bench soak` for a few seconds against a real server (the test build, so with
+//! injected faults): it must pass its own verdict (no unexpected 5xx, no leaked block).
+//! `scripts/soak.sh` runs it for as long as one likes.
+
+mod api_support;
+
+use std::process::Command;
+
+use api_support::{sluice_bin, Server};
+
+#[test]
+fn a_short_soak_passes() {
+    let server = Server::start(&["--max-num-seqs", "4", "--max-waiting", "8"]);
+    let out = Command::new(sluice_bin())
+        .args([
+            "bench",
+            "soak",
+            "--duration",
+            "12s",
+            "--concurrency",
+            "6",
+            "--faults",
+        ])
+        .args(["--url", &server.url, "--pid", &server.pid().to_string()])
+        .args(["--max-rss-growth", "256"])
+        .output()
+        .expect("running sluice bench soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "soak failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["client_errors"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["injected_faults"].as_u64().unwrap() > 0, "{report}");
+}
