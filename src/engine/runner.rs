@@ -3,11 +3,14 @@
 //!
 //! It keeps what it needs per sequence across steps (the sampler with its generator and
 //! penalty counts), so a sequence's sampling parameters cross once, when it is added.
+//!
+//! The model is a `RankGroup`: one rank is today's single-model path; with tensor or pipeline
+//! parallelism the group broadcasts the batch to its ranks and returns the gathered logits.
 
 use std::collections::HashMap;
 
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
-use crate::model::llama::Llama;
+use crate::model::rank_group::RankGroup;
 use crate::model::sampling::{SampledToken, SamplingScratch, SequenceSampler};
 use crate::scheduler::{SeqId, StepPlan};
 
@@ -17,18 +20,16 @@ pub(crate) struct StepOutput {
 }
 
 pub(crate) struct ModelRunner<B: Backend> {
-    model: Llama<B>,
-    kv: B::KvCache,
+    model: RankGroup<B>,
     samplers: HashMap<SeqId, SequenceSampler>,
     scratch: SamplingScratch,
     batch: ForwardBatch,
 }
 
 impl<B: Backend> ModelRunner<B> {
-    pub fn new(model: Llama<B>, kv: B::KvCache) -> Self {
+    pub fn new(model: RankGroup<B>) -> Self {
         Self {
             model,
-            kv,
             samplers: HashMap::new(),
             scratch: SamplingScratch::default(),
             batch: ForwardBatch::default(),
@@ -36,7 +37,7 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.model.config.vocab_size
+        self.model.lead().config.vocab_size
     }
 
     pub fn add_seq(&mut self, seq_id: SeqId, sampler: SequenceSampler) {
@@ -78,8 +79,16 @@ impl<B: Backend> ModelRunner<B> {
     /// Runs one step. Sequences without a sampler (none is expected) get an error entry.
     pub fn execute(&mut self, plan: &StepPlan, block_size: usize) -> StepOutput {
         self.build_batch(plan, block_size);
-        self.model.copy_blocks(&mut self.kv, &plan.block_copies);
-        let logits = self.model.forward(&self.batch, &mut self.kv);
+        let logits = match self.model.run(&self.batch, &plan.block_copies) {
+            Ok(logits) => logits,
+            Err(e) => {
+                let msg = format!("the forward pass failed: {e}");
+                let sampled = plan.seqs.iter().filter(|s| s.sample);
+                return StepOutput {
+                    sampled: sampled.map(|s| (s.seq_id, Err(msg.clone()))).collect(),
+                };
+            }
+        };
         let vocab = self.vocab_size();
         let mut sampled = Vec::with_capacity(self.batch.logits_rows.len());
         let mut rows = logits.chunks_exact(vocab);
