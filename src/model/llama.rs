@@ -27,7 +27,7 @@ use super::weights::WeightSource;
 use super::ModelError;
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KvCacheShape, Rope};
-use crate::parallel::{Communicator, RankShard, SoloComm};
+use crate::parallel::{Communicator, RankShard, SoloComm, TpMode};
 
 struct Layer<B: Backend> {
     attn_norm: B::Vector,
@@ -68,7 +68,8 @@ pub struct Llama<B: Backend> {
     buffers: Buffers<B>,
     /// The batch with token ids remapped to this rank's vocabulary rows (vocabulary split).
     local_batch: ForwardBatch,
-    gathered: Vec<f32>,
+    /// Gathered activations (`TpMode::Gather`) and logits.
+    gathered: B::Tensor,
 }
 
 /// The whole model's shard: one rank, every layer.
@@ -79,10 +80,12 @@ pub fn whole_shard(c: &ModelConfig) -> RankShard {
         tp_size: 1,
         stage: 0,
         pp_size: 1,
+        tp_mode: TpMode::Gather,
         q_heads: 0..c.num_heads,
         kv_heads: 0..c.num_kv_heads,
         inter: 0..c.intermediate_size,
         vocab: 0..c.vocab_size,
+        hidden: 0..c.hidden_size,
         layers: 0..c.num_layers,
     }
 }
@@ -137,7 +140,9 @@ fn load_layer<B: Backend>(
         qkv,
         qkv_bias,
         o: backend
-            .linear(vec![weights.require_cols(
+            .linear(vec![row_parallel(
+                weights,
+                shard,
                 &name("attn_output.weight"),
                 hid,
                 h * d,
@@ -152,7 +157,9 @@ fn load_layer<B: Backend>(
             ])
             .map_err(kernel)?,
         down: backend
-            .linear(vec![weights.require_cols(
+            .linear(vec![row_parallel(
+                weights,
+                shard,
                 &name("ffn_down.weight"),
                 hid,
                 inter,
@@ -160,6 +167,51 @@ fn load_layer<B: Backend>(
             )?])
             .map_err(kernel)?,
     })
+}
+
+/// O or down (`[hidden, in_features]`): this rank's input columns `cols` in
+/// `TpMode::AllReduce`, its hidden rows (all input columns) in `TpMode::Gather`.
+fn row_parallel(
+    weights: &dyn WeightSource,
+    shard: &RankShard,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    own_cols: std::ops::Range<usize>,
+) -> Result<HostTensor, ModelError> {
+    match shard.tp_mode {
+        TpMode::AllReduce => weights.require_cols(name, rows, cols, own_cols),
+        TpMode::Gather => weights.require_rows(name, rows, cols, shard.hidden.clone()),
+    }
+}
+
+/// `out = x · Wᵀ` for O or down, combined over the TP group: `gather` is `None` on one rank,
+/// `Some(false)` for `TpMode::AllReduce` (partial sums, all-reduced), `Some(true)` for
+/// `TpMode::Gather` (`x`'s columns gathered first, this rank's output columns gathered after).
+fn row_parallel_matmul<B: Backend>(
+    be: &B,
+    comm: &mut Box<dyn Communicator<B>>,
+    gather: Option<bool>,
+    x: &B::Tensor,
+    w: &B::Linear,
+    out: &mut B::Tensor,
+    scratch: &mut B::Tensor,
+) -> Result<(), ModelError> {
+    let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
+    match gather {
+        None => be.matmul(x, w, None, out),
+        Some(false) => {
+            be.matmul(x, w, None, out);
+            comm.all_reduce_sum(be, out).map_err(comm_err)?;
+        }
+        Some(true) => {
+            comm.all_gather_cols(be, x, scratch).map_err(comm_err)?;
+            be.matmul(scratch, w, None, out);
+            std::mem::swap(scratch, out);
+            comm.all_gather_cols(be, scratch, out).map_err(comm_err)?;
+        }
+    }
+    Ok(())
 }
 
 impl<B: Backend> Llama<B> {
@@ -222,6 +274,7 @@ impl<B: Backend> Llama<B> {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
+        let gathered = backend.tensor();
         let buffers = Buffers {
             residual: backend.tensor(),
             normed: backend.tensor(),
@@ -245,7 +298,7 @@ impl<B: Backend> Llama<B> {
             shard,
             comm,
             local_batch: ForwardBatch::default(),
-            gathered: Vec::new(),
+            gathered,
         })
     }
 
@@ -297,6 +350,12 @@ impl<B: Backend> Llama<B> {
         let comm = &mut self.comm;
         let eps = self.config.rms_norm_eps;
         let b = &mut self.buffers;
+        let g = &mut self.gathered;
+        let gather = match (self.shard.tp_size, self.shard.tp_mode) {
+            (1, _) => None,
+            (_, TpMode::AllReduce) => Some(false),
+            (_, TpMode::Gather) => Some(true),
+        };
         let split_vocab = self.shard.tp_size > 1 && self.embed.is_some();
         let step = if split_vocab {
             self.local_batch.clone_from(batch);
@@ -333,8 +392,7 @@ impl<B: Backend> Llama<B> {
             }
             be.matmul(&b.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut b.qkv);
             be.attention(&mut b.qkv, self.attn_shape, i, kv, &step, &mut b.attn);
-            be.matmul(&b.attn, &layer.o, None, &mut b.delta);
-            comm.all_reduce_sum(be, &mut b.delta).map_err(comm_err)?;
+            row_parallel_matmul(be, comm, gather, &b.attn, &layer.o, &mut b.delta, g)?;
             be.add_rms_norm(
                 &mut b.residual,
                 &b.delta,
@@ -344,8 +402,7 @@ impl<B: Backend> Llama<B> {
             );
             be.matmul(&b.normed, &layer.gate_up, None, &mut b.gate_up);
             be.silu_mul(&b.gate_up, &mut b.act);
-            be.matmul(&b.act, &layer.down, None, &mut b.delta);
-            comm.all_reduce_sum(be, &mut b.delta).map_err(comm_err)?;
+            row_parallel_matmul(be, comm, gather, &b.act, &layer.down, &mut b.delta, g)?;
         }
         let Some((norm, lm_head)) = &self.head else {
             comm.send_next(be, &b.residual).map_err(comm_err)?;
@@ -358,9 +415,11 @@ impl<B: Backend> Llama<B> {
         be.add_rms_norm(&mut b.residual, &b.delta, norm, eps, &mut b.normed);
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
         be.matmul(&b.last, lm_head, None, &mut b.logits);
-        comm.all_gather_cols(be, &b.logits, &mut self.gathered)
-            .map_err(comm_err)?;
-        Ok(std::mem::take(&mut self.gathered))
+        if self.shard.tp_size == 1 {
+            return Ok(be.to_host(&b.logits));
+        }
+        comm.all_gather_cols(be, &b.logits, g).map_err(comm_err)?;
+        Ok(be.to_host(g))
     }
 
     /// Marks this rank's group broken (after a failed or abandoned step), so that peers

@@ -29,6 +29,7 @@ pub fn model_dims(c: &ModelConfig, weights: &dyn WeightSource) -> Result<ModelDi
     let embed_params = c.vocab_size * hid;
     Ok(ModelDims {
         num_layers: c.num_layers,
+        hidden_size: hid,
         num_heads: h,
         num_kv_heads: kv,
         intermediate_size: c.intermediate_size,

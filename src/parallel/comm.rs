@@ -24,13 +24,14 @@ pub trait Communicator<B: Backend>: Send {
     fn tp_size(&self) -> usize;
     /// `x = Σ over the TP group of x` (every rank holds the sum afterwards).
     fn all_reduce_sum(&mut self, be: &B, x: &mut B::Tensor) -> Result<(), CommError>;
-    /// The TP group's `[rows, cols_r]` tensors concatenated by columns in rank order, on the
-    /// host (`[rows, Σ cols_r]` row-major): vocabulary-split logits gathered for sampling.
+    /// `out` = the TP group's `[rows, cols_r]` tensors side by side in rank order
+    /// (`[rows, Σ cols_r]`): vocabulary-split logits, and the head- or column-split outputs
+    /// gathered in the exact mode (`TpMode::Gather`).
     fn all_gather_cols(
         &mut self,
         be: &B,
         x: &B::Tensor,
-        out: &mut Vec<f32>,
+        out: &mut B::Tensor,
     ) -> Result<(), CommError>;
     /// Sends `x` to the same TP rank of the next pipeline stage.
     fn send_next(&mut self, be: &B, x: &B::Tensor) -> Result<(), CommError>;
@@ -57,12 +58,15 @@ impl<B: Backend> Communicator<B> for SoloComm {
     }
     fn all_gather_cols(
         &mut self,
-        be: &B,
-        x: &B::Tensor,
-        out: &mut Vec<f32>,
+        _be: &B,
+        _x: &B::Tensor,
+        _out: &mut B::Tensor,
     ) -> Result<(), CommError> {
-        *out = be.to_host(x);
-        Ok(())
+        // The model never gathers in a group of one (its shard is the whole tensor).
+        Err(CommError::NoPeer {
+            rank: 0,
+            op: "all_gather_cols",
+        })
     }
     fn send_next(&mut self, _be: &B, _x: &B::Tensor) -> Result<(), CommError> {
         Err(CommError::NoPeer {

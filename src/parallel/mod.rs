@@ -20,7 +20,7 @@ pub mod partition;
 pub mod shm;
 
 pub use comm::{Communicator, SoloComm};
-pub use partition::{ParallelConfig, RankShard};
+pub use partition::{ParallelConfig, RankShard, TpMode};
 
 /// Failures of a collective or a send/recv: a peer is gone (its thread ended or panicked),
 /// or the transport (NCCL) reported an error. The group cannot continue after one.

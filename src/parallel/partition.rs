@@ -19,11 +19,28 @@ use std::ops::Range;
 
 use super::ParallelError;
 
+/// How a tensor-parallel layer combines its ranks' attention and MLP outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TpMode {
+    /// Row-parallel O and down (each rank multiplies its own input columns) and one
+    /// all-reduce of the partial sums after each: the least traffic (Megatron, vLLM). The sum
+    /// of partial sums rounds differently from one rank's single chain, and the CPU's 8-bit
+    /// activation quantization amplifies those last-bit differences layer by layer.
+    AllReduce,
+    /// The attention output (and the MLP activation) all-gathered, then O and down split by
+    /// output features and the hidden state all-gathered: every value computed by exactly the
+    /// same operations as on one rank, so the logits are bit-identical. About 2.5× the
+    /// all-reduce mode's traffic at SmolLM2's shape; the CPU default.
+    #[default]
+    Gather,
+}
+
 /// The requested sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParallelConfig {
     pub tp_size: usize,
     pub pp_size: usize,
+    pub tp_mode: TpMode,
 }
 
 impl Default for ParallelConfig {
@@ -31,6 +48,7 @@ impl Default for ParallelConfig {
         Self {
             tp_size: 1,
             pp_size: 1,
+            tp_mode: TpMode::Gather,
         }
     }
 }
@@ -45,6 +63,7 @@ impl ParallelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelDims {
     pub num_layers: usize,
+    pub hidden_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub intermediate_size: usize,
@@ -68,12 +87,15 @@ pub struct RankShard {
     pub tp_size: usize,
     pub stage: usize,
     pub pp_size: usize,
+    pub tp_mode: TpMode,
     pub q_heads: Range<usize>,
     pub kv_heads: Range<usize>,
     /// Intermediate (MLP) columns.
     pub inter: Range<usize>,
     /// Vocabulary rows of the embedding and LM head.
     pub vocab: Range<usize>,
+    /// Hidden features (output rows of O and down) in `TpMode::Gather`.
+    pub hidden: Range<usize>,
     pub layers: Range<usize>,
 }
 
@@ -242,6 +264,8 @@ pub fn plan(d: &ModelDims, cfg: ParallelConfig) -> Result<Vec<RankShard>, Parall
                 kv_heads,
                 inter: split_units(d.intermediate_size, d.down_block_len, tp, t).ok_or_else(bad)?,
                 vocab: split_units(d.vocab_size, 1, tp, t).ok_or_else(bad)?,
+                hidden: split_units(d.hidden_size, 1, tp, t).ok_or_else(bad)?,
+                tp_mode: cfg.tp_mode,
                 layers: layers.clone(),
             });
         }

@@ -4,6 +4,7 @@ use super::*;
 fn smollm2() -> ModelDims {
     ModelDims {
         num_layers: 30,
+        hidden_size: 576,
         num_heads: 9,
         num_kv_heads: 3,
         intermediate_size: 1536,
@@ -21,6 +22,7 @@ fn cfg(tp: usize, pp: usize) -> ParallelConfig {
     ParallelConfig {
         tp_size: tp,
         pp_size: pp,
+        tp_mode: TpMode::Gather,
     }
 }
 
@@ -36,6 +38,10 @@ fn tp2_splits_smollm2_by_whole_gqa_groups_unevenly() {
     assert_eq!(
         (s[0].vocab.clone(), s[1].vocab.clone()),
         (0..24576, 24576..49152)
+    );
+    assert_eq!(
+        (s[0].hidden.clone(), s[1].hidden.clone()),
+        (0..288, 288..576)
     );
     assert!(s.iter().all(|r| r.layers == (0..30)));
 }

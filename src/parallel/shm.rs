@@ -279,9 +279,14 @@ impl Communicator<CpuBackend> for ShmComm {
         &mut self,
         _be: &CpuBackend,
         x: &CpuTensor,
-        out: &mut Vec<f32>,
+        out: &mut CpuTensor,
     ) -> Result<(), CommError> {
-        self.all_gather_cols_slice(&x.data[..x.rows * x.cols], x.rows, x.cols, out)
+        let mut data = std::mem::take(&mut out.data);
+        self.all_gather_cols_slice(&x.data[..x.rows * x.cols], x.rows, x.cols, &mut data)?;
+        out.cols = data.len() / x.rows.max(1);
+        out.rows = x.rows;
+        out.data = data;
+        Ok(())
     }
     fn send_next(&mut self, _be: &CpuBackend, x: &CpuTensor) -> Result<(), CommError> {
         self.send(x.data[..x.rows * x.cols].to_vec(), x.rows, x.cols)
