@@ -20,24 +20,24 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::config::ModelConfig;
 use super::llama::Llama;
 use super::ModelError;
 use crate::kernels::{Backend, ForwardBatch};
 
 /// Loaded ranks, in rank order (`stage * tp_size + tp_rank`), before they start.
 pub struct ModelRanks<B: Backend> {
+    /// The whole model's config (every rank holds a copy).
+    pub config: ModelConfig,
     pub ranks: Vec<Llama<B>>,
 }
 
 impl<B: Backend> From<Llama<B>> for ModelRanks<B> {
     fn from(model: Llama<B>) -> Self {
-        Self { ranks: vec![model] }
-    }
-}
-
-impl<B: Backend> ModelRanks<B> {
-    pub fn config(&self) -> &super::config::ModelConfig {
-        &self.ranks[0].config
+        Self {
+            config: model.config.clone(),
+            ranks: vec![model],
+        }
     }
 }
 

@@ -55,8 +55,7 @@ pub fn plan_ranks(
             c.num_heads, c.num_kv_heads
         )));
     }
-    partition::plan(&model_dims(c, weights)?, cfg)
-        .map_err(|e| ModelError::Invalid(format!("{}: {e}", weights.describe())))
+    partition::plan(&model_dims(c, weights)?, cfg).map_err(|e| ModelError::Invalid(e.to_string()))
 }
 
 /// The `[hidden, vocab rows]` part of a table held by a vocabulary-split rank, with one zero
@@ -142,5 +141,8 @@ pub fn load_cpu_ranks(
             })
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(super::rank_group::ModelRanks { ranks })
+    Ok(super::rank_group::ModelRanks {
+        config: config.clone(),
+        ranks,
+    })
 }
