@@ -9,7 +9,6 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
 use sluice::model::gguf::GgufFile;
