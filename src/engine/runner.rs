@@ -76,13 +76,38 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
+    /// Steps the model can hold in flight (its pipeline stages); the engine may `submit` that
+    /// many plans before it `collect`s the first.
+    #[allow(dead_code)] // used once the engine loop keeps several steps in flight
+    pub fn max_in_flight(&self) -> usize {
+        self.model.max_in_flight()
+    }
+
     /// Runs one step. Sequences without a sampler (none is expected) get an error entry.
     pub fn execute(&mut self, plan: &StepPlan, block_size: usize) -> StepOutput {
+        let submitted = self.submit(plan, block_size);
+        self.collect(plan, submitted)
+    }
+
+    /// Starts `plan` on every rank (with more than one stage, returns before it is done).
+    pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), String> {
         self.build_batch(plan, block_size);
-        let logits = match self.model.run(&self.batch, &plan.block_copies) {
+        self.model
+            .submit(&self.batch, &plan.block_copies)
+            .map_err(|e| format!("the forward pass failed: {e}"))
+    }
+
+    /// Samples the oldest submitted step, which must be `plan` (`submitted` is what `submit`
+    /// returned for it).
+    pub fn collect(&mut self, plan: &StepPlan, submitted: Result<(), String>) -> StepOutput {
+        let logits = submitted.and_then(|()| {
+            self.model
+                .collect()
+                .map_err(|e| format!("the forward pass failed: {e}"))
+        });
+        let logits = match logits {
             Ok(logits) => logits,
-            Err(e) => {
-                let msg = format!("the forward pass failed: {e}");
+            Err(msg) => {
                 let sampled = plan.seqs.iter().filter(|s| s.sample);
                 return StepOutput {
                     sampled: sampled.map(|s| (s.seq_id, Err(msg.clone()))).collect(),
@@ -90,7 +115,7 @@ impl<B: Backend> ModelRunner<B> {
             }
         };
         let vocab = self.vocab_size();
-        let mut sampled = Vec::with_capacity(self.batch.logits_rows.len());
+        let mut sampled = Vec::with_capacity(plan.seqs.len());
         let mut rows = logits.chunks_exact(vocab);
         let mut row_buf = Vec::new();
         for s in plan.seqs.iter().filter(|s| s.sample) {
