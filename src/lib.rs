@@ -13,5 +13,6 @@ pub mod engine;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
+pub mod parallel;
 pub mod scheduler;
 pub mod tokenizer;

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::model_args::ModelArgs;
 use crate::kernels::{BatchSeq, ForwardBatch};
+use crate::model::rank_group::RankGroup;
 use crate::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
 use crate::tokenizer::detokenize::IncrementalDetokenizer;
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions};
@@ -52,7 +53,7 @@ struct GenerateOutput {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let mut loaded = args.model.load()?;
+    let loaded = args.model.load()?;
     let tok = loaded.tokenizer.clone();
     let prompt = if args.chat {
         tok.apply_chat_template(
@@ -69,8 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization");
     }
-    let model = &mut loaded.model;
-    let max_len = model.config.max_position_embeddings;
+    let max_len = loaded.model.config.max_position_embeddings;
     if prompt_ids.len() + args.max_tokens > max_len {
         anyhow::bail!(
             "prompt ({} tokens) + --max-tokens ({}) exceeds the model's context of {max_len} tokens",
@@ -80,7 +80,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let total = prompt_ids.len() + args.max_tokens;
     let num_blocks = total.div_ceil(BLOCK_SIZE);
-    let mut kv = model.kv_cache(num_blocks, BLOCK_SIZE)?;
+    let mut model = RankGroup::start(loaded.model, num_blocks, BLOCK_SIZE)?;
     let block_table: Vec<u32> = (0..num_blocks as u32).collect();
     let params = SamplingParams {
         temperature: args.temperature,
@@ -115,7 +115,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             logits_rows: vec![n as u32 - 1],
         };
         let t = Instant::now();
-        let mut logits = model.forward(&batch, &mut kv);
+        let mut logits = model.run(&batch, &[])?;
         let next = sampler.sample(&mut logits, &mut scratch).token_id;
         if done == 0 {
             prefill_secs = t.elapsed().as_secs_f64();

@@ -1,5 +1,6 @@
-//! The flags that choose a model, its tokenizer and the device, shared by `generate`,
-//! `serve` and `bench`.
+//! The flags that choose a model, its tokenizer, the device and how the model is split over
+//! ranks (tensor and pipeline parallelism), shared by `generate` and `serve` (`bench` is a
+//! client: it measures a server started with these flags).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,8 +9,9 @@ use anyhow::Context;
 
 use crate::kernels::cpu::CpuBackend;
 use crate::kernels::dtype::WeightDType;
-use crate::model::llama::Llama;
 use crate::model::loader::{self, LoadFormat, ModelSpec, TokenizerSource};
+use crate::model::rank_group::ModelRanks;
+use crate::parallel::{ParallelConfig, TpMode};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -33,9 +35,20 @@ pub struct ModelArgs {
     /// `auto` (a GPU when one is usable, else the CPU), `cpu`, or `cuda[:N]`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// CPU threads (default: all available cores, or `SLUICE_NUM_THREADS`).
+    /// CPU threads (default: all available cores, or `SLUICE_NUM_THREADS`), split across
+    /// the ranks.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Ranks that split each layer's heads and MLP columns (and the vocabulary).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Ranks that split the layers into contiguous stages; that many steps are in flight.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline_parallel_size: usize,
+    /// How tensor-parallel ranks combine O and down: `gather` (bit-identical to one rank)
+    /// or `all-reduce` (less traffic; logits drift from one rank's).
+    #[arg(long, value_enum, default_value_t = TpMode::Gather)]
+    pub tp_mode: TpMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,9 +68,9 @@ impl From<DummyDtype> for WeightDType {
     }
 }
 
-/// A loaded model with its tokenizer.
+/// A loaded model (its ranks) with its tokenizer.
 pub struct Loaded {
-    pub model: Llama<CpuBackend>,
+    pub model: ModelRanks<CpuBackend>,
     pub tokenizer: Arc<Tokenizer>,
     pub name: String,
 }
@@ -77,7 +90,22 @@ impl ModelArgs {
             dummy_dtype: self.dummy_dtype.into(),
             dummy_seed: self.dummy_seed,
         };
-        let _device = crate::kernels::device::select(&self.device)?;
+        let device = crate::kernels::device::select(&self.device)?;
+        let parallel = ParallelConfig {
+            tp_size: self.tensor_parallel_size,
+            pp_size: self.pipeline_parallel_size,
+            tp_mode: self.tp_mode,
+        };
+        if let crate::kernels::device::Device::Cuda(_) = device {
+            // The CUDA backend does not run ranks yet: one card, one rank.
+            if parallel.num_ranks() > 1 {
+                anyhow::bail!(
+                    "--device {device}: {} ranks requested, but CUDA ranks are not wired yet \
+                     (NCCL communicator built, backend hookup pending); use --device cpu",
+                    parallel.num_ranks()
+                );
+            }
+        }
         let opened = loader::open(&spec)?;
         let tokenizer = match (&self.tokenizer, &opened.tokenizer_source) {
             (Some(p), _) => Tokenizer::from_path(p)?,
@@ -91,17 +119,25 @@ impl ModelArgs {
         let threads = self
             .threads
             .unwrap_or_else(crate::kernels::cpu::pool::default_num_threads);
-        let backend = CpuBackend::new(threads);
         let started = std::time::Instant::now();
-        let model = Llama::load(opened.config, opened.weights.as_ref(), backend)
-            .with_context(|| format!("loading {}", spec.path.display()))?;
+        let model = crate::model::shard::load_cpu_ranks(
+            &opened.config,
+            opened.weights.as_ref(),
+            parallel,
+            threads,
+        )
+        .with_context(|| format!("loading {}", spec.path.display()))?;
         tracing::info!(
-            "loaded {} ({} layers, hidden {}, vocab {}) on {} in {:.2?}",
+            "loaded {} ({} layers, hidden {}, vocab {}) on {} rank(s) (tensor-parallel {} × \
+             pipeline-parallel {}), rank 0 on {} in {:.2?}",
             opened.name,
             model.config.num_layers,
             model.config.hidden_size,
             model.config.vocab_size,
-            crate::kernels::Backend::describe(model.backend()),
+            parallel.num_ranks(),
+            parallel.tp_size,
+            parallel.pp_size,
+            crate::kernels::Backend::describe(model.ranks[0].backend()),
             started.elapsed()
         );
         Ok(Loaded {

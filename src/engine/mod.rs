@@ -32,7 +32,7 @@ pub use request::{
 
 use crate::kernels::Backend;
 use crate::kv_cache::CacheConfig;
-use crate::model::llama::Llama;
+use crate::model::rank_group::{ModelRanks, RankGroup};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -57,16 +57,22 @@ pub enum EngineError {
 }
 
 /// Starts the engine thread and returns its handle.
+///
+/// `model` is one `Llama` or the loaded ranks of a tensor/pipeline-parallel group.
 pub fn spawn<B: Backend>(
-    model: Llama<B>,
+    model: impl Into<ModelRanks<B>>,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
 ) -> Result<EngineHandle, EngineError> {
-    let kv = model.kv_cache(config.cache.num_blocks, config.cache.block_size)?;
+    let model = RankGroup::start(
+        model.into(),
+        config.cache.num_blocks,
+        config.cache.block_size,
+    )?;
     let scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
-        vocab_size: model.config.vocab_size,
+        vocab_size: model.lead().config.vocab_size,
         kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
         max_num_seqs: config.scheduler.max_num_seqs,
         max_waiting: config.max_waiting,
@@ -81,7 +87,7 @@ pub fn spawn<B: Backend>(
     });
     // The command queue is bounded: a full queue answers `Overloaded` at once.
     let (tx, rx) = flume::bounded(4096);
-    let runner = runner::ModelRunner::new(model, kv);
+    let runner = runner::ModelRunner::new(model);
     let mut engine = engine_loop::EngineLoop::new(
         scheduler,
         runner,

@@ -3,11 +3,14 @@
 //!
 //! It keeps what it needs per sequence across steps (the sampler with its generator and
 //! penalty counts), so a sequence's sampling parameters cross once, when it is added.
+//!
+//! The model is a `RankGroup`: one rank is today's single-model path; with tensor or pipeline
+//! parallelism the group broadcasts the batch to its ranks and returns the gathered logits.
 
 use std::collections::HashMap;
 
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
-use crate::model::llama::Llama;
+use crate::model::rank_group::RankGroup;
 use crate::model::sampling::{SampledToken, SamplingScratch, SequenceSampler};
 use crate::scheduler::{SeqId, StepPlan};
 
@@ -17,8 +20,7 @@ pub(crate) struct StepOutput {
 }
 
 pub(crate) struct ModelRunner<B: Backend> {
-    model: Llama<B>,
-    kv: B::KvCache,
+    model: RankGroup<B>,
     samplers: HashMap<SeqId, SequenceSampler>,
     scratch: SamplingScratch,
     batch: ForwardBatch,
@@ -28,10 +30,9 @@ pub(crate) struct ModelRunner<B: Backend> {
 }
 
 impl<B: Backend> ModelRunner<B> {
-    pub fn new(model: Llama<B>, kv: B::KvCache) -> Self {
+    pub fn new(model: RankGroup<B>) -> Self {
         Self {
             model,
-            kv,
             samplers: HashMap::new(),
             scratch: SamplingScratch::default(),
             batch: ForwardBatch::default(),
@@ -41,7 +42,7 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.model.config.vocab_size
+        self.model.lead().config.vocab_size
     }
 
     pub fn add_seq(&mut self, seq_id: SeqId, sampler: SequenceSampler) {
@@ -98,13 +99,46 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
+    /// Steps the model can hold in flight (its pipeline stages); the engine may `submit` that
+    /// many plans before it `collect`s the first.
+    #[allow(dead_code)] // used once the engine loop keeps several steps in flight
+    pub fn max_in_flight(&self) -> usize {
+        self.model.max_in_flight()
+    }
+
     /// Runs one step. Sequences without a sampler (none is expected) get an error entry.
     pub fn execute(&mut self, plan: &StepPlan, block_size: usize) -> StepOutput {
+        let submitted = self.submit(plan, block_size);
+        self.collect(plan, submitted)
+    }
+
+    /// Starts `plan` on every rank (with more than one stage, returns before it is done).
+    pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), String> {
         self.build_batch(plan, block_size);
-        self.model.copy_blocks(&mut self.kv, &plan.block_copies);
-        let logits = self.model.forward(&self.batch, &mut self.kv);
+        self.model
+            .submit(&self.batch, &plan.block_copies)
+            .map_err(|e| format!("the forward pass failed: {e}"))
+    }
+
+    /// Samples the oldest submitted step, which must be `plan` (`submitted` is what `submit`
+    /// returned for it).
+    pub fn collect(&mut self, plan: &StepPlan, submitted: Result<(), String>) -> StepOutput {
+        let logits = submitted.and_then(|()| {
+            self.model
+                .collect()
+                .map_err(|e| format!("the forward pass failed: {e}"))
+        });
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(msg) => {
+                let sampled = plan.seqs.iter().filter(|s| s.sample);
+                return StepOutput {
+                    sampled: sampled.map(|s| (s.seq_id, Err(msg.clone()))).collect(),
+                };
+            }
+        };
         let vocab = self.vocab_size();
-        let mut sampled = Vec::with_capacity(self.batch.logits_rows.len());
+        let mut sampled = Vec::with_capacity(plan.seqs.len());
         let mut rows = logits.chunks_exact(vocab);
         let mut row_buf = Vec::new();
         for s in plan.seqs.iter().filter(|s| s.sample) {

@@ -11,11 +11,23 @@
 //! ```
 //! Q, K and V are one fused linear, as are gate and up; a residual add is fused into the
 //! next norm.
+//!
+//! A `Llama` is one rank's part of the model (`RankShard`; the whole model for one rank). On a
+//! tensor-parallel rank Q/K/V and gate/up hold its heads' and columns' output features, O and
+//! down its input features: their outputs are partial sums, all-reduced (the only two
+//! collectives of a layer). The embedding and LM head hold its vocabulary rows: the embedding
+//! is all-reduced (one rank holds each token's row, the others add zeros), the logits are
+//! all-gathered. A pipeline stage holds its layers only; it receives the residual stream and
+//! the pending delta from the previous stage and sends them to the next, so the fused
+//! add+norm runs exactly as in one rank.
 
 use super::config::ModelConfig;
+use super::shard::{embedding_shard, remap_token_ids};
 use super::weights::WeightSource;
 use super::ModelError;
+use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KvCacheShape, Rope};
+use crate::parallel::{Communicator, RankShard, SoloComm, TpMode};
 
 struct Layer<B: Backend> {
     attn_norm: B::Vector,
@@ -42,87 +54,214 @@ struct Buffers<B: Backend> {
 
 pub struct Llama<B: Backend> {
     pub config: ModelConfig,
+    shard: RankShard,
+    comm: Box<dyn Communicator<B>>,
     backend: B,
-    embed: B::Embedding,
+    /// First stage only.
+    embed: Option<B::Embedding>,
+    /// This stage's layers, `shard.layers`.
     layers: Vec<Layer<B>>,
-    norm: B::Vector,
-    lm_head: B::Linear,
+    /// Last stage only: the final norm and this rank's vocabulary rows of the LM head.
+    head: Option<(B::Vector, B::Linear)>,
     rope: Rope,
     attn_shape: AttentionShape,
     buffers: Buffers<B>,
+    /// The batch with token ids remapped to this rank's vocabulary rows (vocabulary split).
+    local_batch: ForwardBatch,
+    /// Gathered activations (`TpMode::Gather`) and logits.
+    gathered: B::Tensor,
+}
+
+/// The whole model's shard: one rank, every layer.
+pub fn whole_shard(c: &ModelConfig) -> RankShard {
+    RankShard {
+        rank: 0,
+        tp_rank: 0,
+        tp_size: 1,
+        stage: 0,
+        pp_size: 1,
+        tp_mode: TpMode::Gather,
+        q_heads: 0..c.num_heads,
+        kv_heads: 0..c.num_kv_heads,
+        inter: 0..c.intermediate_size,
+        vocab: 0..c.vocab_size,
+        hidden: 0..c.hidden_size,
+        layers: 0..c.num_layers,
+    }
+}
+
+fn load_layer<B: Backend>(
+    c: &ModelConfig,
+    weights: &dyn WeightSource,
+    backend: &B,
+    shard: &RankShard,
+    l: usize,
+) -> Result<Layer<B>, ModelError> {
+    let (hid, h, kv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+    let kernel = |e: crate::kernels::KernelError| {
+        ModelError::Invalid(format!("{}: {e}", weights.describe()))
+    };
+    let name = |t: &str| format!("blk.{l}.{t}");
+    let q_rows = shard.q_heads.start * d..shard.q_heads.end * d;
+    let kv_rows = shard.kv_heads.start * d..shard.kv_heads.end * d;
+    let inter = c.intermediate_size;
+    let vector = |t: &str| -> Result<B::Vector, ModelError> {
+        backend
+            .vector(&weights.require(&name(t), 1, hid)?)
+            .map_err(kernel)
+    };
+    let qkv = backend
+        .linear(vec![
+            weights.require_rows(&name("attn_q.weight"), h * d, hid, q_rows.clone())?,
+            weights.require_rows(&name("attn_k.weight"), kv * d, hid, kv_rows.clone())?,
+            weights.require_rows(&name("attn_v.weight"), kv * d, hid, kv_rows.clone())?,
+        ])
+        .map_err(kernel)?;
+    let qkv_bias = if c.attention_bias {
+        let mut b = Vec::with_capacity(q_rows.len() + 2 * kv_rows.len());
+        for (t, n, range) in [
+            ("attn_q.bias", h * d, &q_rows),
+            ("attn_k.bias", kv * d, &kv_rows),
+            ("attn_v.bias", kv * d, &kv_rows),
+        ] {
+            b.extend(
+                weights
+                    .require_cols(&name(t), 1, n, range.clone())?
+                    .to_f32(),
+            );
+        }
+        let joined = HostTensor::from_f32(1, b.len(), &b);
+        Some(backend.vector(&joined).map_err(kernel)?)
+    } else {
+        None
+    };
+    Ok(Layer {
+        attn_norm: vector("attn_norm.weight")?,
+        qkv,
+        qkv_bias,
+        o: backend
+            .linear(vec![row_parallel(
+                weights,
+                shard,
+                &name("attn_output.weight"),
+                hid,
+                h * d,
+                q_rows,
+            )?])
+            .map_err(kernel)?,
+        ffn_norm: vector("ffn_norm.weight")?,
+        gate_up: backend
+            .linear(vec![
+                weights.require_rows(&name("ffn_gate.weight"), inter, hid, shard.inter.clone())?,
+                weights.require_rows(&name("ffn_up.weight"), inter, hid, shard.inter.clone())?,
+            ])
+            .map_err(kernel)?,
+        down: backend
+            .linear(vec![row_parallel(
+                weights,
+                shard,
+                &name("ffn_down.weight"),
+                hid,
+                inter,
+                shard.inter.clone(),
+            )?])
+            .map_err(kernel)?,
+    })
+}
+
+/// O or down (`[hidden, in_features]`): this rank's input columns `cols` in
+/// `TpMode::AllReduce`, its hidden rows (all input columns) in `TpMode::Gather`.
+fn row_parallel(
+    weights: &dyn WeightSource,
+    shard: &RankShard,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    own_cols: std::ops::Range<usize>,
+) -> Result<HostTensor, ModelError> {
+    match shard.tp_mode {
+        TpMode::AllReduce => weights.require_cols(name, rows, cols, own_cols),
+        TpMode::Gather => weights.require_rows(name, rows, cols, shard.hidden.clone()),
+    }
+}
+
+/// `out = x · Wᵀ` for O or down, combined over the TP group: `gather` is `None` on one rank,
+/// `Some(false)` for `TpMode::AllReduce` (partial sums, all-reduced), `Some(true)` for
+/// `TpMode::Gather` (`x`'s columns gathered first, this rank's output columns gathered after).
+fn row_parallel_matmul<B: Backend>(
+    be: &B,
+    comm: &mut Box<dyn Communicator<B>>,
+    gather: Option<bool>,
+    x: &B::Tensor,
+    w: &B::Linear,
+    out: &mut B::Tensor,
+    scratch: &mut B::Tensor,
+) -> Result<(), ModelError> {
+    let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
+    match gather {
+        None => be.matmul(x, w, None, out),
+        Some(false) => {
+            be.matmul(x, w, None, out);
+            comm.all_reduce_sum(be, out).map_err(comm_err)?;
+        }
+        Some(true) => {
+            comm.all_gather_cols(be, x, scratch).map_err(comm_err)?;
+            be.matmul(scratch, w, None, out);
+            std::mem::swap(scratch, out);
+            comm.all_gather_cols(be, scratch, out).map_err(comm_err)?;
+        }
+    }
+    Ok(())
 }
 
 impl<B: Backend> Llama<B> {
+    /// The whole model on one rank.
     pub fn load(
         config: ModelConfig,
         weights: &dyn WeightSource,
         backend: B,
     ) -> Result<Self, ModelError> {
+        let shard = whole_shard(&config);
+        Self::load_rank(config, weights, backend, shard, Box::new(SoloComm))
+    }
+
+    /// One rank's part of the model, reading only its shard of each tensor.
+    pub fn load_rank(
+        config: ModelConfig,
+        weights: &dyn WeightSource,
+        backend: B,
+        shard: RankShard,
+        comm: Box<dyn Communicator<B>>,
+    ) -> Result<Self, ModelError> {
         let c = &config;
-        let (hid, h, kv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let hid = c.hidden_size;
         let kernel = |e: crate::kernels::KernelError| {
             ModelError::Invalid(format!("{}: {e}", weights.describe()))
         };
-        let vector = |name: &str, len: usize| -> Result<B::Vector, ModelError> {
-            backend
-                .vector(&weights.require(name, 1, len)?)
-                .map_err(kernel)
+        let layers = shard
+            .layers
+            .clone()
+            .map(|l| load_layer(c, weights, &backend, &shard, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let embed = if shard.is_first_stage() {
+            let t = embedding_shard(weights, "token_embd.weight", c, &shard)?;
+            Some(backend.embedding(t).map_err(kernel)?)
+        } else {
+            None
         };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for l in 0..c.num_layers {
-            let name = |t: &str| format!("blk.{l}.{t}");
-            let qkv = backend
-                .linear(vec![
-                    weights.require(&name("attn_q.weight"), h * d, hid)?,
-                    weights.require(&name("attn_k.weight"), kv * d, hid)?,
-                    weights.require(&name("attn_v.weight"), kv * d, hid)?,
-                ])
-                .map_err(kernel)?;
-            let qkv_bias = if c.attention_bias {
-                let mut b = Vec::with_capacity((h + 2 * kv) * d);
-                for (t, n) in [
-                    ("attn_q.bias", h * d),
-                    ("attn_k.bias", kv * d),
-                    ("attn_v.bias", kv * d),
-                ] {
-                    b.extend(weights.require(&name(t), 1, n)?.to_f32());
-                }
-                let joined = crate::kernels::host::HostTensor::from_f32(1, b.len(), &b);
-                Some(backend.vector(&joined).map_err(kernel)?)
-            } else {
-                None
+        let head = if shard.is_last_stage() {
+            let name = match weights.dtype_of("output.weight")? {
+                Some(_) => "output.weight",
+                None => "token_embd.weight",
             };
-            layers.push(Layer {
-                attn_norm: vector(&name("attn_norm.weight"), hid)?,
-                qkv,
-                qkv_bias,
-                o: backend
-                    .linear(vec![weights.require(
-                        &name("attn_output.weight"),
-                        hid,
-                        h * d,
-                    )?])
-                    .map_err(kernel)?,
-                ffn_norm: vector(&name("ffn_norm.weight"), hid)?,
-                gate_up: backend
-                    .linear(vec![
-                        weights.require(&name("ffn_gate.weight"), c.intermediate_size, hid)?,
-                        weights.require(&name("ffn_up.weight"), c.intermediate_size, hid)?,
-                    ])
-                    .map_err(kernel)?,
-                down: backend
-                    .linear(vec![weights.require(
-                        &name("ffn_down.weight"),
-                        hid,
-                        c.intermediate_size,
-                    )?])
-                    .map_err(kernel)?,
-            });
-        }
-        let embed_t = weights.require("token_embd.weight", c.vocab_size, hid)?;
-        let lm_head_t = match weights.get("output.weight")? {
-            Some(_) => weights.require("output.weight", c.vocab_size, hid)?,
-            None => embed_t.clone(),
+            let t = weights.require_rows(name, c.vocab_size, hid, shard.vocab.clone())?;
+            let norm = weights.require("output_norm.weight", 1, hid)?;
+            Some((
+                backend.vector(&norm).map_err(kernel)?,
+                backend.linear(vec![t]).map_err(kernel)?,
+            ))
+        } else {
+            None
         };
         let freq_factors = weights.get("rope_freqs.weight")?.map(|t| t.to_f32());
         let rope = Rope {
@@ -130,11 +269,12 @@ impl<B: Backend> Llama<B> {
             interleaved: c.rope_style == super::config::RopeStyle::Interleaved,
         };
         let attn_shape = AttentionShape {
-            num_heads: h,
-            num_kv_heads: kv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
+            num_heads: shard.q_heads.len(),
+            num_kv_heads: shard.kv_heads.len(),
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
+        let gathered = backend.tensor();
         let buffers = Buffers {
             residual: backend.tensor(),
             normed: backend.tensor(),
@@ -147,44 +287,99 @@ impl<B: Backend> Llama<B> {
             logits: backend.tensor(),
         };
         Ok(Self {
-            embed: backend.embedding(embed_t).map_err(kernel)?,
-            lm_head: backend.linear(vec![lm_head_t]).map_err(kernel)?,
-            norm: vector("output_norm.weight", hid)?,
+            embed,
             layers,
+            head,
             rope,
             attn_shape,
             buffers,
             backend,
             config,
+            shard,
+            comm,
+            local_batch: ForwardBatch::default(),
+            gathered,
         })
+    }
+
+    pub fn shard(&self) -> &RankShard {
+        &self.shard
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
-    /// A KV cache of `num_blocks` blocks of `block_size` tokens for this model.
+    /// A KV cache of `num_blocks` blocks of `block_size` tokens for this rank's layers and
+    /// KV heads.
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<B::KvCache, ModelError> {
         self.backend
             .kv_cache(KvCacheShape {
-                num_layers: self.config.num_layers,
+                num_layers: self.layers.len(),
                 num_blocks,
                 block_size,
-                num_kv_heads: self.config.num_kv_heads,
+                num_kv_heads: self.shard.kv_heads.len(),
                 head_dim: self.config.head_dim,
             })
             .map_err(|e| ModelError::Invalid(e.to_string()))
     }
 
     /// Runs the batch and returns the logits of its `logits_rows`, `[rows, vocab]` row-major.
+    ///
+    /// For a model of one rank (whose communicator never fails); ranks use `forward_rank`.
     pub fn forward(&mut self, batch: &ForwardBatch, kv: &mut B::KvCache) -> Vec<f32> {
+        match self.forward_rank(batch, kv) {
+            Ok(logits) => logits,
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// This rank's part of the forward pass. Returns the gathered logits on the last stage
+    /// (`[rows, vocab]`, every TP rank of it), nothing on earlier stages (their output went
+    /// to the next stage). Every rank of the group must run the same batch.
+    pub fn forward_rank(
+        &mut self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
         let be = &self.backend;
+        let comm = &mut self.comm;
         let eps = self.config.rms_norm_eps;
         let b = &mut self.buffers;
-        let step = be.prepare_step(batch, &self.rope);
-        be.embed(&self.embed, &step, &mut b.residual);
+        let g = &mut self.gathered;
+        let gather = match (self.shard.tp_size, self.shard.tp_mode) {
+            (1, _) => None,
+            (_, TpMode::AllReduce) => Some(false),
+            (_, TpMode::Gather) => Some(true),
+        };
+        let split_vocab = self.shard.tp_size > 1 && self.embed.is_some();
+        let step = if split_vocab {
+            self.local_batch.clone_from(batch);
+            remap_token_ids(&self.shard, &mut self.local_batch.token_ids);
+            be.prepare_step(&self.local_batch, &self.rope)
+        } else {
+            be.prepare_step(batch, &self.rope)
+        };
+        let first_stage = match &self.embed {
+            Some(embed) => {
+                be.embed(embed, &step, &mut b.residual);
+                if split_vocab {
+                    comm.all_reduce_sum(be, &mut b.residual).map_err(comm_err)?;
+                }
+                true
+            }
+            None => {
+                comm.recv_prev(be, &mut b.residual).map_err(comm_err)?;
+                comm.recv_prev(be, &mut b.delta).map_err(comm_err)?;
+                false
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            if i == 0 {
+            if first_stage && i == 0 {
                 be.rms_norm(&b.residual, &layer.attn_norm, eps, &mut b.normed);
             } else {
                 be.add_rms_norm(
@@ -197,7 +392,7 @@ impl<B: Backend> Llama<B> {
             }
             be.matmul(&b.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut b.qkv);
             be.attention(&mut b.qkv, self.attn_shape, i, kv, &step, &mut b.attn);
-            be.matmul(&b.attn, &layer.o, None, &mut b.delta);
+            row_parallel_matmul(be, comm, gather, &b.attn, &layer.o, &mut b.delta, g)?;
             be.add_rms_norm(
                 &mut b.residual,
                 &b.delta,
@@ -207,15 +402,30 @@ impl<B: Backend> Llama<B> {
             );
             be.matmul(&b.normed, &layer.gate_up, None, &mut b.gate_up);
             be.silu_mul(&b.gate_up, &mut b.act);
-            be.matmul(&b.act, &layer.down, None, &mut b.delta);
+            row_parallel_matmul(be, comm, gather, &b.act, &layer.down, &mut b.delta, g)?;
         }
+        let Some((norm, lm_head)) = &self.head else {
+            comm.send_next(be, &b.residual).map_err(comm_err)?;
+            comm.send_next(be, &b.delta).map_err(comm_err)?;
+            return Ok(Vec::new());
+        };
         if batch.logits_rows.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        be.add_rms_norm(&mut b.residual, &b.delta, &self.norm, eps, &mut b.normed);
+        be.add_rms_norm(&mut b.residual, &b.delta, norm, eps, &mut b.normed);
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
-        be.matmul(&b.last, &self.lm_head, None, &mut b.logits);
-        be.to_host(&b.logits)
+        be.matmul(&b.last, lm_head, None, &mut b.logits);
+        if self.shard.tp_size == 1 {
+            return Ok(be.to_host(&b.logits));
+        }
+        comm.all_gather_cols(be, &b.logits, g).map_err(comm_err)?;
+        Ok(be.to_host(g))
+    }
+
+    /// Marks this rank's group broken (after a failed or abandoned step), so that peers
+    /// blocked in a collective return instead of waiting.
+    pub fn abort(&mut self) {
+        self.comm.abort();
     }
 
     /// Copies KV blocks `(src, dst)` in every layer (copy-on-write of shared blocks).

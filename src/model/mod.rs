@@ -5,7 +5,9 @@ pub mod fetch;
 pub mod gguf;
 pub mod llama;
 pub mod loader;
+pub mod rank_group;
 pub mod sampling;
+pub mod shard;
 pub mod weights;
 
 use gguf::GgufError;
@@ -20,4 +22,7 @@ pub enum ModelError {
     Invalid(String),
     #[error("{0}")]
     Unsupported(String),
+    /// A rank's communicator failed (a peer is gone, or the transport broke).
+    #[error("tensor/pipeline parallel group: {0}")]
+    Parallel(String),
 }

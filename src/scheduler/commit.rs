@@ -19,6 +19,7 @@ impl Scheduler {
     ) -> Result<(), SchedulerError> {
         let samples = self.check_commit(plan, sampled)?;
         for entry in &plan.seqs {
+            self.in_flight.remove(&entry.seq_id);
             let Some(seq) = self.seqs.get_mut(&entry.seq_id) else {
                 continue;
             };
@@ -47,7 +48,14 @@ impl Scheduler {
         plan: &StepPlan,
         sampled: &[(SeqId, u32)],
     ) -> Result<FastMap<SeqId, u32>, SchedulerError> {
-        if plan.step_id != self.step_id {
+        // In flight, older plans come back after newer ones were scheduled; the per-sequence
+        // checks below still catch a plan whose sequences moved on.
+        let stale = if self.max_in_flight > 1 {
+            plan.step_id > self.step_id
+        } else {
+            plan.step_id != self.step_id
+        };
+        if stale {
             return Err(SchedulerError::StalePlan {
                 plan_step_id: plan.step_id,
                 step_id: self.step_id,

@@ -26,6 +26,13 @@
 //! * a sequence that could not fit even in an empty pool is refused by `add` or, if it grows
 //!   that long, reported in `StepPlan::too_long_seq_ids` and dropped: nothing waits forever.
 //!
+//! **Steps in flight** (pipeline parallelism, `set_max_in_flight(m)` with `m > 1`): the engine
+//! may schedule the next step before committing the previous ones. A sequence in a step not
+//! committed yet is *in flight*: later steps skip it, and it is never a preemption victim
+//! (its blocks are being written), so the micro-batches in flight are disjoint. Plans may
+//! then be committed in any order after their step; with `m == 1` (the default) a plan must be
+//! committed before the next `schedule`, as always.
+//!
 //! **n > 1** (`add_group`): the first sequence computes the prompt up to its last token; then
 //! the others are forked from it (blocks shared copy-on-write), and each computes the last
 //! prompt token itself and samples its own first token. The prompt is computed once, plus
@@ -33,6 +40,8 @@
 
 mod commit;
 pub mod config;
+#[cfg(test)]
+mod in_flight_tests;
 pub mod plan;
 mod schedule;
 mod sequence;
@@ -44,7 +53,7 @@ use std::collections::BTreeMap;
 pub use self::config::SchedulerConfig;
 pub use self::plan::{ScheduledSeq, SeqStats, StepPlan};
 use self::sequence::{SeqKey, Sequence};
-use crate::kv_cache::hash::FastMap;
+use crate::kv_cache::hash::{FastMap, FastSet};
 pub use crate::kv_cache::SeqId;
 use crate::kv_cache::{CacheConfig, KvCacheError, KvCacheManager, PrefixCacheStats};
 
@@ -112,6 +121,10 @@ pub struct Scheduler {
     next_arrival: u64,
     step_id: u64,
     counters: SchedulerCounters,
+    /// Steps that may be scheduled before their predecessors are committed.
+    max_in_flight: usize,
+    /// Sequences in a scheduled, uncommitted step (only tracked when `max_in_flight > 1`).
+    in_flight: FastSet<SeqId>,
 }
 
 impl Scheduler {
@@ -127,6 +140,8 @@ impl Scheduler {
             next_arrival: 0,
             step_id: 0,
             counters: SchedulerCounters::default(),
+            max_in_flight: 1,
+            in_flight: FastSet::default(),
         })
     }
 
@@ -195,6 +210,16 @@ impl Scheduler {
     /// The client went away: frees the sequence's blocks now, so this step can use them.
     pub fn abort(&mut self, seq_id: SeqId) -> Option<SeqStats> {
         self.remove(seq_id)
+    }
+
+    /// Lets up to `n` steps be scheduled before they are committed (pipeline stages).
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.max_in_flight = n.max(1);
+    }
+
+    /// Whether `seq_id` is in a step scheduled but not committed yet.
+    pub fn is_in_flight(&self, seq_id: SeqId) -> bool {
+        self.in_flight.contains(&seq_id)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -269,6 +294,7 @@ impl Scheduler {
             }
             return Some(SeqStats::default());
         }
+        self.in_flight.remove(&seq_id);
         let seq = self.seqs.remove(&seq_id)?;
         if let Ok(idx) = self.running.binary_search_by(|(k, _)| k.cmp(&seq.key)) {
             self.running.remove(idx);

@@ -67,7 +67,10 @@ impl Scheduler {
                 Pass::Decode => remaining == 1,
                 Pass::Prefill => remaining > 1,
             };
-            if !wanted || seq.last_scheduled_step == step.step_id {
+            if !wanted
+                || seq.last_scheduled_step == step.step_id
+                || self.in_flight.contains(&seq_id)
+            {
                 i += 1;
                 continue;
             }
@@ -90,7 +93,8 @@ impl Scheduler {
                 // Out of blocks. Decodes take from the end of the order (maybe themselves);
                 // prefills only from sequences after them not scheduled yet, else they wait.
                 let victim = match pass {
-                    Pass::Decode => self.running.len() - 1,
+                    // `i` itself is never in flight, so a victim always exists.
+                    Pass::Decode => self.last_preemptible(i),
                     Pass::Prefill => match self.last_unscheduled_after(i, step.step_id) {
                         Some(v) => v,
                         None => return,
@@ -197,18 +201,33 @@ impl Scheduler {
         if let Some(seq) = self.seqs.get_mut(&seq_id) {
             seq.last_scheduled_step = step.step_id;
         }
+        if self.max_in_flight > 1 {
+            self.in_flight.insert(seq_id);
+        }
         step.budget -= num_new;
         step.scheduled.push((seq_id, start, num_new));
         step.block_copies.extend(copies);
     }
 
-    /// Index of the last running sequence after `i` that this step has not scheduled.
+    /// Index of the last running sequence after `i` that this step has not scheduled (and
+    /// that no step in flight is writing).
     fn last_unscheduled_after(&self, i: usize, step_id: u64) -> Option<usize> {
         (i + 1..self.running.len()).rev().find(|&j| {
-            self.seqs
-                .get(&self.running[j].1)
-                .is_some_and(|s| s.last_scheduled_step != step_id)
+            let seq_id = self.running[j].1;
+            !self.in_flight.contains(&seq_id)
+                && self
+                    .seqs
+                    .get(&seq_id)
+                    .is_some_and(|s| s.last_scheduled_step != step_id)
         })
+    }
+
+    /// The last running sequence not in flight, at `i` or after it.
+    fn last_preemptible(&self, i: usize) -> usize {
+        (i..self.running.len())
+            .rev()
+            .find(|&j| !self.in_flight.contains(&self.running[j].1))
+            .unwrap_or(i)
     }
 
     /// Takes back the blocks of `running[idx]`; it waits and recomputes from its prefix hits.

@@ -1,0 +1,266 @@
+//! A model split over ranks, run as one: the engine's runner hands it one `ForwardBatch` per
+//! step and gets the gathered logits back.
+//!
+//! Rank 0 (first stage, first TP rank) runs on the caller's thread; every other rank owns its
+//! `Llama` shard and KV cache on a thread of its own and receives each step's batch (plain
+//! data, shared by `Arc`) on a channel. The block manager and scheduler stay single: every
+//! rank applies the same block copies and writes the same slots, so block ids mean the same
+//! on every rank; each rank's cache holds only its layers and KV heads.
+//!
+//! With one stage `submit` returns once the step is done. With `pp` stages rank 0 hands its
+//! hidden states to stage 1 and returns at once, so the caller can submit the next
+//! micro-batch while later stages work: up to `pp` steps are in flight, and `collect` returns
+//! their logits in submission order (from the last stage's first TP rank, over a channel).
+//!
+//! A group of one rank spawns nothing: the same code as a plain `Llama`.
+//! After any failure the group is broken (its communicators are aborted so no rank waits
+//! forever) and every later call returns an error.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::config::ModelConfig;
+use super::llama::Llama;
+use super::ModelError;
+use crate::kernels::{Backend, ForwardBatch};
+
+/// Loaded ranks, in rank order (`stage * tp_size + tp_rank`), before they start.
+pub struct ModelRanks<B: Backend> {
+    /// The whole model's config (every rank holds a copy).
+    pub config: ModelConfig,
+    pub ranks: Vec<Llama<B>>,
+}
+
+impl<B: Backend> From<Llama<B>> for ModelRanks<B> {
+    fn from(model: Llama<B>) -> Self {
+        Self {
+            config: model.config.clone(),
+            ranks: vec![model],
+        }
+    }
+}
+
+/// One step as every rank sees it.
+struct StepInput {
+    batch: ForwardBatch,
+    block_copies: Vec<(u32, u32)>,
+}
+
+struct Worker {
+    tx: Option<flume::Sender<Arc<StepInput>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+type LogitsResult = Result<Vec<f32>, String>;
+
+pub struct RankGroup<B: Backend> {
+    lead: Llama<B>,
+    lead_kv: B::KvCache,
+    workers: Vec<Worker>,
+    /// Logits from the last stage's first TP rank (more than one stage).
+    logits_rx: Option<flume::Receiver<LogitsResult>>,
+    /// Logits the lead computed itself (one stage), oldest first.
+    ready: VecDeque<Vec<f32>>,
+    in_flight: usize,
+    pp_size: usize,
+    broken: bool,
+}
+
+fn broken_error() -> ModelError {
+    ModelError::Parallel("the rank group failed in an earlier step".into())
+}
+
+impl<B: Backend> RankGroup<B> {
+    /// Gives every rank a KV cache of `num_blocks` blocks of `block_size` tokens and starts
+    /// the rank threads.
+    pub fn start(
+        ranks: ModelRanks<B>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
+        let mut ranks = ranks.ranks.into_iter();
+        let lead = ranks
+            .next()
+            .ok_or_else(|| ModelError::Invalid("a rank group needs at least one rank".into()))?;
+        let (tp_size, pp_size) = (lead.shard().tp_size, lead.shard().pp_size);
+        let lead_kv = lead.kv_cache(num_blocks, block_size)?;
+        let (logits_tx, logits_rx) = if pp_size > 1 {
+            let (tx, rx) = flume::bounded(pp_size + 1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let mut workers = Vec::new();
+        for model in ranks {
+            let kv = model.kv_cache(num_blocks, block_size)?;
+            let shard = model.shard().clone();
+            let reports = shard.is_last_stage() && shard.tp_rank == 0 && pp_size > 1;
+            let tx_logits = if reports { logits_tx.clone() } else { None };
+            let (tx, rx) = flume::bounded::<Arc<StepInput>>(pp_size + 1);
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-rank{}", shard.rank))
+                .spawn(move || rank_loop(model, kv, rx, tx_logits))
+                .map_err(|e| ModelError::Parallel(format!("spawning rank {}: {e}", shard.rank)))?;
+            workers.push(Worker {
+                tx: Some(tx),
+                handle: Some(handle),
+            });
+        }
+        debug_assert_eq!(workers.len() + 1, tp_size * pp_size);
+        Ok(Self {
+            lead,
+            lead_kv,
+            workers,
+            logits_rx,
+            ready: VecDeque::new(),
+            in_flight: 0,
+            pp_size,
+            broken: false,
+        })
+    }
+
+    /// The lead rank's model (config, backend description).
+    pub fn lead(&self) -> &Llama<B> {
+        &self.lead
+    }
+
+    /// Steps that may be in flight at once: the number of pipeline stages.
+    pub fn max_in_flight(&self) -> usize {
+        self.pp_size
+    }
+
+    pub fn num_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn fail(&mut self, e: ModelError) -> ModelError {
+        self.broken = true;
+        self.lead.abort();
+        e
+    }
+
+    /// Starts one step on every rank: copies KV blocks `(src, dst)` first, then runs `batch`.
+    pub fn submit(
+        &mut self,
+        batch: &ForwardBatch,
+        block_copies: &[(u32, u32)],
+    ) -> Result<(), ModelError> {
+        if self.broken {
+            return Err(broken_error());
+        }
+        if self.in_flight >= self.pp_size {
+            return Err(ModelError::Parallel(format!(
+                "{} steps already in flight (the pipeline has {} stages)",
+                self.in_flight, self.pp_size
+            )));
+        }
+        if !self.workers.is_empty() {
+            let input = Arc::new(StepInput {
+                batch: batch.clone(),
+                block_copies: block_copies.to_vec(),
+            });
+            for w in &self.workers {
+                let sent =
+                    w.tx.as_ref()
+                        .is_some_and(|tx| tx.send(input.clone()).is_ok());
+                if !sent {
+                    let e = ModelError::Parallel("a rank thread has stopped".into());
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        // Marked broken until the lead's part is done: if it panics, the group stays broken.
+        self.broken = true;
+        self.lead.copy_blocks(&mut self.lead_kv, block_copies);
+        match self.lead.forward_rank(batch, &mut self.lead_kv) {
+            Ok(logits) => {
+                if self.pp_size == 1 {
+                    self.ready.push_back(logits);
+                }
+                self.broken = false;
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// The logits (`[logits rows, vocab]`) of the oldest step in flight.
+    pub fn collect(&mut self) -> Result<Vec<f32>, ModelError> {
+        if self.in_flight == 0 {
+            return Err(ModelError::Parallel("no step in flight".into()));
+        }
+        self.in_flight -= 1;
+        let got = match &self.logits_rx {
+            None => self.ready.pop_front().ok_or_else(broken_error),
+            Some(rx) => match rx.recv() {
+                Ok(Ok(logits)) => Ok(logits),
+                Ok(Err(e)) => Err(ModelError::Parallel(e)),
+                Err(_) => Err(ModelError::Parallel(
+                    "the last pipeline stage has stopped".into(),
+                )),
+            },
+        };
+        got.map_err(|e| self.fail(e))
+    }
+
+    /// `submit` then `collect`: one whole step.
+    pub fn run(
+        &mut self,
+        batch: &ForwardBatch,
+        block_copies: &[(u32, u32)],
+    ) -> Result<Vec<f32>, ModelError> {
+        self.submit(batch, block_copies)?;
+        self.collect()
+    }
+}
+
+fn rank_loop<B: Backend>(
+    mut model: Llama<B>,
+    mut kv: B::KvCache,
+    rx: flume::Receiver<Arc<StepInput>>,
+    logits_tx: Option<flume::Sender<LogitsResult>>,
+) {
+    while let Ok(input) = rx.recv() {
+        model.copy_blocks(&mut kv, &input.block_copies);
+        match model.forward_rank(&input.batch, &mut kv) {
+            Ok(logits) => {
+                if let Some(tx) = &logits_tx {
+                    if tx.send(Ok(logits)).is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("rank {}: {e}", model.shard().rank);
+                if let Some(tx) = &logits_tx {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+                model.abort();
+                break;
+            }
+        }
+    }
+}
+
+impl<B: Backend> Drop for RankGroup<B> {
+    fn drop(&mut self) {
+        // Closing the step channels ends idle ranks; aborting the lead's communicator
+        // releases any rank waiting for it in a collective.
+        for w in &mut self.workers {
+            w.tx = None;
+        }
+        self.logits_rx = None;
+        self.lead.abort();
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "rank_group_tests.rs"]
+mod tests;
