@@ -11,6 +11,8 @@ pub mod nvml;
 pub mod nvrtc;
 mod ops;
 pub mod params;
+pub mod reference;
+pub mod sampling;
 pub mod step;
 
 pub use backend::{CudaBackend, CudaTensor, KvDType};
