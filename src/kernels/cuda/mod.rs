@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod context;
+mod host_io;
 pub mod nvml;
 pub mod nvrtc;
 mod ops;
