@@ -17,7 +17,7 @@ use sluice::kernels::cuda::backend::CudaKvCache;
 use sluice::kernels::cuda::KvDType;
 use sluice::kernels::{AttentionShape, Backend, BatchSeq, ForwardBatch, KvCacheShape, Rope};
 
-use crate::{assert_close, cpu, cpu_tensor, gpu_or_skip, gpu_tensor, host_pair, rng, uniform};
+use crate::{assert_close, cpu, cpu_tensor, gpu_tensor, host_pair, rng, uniform};
 
 const NUM_BLOCKS: usize = 160;
 
@@ -60,8 +60,10 @@ fn batch(seqs: &mut [Seq], work: &[(usize, usize)], bs: usize) -> ForwardBatch {
     b
 }
 
+/// The CPU half runs without a GPU too (it checks the batches are well formed); the
+/// comparison when a GPU is usable.
 fn run_case(case: &Case, seed: u64) {
-    let g = gpu_or_skip!(case.kv);
+    let g = crate::gpu(case.kv);
     let c = cpu();
     let (h, kvh, d, bs) = (case.heads, case.kv_heads, case.head_dim, case.block_size);
     let shape = AttentionShape {
@@ -95,16 +97,18 @@ fn run_case(case: &Case, seed: u64) {
         })
         .collect();
     let fork_blocks = take(3);
-    let (mut gkv, mut ckv) = (g.kv_cache(kv_shape).unwrap(), c.kv_cache(kv_shape).unwrap());
-    // Layer 1 is the one attended; layer 0 gets other values, so a wrong layer shows.
+    let mut gkv = g.as_ref().map(|g| g.kv_cache(kv_shape).unwrap());
+    let mut ckv = c.kv_cache(kv_shape).unwrap();
+    // Both layers run, on different values, so a wrong layer index shows.
     let mut r = rng(seed + 1);
     let mut step = |seqs: &mut [Seq],
                     work: &[(usize, usize)],
                     name: &str,
-                    gkv: &mut CudaKvCache,
+                    gkv: &mut Option<CudaKvCache>,
                     ckv: &mut CpuKvCache| {
         let b = batch(seqs, work, bs);
-        let (gs, cs) = (g.prepare_step(&b, &rope), c.prepare_step(&b, &rope));
+        let cs = c.prepare_step(&b, &rope);
+        let gs = g.as_ref().map(|g| g.prepare_step(&b, &rope));
         let n = b.num_tokens();
         let cols = (h + 2 * kvh) * d;
         for layer in [0, 1] {
@@ -112,11 +116,16 @@ fn run_case(case: &Case, seed: u64) {
             let qkv: Vec<f32> = (0..n * cols)
                 .map(|i| uniform(&mut r, 1, if i % cols < h * d { 3.0 } else { 1.0 })[0])
                 .collect();
-            let (mut gq, mut cq) = (gpu_tensor(&g, n, cols, &qkv), cpu_tensor(n, cols, &qkv));
-            let (mut go, mut co) = (g.tensor(), c.tensor());
-            g.attention(&mut gq, shape, layer, gkv, &gs, &mut go);
+            let mut cq = cpu_tensor(n, cols, &qkv);
+            let mut co = c.tensor();
             c.attention(&mut cq, shape, layer, ckv, &cs, &mut co);
-            let (got, want) = host_pair(&g, &go, &c, &co);
+            let (Some(g), Some(gs), Some(gkv)) = (&g, &gs, gkv.as_mut()) else {
+                continue;
+            };
+            let mut gq = gpu_tensor(g, n, cols, &qkv);
+            let mut go = g.tensor();
+            g.attention(&mut gq, shape, layer, gkv, gs, &mut go);
+            let (got, want) = host_pair(g, &go, &c, &co);
             // f16 caches hold the same rounded values up to a rare last-bit difference of
             // RoPE's sin/cos; a bf16 cache rounds K and V to 2⁻⁹ relative.
             let tol = if case.kv == KvDType::BF16 {
@@ -150,7 +159,9 @@ fn run_case(case: &Case, seed: u64) {
     let copies: Vec<(u32, u32)> = (0..nb)
         .map(|i| (seqs[1].blocks[i], fork_blocks[i]))
         .collect();
-    g.copy_blocks(&mut gkv, &copies);
+    if let (Some(g), Some(gkv)) = (&g, gkv.as_mut()) {
+        g.copy_blocks(gkv, &copies);
+    }
     c.copy_blocks(&mut ckv, &copies);
     seqs.push(Seq {
         len: seqs[1].len,

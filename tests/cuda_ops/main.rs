@@ -88,7 +88,14 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
             _ => f32::INFINITY,
         };
         if excess > worst.1 || (excess.is_nan() && worst.1.is_finite()) {
-            worst = (i, if excess.is_nan() { f32::INFINITY } else { excess });
+            worst = (
+                i,
+                if excess.is_nan() {
+                    f32::INFINITY
+                } else {
+                    excess
+                },
+            );
         }
     }
     let i = worst.0;
