@@ -117,7 +117,9 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
     };
     let step = g.prepare_step(&batch, &rope);
     let cols = (heads + 2 * kv_heads) * d;
-    let q: Vec<f32> = (0..seqs * cols).map(|i| ((i % 97) as f32 - 48.0) / 48.0).collect();
+    let q: Vec<f32> = (0..seqs * cols)
+        .map(|i| ((i % 97) as f32 - 48.0) / 48.0)
+        .collect();
     let mut qkv = g.upload_tensor(seqs, cols, &q).expect("qkv");
     let mut out = g.tensor();
     let a = AttentionShape {
@@ -180,12 +182,17 @@ fn decode_8b(copy_bw: f64) {
     let started = Instant::now();
     let weights = DummyWeights::new(c.clone(), WeightDType::BF16, 8).expect("dummy weights");
     let mut model = Llama::load(c.clone(), &weights, backend).expect("loading the dummy 8B");
-    println!("decode8b   dummy bf16 weights generated and uploaded in {:.1?}", started.elapsed());
+    println!(
+        "decode8b   dummy bf16 weights generated and uploaded in {:.1?}",
+        started.elapsed()
+    );
     let num_blocks = (PROMPT + STEPS + 1).div_ceil(BLOCK);
     let mut kv = model.kv_cache(num_blocks, BLOCK).expect("KV cache");
     let table: Vec<u32> = (0..num_blocks as u32).collect();
     let batch = |from: usize, n: usize| ForwardBatch {
-        token_ids: (from..from + n).map(|i| (i * 7919 % c.vocab_size) as u32).collect(),
+        token_ids: (from..from + n)
+            .map(|i| (i * 7919 % c.vocab_size) as u32)
+            .collect(),
         positions: (from as u32..(from + n) as u32).collect(),
         slot_mapping: (from as u32..(from + n) as u32).collect(),
         seqs: vec![BatchSeq {
@@ -249,7 +256,10 @@ fn main() {
     };
     println!("{}", g.describe());
     let copy_bw = copy_bandwidth(&g);
-    println!("copy       cuMemcpyDtoD 1 GiB: {:.0} GB/s (read + written)", copy_bw / 1e9);
+    println!(
+        "copy       cuMemcpyDtoD 1 GiB: {:.0} GB/s (read + written)",
+        copy_bw / 1e9
+    );
     if wants("attention") {
         attention(&g, copy_bw);
     }
