@@ -57,7 +57,9 @@ fn decode(c: &mut Criterion) {
     for ctx in [256usize] {
         let per_seq = (ctx + 1).div_ceil(BLOCK_SIZE);
         for seqs in [1usize, 16] {
-            let mut kv = model.kv_cache(seqs * per_seq, BLOCK_SIZE).expect("kv cache");
+            let mut kv = model
+                .kv_cache(seqs * per_seq, BLOCK_SIZE)
+                .expect("kv cache");
             // Fill the context once; the timed step re-runs the token at position `ctx`,
             // overwriting its own slot, so every iteration sees the same cache.
             model.forward(&batch(seqs, per_seq, 0, ctx), &mut kv);

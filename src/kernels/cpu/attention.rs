@@ -369,7 +369,10 @@ mod tests {
                                 .iter()
                                 .map(|t| {
                                     let k = &t[(h + g) * d..][..d];
-                                    q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                                    q.iter()
+                                        .zip(k)
+                                        .map(|(a, b)| *a as f64 * *b as f64)
+                                        .sum::<f64>()
                                         * shape.scale as f64
                                 })
                                 .collect();

@@ -15,7 +15,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::ops::{simd_dispatch, simd_level, SimdLevel};
+use super::ops::{exp, simd_dispatch, simd_level, SimdLevel};
 
 /// Keys scored per vector.
 const KEY_CHUNK: usize = 16;
@@ -97,7 +97,7 @@ pub fn accumulate_v(
     assert!(blk.v.len() >= blk.n * d && out.len() >= heads * d);
     assert!(p.len() >= (heads - 1) * stride + blk.n);
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx512 && d % 16 == 0 {
+    if simd_level() == SimdLevel::Avx512 && d.is_multiple_of(16) {
         let mut h0 = 0;
         while h0 < heads {
             let hn = (heads - h0).min(HEAD_GROUP);
@@ -144,7 +144,10 @@ fn scores_portable_body(
             let (mut a0, mut a1) = ([0.0f32; KEY_CHUNK], [0.0f32; KEY_CHUNK]);
             let mut i = 0;
             while i + 1 < d {
-                let (k0, k1) = (&kt[i * bs + c..][..KEY_CHUNK], &kt[(i + 1) * bs + c..][..KEY_CHUNK]);
+                let (k0, k1) = (
+                    &kt[i * bs + c..][..KEY_CHUNK],
+                    &kt[(i + 1) * bs + c..][..KEY_CHUNK],
+                );
                 for l in 0..KEY_CHUNK {
                     a0[l] = q[i].mul_add(k0[l], a0[l]);
                     a1[l] = q[i + 1].mul_add(k1[l], a1[l]);
@@ -195,49 +198,11 @@ simd_dispatch!(
     fn accumulate_v_portable(heads: usize, p: &[f32], stride: usize, v: &[f32], n: usize, d: usize, out: &mut [f32]) => accumulate_v_portable_body
 );
 
-/// `exp(x)` for `x ≤ 0` (a score minus the row's maximum), evaluated in f64 and rounded once,
-/// so it is the correctly rounded f32 result but in the rarest cases: the same values a
-/// correctly rounding `expf` (glibc's, which llama.cpp's CPU attention calls) gives, yet
-/// vectorized. NaN stays NaN, so a broken row is still seen downstream.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    // Below this, the result is under f32's normal range: zero to a softmax.
-    const MIN_X: f64 = -104.0;
-    // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f64 = 6_755_399_441_055_744.0;
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    let x = x as f64;
-    let x = if x < MIN_X { MIN_X } else { x };
-    let t = x * std::f64::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    // |r| ≤ ln2 / 2; a degree-11 Taylor polynomial leaves a relative error under 1e-15.
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut y: f64 = 1.0 / 39_916_800.0;
-    for c in [
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        y = y.mul_add(r, c);
-    }
-    let pow2n = f64::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023)) << 52);
-    (y * pow2n) as f32
-}
-
 #[inline(always)]
 fn softmax_numerators_body(scores: &mut [f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for s in scores.iter_mut() {
-        *s = exp_nonpositive(*s - max);
+        *s = exp(*s - max);
     }
     // A fixed 16-lane tree, like `ops::dot`, so the sum vectorizes and never depends on
     // anything but the row.
@@ -268,6 +233,7 @@ simd_dispatch!(
 );
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // the heads index several register arrays at once
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -362,20 +328,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    #[test]
-    fn exp_is_correctly_rounded() {
-        let mut x = 0.0f32;
-        while x > -110.0 {
-            let (ours, exact) = (exp_nonpositive(x), (x as f64).exp() as f32);
-            assert_eq!(ours, exact, "exp({x})");
-            x -= 0.000_37;
-        }
-        assert!(exp_nonpositive(f32::NAN).is_nan());
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-    }
-
     fn random_f16(rng: &mut ChaCha8Rng, n: usize) -> Vec<f16> {
-        (0..n).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect()
+        (0..n)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect()
     }
 
     /// Both paths against an f64 evaluation, and against each other bit for bit.
@@ -390,11 +346,24 @@ mod tests {
             (5, 48, 8, 8),
             (2, 64, 16, 1),
         ] {
-            let q: Vec<f32> = random_f16(&mut rng, heads * d).iter().map(|x| x.to_f32()).collect();
+            let q: Vec<f32> = random_f16(&mut rng, heads * d)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
             let k = random_f16(&mut rng, d * bs);
             let v = random_f16(&mut rng, bs * d);
-            let blk = KvBlock { k: &k, v: &v, block_size: bs, n };
-            let gq = GroupQuery { q: &q, heads, head_dim: d, scale: 0.125 };
+            let blk = KvBlock {
+                k: &k,
+                v: &v,
+                block_size: bs,
+                n,
+            };
+            let gq = GroupQuery {
+                q: &q,
+                heads,
+                head_dim: d,
+                scale: 0.125,
+            };
             let stride = n + 3;
             let mut scratch = Scratch::default();
             let mut fast = vec![0.0f32; heads * stride];
@@ -417,7 +386,10 @@ mod tests {
             accumulate_v(heads, &fast, stride, blk, d, &mut out_fast, &mut scratch);
             let vf = convert(&v[..n * d], &mut scratch).to_vec();
             accumulate_v_portable(heads, &fast, stride, &vf, n, d, &mut out_portable);
-            assert_eq!(out_fast, out_portable, "v heads {heads} d {d} bs {bs} n {n}");
+            assert_eq!(
+                out_fast, out_portable,
+                "v heads {heads} d {d} bs {bs} n {n}"
+            );
         }
     }
 }

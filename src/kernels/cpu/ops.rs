@@ -136,10 +136,50 @@ simd_dispatch!(
     pub fn add_rms_norm_row(residual: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => add_rms_norm_row_body
 );
 
+/// `exp(x)` evaluated in f64 and rounded once, so it is the correctly rounded f32 result but
+/// in the rarest cases (the values glibc's `expf` gives), written so that it vectorizes, unlike
+/// a libm call. NaN stays NaN, so a broken row is still seen downstream; large `x` gives +inf.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Outside these, the f32 result is 0 or +inf whatever the exact value.
+    const MIN_X: f64 = -110.0;
+    const MAX_X: f64 = 89.0;
+    // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    let x = x as f64;
+    // `clamp` keeps NaN.
+    let x = x.clamp(MIN_X, MAX_X);
+    let t = x * std::f64::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // |r| ≤ ln2 / 2; a degree-11 Taylor polynomial leaves a relative error under 1e-15.
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut y: f64 = 1.0 / 39_916_800.0;
+    for c in [
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        y = y.mul_add(r, c);
+    }
+    let pow2n =
+        f64::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023)) << 52);
+    (y * pow2n) as f32
+}
+
 #[inline(always)]
 fn silu_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
+        *o = g / (1.0 + exp(-g)) * u;
     }
 }
 
@@ -170,6 +210,18 @@ pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_is_correctly_rounded() {
+        let mut x = 95.0f32;
+        while x > -110.0 {
+            let (ours, exact) = (exp(x), (x as f64).exp() as f32);
+            assert_eq!(ours, exact, "exp({x})");
+            x -= 0.000_37;
+        }
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+    }
 
     #[test]
     fn dot_matches_naive() {
