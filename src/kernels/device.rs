@@ -1,7 +1,11 @@
 //! Device selection: `auto` uses a GPU when one is usable and falls back to the CPU otherwise,
-//! saying why; `cpu` and `cuda[:N]` force one.
+//! saying why; `cpu` and `cuda[:N]` force one. `with_backend` then builds the device's backend
+//! and hands it to code written once, generic over `B: Backend`, so the `cuda` feature gate
+//! stays here and callers (the CLI, the engine) need none.
 
 use std::fmt;
+
+use super::backend::Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -80,5 +84,106 @@ pub fn select(requested: &str) -> Result<Device, DeviceError> {
             }
         }
         _ => Err(DeviceError::Unknown(requested.to_string())),
+    }
+}
+
+/// Work to run on whichever backend a device selects, written once for every backend (for
+/// example: load the model, spawn the engine, serve).
+pub trait WithBackend {
+    type Output;
+    fn run<B: Backend>(self, backend: B) -> Self::Output;
+}
+
+/// Storage type of a GPU's KV cache (the CPU's is always f16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuKvDType {
+    F16,
+    BF16,
+}
+
+/// How to build a device's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// Threads of the CPU backend's pool.
+    pub cpu_threads: usize,
+    /// F16 for f16 and GGUF models, BF16 for bf16 ones.
+    pub gpu_kv_dtype: GpuKvDType,
+}
+
+/// Builds `device`'s backend and runs `work` on it.
+pub fn with_backend<W: WithBackend>(
+    device: Device,
+    opts: BackendOptions,
+    work: W,
+) -> Result<W::Output, DeviceError> {
+    match device {
+        Device::Cpu => Ok(work.run(super::cpu::CpuBackend::new(opts.cpu_threads))),
+        Device::Cuda(i) => run_cuda(i, opts, work),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<W: WithBackend>(
+    index: usize,
+    _opts: BackendOptions,
+    _work: W,
+) -> Result<W::Output, DeviceError> {
+    Err(DeviceError::Unavailable {
+        requested: Device::Cuda(index).to_string(),
+        why: cuda_unavailable_reason().unwrap_or_default(),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<W: WithBackend>(
+    index: usize,
+    opts: BackendOptions,
+    work: W,
+) -> Result<W::Output, DeviceError> {
+    use crate::kernels::cuda::{CudaBackend, KvDType};
+    let kv = match opts.gpu_kv_dtype {
+        GpuKvDType::F16 => KvDType::F16,
+        GpuKvDType::BF16 => KvDType::BF16,
+    };
+    let backend = CudaBackend::new(index, kv).map_err(|e| DeviceError::Unavailable {
+        requested: Device::Cuda(index).to_string(),
+        why: e.to_string(),
+    })?;
+    tracing::info!("cuda:{index}: {}", backend.describe());
+    Ok(work.run(backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Describe;
+    impl WithBackend for Describe {
+        type Output = String;
+        fn run<B: Backend>(self, backend: B) -> String {
+            backend.describe()
+        }
+    }
+
+    const OPTS: BackendOptions = BackendOptions {
+        cpu_threads: 1,
+        gpu_kv_dtype: GpuKvDType::BF16,
+    };
+
+    #[test]
+    fn the_cpu_runs_generic_work_and_a_missing_gpu_is_an_error() {
+        let cpu = with_backend(Device::Cpu, OPTS, Describe).expect("the CPU is always there");
+        assert!(cpu.starts_with("cpu"), "{cpu}");
+        if cuda_unavailable_reason().is_some() {
+            let err = with_backend(Device::Cuda(0), OPTS, Describe).expect_err("no GPU here");
+            assert!(err.to_string().starts_with("--device cuda:0: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(select("cpu").ok(), Some(Device::Cpu));
+        assert!(matches!(select("tpu"), Err(DeviceError::Unknown(_))));
+        assert!(matches!(select("cuda:x"), Err(DeviceError::Unknown(_))));
     }
 }

@@ -46,7 +46,9 @@ macro_rules! launch {
         $( b.arg($arg); )*
         // SAFETY: argument types and order match the kernel's C signature (see kernels-cuda/);
         // every pointer is a live device buffer of the size the kernel is told.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(kerr)
+        unsafe { b.launch($cfg) }
+            .map(|_| ())
+            .map_err($crate::kernels::cuda::context::kerr)
     }};
 }
 pub(crate) use launch;

@@ -7,10 +7,13 @@
 
 pub mod backend;
 pub mod context;
+mod host_io;
 pub mod nvml;
 pub mod nvrtc;
 mod ops;
 pub mod params;
+pub mod reference;
+pub mod sampling;
 pub mod step;
 
 pub use backend::{CudaBackend, CudaTensor, KvDType};
