@@ -224,3 +224,71 @@ fn bad_sizes_are_clear_errors_at_start_up() {
     let e = err(2, 2, 3);
     assert!(e.contains("need at least one thread each"), "{e}");
 }
+
+/// The engine with two pipeline stages keeps two steps in flight on disjoint sequences and
+/// commits them as they come back: concurrent greedy requests (mixed lengths, some finishing
+/// early) give exactly the tokens of a one-rank engine.
+#[test]
+fn engine_with_pipeline_stages_matches_one_rank() {
+    use sluice::engine::{self, EngineConfig, GenerateRequest, StreamEvent};
+    use sluice::kv_cache::CacheConfig;
+    use sluice::scheduler::SchedulerConfig;
+    use sluice::tokenizer::Tokenizer;
+    use std::sync::Arc;
+
+    let f = common::default_gguf();
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+    let config = || EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 64,
+            max_num_seqs: 16,
+            ..SchedulerConfig::default()
+        },
+        cache: CacheConfig {
+            block_size: BLOCK_SIZE,
+            num_blocks: 256,
+            enable_prefix_caching: true,
+        },
+        max_model_len: 4096,
+        max_waiting: 0,
+    };
+    let run = |engine: &engine::EngineHandle| -> Vec<Vec<u32>> {
+        let streams: Vec<_> = common::greedy_fixtures()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let request = GenerateRequest {
+                    ignore_eos: true,
+                    ..GenerateRequest::greedy(p.prompt_ids.clone(), 4 + 3 * i)
+                };
+                engine.submit(request).unwrap()
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|mut s| {
+                let mut tokens = Vec::new();
+                loop {
+                    match s.next_blocking() {
+                        Some(StreamEvent::Token { token_ids, .. }) => tokens.extend(token_ids),
+                        Some(StreamEvent::SeqFinished { .. }) => {}
+                        Some(StreamEvent::Done { .. }) => return tokens,
+                        other => panic!("unexpected end of stream: {other:?}"),
+                    }
+                }
+            })
+            .collect()
+    };
+    let one = engine::spawn(common::default_model(), tokenizer.clone(), config()).unwrap();
+    let expected = run(&one);
+    drop(one);
+    let config_model = ModelConfig::from_gguf(&f).unwrap();
+    let cfg = ParallelConfig {
+        tp_size: 1,
+        pp_size: 2,
+        tp_mode: TpMode::Gather,
+    };
+    let ranks = load_cpu_ranks(&config_model, &f, cfg, 2).unwrap();
+    let staged = engine::spawn(ranks, tokenizer, config()).unwrap();
+    assert_eq!(run(&staged), expected);
+}

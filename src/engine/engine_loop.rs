@@ -1,5 +1,8 @@
-//! The engine loop: intake, schedule, execute, commit, outputs — one step at a time, on its
-//! own thread, owning all serving state.
+//! The engine loop: intake, schedule, execute, commit, outputs — on its own thread, owning all
+//! serving state. With pipeline stages (`ModelRunner::max_in_flight() > 1`) it keeps that
+//! many steps in flight, each on sequences the others do not hold, so every stage works on a
+//! different micro-batch at once; a step's outputs are committed when it comes back, oldest
+//! first. With one stage a step is scheduled, run and committed before the next.
 //!
 //! Fault isolation: a failure attributable to one sequence (non-finite logits, a sampled id
 //! outside the vocabulary, a detokenizer error) ends that request alone; the others in the
@@ -8,7 +11,7 @@
 //! and the loop goes on. Only steps that keep panicking (`MAX_FAILED_STEPS_IN_A_ROW`) mark the
 //! engine unhealthy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -76,6 +79,16 @@ pub(crate) struct EngineLoop<B: Backend> {
     exported_counters: (u64, u64),
     /// The requests of the step being run, failed together if it panics.
     step_request_ids: Vec<RequestId>,
+    /// Steps submitted to the runner and not collected yet, oldest first.
+    in_flight: VecDeque<InFlightStep>,
+}
+
+/// A step whose forward pass is running (or done) in the runner's ranks.
+struct InFlightStep {
+    plan: StepPlan,
+    submitted: Result<(), String>,
+    scheduled_at: Instant,
+    submitted_at: Instant,
 }
 
 impl<B: Backend> EngineLoop<B> {
@@ -103,7 +116,13 @@ impl<B: Backend> EngineLoop<B> {
             exported_prefix: (0, 0),
             exported_counters: (0, 0),
             step_request_ids: Vec::new(),
+            in_flight: VecDeque::new(),
         }
+    }
+
+    /// Nothing to run and nothing running.
+    fn is_idle(&self) -> bool {
+        self.requests.is_empty() && self.in_flight.is_empty()
     }
 
     pub fn run(&mut self) {
@@ -120,7 +139,7 @@ impl<B: Backend> EngineLoop<B> {
                     break;
                 }
             }
-            if self.requests.is_empty() {
+            if self.is_idle() {
                 continue;
             }
             if self.guarded_step() {
@@ -135,7 +154,7 @@ impl<B: Backend> EngineLoop<B> {
     /// Takes new commands; blocks while there is nothing to run. Returns false when the
     /// loop must end (every handle dropped).
     fn intake(&mut self) -> bool {
-        if self.requests.is_empty() {
+        if self.is_idle() {
             self.on_idle();
             loop {
                 match self.commands.recv_timeout(IDLE_HEARTBEAT) {
@@ -371,6 +390,16 @@ impl<B: Backend> EngineLoop<B> {
                     .failed_steps_in_a_row
                     .fetch_add(1, Ordering::AcqRel);
                 let mut ids = std::mem::take(&mut self.step_request_ids);
+                // Steps still in flight cannot be trusted after a panic in the runner: their
+                // requests end too, and the ranks are drained of them.
+                while let Some(f) = self.in_flight.pop_front() {
+                    ids.extend(self.plan_request_ids(&f.plan));
+                    let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+                        self.runner.collect(&f.plan, f.submitted)
+                    }));
+                }
+                ids.sort_unstable();
+                ids.dedup();
                 if ids.is_empty() {
                     // The panic came before the plan named its requests (in the scheduler):
                     // nothing tells which request caused it, so all of them end.
@@ -389,40 +418,71 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
-    fn step(&mut self) {
-        let step_start = Instant::now();
-        let plan = self.scheduler.schedule();
-        for s in &plan.seqs {
-            if let Some(seq) = self.seqs.get(&s.seq_id) {
-                if !self.step_request_ids.contains(&seq.request) {
-                    self.step_request_ids.push(seq.request);
+    /// The requests with a sequence in `plan`.
+    fn plan_request_ids(&self, plan: &StepPlan) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = plan
+            .seqs
+            .iter()
+            .filter_map(|s| self.seqs.get(&s.seq_id).map(|s| s.request))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Schedules and submits steps until the pipeline is full or nothing more can run.
+    fn fill_pipeline(&mut self) {
+        let block_size = self.scheduler.kv_cache().block_size();
+        while self.in_flight.len() < self.runner.max_in_flight() {
+            let scheduled_at = Instant::now();
+            let plan = self.scheduler.schedule();
+            let ids = self.plan_request_ids(&plan);
+            self.step_request_ids.extend(ids);
+            for &seq_id in &plan.too_long_seq_ids {
+                if let Some(s) = self.seqs.get(&seq_id) {
+                    let id = s.request;
+                    self.fail_request(
+                        id,
+                        EngineErrorKind::InvalidRequest,
+                        format!(
+                            "the request needs more KV cache than the server has ({} tokens)",
+                            self.info.kv_cache_tokens
+                        ),
+                    );
                 }
             }
-        }
-        for &seq_id in &plan.too_long_seq_ids {
-            if let Some(s) = self.seqs.get(&seq_id) {
-                let id = s.request;
-                self.fail_request(
-                    id,
-                    EngineErrorKind::InvalidRequest,
-                    format!(
-                        "the request needs more KV cache than the server has ({} tokens)",
-                        self.info.kv_cache_tokens
-                    ),
-                );
+            if plan.seqs.is_empty() {
+                break;
             }
+            self.mark_started(&plan);
+            let submitted_at = Instant::now();
+            let submitted = self.runner.submit(&plan, block_size);
+            self.in_flight.push_back(InFlightStep {
+                plan,
+                submitted,
+                scheduled_at,
+                submitted_at,
+            });
         }
-        if plan.seqs.is_empty() {
+    }
+
+    fn step(&mut self) {
+        self.fill_pipeline();
+        let Some(f) = self.in_flight.pop_front() else {
             self.update_gauges();
             // Nothing could run (e.g. all waiting on blocks held by nobody): avoid spinning.
             std::thread::sleep(Duration::from_millis(1));
             return;
-        }
-        self.mark_started(&plan);
-        let forward_start = Instant::now();
-        let output = self
-            .runner
-            .execute(&plan, self.scheduler.kv_cache().block_size());
+        };
+        let ids = self.plan_request_ids(&f.plan);
+        self.step_request_ids.extend(ids);
+        let InFlightStep {
+            plan,
+            submitted,
+            scheduled_at: step_start,
+            submitted_at: forward_start,
+        } = f;
+        let output = self.runner.collect(&plan, submitted);
         self.metrics
             .forward_seconds
             .observe(forward_start.elapsed().as_secs_f64());

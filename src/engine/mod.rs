@@ -69,7 +69,9 @@ pub fn spawn<B: Backend>(
         config.cache.num_blocks,
         config.cache.block_size,
     )?;
-    let scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
+    let mut scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
+    // With pipeline stages, that many steps run at once on disjoint sequences.
+    scheduler.set_max_in_flight(model.max_in_flight());
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.lead().config.vocab_size,

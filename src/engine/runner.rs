@@ -106,12 +106,6 @@ impl<B: Backend> ModelRunner<B> {
         self.model.max_in_flight()
     }
 
-    /// Runs one step. Sequences without a sampler (none is expected) get an error entry.
-    pub fn execute(&mut self, plan: &StepPlan, block_size: usize) -> StepOutput {
-        let submitted = self.submit(plan, block_size);
-        self.collect(plan, submitted)
-    }
-
     /// Starts `plan` on every rank (with more than one stage, returns before it is done).
     pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), String> {
         self.build_batch(plan, block_size);
