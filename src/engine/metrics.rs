@@ -30,7 +30,7 @@ pub struct EngineMetrics {
     pub request_generation_tokens: Histogram,
     /// Whole engine step (plan, forward pass, sampling, output).
     pub step_seconds: Histogram,
-    /// The forward pass and sampling part of a step.
+    /// The forward pass of a step (submission to logits; sampling is not in it).
     pub forward_seconds: Histogram,
     /// KV-cache accounting violations found when the engine went idle.
     pub kv_accounting_errors_total: IntCounter,
@@ -153,7 +153,7 @@ impl EngineMetrics {
             )),
             forward_seconds: reg!(hist(
                 "sluice:engine_forward_seconds",
-                "Duration of the forward pass and sampling of one step.",
+                "Duration of the forward pass of one step (to its logits, before sampling).",
                 latency_buckets()
             )),
             kv_accounting_errors_total: reg!(IntCounter::new(

@@ -101,7 +101,6 @@ impl<B: Backend> ModelRunner<B> {
 
     /// Steps the model can hold in flight (its pipeline stages); the engine may `submit` that
     /// many plans before it `collect`s the first.
-    #[allow(dead_code)] // used once the engine loop keeps several steps in flight
     pub fn max_in_flight(&self) -> usize {
         self.model.max_in_flight()
     }
@@ -114,14 +113,19 @@ impl<B: Backend> ModelRunner<B> {
             .map_err(|e| format!("the forward pass failed: {e}"))
     }
 
-    /// Samples the oldest submitted step, which must be `plan` (`submitted` is what `submit`
-    /// returned for it).
-    pub fn collect(&mut self, plan: &StepPlan, submitted: Result<(), String>) -> StepOutput {
-        let logits = submitted.and_then(|()| {
+    /// Waits for the oldest submitted step (`submitted` is what `submit` returned for it) and
+    /// returns its logits, `[sampled rows, vocab]`.
+    pub fn collect_logits(&mut self, submitted: Result<(), String>) -> Result<Vec<f32>, String> {
+        submitted.and_then(|()| {
             self.model
                 .collect()
                 .map_err(|e| format!("the forward pass failed: {e}"))
-        });
+        })
+    }
+
+    /// Samples a token for each sequence `plan` asks to sample, from the logits its step
+    /// returned (or fails them all with the step's error).
+    pub fn sample(&mut self, plan: &StepPlan, logits: Result<Vec<f32>, String>) -> StepOutput {
         let logits = match logits {
             Ok(logits) => logits,
             Err(msg) => {
