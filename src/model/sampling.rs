@@ -9,6 +9,8 @@ use std::collections::{HashMap, HashSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels::cpu::ops::{self, softmax_weights};
+
 /// Below this temperature sampling is greedy.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
 /// Candidates kept by a first partial selection for top-p; a full sort happens only when
@@ -207,6 +209,43 @@ impl SequenceSampler {
     fn sample_random(&mut self, logits: &[f32], s: &mut SamplingScratch) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
+        if p.top_k == 0 && p.min_p <= 0.0 && p.top_p >= 1.0 {
+            // Temperature alone (what most clients send): every finite logit is a candidate,
+            // so the weights are one vectorized pass over the row, with no index lists.
+            let max = ops::max(logits);
+            if max.is_finite() {
+                s.weights.clear();
+                s.weights.extend_from_slice(logits);
+                softmax_weights(&mut s.weights, max, inv_t);
+                // -inf and NaN logits (banned or broken entries) weigh nothing.
+                for w in s.weights.iter_mut() {
+                    if !w.is_finite() {
+                        *w = 0.0;
+                    }
+                }
+                let total = ops::sum(&s.weights);
+                let mut u = self.rng.random::<f32>() * total;
+                // Whole chunks are skipped by their (vectorized) sums; the drawn one is walked.
+                for (c, chunk) in s.weights.chunks(WALK_CHUNK).enumerate() {
+                    let cs = ops::sum(chunk);
+                    if u > cs {
+                        u -= cs;
+                        continue;
+                    }
+                    for (j, &w) in chunk.iter().enumerate() {
+                        if w > 0.0 {
+                            u -= w;
+                            if u <= 0.0 {
+                                return (c * WALK_CHUNK + j) as u32;
+                            }
+                        }
+                    }
+                }
+                // Rounding left `u` a hair above zero: the last token with any weight.
+                let last = s.weights.iter().rposition(|&w| w > 0.0);
+                return last.unwrap_or(0) as u32;
+            }
+        }
         s.candidates.clear();
         s.candidates
             .extend((0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()));
@@ -224,41 +263,63 @@ impl SequenceSampler {
             .iter()
             .map(|&i| logits[i as usize])
             .fold(f32::NEG_INFINITY, f32::max);
-        let weight = |i: u32| ((logits[i as usize] - max) * inv_t).exp();
+        // The candidates' weights exp((logit - max) / T), computed once, vectorized, and kept
+        // aligned with `candidates` through every cut below.
+        s.weights.clear();
+        s.weights
+            .extend(s.candidates.iter().map(|&i| logits[i as usize]));
+        softmax_weights(&mut s.weights, max, inv_t);
         if p.min_p > 0.0 {
             // Relative to the most probable token: p_i / p_max = weight(i).
-            s.candidates.retain(|&i| weight(i) >= p.min_p);
+            let mut kept = 0;
+            for n in 0..s.candidates.len() {
+                if s.weights[n] >= p.min_p {
+                    s.candidates[kept] = s.candidates[n];
+                    s.weights[kept] = s.weights[n];
+                    kept += 1;
+                }
+            }
+            s.candidates.truncate(kept);
+            s.weights.truncate(kept);
         }
         if p.top_p < 1.0 {
-            let total: f32 = s.candidates.iter().map(|&i| weight(i)).sum();
-            let mut keep = s.candidates.len();
+            let total: f32 = s.weights.iter().sum();
+            s.pairs.clear();
+            s.pairs
+                .extend(s.candidates.iter().copied().zip(s.weights.iter().copied()));
+            let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| {
+                logits[b.0 as usize].total_cmp(&logits[a.0 as usize])
+            };
+            let mut keep = s.pairs.len();
             if keep > TOP_P_FIRST_CUT {
-                s.candidates
+                s.pairs
                     .select_nth_unstable_by(TOP_P_FIRST_CUT - 1, by_logit_desc);
-                let head: f32 = s.candidates[..TOP_P_FIRST_CUT]
-                    .iter()
-                    .map(|&i| weight(i))
-                    .sum();
+                let head: f32 = s.pairs[..TOP_P_FIRST_CUT].iter().map(|w| w.1).sum();
                 if head >= p.top_p * total {
                     keep = TOP_P_FIRST_CUT;
                 }
             }
-            s.candidates[..keep].sort_unstable_by(by_logit_desc);
+            s.pairs[..keep].sort_unstable_by(by_logit_desc);
             let mut acc = 0.0;
             let mut cut = keep;
-            for (n, &i) in s.candidates[..keep].iter().enumerate() {
-                acc += weight(i);
+            for (n, w) in s.pairs[..keep].iter().enumerate() {
+                acc += w.1;
                 if acc >= p.top_p * total {
                     cut = n + 1;
                     break;
                 }
             }
-            s.candidates.truncate(cut);
+            s.candidates.clear();
+            s.weights.clear();
+            for &(i, w) in &s.pairs[..cut] {
+                s.candidates.push(i);
+                s.weights.push(w);
+            }
         }
-        let total: f32 = s.candidates.iter().map(|&i| weight(i)).sum();
+        let total: f32 = s.weights.iter().sum();
         let mut u = self.rng.random::<f32>() * total;
-        for &i in &s.candidates {
-            u -= weight(i);
+        for (&i, &w) in s.candidates.iter().zip(&s.weights) {
+            u -= w;
             if u <= 0.0 {
                 return i;
             }
@@ -267,10 +328,17 @@ impl SequenceSampler {
     }
 }
 
+/// Weights per chunk of the temperature-only draw's walk.
+const WALK_CHUNK: usize = 256;
+
 /// Reused buffers of the sampler (one per engine).
 #[derive(Default)]
 pub struct SamplingScratch {
     candidates: Vec<u32>,
+    /// The candidates' unnormalized probabilities, aligned with `candidates`.
+    weights: Vec<f32>,
+    /// Candidates with their weights, while the top-p cut orders them.
+    pairs: Vec<(u32, f32)>,
     /// The raw logits row, kept when logprobs are asked for.
     raw: Vec<f32>,
 }

@@ -177,6 +177,62 @@ pub fn exp(x: f32) -> f32 {
 }
 
 #[inline(always)]
+fn softmax_weights_body(x: &mut [f32], max: f32, inv_t: f32) {
+    for v in x {
+        *v = exp((*v - max) * inv_t);
+    }
+}
+
+simd_dispatch!(
+    /// `x = exp((x - max) * inv_t)`: a sampler's unnormalized probabilities at temperature
+    /// `1 / inv_t`, vectorized (a libm `expf` per vocabulary entry was the engine thread's
+    /// largest cost at 16 sequences).
+    pub fn softmax_weights(x: &mut [f32], max: f32, inv_t: f32) => softmax_weights_body
+);
+
+#[inline(always)]
+fn sum_body(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for (l, v) in tail.iter().enumerate() {
+        acc[l] += v;
+    }
+    reduce(acc)
+}
+
+simd_dispatch!(
+    /// `Σ x` with a fixed 16-lane reduction tree.
+    pub fn sum(x: &[f32]) -> f32 => sum_body
+);
+
+#[inline(always)]
+fn max_body(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] = if v > acc[l] { v } else { acc[l] };
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+simd_dispatch!(
+    /// The largest value (NaNs are skipped; `-inf` for an empty or all-NaN slice).
+    pub fn max(x: &[f32]) -> f32 => max_body
+);
+
+#[inline(always)]
 fn silu_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + exp(-g)) * u;
