@@ -7,6 +7,8 @@
 //! loadable (a machine with the CUDA toolkit), it compiles in-process.
 #![cfg(feature = "cuda")]
 
+mod venv;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,51 +17,9 @@ use sluice::kernels::cuda::nvrtc;
 const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc-cu12==12.9.86";
 const CHILD_ENV: &str = "SLUICE_NVRTC_TEST_CHILD";
 
-fn cache_dir() -> PathBuf {
-    sluice::model::fetch::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().expect("running a set-up command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `<cache>/nvrtc-venv`, created once; concurrent creators build a temporary venv each and
-/// rename it into place.
+/// `<cache>/nvrtc-venv` with the NVRTC wheel.
 fn nvrtc_venv() -> PathBuf {
-    let venv = cache_dir().join("nvrtc-venv");
-    let marker = venv.join(".nvrtc-12.9.86");
-    if marker.exists() {
-        return venv;
-    }
-    let tmp = cache_dir().join(format!("nvrtc-venv.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(cache_dir()).expect("creating the cache directory");
-    run_ok(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
-    run_ok(
-        Command::new(tmp.join("bin").join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(NVRTC_WHEEL),
-    );
-    std::fs::write(tmp.join(".nvrtc-12.9.86"), b"").expect("marker");
-    if venv.exists() && !marker.exists() {
-        let _ = std::fs::remove_dir_all(&venv);
-    }
-    if std::fs::rename(&tmp, &venv).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    venv
+    venv::pip_venv("nvrtc-venv", NVRTC_WHEEL)
 }
 
 /// The directory holding `libnvrtc.so.12` inside the venv.

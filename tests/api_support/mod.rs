@@ -3,6 +3,9 @@
 //! and small HTTP helpers.
 #![allow(dead_code)]
 
+#[path = "../venv/mod.rs"]
+pub mod venv;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -107,56 +110,13 @@ impl Drop for Server {
     }
 }
 
-fn cache_dir() -> PathBuf {
-    sluice::model::fetch::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
-}
-
 /// The Python interpreter of `<cache>/test-venv`, created once with the pinned `openai`.
-/// Concurrent creators each build a temporary venv and rename it into place; the loser
-/// removes its own.
 pub fn venv_python() -> PathBuf {
-    let venv = cache_dir().join("test-venv");
-    let marker = venv.join(format!(".openai-{OPENAI_VERSION}"));
-    let python = venv.join("bin").join("python");
-    if marker.exists() && python.exists() {
-        return python;
-    }
-    let tmp = cache_dir().join(format!("test-venv.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(cache_dir()).expect("creating the cache directory");
-    run_ok(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
-    run_ok(
-        Command::new(tmp.join("bin").join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(format!("openai=={OPENAI_VERSION}")),
-    );
-    std::fs::write(tmp.join(format!(".openai-{OPENAI_VERSION}")), b"").expect("marker");
-    if venv.exists() && !marker.exists() {
-        // An older environment: replace it.
-        let _ = std::fs::remove_dir_all(&venv);
-    }
-    if std::fs::rename(&tmp, &venv).is_err() {
-        // Another test created it first.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
+    let python = venv::pip_venv("test-venv", &format!("openai=={OPENAI_VERSION}"))
+        .join("bin")
+        .join("python");
     assert!(python.exists(), "no interpreter at {}", python.display());
     python
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().expect("running a set-up command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs `tests/python/<script>` against the server at `url` (served as `smol`); panics with
