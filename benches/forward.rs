@@ -62,8 +62,21 @@ fn decode(c: &mut Criterion) {
                 .expect("kv cache");
             // Fill the context once; the timed step re-runs the token at position `ctx`,
             // overwriting its own slot, so every iteration sees the same cache.
+            let fill = std::time::Instant::now();
             model.forward(&batch(seqs, per_seq, 0, ctx), &mut kv);
+            if probe_reps().is_some() {
+                println!(
+                    "probe prefill {seqs}×{ctx} tokens: {:.1} ms",
+                    fill.elapsed().as_secs_f64() * 1e3
+                );
+            }
             let step = batch(seqs, per_seq, ctx, ctx + 1);
+            if let Some(reps) = probe_reps() {
+                probe(seqs, ctx, reps, || {
+                    model.forward(&step, &mut kv);
+                });
+                continue;
+            }
             group.throughput(Throughput::Elements(seqs as u64));
             group.bench_with_input(
                 BenchmarkId::new(seqs.to_string(), format!("ctx{ctx}")),
@@ -73,6 +86,30 @@ fn decode(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// `SLUICE_FORWARD_PROBE=N`: instead of criterion's estimates, time `N` steps of each shape
+/// and print the median and the fastest (the fastest is the figure least moved by other work
+/// on a shared machine).
+fn probe_reps() -> Option<usize> {
+    std::env::var("SLUICE_FORWARD_PROBE").ok()?.parse().ok()
+}
+
+fn probe(seqs: usize, ctx: usize, reps: usize, mut step: impl FnMut()) {
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            step();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "probe decode/{seqs}/ctx{ctx}: median {:.2} ms, fastest {:.2} ms ({} steps)",
+        times[times.len() / 2],
+        times[0],
+        times.len()
+    );
 }
 
 criterion_group!(benches, decode);

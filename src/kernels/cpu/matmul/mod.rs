@@ -44,6 +44,8 @@ use avx2 as avx512;
 mod packed;
 mod packed_acts;
 #[cfg(target_arch = "x86_64")]
+mod packed_amx;
+#[cfg(target_arch = "x86_64")]
 mod packed_avx512;
 mod packed_linear;
 /// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the AVX-512 path).
@@ -59,6 +61,16 @@ mod packed_avx512 {
     pub(super) fn packed_chunk(_: &PackedChunk, _: &super::packed_acts::PackedActs) {
         unreachable!("packed weights exist only on x86-64 with AVX-512")
     }
+}
+#[cfg(not(target_arch = "x86_64"))]
+mod packed_amx {
+    pub(super) fn available() -> bool {
+        false
+    }
+    pub(super) fn runs_on_amx(_: &super::packed::PackedWeights, _: usize) -> bool {
+        false
+    }
+    pub(super) use super::packed_avx512::packed_chunk;
 }
 #[cfg(test)]
 mod packed_tests;
@@ -162,6 +174,8 @@ pub struct MatmulScratch {
     q8k: Q8KActs,
     packed: PackedActs,
     tasks: Vec<Task>,
+    /// Runs the VNNI kernels even where AMX is available (tests compare the two).
+    no_amx: bool,
 }
 
 impl MatmulScratch {

@@ -30,22 +30,27 @@ pub(super) struct PackedChunk<'a> {
 }
 
 pub(super) fn packed_chunk(c: &PackedChunk, acts: &PackedActs) {
+    packed_chunk_rows(c, acts, 0);
+}
+
+/// [`packed_chunk`] for activation rows `first..c.m` only.
+pub(super) fn packed_chunk_rows(c: &PackedChunk, acts: &PackedActs, first: usize) {
     // SAFETY: packed weights exist only where `KernelPath::Avx512.is_supported()`.
-    unsafe { chunk_impl(c, acts) }
+    unsafe { chunk_impl(c, acts, first) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn chunk_impl(c: &PackedChunk, acts: &PackedActs) {
+unsafe fn chunk_impl(c: &PackedChunk, acts: &PackedActs, first: usize) {
     match c.w.kind {
-        PackedKind::Q4_0 => chunk_kind::<0>(c, acts),
-        PackedKind::Q4_1 => chunk_kind::<1>(c, acts),
-        PackedKind::Q8_0 => chunk_kind::<2>(c, acts),
+        PackedKind::Q4_0 => chunk_kind::<0>(c, acts, first),
+        PackedKind::Q4_1 => chunk_kind::<1>(c, acts, first),
+        PackedKind::Q8_0 => chunk_kind::<2>(c, acts, first),
     }
 }
 
 /// `KIND`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs) {
+unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs, first: usize) {
     assert!(c.g1 <= c.w.num_groups && acts.nb == c.w.nb && acts.qs.len() >= c.m * acts.k);
     for g in c.g0..c.g1 {
         let t = Tile {
@@ -55,7 +60,7 @@ unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs) {
             col: (g - c.g0) * GROUP,
             mask: lane_mask(c.w.rows - g * GROUP),
         };
-        let mut r = 0;
+        let mut r = first;
         while r < c.m {
             r += match c.m - r {
                 8.. => tile::<KIND, 8>(&t, acts, r),

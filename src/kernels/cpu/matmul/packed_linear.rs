@@ -4,6 +4,7 @@
 //! each writing its own columns of the same output.
 
 use super::packed::{self, PackedLinear};
+use super::packed_amx;
 use super::packed_avx512::{self, PackedChunk};
 use super::{raw_chunk, Chunk, KernelPath, MatmulScratch, OutView, Task};
 use crate::kernels::cpu::pool::{SyncPtr, ThreadPool};
@@ -74,6 +75,7 @@ pub fn linear_packed_with(
     plan_packed_tasks(&mut scratch.tasks, w, n, m, pool.num_threads());
     let ptr = SyncPtr::new(out);
     let (tasks, q8, q8k, pa) = (&scratch.tasks, &scratch.q8, &scratch.q8k, &scratch.packed);
+    let no_amx = scratch.no_amx;
     pool.run(tasks.len(), |t| {
         let task = tasks[t];
         let part = &w.parts[task.part];
@@ -90,7 +92,11 @@ pub fn linear_packed_with(
                 m,
                 out,
             };
-            packed_avx512::packed_chunk(&chunk, pa);
+            if !no_amx && packed_amx::runs_on_amx(pw, m) {
+                packed_amx::packed_chunk(&chunk, pa);
+            } else {
+                packed_avx512::packed_chunk(&chunk, pa);
+            }
         } else {
             let chunk = Chunk {
                 w: &part.raw,

@@ -117,6 +117,45 @@ fn packed_batch_invariance_bit_exact() {
     }
 }
 
+/// AMX tiles and the VNNI kernel give the same bits for every packed kind, for whole and
+/// partial row tiles and a partial last column group.
+#[test]
+fn amx_matches_vnni_bit_exact() {
+    if !super::packed_amx::available() {
+        eprintln!("skipped: this CPU (or kernel) has no AMX-INT8");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let pool = ThreadPool::new(2);
+    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
+        let (k, n) = (320, 75);
+        let w = PackedLinear::with_path(
+            KernelPath::Avx512,
+            vec![random_tensor(&mut rng, dtype, n, k)],
+        )
+        .expect("valid parts");
+        for m in [15, 16, 17, 32, 40] {
+            let x = random_values(&mut rng, m * k, 1.0);
+            let run = |no_amx: bool| {
+                let mut out = vec![f32::NAN; m * n];
+                let mut scratch = MatmulScratch {
+                    no_amx,
+                    ..MatmulScratch::default()
+                };
+                linear_packed_with(KernelPath::Avx512, &pool, &x, m, &w, &mut out, &mut scratch);
+                out
+            };
+            let (amx, vnni) = (run(false), run(true));
+            assert!(
+                amx.iter()
+                    .zip(&vnni)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype} m={m}: AMX and VNNI outputs differ"
+            );
+        }
+    }
+}
+
 #[test]
 fn packed_rejects_bad_parts() {
     let mut rng = ChaCha8Rng::seed_from_u64(14);
@@ -203,6 +242,52 @@ fn timing_probe() {
                 macs / best_new / 1e9,
                 best_old * 1e6,
                 best_old / best_new
+            );
+        }
+    }
+}
+
+/// Timing probe (not a test): best-of-N AMX vs VNNI on one thread,
+/// `cargo test --release --lib amx_probe -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn amx_probe() {
+    let mut rng = ChaCha8Rng::seed_from_u64(98);
+    let pool = ThreadPool::new(1);
+    for (dtype, k, n) in [
+        (WeightDType::Q4_1, 576, 1536),
+        (WeightDType::Q4_1, 1536, 576),
+        (WeightDType::Q8_0, 576, 4096),
+    ] {
+        let w = PackedLinear::with_path(
+            KernelPath::Avx512,
+            vec![random_tensor(&mut rng, dtype, n, k)],
+        )
+        .unwrap();
+        for m in [16usize, 32, 64, 512] {
+            let x = random_values(&mut rng, m * k, 1.0);
+            let mut out = vec![0.0; m * n];
+            let mut best = [f64::MAX; 2];
+            for i in 0..(2000 / m + 5) {
+                let no_amx = i % 2 == 1;
+                let mut scratch = MatmulScratch {
+                    no_amx,
+                    ..MatmulScratch::default()
+                };
+                linear_packed_with(KernelPath::Avx512, &pool, &x, m, &w, &mut out, &mut scratch);
+                let t = std::time::Instant::now();
+                linear_packed_with(KernelPath::Avx512, &pool, &x, m, &w, &mut out, &mut scratch);
+                let e = t.elapsed().as_secs_f64();
+                best[no_amx as usize] = best[no_amx as usize].min(e);
+            }
+            let gmac = |t: f64| (m * n * k) as f64 / t / 1e9;
+            eprintln!(
+                "{dtype} {k}->{n} m={m}: amx {:.1} us ({:.0} GMAC/s), vnni {:.1} us ({:.0} GMAC/s), speed-up {:.2}",
+                best[0] * 1e6,
+                gmac(best[0]),
+                best[1] * 1e6,
+                gmac(best[1]),
+                best[1] / best[0]
             );
         }
     }
