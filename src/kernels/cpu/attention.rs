@@ -10,10 +10,10 @@
 
 use std::cell::RefCell;
 
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::attention_kernels::{
-    accumulate_v, block_scores, softmax_numerators, GroupQuery, KvBlock, Scratch,
+    accumulate_v, block_scores, prefetch_block, softmax_numerators, GroupQuery, KvBlock, Scratch,
 };
 use super::backend::CpuTensor;
 use super::ops::rope_head;
@@ -123,9 +123,13 @@ impl CpuStep {
 /// Rounds values to f16 precision. Queries meet the f16 keys at that precision too, so
 /// results agree with engines that attend in f16 to near-ties rather than drifting apart.
 #[inline]
-fn round_to_f16(x: &mut [f32]) {
-    for v in x {
-        *v = f16::from_f32(*v).to_f32();
+fn round_to_f16(x: &mut [f32], tmp: &mut [f16]) {
+    let n = tmp.len();
+    for x in x.chunks_mut(n) {
+        let tmp = &mut tmp[..x.len()];
+        // The slice conversions use F16C vectors where the CPU has them.
+        tmp.convert_from_f32_slice(x);
+        tmp.convert_to_f32_slice(x);
     }
 }
 
@@ -164,7 +168,8 @@ pub fn rope_and_store(
             for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
                 rope_head(head, cos, sin, step.interleaved);
             }
-            round_to_f16(&mut row[..h * d]);
+            let mut tmp = [f16::ZERO; 256];
+            round_to_f16(&mut row[..h * d], &mut tmp);
             for g in 0..kvh {
                 let at = base + g * head_stride;
                 let (k_row, v_row) = (&row[(h + g) * d..][..d], &row[(h + kvh + g) * d..][..d]);
@@ -172,13 +177,15 @@ pub fn rope_and_store(
                 // token sits at `i * bs + offset` of its block region (transposed).
                 unsafe {
                     let k = k_ptr.slice(at, head_stride);
-                    for (i, &x) in k_row.iter().enumerate() {
-                        k[i * bs + offset] = f16::from_f32(x);
+                    for (c, k_part) in k_row.chunks(tmp.len()).enumerate() {
+                        let kh = &mut tmp[..k_part.len()];
+                        kh.convert_from_f32_slice(k_part);
+                        for (i, &x) in kh.iter().enumerate() {
+                            k[(c * 256 + i) * bs + offset] = x;
+                        }
                     }
                     let v = v_ptr.slice(at + offset * d, d);
-                    for (o, &x) in v.iter_mut().zip(v_row) {
-                        *o = f16::from_f32(x);
-                    }
+                    v.convert_from_f32_slice(v_row);
                 }
             }
         }
@@ -234,7 +241,16 @@ pub fn attend(
                 };
                 let blocks = ctx.div_ceil(bs);
                 scores.resize(group * ctx, 0.0);
+                // The task's first query brings its sequence's blocks in; later queries of a
+                // prefill chunk find them in cache.
+                let prefetch = q == task.q_begin;
+                if prefetch {
+                    prefetch_block(block(0));
+                }
                 for b in 0..blocks {
+                    if prefetch && b + 1 < blocks {
+                        prefetch_block(block(b + 1));
+                    }
                     block_scores(gq, block(b), &mut scores[b * bs..], ctx, scratch);
                 }
                 inv_sums.clear();

@@ -292,6 +292,10 @@ mod avx512 {
     }
 
     /// `out_h += Σ_j p[h * stride + j] v_j` for heads `0..H`; `d` is a multiple of 16.
+    ///
+    /// Up to four 16-wide slices of the head dimension run together, so `4·H` independent FMA
+    /// chains hide the FMA latency (one chain per slice was latency-bound); each element still
+    /// gets one FMA per key in key order.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     pub unsafe fn accumulate_v<const H: usize>(
         p: &[f32],
@@ -300,26 +304,73 @@ mod avx512 {
         d: usize,
         out: &mut [f32],
     ) {
-        let v = blk.v.as_ptr() as *const __m256i;
-        let o = out.as_mut_ptr();
         let mut s = 0;
+        while s + 64 <= d {
+            accumulate_v_slices::<H, 4>(p, stride, blk, d, s, out);
+            s += 64;
+        }
         while s < d {
-            let mut acc = [_mm512_setzero_ps(); H];
-            for (h, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(o.add(h * d + s));
-            }
-            for j in 0..blk.n {
-                let vj = _mm512_cvtph_ps(_mm256_loadu_si256(v.byte_add((j * d + s) * 2)));
-                for (h, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.as_ptr().add(h * stride + j)), vj, *a);
-                }
-            }
-            for (h, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(o.add(h * d + s), *a);
-            }
+            accumulate_v_slices::<H, 1>(p, stride, blk, d, s, out);
             s += 16;
         }
     }
+
+    /// Dimensions `s..s + 16·S` of [`accumulate_v`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    #[inline]
+    unsafe fn accumulate_v_slices<const H: usize, const S: usize>(
+        p: &[f32],
+        stride: usize,
+        blk: KvBlock<'_>,
+        d: usize,
+        s: usize,
+        out: &mut [f32],
+    ) {
+        let v = blk.v.as_ptr() as *const __m256i;
+        let o = out.as_mut_ptr();
+        let mut acc = [[_mm512_setzero_ps(); S]; H];
+        for (h, a) in acc.iter_mut().enumerate() {
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(o.add(h * d + s + 16 * c));
+            }
+        }
+        for j in 0..blk.n {
+            let row = v.byte_add((j * d + s) * 2);
+            let vj: [__m512; S] =
+                std::array::from_fn(|c| _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c))));
+            for (h, a) in acc.iter_mut().enumerate() {
+                let pj = _mm512_set1_ps(*p.as_ptr().add(h * stride + j));
+                for (a, vj) in a.iter_mut().zip(&vj) {
+                    *a = _mm512_fmadd_ps(pj, *vj, *a);
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            for (c, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(o.add(h * d + s + 16 * c), *a);
+            }
+        }
+    }
+}
+
+/// Asks for a block's keys and values ahead of use. Blocks sit anywhere in the pool, so the
+/// hardware prefetchers cannot guess the next one; a hint per cache line can.
+#[inline]
+pub fn prefetch_block(blk: KvBlock<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for data in [blk.k, blk.v] {
+            let bytes = std::mem::size_of_val(data);
+            let p = data.as_ptr() as *const i8;
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch is a hint; it never faults, and `off` is in bounds anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = blk;
 }
 
 #[cfg(test)]
