@@ -14,7 +14,8 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::context::{kerr, ptr, CudaError, Gpu};
-use super::step::CudaStep;
+use super::graphs::DecodeGraphs;
+use super::step::{CudaStep, StepArena, StepLimits};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
@@ -83,6 +84,7 @@ impl CudaTensor {
         let need = rows * cols;
         if self.buf.as_ref().is_none_or(|b| b.len() < need) {
             self.buf = Some(gpu.alloc::<f32>(need)?);
+            gpu.note_realloc();
         }
         self.rows = rows;
         self.cols = cols;
@@ -136,6 +138,9 @@ pub(crate) struct Scratch {
     pub weight: Option<CudaSlice<u16>>,
     /// Split-KV partial results.
     pub split: Option<CudaSlice<f32>>,
+    /// The KV cache's reserved block and its first slot, `(block, slot)`: padded decode rows
+    /// write there. Set by `kv_cache` (the last cache made).
+    pub pad_slot: Option<(u32, u32)>,
 }
 
 pub(crate) fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -145,23 +150,59 @@ pub(crate) fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBi
 ) -> Result<u64, KernelError> {
     if slot.as_ref().is_none_or(|b| b.len() < len) {
         *slot = Some(gpu.alloc::<T>(len)?);
+        gpu.note_realloc();
     }
     Ok(slot.as_ref().map(|b| ptr(b, &gpu.stream)).unwrap_or(0))
+}
+
+/// How a `CudaBackend` runs: the KV cache type, decode graphs, and the step arena's initial
+/// capacities (they also bound the graph ladder: `limits.max_num_seqs`).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaOptions {
+    pub kv_dtype: KvDType,
+    /// Decode steps as captured CUDA graphs (off: `--enforce-eager`).
+    pub cuda_graphs: bool,
+    pub limits: StepLimits,
+}
+
+impl CudaOptions {
+    pub fn new(kv_dtype: KvDType) -> Self {
+        Self {
+            kv_dtype,
+            cuda_graphs: true,
+            limits: StepLimits::default(),
+        }
+    }
 }
 
 pub struct CudaBackend {
     pub(crate) gpu: Gpu,
     pub(crate) kv_dtype: KvDType,
     pub(crate) scratch: Mutex<Scratch>,
+    pub(crate) arena: Mutex<StepArena>,
+    pub(crate) graphs: Mutex<DecodeGraphs>,
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal` and loads the kernels (compiled by NVRTC, or from the disk cache).
+    /// Opens GPU `ordinal` and loads the kernels (compiled by NVRTC, or from the disk cache),
+    /// with the default options (decode graphs on).
     pub fn new(ordinal: usize, kv_dtype: KvDType) -> Result<Self, CudaError> {
+        Self::with_options(ordinal, CudaOptions::new(kv_dtype))
+    }
+
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self, CudaError> {
+        let gpu = Gpu::open(ordinal)?;
+        let arena = StepArena::new(&gpu, options.limits)
+            .map_err(|e| CudaError::Driver(format!("step buffers: {e}")))?;
         Ok(Self {
-            gpu: Gpu::open(ordinal)?,
-            kv_dtype,
+            gpu,
+            kv_dtype: options.kv_dtype,
             scratch: Mutex::new(Scratch::default()),
+            arena: Mutex::new(arena),
+            graphs: Mutex::new(DecodeGraphs::new(
+                options.cuda_graphs,
+                options.limits.max_num_seqs,
+            )),
         })
     }
 
@@ -471,13 +512,20 @@ impl Backend for CudaBackend {
                 shape.head_dim
             )));
         }
-        let per_layer = shape.num_blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
+        // One block more than asked for: the scratch block padded decode rows write to.
+        let per_layer =
+            (shape.num_blocks + 1) * shape.num_kv_heads * shape.block_size * shape.head_dim;
         let mut k = Vec::with_capacity(shape.num_layers);
         let mut v = Vec::with_capacity(shape.num_layers);
         for _ in 0..shape.num_layers {
             k.push(self.gpu.alloc::<u16>(per_layer)?);
             v.push(self.gpu.alloc::<u16>(per_layer)?);
         }
+        let block = shape.num_blocks as u32;
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pad_slot = Some((block, block * shape.block_size as u32));
         Ok(CudaKvCache { shape, k, v })
     }
 
@@ -486,7 +534,24 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CudaStep {
-        CudaStep::new(&self.gpu, batch, rope)
+        let pad = self.padding_for(batch);
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        CudaStep::new(&self.gpu, &mut arena, batch, rope, pad)
+    }
+
+    fn begin_step_ops(&self, step: &CudaStep, kv: &CudaKvCache, logits: &mut CudaTensor) -> bool {
+        match self.begin_ops_impl(step, kv, logits) {
+            Ok(replayed) => replayed,
+            Err(e) => {
+                // A failed replay or capture start: the step runs eagerly instead.
+                tracing::warn!("CUDA graph: {e}; running the step eagerly");
+                false
+            }
+        }
+    }
+
+    fn end_step_ops(&self, step: &CudaStep, logits: &mut CudaTensor) {
+        self.gpu.record(self.end_ops_impl(step, logits));
     }
 
     fn embed(&self, table: &CudaEmbedding, step: &CudaStep, out: &mut CudaTensor) {

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod context;
+pub mod graphs;
 mod host_io;
 pub mod nvml;
 pub mod nvrtc;
@@ -16,5 +17,6 @@ pub mod reference;
 pub mod sampling;
 pub mod step;
 
-pub use backend::{CudaBackend, CudaTensor, KvDType};
+pub use backend::{CudaBackend, CudaOptions, CudaTensor, KvDType};
 pub use context::{probe, CudaError};
+pub use step::StepLimits;
