@@ -275,7 +275,9 @@ impl CudaBackend {
                     })?;
                 }
                 q if m <= GEMV_MAX_ROWS => {
-                    let name = format!("gemv_{}", quant_suffix(q)?);
+                    let plan = super::gemv_plan::gemv_launch(q, n, k);
+                    let kernel = if plan.vec16 { "gemv16" } else { "gemv" };
+                    let name = format!("{kernel}_{}", quant_suffix(q)?);
                     let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
                     let (mi, ni, ki, ld, off) = (
                         m as i32,
@@ -287,7 +289,7 @@ impl CudaBackend {
                     launch!(
                         gpu,
                         &name,
-                        grid1(n.div_ceil(4), 128),
+                        grid1(plan.num_ctas, 128),
                         &wp,
                         &xp,
                         &op,

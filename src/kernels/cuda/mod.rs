@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod context;
+pub mod gemv_plan;
 pub mod graphs;
 mod host_io;
 pub mod nvml;

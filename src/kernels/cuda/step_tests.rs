@@ -149,5 +149,6 @@ fn a_decode_step_in_the_default_arena_is_at_most_two_copies() {
     let copies = coalesce(&spans, MAX_GAP);
     assert!(copies.len() <= 2, "{copies:?}");
     let copied: usize = copies.iter().map(|(s, e)| e - s).sum();
-    assert!(copied < 2 * MAX_GAP + 1000, "{copied}");
+    // Gaps under MAX_GAP are copied rather than paying another copy: at most three of them.
+    assert!(copied < 4 * MAX_GAP, "{copied}");
 }
