@@ -10,6 +10,7 @@ pub mod context;
 pub mod gemv_plan;
 pub mod graphs;
 mod host_io;
+mod matmul;
 pub mod nvml;
 pub mod nvrtc;
 mod ops;
