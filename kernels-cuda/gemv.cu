@@ -4,7 +4,8 @@
 // GEMV: `y[r, n_offset + n] = sum_k x[r, k] * W[n, k]` for `r < m <= GEMV_MAX_ROWS`, W one
 // GGML row per output feature. Two kernels:
 //
-// * `gemv16_*` (Q8_0, Q4_0, Q4_1, Q4_K; rows whose byte length is a multiple of 16): decode is
+// * `gemv16_*` (Q8_0, Q4_0, Q4_1, Q4_K; `row_bytes` is the device row stride, padded by the
+//   host to a multiple of 16 bytes, so the last vector of a row may hold padding): decode is
 //   a pure stream of weights, so the kernel is built around 16-byte loads and bytes in flight.
 //   A warp owns `GEMV16_ROWS` output features. It walks its rows in chunks of 32 items (1,024
 //   values, `Q::CHUNK_BYTES`, a multiple of 16): each lane loads 16-byte vectors of every

@@ -100,6 +100,9 @@ impl CudaTensor {
 pub(crate) struct LinearPart {
     pub dtype: WeightDType,
     pub rows: usize,
+    /// Bytes from one row to the next on the device: GGML rows are padded to a multiple of 16
+    /// (`gemv_plan::row_stride`) so that the GEMV can read every row with 16-byte loads.
+    pub row_stride: usize,
     /// First output feature of this part.
     pub offset: usize,
     pub data: CudaSlice<u8>,
@@ -272,11 +275,23 @@ impl Backend for CudaBackend {
                     p.dtype
                 )));
             }
+            let row_bytes = p.row_bytes();
+            let row_stride = super::gemv_plan::row_stride(p.dtype, row_bytes);
+            let data = if row_stride == row_bytes {
+                self.upload_bytes(p)?
+            } else {
+                self.gpu.upload(&super::gemv_plan::pad_rows(
+                    &p.bytes[..],
+                    row_bytes,
+                    row_stride,
+                ))?
+            };
             out.push(LinearPart {
                 dtype: p.dtype,
                 rows: p.rows,
+                row_stride,
                 offset,
-                data: self.upload_bytes(p)?,
+                data,
             });
             offset += p.rows;
         }

@@ -3,9 +3,11 @@
 //! `lane` of each chunk per lane, `GEMV16_ROWS` rows per warp) that the tests hold against
 //! the exact product: the index arithmetic of the kernel, checked where no GPU is.
 //!
-//! `gemv16` needs whole 16-byte vectors in every chunk, including a row's last one: that holds
-//! when `k` is a multiple of 256 (items a multiple of 8, and 8 items of every type it takes are
-//! a multiple of 16 bytes). Other shapes and Q6_K take the plain `gemv`.
+//! `gemv16` reads rows with 16-byte loads, so quantized rows live on the device with a stride
+//! padded to a multiple of 16 bytes (`row_stride`; e.g. a 576-wide Q4_0 row: 324 → 336 bytes,
+//! +4%); a chunk's last vector may then include padding, which no lane decodes. Every kernel
+//! that reads a linear weight takes the stride as its `row_bytes`. Q6_K takes the plain
+//! `gemv`.
 
 use crate::kernels::dtype::WeightDType;
 
@@ -26,6 +28,29 @@ pub fn chunk_bytes(d: WeightDType) -> Option<usize> {
     }
 }
 
+/// The device row stride of a weight whose rows are `row_bytes` long: quantized rows padded to
+/// a multiple of 16 bytes, float rows as they are.
+pub fn row_stride(d: WeightDType, row_bytes: usize) -> usize {
+    if d.is_quantized() {
+        row_bytes.next_multiple_of(16)
+    } else {
+        row_bytes
+    }
+}
+
+/// `bytes` (rows of `row_bytes`) laid out with rows `stride` apart, zero-padded.
+pub fn pad_rows(bytes: &[u8], row_bytes: usize, stride: usize) -> Vec<u8> {
+    let rows = bytes.len() / row_bytes.max(1);
+    let mut out = vec![0u8; rows * stride];
+    for (src, dst) in bytes
+        .chunks_exact(row_bytes)
+        .zip(out.chunks_exact_mut(stride))
+    {
+        dst[..row_bytes].copy_from_slice(src);
+    }
+    out
+}
+
 /// A GEMV launch: kernel name prefix (`gemv16` or `gemv`), CTAs of 128 threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvLaunch {
@@ -34,7 +59,7 @@ pub struct GemvLaunch {
 }
 
 pub fn gemv_launch(d: WeightDType, n: usize, k: usize) -> GemvLaunch {
-    let vec16 = chunk_bytes(d).is_some() && k.is_multiple_of(256);
+    let vec16 = chunk_bytes(d).is_some() && k.is_multiple_of(32);
     GemvLaunch {
         vec16,
         num_ctas: if vec16 {
@@ -45,20 +70,21 @@ pub fn gemv_launch(d: WeightDType, n: usize, k: usize) -> GemvLaunch {
     }
 }
 
-/// `y[r, o] = Σ x[r, :] · W[o, :]` computed the way `gemv16` splits it: per warp and chunk,
-/// the 16-byte vectors its lanes load (only whole ones inside the row), then item `lane`
-/// decoded from the staged chunk. Panics (a test helper) on a shape `gemv16` does not take.
+/// `y[r, o] = Σ x[r, :] · W[o, :]` computed the way `gemv16` splits it over `w` laid out with
+/// rows `row_bytes` apart (the padded stride): per warp and chunk, the 16-byte vectors its
+/// lanes load (only those inside the row's stride), then item `lane` decoded from the staged
+/// chunk. Panics (a test helper) on a shape `gemv16` does not take.
 pub fn gemv16_emulate(
     d: WeightDType,
     w: &[u8],
-    n: usize,
-    k: usize,
+    row_bytes: usize,
+    (n, k): (usize, usize),
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
     let cb = chunk_bytes(d).expect("a gemv16 type");
     assert!(gemv_launch(d, n, k).vec16, "k = {k}");
-    let row_bytes = d.row_bytes(k).expect("whole blocks");
+    assert_eq!(row_bytes % 16, 0, "a padded stride");
     let nv = (cb / 16).div_ceil(32);
     let items = k / 32;
     let chunks = items.div_ceil(32);
@@ -124,118 +150,5 @@ fn decode_item(d: WeightDType, stage: &[u8], item: usize) -> [f32; 32] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::cpu::matmul::dequantize_row;
-
-    /// Random bytes with each block's scales made small finite f16s (the values do not
-    /// matter to the split, only that they are finite).
-    fn random_weight(d: WeightDType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed | 1;
-        let mut bytes: Vec<u8> = (0..n * d.row_bytes(k).unwrap())
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect();
-        let bb = d.block_bytes();
-        for b in bytes.chunks_exact_mut(bb) {
-            // f16 scale(s) at the block's start (Q6_K is not a gemv16 type).
-            let scales = if matches!(d, WeightDType::Q4_1 | WeightDType::Q4K) {
-                2
-            } else {
-                1
-            };
-            for i in 0..scales {
-                b[2 * i] = 0x00;
-                b[2 * i + 1] = 0x2c; // 2^-4
-            }
-        }
-        bytes
-    }
-
-    fn exact(d: WeightDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f64> {
-        let rb = d.row_bytes(k).unwrap();
-        let mut row = vec![0.0f32; k];
-        let mut y = vec![0.0f64; m * n];
-        for o in 0..n {
-            dequantize_row(d, &w[o * rb..(o + 1) * rb], &mut row);
-            for r in 0..m {
-                y[r * n + o] = row
-                    .iter()
-                    .zip(&x[r * k..(r + 1) * k])
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-            }
-        }
-        y
-    }
-
-    #[test]
-    fn gemv16_split_covers_every_weight_once() {
-        for d in [
-            WeightDType::Q8_0,
-            WeightDType::Q4_0,
-            WeightDType::Q4_1,
-            WeightDType::Q4K,
-        ] {
-            // k: one partial chunk, whole chunks, whole chunks and a partial one; odd n.
-            for (n, k) in [(3, 256), (8, 2048), (5, 4352)] {
-                let w = random_weight(d, n, k, 7 + k as u64);
-                for m in [1, 3, 8] {
-                    let x: Vec<f32> = (0..m * k)
-                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                        .collect();
-                    let got = gemv16_emulate(d, &w, n, k, &x, m);
-                    let want = exact(d, &w, n, k, &x, m);
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                            "{d} n {n} k {k} m {m}: output {i} is {g}, want {e}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn chunks_are_whole_vectors_of_whole_blocks() {
-        for d in [
-            WeightDType::Q8_0,
-            WeightDType::Q4_0,
-            WeightDType::Q4_1,
-            WeightDType::Q4K,
-        ] {
-            let cb = chunk_bytes(d).unwrap();
-            assert_eq!(cb % 16, 0, "{d}");
-            assert_eq!(Some(cb), d.row_bytes(1024), "{d}");
-            // 8 items (the granularity of k % 256 == 0) are whole vectors too.
-            assert_eq!(d.row_bytes(256).unwrap() % 16, 0, "{d}");
-        }
-    }
-
-    #[test]
-    fn launches_pick_the_kernel_and_grid() {
-        let l = gemv_launch(WeightDType::Q4_0, 4096, 4096);
-        assert_eq!(
-            l,
-            GemvLaunch {
-                vec16: true,
-                num_ctas: 512
-            }
-        );
-        assert_eq!(gemv_launch(WeightDType::Q4K, 14336, 4096).num_ctas, 1792);
-        assert!(!gemv_launch(WeightDType::Q6K, 4096, 4096).vec16);
-        let odd = gemv_launch(WeightDType::Q8_0, 10, 96);
-        assert_eq!(
-            odd,
-            GemvLaunch {
-                vec16: false,
-                num_ctas: 3
-            }
-        );
-    }
-}
+#[path = "gemv_plan_tests.rs"]
+mod tests;

@@ -70,7 +70,7 @@ impl CudaBackend {
                     let plan = super::gemv_plan::gemv_launch(q, n, k);
                     let kernel = if plan.vec16 { "gemv16" } else { "gemv" };
                     let name = format!("{kernel}_{}", quant_suffix(q)?);
-                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
+                    let row_bytes = part.row_stride as u64;
                     let (mi, ni, ki, ld, off) = (
                         m as i32,
                         n as i32,
@@ -96,7 +96,7 @@ impl CudaBackend {
                 q => {
                     let wh = grow(gpu, &mut scratch.weight, n * k)?;
                     let name = format!("dequantize_{}_f16", quant_suffix(q)?);
-                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
+                    let row_bytes = part.row_stride as u64;
                     let (ni, ki) = (n as i32, k as i32);
                     launch!(
                         gpu,
