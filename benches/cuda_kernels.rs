@@ -8,12 +8,25 @@
 //!   output token (a whole `Llama::forward` decode step, logits downloaded) against
 //!   (weight + KV bytes) / copy bandwidth.
 //!
+//! * `gemv` (benches/cuda/gemv.rs): the quantized decode GEMV at Llama-3-8B's shapes, batch 1
+//!   and 8, GB/s of weights read.
+//! * `decode135m` (benches/cuda/decode.rs): the default model's shape, batch 1, with and
+//!   without CUDA graphs, bf16 against Q4_0/Q8_0 twins.
+//! * `profile`: the 8B shape at batch 1 and 64, graphs on and off (`SLUICE_PROFILE_STEPS`
+//!   timed steps each, default 30; `SLUICE_PROFILE_BATCH=1|64` keeps one batch size), for
+//!   `ncu` (scripts/profile_gpu.sh).
+//!
 //! Copy bandwidth counts bytes read plus written (the usual convention), so it is what a kernel
 //! streaming its operands from HBM could reach. Times are medians of repeated, synchronized
 //! batches. Run: `cargo bench --features cuda --bench cuda_kernels [-- attention|decode8b]`,
 //! or the carried binary (`scripts/bench_gpu.sh`). Without a usable GPU it prints why and exits.
 
 use std::time::Instant;
+
+#[path = "cuda/decode.rs"]
+mod decode;
+#[path = "cuda/gemv.rs"]
+mod gemv;
 
 use sluice::kernels::cuda::{CudaBackend, KvDType};
 use sluice::kernels::dtype::WeightDType;
@@ -24,14 +37,14 @@ use sluice::model::weights::DummyWeights;
 
 const GIB: usize = 1 << 30;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 /// Median seconds per call of `f` over `reps` batches of `per_batch` calls (after one warm-up
 /// batch), each batch ended by `sync`.
-fn time_calls(reps: usize, per_batch: usize, mut f: impl FnMut(), sync: impl Fn()) -> f64 {
+pub fn time_calls(reps: usize, per_batch: usize, mut f: impl FnMut(), sync: impl Fn()) -> f64 {
     let mut run = || {
         let t = Instant::now();
         for _ in 0..per_batch {
@@ -44,7 +57,7 @@ fn time_calls(reps: usize, per_batch: usize, mut f: impl FnMut(), sync: impl Fn(
     median((0..reps).map(|_| run()).collect())
 }
 
-fn sync(g: &CudaBackend) {
+pub fn sync(g: &CudaBackend) {
     if let Err(e) = g.synchronize() {
         panic!("a CUDA op failed: {e}");
     }
@@ -65,7 +78,7 @@ fn copy_bandwidth(g: &CudaBackend) -> f64 {
 }
 
 /// Random bf16 bits in ±[0.5, 1) from a xorshift stream (values do not change the speed).
-fn random_bf16(len: usize, mut s: u64) -> Vec<u16> {
+pub fn random_bf16(len: usize, mut s: u64) -> Vec<u16> {
     (0..len)
         .map(|_| {
             s ^= s << 13;
@@ -170,7 +183,8 @@ pub fn llama3_8b_config() -> ModelConfig {
     }
 }
 
-fn decode_8b(copy_bw: f64) {
+/// `decode8b`, or with `profile_only` just the batch-1/64 profile on the same model.
+fn decode_8b(copy_bw: f64, profile_only: bool) {
     const PROMPT: usize = 512;
     const STEPS: usize = 64;
     const BLOCK: usize = 16;
@@ -186,6 +200,10 @@ fn decode_8b(copy_bw: f64) {
         "decode8b   dummy bf16 weights generated and uploaded in {:.1?}",
         started.elapsed()
     );
+    if profile_only {
+        decode::profile(&mut model, "8B bf16");
+        return;
+    }
     let num_blocks = (PROMPT + STEPS + 1).div_ceil(BLOCK);
     let mut kv = model.kv_cache(num_blocks, BLOCK).expect("KV cache");
     let table: Vec<u32> = (0..num_blocks as u32).collect();
@@ -241,7 +259,30 @@ fn decode_8b(copy_bw: f64) {
     );
 }
 
+/// `--export-tokenizer MODEL.gguf OUT.json`: writes a GGUF's tokenizer as a `tokenizer.json`
+/// (scripts/bench_gpu.sh carries it to the GPU machine, where the 98 MB GGUF cannot go).
+fn export_tokenizer(args: &[String]) -> bool {
+    let Some(i) = args.iter().position(|a| a == "--export-tokenizer") else {
+        return false;
+    };
+    let (Some(src), Some(dst)) = (args.get(i + 1), args.get(i + 2)) else {
+        eprintln!("usage: --export-tokenizer MODEL.gguf OUT.json");
+        std::process::exit(2);
+    };
+    let t = sluice::tokenizer::Tokenizer::from_path(std::path::Path::new(src))
+        .unwrap_or_else(|e| panic!("reading the tokenizer of {src}: {e}"));
+    t.hf_tokenizer()
+        .save(dst, false)
+        .unwrap_or_else(|e| panic!("writing {dst}: {e}"));
+    println!("{dst}: {} tokens", t.vocab_size());
+    true
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if export_tokenizer(&args) {
+        return;
+    }
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -263,8 +304,17 @@ fn main() {
     if wants("attention") {
         attention(&g, copy_bw);
     }
+    if wants("gemv") {
+        gemv::run(&g, copy_bw);
+    }
     drop(g);
+    if wants("decode135m") {
+        decode::decode_135m();
+    }
     if wants("decode8b") {
-        decode_8b(copy_bw);
+        decode_8b(copy_bw, false);
+    }
+    if wants("profile") {
+        decode_8b(copy_bw, true);
     }
 }

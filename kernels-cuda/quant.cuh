@@ -10,6 +10,8 @@ __device__ __forceinline__ float ld_f16(const u8* p) {
 }
 
 struct Q8_0 {
+    // Bytes of 32 items (1,024 values): the GEMV's staging unit, a multiple of 16.
+    static constexpr int CHUNK_BYTES = 1088;
     static __device__ __forceinline__ void dequant32(const u8* row, int item, float* w) {
         const u8* b = row + (size_t)item * 34;
         const float d = ld_f16(b);
@@ -19,6 +21,8 @@ struct Q8_0 {
 };
 
 struct Q4_0 {
+    // Bytes of 32 items (1,024 values): the GEMV's staging unit, a multiple of 16.
+    static constexpr int CHUNK_BYTES = 576;
     static __device__ __forceinline__ void dequant32(const u8* row, int item, float* w) {
         const u8* b = row + (size_t)item * 18;
         const float d = ld_f16(b);
@@ -32,6 +36,8 @@ struct Q4_0 {
 };
 
 struct Q4_1 {
+    // Bytes of 32 items (1,024 values): the GEMV's staging unit, a multiple of 16.
+    static constexpr int CHUNK_BYTES = 640;
     static __device__ __forceinline__ void dequant32(const u8* row, int item, float* w) {
         const u8* b = row + (size_t)item * 20;
         const float d = ld_f16(b), m = ld_f16(b + 2);
@@ -45,6 +51,8 @@ struct Q4_1 {
 };
 
 struct Q4_K {
+    // Bytes of 32 items (1,024 values): the GEMV's staging unit, a multiple of 16.
+    static constexpr int CHUNK_BYTES = 576;
     static __device__ __forceinline__ void dequant32(const u8* row, int item, float* w) {
         const u8* b = row + (size_t)(item / 8) * 144;
         const int i = item % 8;

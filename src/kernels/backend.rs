@@ -148,4 +148,20 @@ pub trait Backend: Send + Sync + 'static {
     fn copy_blocks(&self, kv: &mut Self::KvCache, copies: &[(u32, u32)]);
     /// The tensor's values on the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+
+    /// Called by the model before issuing a step's ops (one rank only): `true` when the
+    /// backend replayed a recorded copy of them (a CUDA graph) and `logits` already holds the
+    /// step's logits, so the ops must not be issued. A backend may instead start recording.
+    fn begin_step_ops(
+        &self,
+        _step: &Self::Step,
+        _kv: &Self::KvCache,
+        _logits: &mut Self::Tensor,
+    ) -> bool {
+        false
+    }
+
+    /// Called after the LM head of a step whose ops were issued: ends a recording (and runs
+    /// it) and drops any padding rows from `logits`.
+    fn end_step_ops(&self, _step: &Self::Step, _logits: &mut Self::Tensor) {}
 }

@@ -364,6 +364,11 @@ impl<B: Backend> Llama<B> {
         } else {
             be.prepare_step(batch, &self.rope)
         };
+        // CUDA graphs (one rank only: collectives are not recorded): a replay skips the ops.
+        let solo = self.shard.tp_size == 1 && self.shard.pp_size == 1;
+        if solo && be.begin_step_ops(&step, kv, &mut b.logits) {
+            return Ok(be.to_host(&b.logits));
+        }
         let first_stage = match &self.embed {
             Some(embed) => {
                 be.embed(embed, &step, &mut b.residual);
@@ -415,6 +420,9 @@ impl<B: Backend> Llama<B> {
         be.add_rms_norm(&mut b.residual, &b.delta, norm, eps, &mut b.normed);
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
         be.matmul(&b.last, lm_head, None, &mut b.logits);
+        if solo {
+            be.end_step_ops(&step, &mut b.logits);
+        }
         if self.shard.tp_size == 1 {
             return Ok(be.to_host(&b.logits));
         }

@@ -63,7 +63,7 @@ fn batch(seqs: &mut [Seq], work: &[(usize, usize)], bs: usize) -> ForwardBatch {
 /// The CPU half runs without a GPU too (it checks the batches are well formed); the
 /// comparison when a GPU is usable.
 fn run_case(case: &Case, seed: u64) {
-    let g = crate::gpu(case.kv);
+    let g = crate::gpu_eager(case.kv);
     let c = cpu();
     let (h, kvh, d, bs) = (case.heads, case.kv_heads, case.head_dim, case.block_size);
     let shape = AttentionShape {

@@ -10,18 +10,33 @@
 
 mod attention;
 mod e2e;
+mod graphs;
 mod ops;
 mod sampling;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sluice::kernels::cpu::{CpuBackend, CpuTensor};
-use sluice::kernels::cuda::{CudaBackend, CudaTensor, KvDType};
+use sluice::kernels::cuda::{CudaBackend, CudaOptions, CudaTensor, KvDType};
 use sluice::kernels::Backend;
 
-/// The GPU backend, or `None` after printing why no GPU can be used here.
+/// The GPU backend (decode graphs on, the default), or `None` after printing why no GPU can
+/// be used here.
 pub fn gpu(kv: KvDType) -> Option<CudaBackend> {
-    match CudaBackend::new(0, kv) {
+    gpu_with(CudaOptions::new(kv))
+}
+
+/// The GPU backend with graphs off: for tests that call the ops themselves (a padded decode
+/// step would give them padded rows) and for eager references.
+pub fn gpu_eager(kv: KvDType) -> Option<CudaBackend> {
+    gpu_with(CudaOptions {
+        cuda_graphs: false,
+        ..CudaOptions::new(kv)
+    })
+}
+
+pub fn gpu_with(options: CudaOptions) -> Option<CudaBackend> {
+    match CudaBackend::with_options(0, options) {
         Ok(b) => Some(b),
         Err(e) => {
             eprintln!("skipped: no GPU ({e})");

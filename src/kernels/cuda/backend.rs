@@ -10,11 +10,11 @@
 
 use std::sync::Mutex;
 
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::context::{kerr, ptr, CudaError, Gpu};
-use super::step::CudaStep;
+use super::graphs::DecodeGraphs;
+use super::step::{CudaStep, StepArena, StepLimits};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
@@ -83,6 +83,7 @@ impl CudaTensor {
         let need = rows * cols;
         if self.buf.as_ref().is_none_or(|b| b.len() < need) {
             self.buf = Some(gpu.alloc::<f32>(need)?);
+            gpu.note_realloc();
         }
         self.rows = rows;
         self.cols = cols;
@@ -99,6 +100,9 @@ impl CudaTensor {
 pub(crate) struct LinearPart {
     pub dtype: WeightDType,
     pub rows: usize,
+    /// Bytes from one row to the next on the device: GGML rows are padded to a multiple of 16
+    /// (`gemv_plan::row_stride`) so that the GEMV can read every row with 16-byte loads.
+    pub row_stride: usize,
     /// First output feature of this part.
     pub offset: usize,
     pub data: CudaSlice<u8>,
@@ -136,6 +140,9 @@ pub(crate) struct Scratch {
     pub weight: Option<CudaSlice<u16>>,
     /// Split-KV partial results.
     pub split: Option<CudaSlice<f32>>,
+    /// The KV cache's reserved block and its first slot, `(block, slot)`: padded decode rows
+    /// write there. Set by `kv_cache` (the last cache made).
+    pub pad_slot: Option<(u32, u32)>,
 }
 
 pub(crate) fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -145,23 +152,59 @@ pub(crate) fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBi
 ) -> Result<u64, KernelError> {
     if slot.as_ref().is_none_or(|b| b.len() < len) {
         *slot = Some(gpu.alloc::<T>(len)?);
+        gpu.note_realloc();
     }
     Ok(slot.as_ref().map(|b| ptr(b, &gpu.stream)).unwrap_or(0))
+}
+
+/// How a `CudaBackend` runs: the KV cache type, decode graphs, and the step arena's initial
+/// capacities (they also bound the graph ladder: `limits.max_num_seqs`).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaOptions {
+    pub kv_dtype: KvDType,
+    /// Decode steps as captured CUDA graphs (off: `--enforce-eager`).
+    pub cuda_graphs: bool,
+    pub limits: StepLimits,
+}
+
+impl CudaOptions {
+    pub fn new(kv_dtype: KvDType) -> Self {
+        Self {
+            kv_dtype,
+            cuda_graphs: true,
+            limits: StepLimits::default(),
+        }
+    }
 }
 
 pub struct CudaBackend {
     pub(crate) gpu: Gpu,
     pub(crate) kv_dtype: KvDType,
     pub(crate) scratch: Mutex<Scratch>,
+    pub(crate) arena: Mutex<StepArena>,
+    pub(crate) graphs: Mutex<DecodeGraphs>,
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal` and loads the kernels (compiled by NVRTC, or from the disk cache).
+    /// Opens GPU `ordinal` and loads the kernels (compiled by NVRTC, or from the disk cache),
+    /// with the default options (decode graphs on).
     pub fn new(ordinal: usize, kv_dtype: KvDType) -> Result<Self, CudaError> {
+        Self::with_options(ordinal, CudaOptions::new(kv_dtype))
+    }
+
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self, CudaError> {
+        let gpu = Gpu::open(ordinal)?;
+        let arena = StepArena::new(&gpu, options.limits)
+            .map_err(|e| CudaError::Driver(format!("step buffers: {e}")))?;
         Ok(Self {
-            gpu: Gpu::open(ordinal)?,
-            kv_dtype,
+            gpu,
+            kv_dtype: options.kv_dtype,
             scratch: Mutex::new(Scratch::default()),
+            arena: Mutex::new(arena),
+            graphs: Mutex::new(DecodeGraphs::new(
+                options.cuda_graphs,
+                options.limits.max_num_seqs,
+            )),
         })
     }
 
@@ -181,200 +224,6 @@ impl CudaBackend {
     fn upload_bytes(&self, t: &HostTensor) -> Result<CudaSlice<u8>, KernelError> {
         self.gpu.upload(&t.bytes[..])
     }
-
-    fn matmul_impl(
-        &self,
-        x: &CudaTensor,
-        w: &CudaLinear,
-        bias: Option<&CudaVector>,
-        out: &mut CudaTensor,
-    ) -> Result<(), KernelError> {
-        let gpu = &self.gpu;
-        let (m, k, n_total) = (x.rows, w.cols, w.rows);
-        if x.cols != k {
-            return Err(KernelError::Invalid(format!(
-                "matmul: x has {} cols, W {k}",
-                x.cols
-            )));
-        }
-        out.ensure(gpu, m, n_total)?;
-        if m == 0 {
-            return Ok(());
-        }
-        let xp = x.ptr(gpu)?;
-        let op = out.ptr(gpu)?;
-        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cast_to: Option<WeightDType> = None;
-        for part in &w.parts {
-            let wp = ptr(&part.data, &gpu.stream);
-            let n = part.rows;
-            let y = op + (part.offset * 4) as u64;
-            match part.dtype {
-                WeightDType::F32 => self.gemm(GemmArgs {
-                    m,
-                    n,
-                    k,
-                    n_total,
-                    w: wp,
-                    x: xp,
-                    y,
-                    dtype: WeightDType::F32,
-                })?,
-                WeightDType::F16 | WeightDType::BF16 => {
-                    let xh = self.cast_acts(&mut scratch, xp, m * k, part.dtype, &mut cast_to)?;
-                    self.gemm(GemmArgs {
-                        m,
-                        n,
-                        k,
-                        n_total,
-                        w: wp,
-                        x: xh,
-                        y,
-                        dtype: part.dtype,
-                    })?;
-                }
-                q if m <= GEMV_MAX_ROWS => {
-                    let name = format!("gemv_{}", quant_suffix(q)?);
-                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
-                    let (mi, ni, ki, ld, off) = (
-                        m as i32,
-                        n as i32,
-                        k as i32,
-                        n_total as i32,
-                        part.offset as i32,
-                    );
-                    launch!(
-                        gpu,
-                        &name,
-                        grid1(n.div_ceil(4), 128),
-                        &wp,
-                        &xp,
-                        &op,
-                        &mi,
-                        &ni,
-                        &ki,
-                        &ld,
-                        &off,
-                        &row_bytes
-                    )?;
-                }
-                q => {
-                    let wh = grow(gpu, &mut scratch.weight, n * k)?;
-                    let name = format!("dequantize_{}_f16", quant_suffix(q)?);
-                    let row_bytes = q.row_bytes(k).unwrap_or(0) as u64;
-                    let (ni, ki) = (n as i32, k as i32);
-                    launch!(
-                        gpu,
-                        &name,
-                        elementwise(n * k / 32),
-                        &wp,
-                        &wh,
-                        &ni,
-                        &ki,
-                        &row_bytes
-                    )?;
-                    let xh =
-                        self.cast_acts(&mut scratch, xp, m * k, WeightDType::F16, &mut cast_to)?;
-                    self.gemm(GemmArgs {
-                        m,
-                        n,
-                        k,
-                        n_total,
-                        w: wh,
-                        x: xh,
-                        y,
-                        dtype: WeightDType::F16,
-                    })?;
-                }
-            }
-        }
-        if let Some(b) = bias {
-            let (r, c) = (m as i32, n_total as i32);
-            let bp = ptr(&b.data, &gpu.stream);
-            launch!(
-                gpu,
-                "add_bias_f32",
-                elementwise(m * n_total),
-                &op,
-                &bp,
-                &r,
-                &c
-            )?;
-        }
-        Ok(())
-    }
-
-    /// `x` cast to the 16-bit `dtype` in scratch, reusing the last cast of this call.
-    fn cast_acts(
-        &self,
-        scratch: &mut Scratch,
-        xp: u64,
-        len: usize,
-        dtype: WeightDType,
-        done: &mut Option<WeightDType>,
-    ) -> Result<u64, KernelError> {
-        let gpu = &self.gpu;
-        let hp = grow(gpu, &mut scratch.half, len)?;
-        if *done != Some(dtype) {
-            let name = if dtype == WeightDType::BF16 {
-                "cast_f32_to_bf16"
-            } else {
-                "cast_f32_to_f16"
-            };
-            let n = len as u64;
-            launch!(gpu, name, elementwise(len), &xp, &n, &hp)?;
-            *done = Some(dtype);
-        }
-        Ok(hp)
-    }
-
-    /// Row-major `y[m, n] (ld n_total) = x[m, k] · W[n, k]ᵀ`, as column-major
-    /// `yᵀ = W · xᵀ`: cuBLAS `op(A) = Aᵀ` with A = W (k × n, ld k), B = x (k × m, ld k).
-    fn gemm(&self, a: GemmArgs) -> Result<(), KernelError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let ty = match a.dtype {
-            WeightDType::F32 => cudaDataType::CUDA_R_32F,
-            WeightDType::F16 => cudaDataType::CUDA_R_16F,
-            _ => cudaDataType::CUDA_R_16BF,
-        };
-        // SAFETY: the pointers are live device buffers of at least n·k, m·k and m·n_total
-        // elements of the stated types; cuBLAS runs on the backend's stream.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.gpu.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                a.n as i32,
-                a.m as i32,
-                a.k as i32,
-                &alpha as *const f32 as *const _,
-                a.w as *const _,
-                ty,
-                a.k as i32,
-                a.x as *const _,
-                ty,
-                a.k as i32,
-                &beta as *const f32 as *const _,
-                a.y as *mut _,
-                cudaDataType::CUDA_R_32F,
-                a.n_total as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(kerr)
-    }
-}
-
-struct GemmArgs {
-    m: usize,
-    n: usize,
-    k: usize,
-    n_total: usize,
-    w: u64,
-    x: u64,
-    y: u64,
-    dtype: WeightDType,
 }
 
 /// The kernel-name suffix of a GGML block type.
@@ -426,11 +275,23 @@ impl Backend for CudaBackend {
                     p.dtype
                 )));
             }
+            let row_bytes = p.row_bytes();
+            let row_stride = super::gemv_plan::row_stride(p.dtype, row_bytes);
+            let data = if row_stride == row_bytes {
+                self.upload_bytes(p)?
+            } else {
+                self.gpu.upload(&super::gemv_plan::pad_rows(
+                    &p.bytes[..],
+                    row_bytes,
+                    row_stride,
+                ))?
+            };
             out.push(LinearPart {
                 dtype: p.dtype,
                 rows: p.rows,
+                row_stride,
                 offset,
-                data: self.upload_bytes(p)?,
+                data,
             });
             offset += p.rows;
         }
@@ -471,13 +332,20 @@ impl Backend for CudaBackend {
                 shape.head_dim
             )));
         }
-        let per_layer = shape.num_blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
+        // One block more than asked for: the scratch block padded decode rows write to.
+        let per_layer =
+            (shape.num_blocks + 1) * shape.num_kv_heads * shape.block_size * shape.head_dim;
         let mut k = Vec::with_capacity(shape.num_layers);
         let mut v = Vec::with_capacity(shape.num_layers);
         for _ in 0..shape.num_layers {
             k.push(self.gpu.alloc::<u16>(per_layer)?);
             v.push(self.gpu.alloc::<u16>(per_layer)?);
         }
+        let block = shape.num_blocks as u32;
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pad_slot = Some((block, block * shape.block_size as u32));
         Ok(CudaKvCache { shape, k, v })
     }
 
@@ -486,7 +354,24 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CudaStep {
-        CudaStep::new(&self.gpu, batch, rope)
+        let pad = self.padding_for(batch);
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        CudaStep::new(&self.gpu, &mut arena, batch, rope, pad)
+    }
+
+    fn begin_step_ops(&self, step: &CudaStep, kv: &CudaKvCache, logits: &mut CudaTensor) -> bool {
+        match self.begin_ops_impl(step, kv, logits) {
+            Ok(replayed) => replayed,
+            Err(e) => {
+                // A failed replay or capture start: the step runs eagerly instead.
+                tracing::warn!("CUDA graph: {e}; running the step eagerly");
+                false
+            }
+        }
+    }
+
+    fn end_step_ops(&self, step: &CudaStep, logits: &mut CudaTensor) {
+        self.gpu.record(self.end_ops_impl(step, logits));
     }
 
     fn embed(&self, table: &CudaEmbedding, step: &CudaStep, out: &mut CudaTensor) {

@@ -6,6 +6,7 @@
 //! only downloads (`to_host`, sampled ids) wait for the stream.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -48,7 +49,15 @@ pub struct Gpu {
     /// The first failure of an op that cannot return one (the `Backend` ops return nothing);
     /// reported at the next download.
     error: Mutex<Option<String>>,
+    /// Moves on whenever a buffer that ops address (activations, scratch, step arena) is
+    /// (re)allocated: a captured graph is valid only at the epoch it was captured in.
+    epoch: AtomicU64,
+    /// cuBLAS's workspace, set once so that GEMMs never allocate (graph capture forbids it).
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// cuBLAS workspace: 32 MiB, what NVIDIA recommends for Hopper (4 MiB elsewhere).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Whether the driver library loads and sees at least one device; `Err` says why not.
 pub fn probe() -> Result<usize, CudaError> {
@@ -89,6 +98,20 @@ impl Gpu {
             .map_err(driver_err)? as usize;
         let stream = ctx.new_stream().map_err(driver_err)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver_err)?;
+        let blas_workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(driver_err)?;
+        // SAFETY: the workspace is a live device buffer of BLAS_WORKSPACE bytes, owned by the
+        // `Gpu` beside the handle (so it outlives every GEMM of the handle).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr(&blas_workspace, &stream) as *mut _,
+                BLAS_WORKSPACE,
+            )
+        }
+        .result()
+        .map_err(driver_err)?;
         let mut funcs = HashMap::new();
         let started = std::time::Instant::now();
         for src in SOURCES {
@@ -115,6 +138,8 @@ impl Gpu {
             name,
             num_sms,
             error: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            _blas_workspace: blas_workspace,
         })
     }
 
@@ -131,6 +156,15 @@ impl Gpu {
             let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| e.to_string());
         }
+    }
+
+    /// Called after (re)allocating a buffer that ops address; retires captured graphs.
+    pub fn note_realloc(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     pub fn take_error(&self) -> Option<String> {

@@ -7,7 +7,10 @@
 
 pub mod backend;
 pub mod context;
+pub mod gemv_plan;
+pub mod graphs;
 mod host_io;
+mod matmul;
 pub mod nvml;
 pub mod nvrtc;
 mod ops;
@@ -16,5 +19,6 @@ pub mod reference;
 pub mod sampling;
 pub mod step;
 
-pub use backend::{CudaBackend, CudaTensor, KvDType};
+pub use backend::{CudaBackend, CudaOptions, CudaTensor, KvDType};
 pub use context::{probe, CudaError};
+pub use step::StepLimits;

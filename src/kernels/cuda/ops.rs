@@ -25,6 +25,16 @@ pub fn partition_size(units: usize, max_ctx: usize, num_sms: usize) -> usize {
     p
 }
 
+/// The context the decode grid is sized for: the step's longest, or for a padded (graph)
+/// step the longest the arena can hold, so that a replay is right for any contexts (the
+/// partitions past a sequence's context exit at once).
+pub fn decode_ctx_bound(step: &CudaStep, block_size: usize) -> usize {
+    match step.pad {
+        Some(_) => step.bt_stride * block_size,
+        None => step.max_decode_ctx,
+    }
+}
+
 impl CudaBackend {
     pub(crate) fn embed_impl(
         &self,
@@ -40,7 +50,7 @@ impl CudaBackend {
         let name = format!("embed_{}", quant_suffix(table.dtype)?);
         let (tp, ids, op) = (
             ptr(&table.data, &gpu.stream),
-            ptr(&step.bufs()?.token_ids, &gpu.stream),
+            step.bufs()?.token_ids,
             out.ptr(gpu)?,
         );
         let (vocab, cols) = (table.rows as i32, table.cols as i32);
@@ -162,7 +172,7 @@ impl CudaBackend {
         }
         let (xp, rp, op, cols) = (
             x.ptr(gpu)?,
-            ptr(&step.bufs()?.logits_rows, &gpu.stream),
+            step.bufs()?.logits_rows,
             out.ptr(gpu)?,
             x.cols as i32,
         );
@@ -239,12 +249,17 @@ impl CudaBackend {
         let qp = qkv.ptr(gpu)?;
         let op = out.ptr(gpu)?;
         let s = kv.shape;
+        if let Some(pad) = step.pad {
+            // Padded rows write the reserved block, which must be this cache's.
+            if pad.scratch_block as usize != s.num_blocks {
+                return Err(KernelError::Invalid(format!(
+                    "step padded for a KV cache of {} blocks, given one of {}",
+                    pad.scratch_block, s.num_blocks
+                )));
+            }
+        }
         {
-            let (pp, sp, fp) = (
-                ptr(&b.positions, &gpu.stream),
-                ptr(&b.slots, &gpu.stream),
-                ptr(&b.inv_freqs, &gpu.stream),
-            );
+            let (pp, sp, fp) = (b.positions, b.slots, b.inv_freqs);
             let (il, hi, kvi, di, bsi) = (
                 step.interleaved as i32,
                 h as i32,
@@ -275,10 +290,10 @@ impl CudaBackend {
             p.q = qp;
             p.k_cache = kp;
             p.v_cache = vp;
-            p.query_start = ptr(&b.query_start, &gpu.stream);
-            p.query_len = ptr(&b.query_len, &gpu.stream);
-            p.context_len = ptr(&b.context_len, &gpu.stream);
-            p.block_tables = ptr(&b.block_tables, &gpu.stream);
+            p.query_start = b.query_start;
+            p.query_len = b.query_len;
+            p.context_len = b.context_len;
+            p.block_tables = b.block_tables;
             p.out = op;
             p.scale = shape.scale;
             p.q_stride = qkv.cols as i32;
@@ -291,8 +306,9 @@ impl CudaBackend {
             let gn = group.min(DECODE_MAX_GROUP);
             let groups = group.div_ceil(gn);
             let units = step.num_seqs * kvh * groups;
-            let part = partition_size(units, step.max_decode_ctx, gpu.num_sms);
-            let splits = step.max_decode_ctx.div_ceil(part);
+            let ctx = decode_ctx_bound(step, s.block_size);
+            let part = partition_size(units, ctx, gpu.num_sms);
+            let splits = ctx.div_ceil(part);
             let mut p = DecodeParams::default();
             common(&mut p);
             p.heads_per_cta = gn as i32;
