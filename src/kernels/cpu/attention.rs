@@ -13,7 +13,8 @@ use std::cell::RefCell;
 use half::{f16, slice::HalfFloatSliceExt};
 
 use super::attention_kernels::{
-    accumulate_v, block_scores, prefetch_block, softmax_numerators, GroupQuery, KvBlock, Scratch,
+    accumulate_v, block_pair_scores, block_scores, prefetch_block, softmax_numerators, GroupQuery,
+    KvBlock, Scratch,
 };
 use super::backend::CpuTensor;
 use super::ops::rope_head;
@@ -245,13 +246,21 @@ pub fn attend(
                 // prefill chunk find them in cache.
                 let prefetch = q == task.q_begin;
                 if prefetch {
-                    prefetch_block(block(0));
+                    (0..blocks.min(2)).for_each(|b| prefetch_block(block(b)));
                 }
-                for b in 0..blocks {
-                    if prefetch && b + 1 < blocks {
-                        prefetch_block(block(b + 1));
+                let mut b = 0;
+                while b < blocks {
+                    if prefetch {
+                        (b + 2..blocks.min(b + 4)).for_each(|b| prefetch_block(block(b)));
                     }
-                    block_scores(gq, block(b), &mut scores[b * bs..], ctx, scratch);
+                    let out = &mut scores[b * bs..];
+                    if b + 1 < blocks {
+                        block_pair_scores(gq, block(b), block(b + 1), out, ctx, scratch);
+                        b += 2;
+                    } else {
+                        block_scores(gq, block(b), out, ctx, scratch);
+                        b += 1;
+                    }
                 }
                 inv_sums.clear();
                 inv_sums.extend(

@@ -83,6 +83,50 @@ pub fn block_scores(
     scores_portable(gq, kt, blk.block_size, blk.n, scores, stride);
 }
 
+/// [`block_scores`] of two consecutive blocks of a sequence at once (`first` full): the
+/// scores of `second` go `first.block_size` further along each row. Twice the independent FMA
+/// chains of one block (one block's were latency-bound); every key's operations are
+/// [`block_scores`]'s.
+pub fn block_pair_scores(
+    gq: GroupQuery<'_>,
+    first: KvBlock<'_>,
+    second: KvBlock<'_>,
+    scores: &mut [f32],
+    stride: usize,
+    scratch: &mut Scratch,
+) {
+    let (d, bs) = (gq.head_dim, first.block_size);
+    assert!(first.n == bs && second.block_size == bs);
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx512 {
+        for blk in [first, second] {
+            assert!(blk.k.len() >= d * bs);
+        }
+        assert!(gq.q.len() >= gq.heads * d);
+        assert!(scores.len() >= (gq.heads - 1) * stride + bs + second.n);
+        let mut h0 = 0;
+        while h0 < gq.heads {
+            let hn = (gq.heads - h0).min(HEAD_GROUP);
+            let q = &gq.q[h0 * d..];
+            let out = &mut scores[h0 * stride..];
+            let blks = [first, second];
+            // SAFETY: AVX-512 was detected; the asserts above bound every access.
+            unsafe {
+                match hn {
+                    1 => avx512::scores2::<1>(q, d, blks, gq.scale, out, stride),
+                    2 => avx512::scores2::<2>(q, d, blks, gq.scale, out, stride),
+                    3 => avx512::scores2::<3>(q, d, blks, gq.scale, out, stride),
+                    _ => avx512::scores2::<4>(q, d, blks, gq.scale, out, stride),
+                }
+            }
+            h0 += hn;
+        }
+        return;
+    }
+    block_scores(gq, first, scores, stride, scratch);
+    block_scores(gq, second, &mut scores[bs..], stride, scratch);
+}
+
 /// `out_h += Σ_j p[h * stride + j] * v_j` over the block's `n` keys, in key order;
 /// `out` is `[heads][head_dim]`.
 pub fn accumulate_v(
@@ -291,6 +335,62 @@ mod avx512 {
         }
     }
 
+    /// [`scores`] for two blocks at once (see `block_pair_scores`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    pub unsafe fn scores2<const H: usize>(
+        q: &[f32],
+        d: usize,
+        blks: [KvBlock<'_>; 2],
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let bs = blks[0].block_size;
+        let kt = blks.map(|b| b.k.as_ptr() as *const i16);
+        let n = blks.map(|b| b.n);
+        let mut c = 0;
+        while c < n[0] {
+            let mask = n.map(|n| lane_mask(n.saturating_sub(c)));
+            let mut a0 = [[_mm512_setzero_ps(); H]; 2];
+            let mut a1 = [[_mm512_setzero_ps(); H]; 2];
+            let mut i = 0;
+            while i + 1 < d {
+                let k = |t: usize, i: usize| {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[t], kt[t].add(i * bs + c)))
+                };
+                let (k0, k1) = ([k(0, i), k(1, i)], [k(0, i + 1), k(1, i + 1)]);
+                for h in 0..H {
+                    let qh = q.as_ptr().add(h * d + i);
+                    let (q0, q1) = (_mm512_set1_ps(*qh), _mm512_set1_ps(*qh.add(1)));
+                    for t in 0..2 {
+                        a0[t][h] = _mm512_fmadd_ps(q0, k0[t], a0[t][h]);
+                        a1[t][h] = _mm512_fmadd_ps(q1, k1[t], a1[t][h]);
+                    }
+                }
+                i += 2;
+            }
+            if i < d {
+                for t in 0..2 {
+                    let k0 =
+                        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[t], kt[t].add(i * bs + c)));
+                    for h in 0..H {
+                        let qh = _mm512_set1_ps(*q.as_ptr().add(h * d + i));
+                        a0[t][h] = _mm512_fmadd_ps(qh, k0, a0[t][h]);
+                    }
+                }
+            }
+            let scale = _mm512_set1_ps(scale);
+            for t in 0..2 {
+                for h in 0..H {
+                    let s = _mm512_mul_ps(_mm512_add_ps(a0[t][h], a1[t][h]), scale);
+                    let at = out.as_mut_ptr().add(h * stride + t * bs + c);
+                    _mm512_mask_storeu_ps(at, mask[t], s);
+                }
+            }
+            c += KEY_CHUNK;
+        }
+    }
+
     /// `out_h += Σ_j p[h * stride + j] v_j` for heads `0..H`; `d` is a multiple of 16.
     ///
     /// Up to four 16-wide slices of the head dimension run together, so `4·H` independent FMA
@@ -432,6 +532,16 @@ mod tests {
                     assert!((fast[h * stride + j] as f64 - exact).abs() < 1e-5);
                 }
             }
+            // Two blocks at once: the same bits as one at a time.
+            let second = KvBlock { n: n / 2, ..blk };
+            let full = KvBlock { n: bs, ..blk };
+            let pair_stride = 2 * bs + 1;
+            let mut pair = vec![0.0f32; heads * pair_stride];
+            block_pair_scores(gq, full, second, &mut pair, pair_stride, &mut scratch);
+            let mut single = vec![0.0f32; heads * pair_stride];
+            block_scores(gq, full, &mut single, pair_stride, &mut scratch);
+            block_scores(gq, second, &mut single[bs..], pair_stride, &mut scratch);
+            assert_eq!(pair, single, "pair heads {heads} d {d} bs {bs} n {n}");
             let mut out_fast = vec![0.5f32; heads * d];
             let mut out_portable = out_fast.clone();
             accumulate_v(heads, &fast, stride, blk, d, &mut out_fast, &mut scratch);
