@@ -395,7 +395,7 @@ impl<B: Backend> EngineLoop<B> {
                 while let Some(f) = self.in_flight.pop_front() {
                     ids.extend(self.plan_request_ids(&f.plan));
                     let _ = panic::catch_unwind(AssertUnwindSafe(|| {
-                        self.runner.collect_logits(f.submitted)
+                        self.runner.collect(&f.plan, f.submitted)
                     }));
                 }
                 ids.sort_unstable();
@@ -482,13 +482,13 @@ impl<B: Backend> EngineLoop<B> {
             scheduled_at: step_start,
             submitted_at: forward_start,
         } = f;
-        let logits = self.runner.collect_logits(submitted);
+        let collected = self.runner.collect(&plan, submitted);
         // The forward pass alone (with pipeline stages, from submission to return): the rest
         // of the step is the engine's own overhead.
         self.metrics
             .forward_seconds
             .observe(forward_start.elapsed().as_secs_f64());
-        let output = self.runner.sample(&plan, logits);
+        let output = self.runner.sample(&plan, collected);
         let mut good = Vec::with_capacity(output.sampled.len());
         for (seq_id, result) in output.sampled {
             match result {

@@ -7,6 +7,8 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod host;
+pub mod sampling;
+pub mod sampling_reference;
 
 pub use backend::{AttentionShape, Backend, BatchSeq, ForwardBatch, KvCacheShape, Rope};
 
