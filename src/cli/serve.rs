@@ -100,7 +100,9 @@ fn serve_model<B: Backend>(
     let engine_config = args.engine.engine_config(&loaded.model.config)?;
     let name = args.served_model_name.clone().unwrap_or(loaded.name);
     let tokenizer = loaded.tokenizer;
-    let engine = crate::engine::spawn(loaded.model, tokenizer.clone(), engine_config)?;
+    let options = args.engine.engine_options(loaded.device);
+    let engine =
+        crate::engine::spawn_with(loaded.model, tokenizer.clone(), engine_config, options)?;
     // A GPU's utilisation, memory and power, sampled when `/metrics` is scraped.
     let gauges = crate::kernels::device_gauges(loaded.device, &engine.metrics.registry);
     let state = AppState::new(

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use super::forward_worker::{ForwardWorker, Reply};
 use crate::kernels::sampling::{RowParams, SampledRow, SamplingBatch};
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
 use crate::model::rank_group::RankGroup;
@@ -28,13 +29,31 @@ pub(crate) enum Collected {
     Sampled(Vec<SampledRow>),
 }
 
+impl From<Reply> for Collected {
+    fn from(r: Reply) -> Self {
+        match r {
+            Reply::Logits(l) => Self::Logits(l),
+            Reply::Sampled(s) => Self::Sampled(s),
+        }
+    }
+}
+
 /// What one step produced, per sampled sequence.
 pub(crate) struct StepOutput {
     pub sampled: Vec<(SeqId, Result<SampledToken, String>)>,
 }
 
+/// Where the model runs: on the engine thread, or on a worker thread (the CPU's test mode of
+/// the overlapped loop).
+enum Model<B: Backend> {
+    Inline(Box<RankGroup<B>>),
+    Worker(ForwardWorker),
+}
+
 pub(crate) struct ModelRunner<B: Backend> {
-    model: RankGroup<B>,
+    model: Model<B>,
+    /// Each sequence's last sampled id: the input of its run-ahead decode (overlapped loop).
+    last_sampled: HashMap<SeqId, u32>,
     samplers: HashMap<SeqId, SequenceSampler>,
     scratch: SamplingScratch,
     batch: ForwardBatch,
@@ -47,8 +66,20 @@ pub(crate) struct ModelRunner<B: Backend> {
 
 impl<B: Backend> ModelRunner<B> {
     pub fn new(model: RankGroup<B>) -> Self {
+        Self::with_model(Model::Inline(Box::new(model)))
+    }
+
+    /// The model runs on a worker thread: `submit` returns at once.
+    pub fn on_worker_thread(model: RankGroup<B>) -> Result<Self, crate::model::ModelError> {
+        Ok(Self::with_model(Model::Worker(ForwardWorker::start(
+            model,
+        )?)))
+    }
+
+    fn with_model(model: Model<B>) -> Self {
         Self {
             model,
+            last_sampled: HashMap::new(),
             samplers: HashMap::new(),
             scratch: SamplingScratch::default(),
             batch: ForwardBatch::default(),
@@ -59,7 +90,10 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.model.lead().config.vocab_size
+        match &self.model {
+            Model::Inline(m) => m.lead().config.vocab_size,
+            Model::Worker(w) => w.vocab_size,
+        }
     }
 
     pub fn add_seq(&mut self, seq_id: SeqId, sampler: SequenceSampler) {
@@ -68,6 +102,7 @@ impl<B: Backend> ModelRunner<B> {
 
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.samplers.remove(&seq_id);
+        self.last_sampled.remove(&seq_id);
         #[cfg(feature = "fault-injection")]
         self.faults.remove(&seq_id);
     }
@@ -97,7 +132,18 @@ impl<B: Backend> ModelRunner<B> {
         b.seqs.clear();
         for s in &plan.seqs {
             let query_start = b.token_ids.len();
-            b.token_ids.extend_from_slice(&s.token_ids);
+            if s.run_ahead {
+                // The token its previous step sampled. None only if that step failed for the
+                // sequence, which then ends: this row's output is never used.
+                let token = self
+                    .last_sampled
+                    .get(&s.seq_id)
+                    .copied()
+                    .unwrap_or_default();
+                b.token_ids.push(token);
+            } else {
+                b.token_ids.extend_from_slice(&s.token_ids);
+            }
             for p in s.start..s.end {
                 b.positions.push(p as u32);
                 let block = s.block_table[p / block_size];
@@ -119,15 +165,20 @@ impl<B: Backend> ModelRunner<B> {
     /// Steps the model can hold in flight (its pipeline stages); the engine may `submit` that
     /// many plans before it `collect`s the first.
     pub fn max_in_flight(&self) -> usize {
-        self.model.max_in_flight()
+        match &self.model {
+            Model::Inline(m) => m.max_in_flight(),
+            Model::Worker(_) => 1,
+        }
     }
 
     /// Starts `plan` on every rank (with more than one stage, returns before it is done).
     pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), String> {
         self.build_batch(plan, block_size);
-        self.model
-            .submit(&self.batch, &plan.block_copies)
-            .map_err(|e| format!("the forward pass failed: {e}"))
+        let submitted = match &mut self.model {
+            Model::Inline(m) => m.submit(&self.batch, &plan.block_copies),
+            Model::Worker(w) => w.submit(&self.batch, &plan.block_copies),
+        };
+        submitted.map_err(|e| format!("the forward pass failed: {e}"))
     }
 
     /// Waits for the oldest submitted step (`submitted` is what `submit` returned for it).
@@ -140,8 +191,16 @@ impl<B: Backend> ModelRunner<B> {
     ) -> Result<Collected, String> {
         submitted?;
         let failed = |e| format!("the forward pass failed: {e}");
-        if !self.model.samples_on_device() {
-            return self.model.collect().map(Collected::Logits).map_err(failed);
+        let on_device = match &self.model {
+            Model::Inline(m) => m.samples_on_device(),
+            Model::Worker(w) => w.samples_on_device,
+        };
+        if !on_device {
+            return match &mut self.model {
+                Model::Inline(m) => m.collect().map(Collected::Logits),
+                Model::Worker(w) => w.collect(None).map(Collected::from),
+            }
+            .map_err(failed);
         }
         self.rows.clear();
         for s in plan.seqs.iter().filter(|s| s.sample) {
@@ -151,10 +210,11 @@ impl<B: Backend> ModelRunner<B> {
                 None => self.rows.push(&RowParams::default(), &[], &[]),
             }
         }
-        self.model
-            .collect_sampled(&self.rows)
-            .map(Collected::Sampled)
-            .map_err(failed)
+        match &mut self.model {
+            Model::Inline(m) => m.collect_sampled(&self.rows).map(Collected::Sampled),
+            Model::Worker(w) => w.collect(Some(&self.rows)).map(Collected::from),
+        }
+        .map_err(failed)
     }
 
     /// A token for each sequence `plan` asks to sample, from what its step returned (or
@@ -206,6 +266,9 @@ impl<B: Backend> ModelRunner<B> {
                     })
                 }
             };
+            if let Ok(t) = &result {
+                self.last_sampled.insert(s.seq_id, t.token_id);
+            }
             sampled.push((s.seq_id, result));
         }
         StepOutput { sampled }
@@ -256,6 +319,9 @@ impl<B: Backend> ModelRunner<B> {
                     }
                 }
             };
+            if let Ok(t) = &result {
+                self.last_sampled.insert(s.seq_id, t.token_id);
+            }
             sampled.push((s.seq_id, result));
         }
         StepOutput { sampled }
