@@ -2,7 +2,9 @@
 //! serving state. With pipeline stages (`ModelRunner::max_in_flight() > 1`) it keeps that
 //! many steps in flight, each on sequences the others do not hold, so every stage works on a
 //! different micro-batch at once; a step's outputs are committed when it comes back, oldest
-//! first. With one stage a step is scheduled, run and committed before the next.
+//! first. With one stage a step is scheduled, run and committed before the next — or, with
+//! `StepOverlap` on, the next step is planned while one runs and submitted as soon as its
+//! ids are back (`step_overlapped`; `docs/ARCHITECTURE.md`, "The engine loop").
 //!
 //! Fault isolation: a failure attributable to one sequence (non-finite logits, a sampled id
 //! outside the vocabulary, a detokenizer error) ends that request alone; the others in the
