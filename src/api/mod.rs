@@ -84,6 +84,8 @@ pub struct AppState {
     /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
     /// waits for this to reach zero.
     pub open_sockets: Arc<AtomicUsize>,
+    /// The device's gauges (a GPU's), sampled by `/metrics` before it renders.
+    pub device_gauges: Option<Arc<dyn crate::kernels::DeviceGauges>>,
 }
 
 impl AppState {
@@ -101,7 +103,17 @@ impl AppState {
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
             open_sockets: Arc::new(AtomicUsize::new(0)),
+            device_gauges: None,
         }
+    }
+
+    /// Samples `gauges` (registered on the engine's metrics registry) on each `/metrics`.
+    pub fn with_device_gauges(
+        mut self,
+        gauges: Option<Arc<dyn crate::kernels::DeviceGauges>>,
+    ) -> Self {
+        self.device_gauges = gauges;
+        self
     }
 
     /// Refuses new work while draining.

@@ -1,6 +1,7 @@
 //! The flags that shape the engine: batch limits, KV-cache size, prefix caching.
 
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, EngineOptions, StepOverlap};
+use crate::kernels::device::Device;
 use crate::kv_cache::CacheConfig;
 use crate::model::config::ModelConfig;
 use crate::scheduler::SchedulerConfig;
@@ -35,6 +36,30 @@ pub struct EngineArgs {
     /// Most requests waiting to start; more are refused with 429 (0: no limit).
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Plan the next step while the device runs one: `auto` (on for a GPU), `on`, `off`, or
+    /// `worker-thread` (the forward pass on a thread of its own: the CPU's test mode).
+    #[arg(long, value_enum, default_value_t = OverlapArg::Auto)]
+    pub step_overlap: OverlapArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverlapArg {
+    Auto,
+    On,
+    Off,
+    WorkerThread,
+}
+
+impl EngineArgs {
+    /// The engine's options on `device`.
+    pub fn engine_options(&self, device: Device) -> EngineOptions {
+        let overlap = match (self.step_overlap, device) {
+            (OverlapArg::Auto, Device::Cuda(_)) | (OverlapArg::On, _) => StepOverlap::On,
+            (OverlapArg::Auto, Device::Cpu) | (OverlapArg::Off, _) => StepOverlap::Off,
+            (OverlapArg::WorkerThread, _) => StepOverlap::OnWorkerThread,
+        };
+        EngineOptions { overlap }
+    }
 }
 
 /// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::model_args::ModelArgs;
-use crate::kernels::{BatchSeq, ForwardBatch};
+use super::model_args::{Loaded, ModelArgs, WithLoaded};
+use crate::kernels::{Backend, BatchSeq, ForwardBatch};
 use crate::model::rank_group::RankGroup;
 use crate::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
 use crate::tokenizer::detokenize::IncrementalDetokenizer;
@@ -53,7 +53,20 @@ struct GenerateOutput {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
+    args.model.clone().load_and(Generate(args))
+}
+
+/// `generate` on whichever backend the device selected.
+struct Generate(GenerateArgs);
+
+impl WithLoaded for Generate {
+    type Output = ();
+    fn run<B: Backend>(self, loaded: Loaded<B>) -> anyhow::Result<()> {
+        generate(self.0, loaded)
+    }
+}
+
+fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result<()> {
     let tok = loaded.tokenizer.clone();
     let prompt = if args.chat {
         tok.apply_chat_template(

@@ -1,16 +1,24 @@
 //! The flags that choose a model, its tokenizer, the device and how the model is split over
 //! ranks (tensor and pipeline parallelism), shared by `generate` and `serve` (`bench` is a
 //! client: it measures a server started with these flags).
+//!
+//! `ModelArgs::load_and` loads the model on the selected device's backend and hands it to
+//! work written once over `B: Backend` (`WithLoaded`): the CPU runs any number of ranks; a
+//! GPU runs one rank on `CudaBackend` (through `kernels::device::with_backend`, so no `cfg`
+//! is needed here), with a bf16 KV cache, f16 for f16 and GGUF weights.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::kernels::cpu::CpuBackend;
+use crate::kernels::device::{with_backend, BackendOptions, Device, GpuKvDType, WithBackend};
 use crate::kernels::dtype::WeightDType;
-use crate::model::loader::{self, LoadFormat, ModelSpec, TokenizerSource};
+use crate::kernels::Backend;
+use crate::model::llama::Llama;
+use crate::model::loader::{self, LoadFormat, ModelSpec, OpenedModel, TokenizerSource};
 use crate::model::rank_group::ModelRanks;
+use crate::model::weights::WeightSource;
 use crate::parallel::{ParallelConfig, TpMode};
 use crate::tokenizer::Tokenizer;
 
@@ -35,6 +43,9 @@ pub struct ModelArgs {
     /// `auto` (a GPU when one is usable, else the CPU), `cpu`, or `cuda[:N]`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// On a GPU, run every step eagerly: no CUDA graphs for decode steps.
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// CPU threads (default: all available cores, or `SLUICE_NUM_THREADS`), split across
     /// the ranks.
     #[arg(long)]
@@ -68,11 +79,63 @@ impl From<DummyDtype> for WeightDType {
     }
 }
 
-/// A loaded model (its ranks) with its tokenizer.
-pub struct Loaded {
-    pub model: ModelRanks<CpuBackend>,
+/// A loaded model (its ranks) with its tokenizer, on the backend of `device`.
+pub struct Loaded<B: Backend> {
+    pub model: ModelRanks<B>,
     pub tokenizer: Arc<Tokenizer>,
     pub name: String,
+    pub device: Device,
+}
+
+/// Work to run on a loaded model (serve it, generate with it), written once for every
+/// backend: `ModelArgs::load_and` loads the model on the selected device and hands it over.
+pub trait WithLoaded {
+    type Output;
+    fn run<B: Backend>(self, loaded: Loaded<B>) -> anyhow::Result<Self::Output>;
+}
+
+/// The GPU KV cache's storage type: f16 for f16 and GGUF (quantized) weights, bf16 otherwise.
+fn gpu_kv_dtype(weights: &dyn WeightSource) -> anyhow::Result<GpuKvDType> {
+    let dtype = weights.dtype_of("blk.0.attn_q.weight")?;
+    Ok(match dtype {
+        Some(d) if d == WeightDType::F16 || d.is_quantized() => GpuKvDType::F16,
+        _ => GpuKvDType::BF16,
+    })
+}
+
+/// What a backend needs to load the model: the opened weights and the work to hand it to.
+struct LoadOnBackend<'a, W> {
+    opened: &'a OpenedModel,
+    tokenizer: Arc<Tokenizer>,
+    device: Device,
+    work: W,
+}
+
+impl<W: WithLoaded> WithBackend for LoadOnBackend<'_, W> {
+    type Output = anyhow::Result<W::Output>;
+
+    /// One rank on `backend` (devices other than the CPU run no ranks yet).
+    fn run<B: Backend>(self, backend: B) -> Self::Output {
+        let started = std::time::Instant::now();
+        let o = self.opened;
+        let model = Llama::load(o.config.clone(), o.weights.as_ref(), backend)
+            .with_context(|| format!("loading {} on {}", o.name, self.device))?;
+        tracing::info!(
+            "loaded {} ({} layers, hidden {}, vocab {}) on {} in {:.2?}",
+            o.name,
+            model.config.num_layers,
+            model.config.hidden_size,
+            model.config.vocab_size,
+            Backend::describe(model.backend()),
+            started.elapsed()
+        );
+        self.work.run(Loaded {
+            model: model.into(),
+            tokenizer: self.tokenizer,
+            name: o.name.clone(),
+            device: self.device,
+        })
+    }
 }
 
 impl ModelArgs {
@@ -83,7 +146,8 @@ impl ModelArgs {
         }
     }
 
-    pub fn load(&self) -> anyhow::Result<Loaded> {
+    /// Loads the model on the selected device and runs `work` on it.
+    pub fn load_and<W: WithLoaded>(&self, work: W) -> anyhow::Result<W::Output> {
         let spec = ModelSpec {
             path: self.model_path()?,
             load_format: self.load_format,
@@ -96,7 +160,7 @@ impl ModelArgs {
             pp_size: self.pipeline_parallel_size,
             tp_mode: self.tp_mode,
         };
-        if let crate::kernels::device::Device::Cuda(_) = device {
+        if let Device::Cuda(_) = device {
             // The CUDA backend does not run ranks yet: one card, one rank.
             if parallel.num_ranks() > 1 {
                 anyhow::bail!(
@@ -116,9 +180,24 @@ impl ModelArgs {
                 spec.path.display()
             ),
         };
+        let tokenizer = Arc::new(tokenizer);
         let threads = self
             .threads
             .unwrap_or_else(crate::kernels::cpu::pool::default_num_threads);
+        if let Device::Cuda(_) = device {
+            let opts = BackendOptions {
+                cpu_threads: threads,
+                gpu_kv_dtype: gpu_kv_dtype(opened.weights.as_ref())?,
+                cuda_graphs: !self.enforce_eager,
+            };
+            let load = LoadOnBackend {
+                opened: &opened,
+                tokenizer,
+                device,
+                work,
+            };
+            return with_backend(device, opts, load)?;
+        }
         let started = std::time::Instant::now();
         let model = crate::model::shard::load_cpu_ranks(
             &opened.config,
@@ -137,13 +216,14 @@ impl ModelArgs {
             parallel.num_ranks(),
             parallel.tp_size,
             parallel.pp_size,
-            crate::kernels::Backend::describe(model.ranks[0].backend()),
+            Backend::describe(model.ranks[0].backend()),
             started.elapsed()
         );
-        Ok(Loaded {
+        work.run(Loaded {
             model,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             name: opened.name,
+            device,
         })
     }
 }

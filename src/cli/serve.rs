@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::engine_args::EngineArgs;
-use super::model_args::ModelArgs;
+use super::model_args::{Loaded, ModelArgs, WithLoaded};
 use crate::api::{self, AppState, ServerConfig};
+use crate::kernels::Backend;
 
 /// Extra time, past the shutdown timeout, for the last events to reach their clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -64,11 +65,46 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
     };
-    let loaded = args.model.load()?;
+    args.model.clone().load_and(Serve {
+        args,
+        timeout,
+        timeouts,
+    })
+}
+
+/// `serve` on whichever backend the device selected.
+struct Serve {
+    args: ServeArgs,
+    timeout: Duration,
+    timeouts: api::server::HttpTimeouts,
+}
+
+impl WithLoaded for Serve {
+    type Output = ();
+    fn run<B: Backend>(self, loaded: Loaded<B>) -> anyhow::Result<()> {
+        let Serve {
+            args,
+            timeout,
+            timeouts,
+        } = self;
+        serve_model(args, timeout, timeouts, loaded)
+    }
+}
+
+fn serve_model<B: Backend>(
+    args: ServeArgs,
+    timeout: Duration,
+    timeouts: api::server::HttpTimeouts,
+    loaded: Loaded<B>,
+) -> anyhow::Result<()> {
     let engine_config = args.engine.engine_config(&loaded.model.config)?;
     let name = args.served_model_name.clone().unwrap_or(loaded.name);
     let tokenizer = loaded.tokenizer;
-    let engine = crate::engine::spawn(loaded.model, tokenizer.clone(), engine_config)?;
+    let options = args.engine.engine_options(loaded.device);
+    let engine =
+        crate::engine::spawn_with(loaded.model, tokenizer.clone(), engine_config, options)?;
+    // A GPU's utilisation, memory and power, sampled when `/metrics` is scraped.
+    let gauges = crate::kernels::device_gauges(loaded.device, &engine.metrics.registry);
     let state = AppState::new(
         engine,
         tokenizer,
@@ -79,7 +115,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             timeouts,
             ..ServerConfig::default()
         },
-    );
+    )
+    .with_device_gauges(gauges);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-api")

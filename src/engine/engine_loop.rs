@@ -2,7 +2,9 @@
 //! serving state. With pipeline stages (`ModelRunner::max_in_flight() > 1`) it keeps that
 //! many steps in flight, each on sequences the others do not hold, so every stage works on a
 //! different micro-batch at once; a step's outputs are committed when it comes back, oldest
-//! first. With one stage a step is scheduled, run and committed before the next.
+//! first. With one stage a step is scheduled, run and committed before the next — or, with
+//! `StepOverlap` on, the next step is planned while one runs and submitted as soon as its
+//! ids are back (`step_overlapped`; `docs/ARCHITECTURE.md`, "The engine loop").
 //!
 //! Fault isolation: a failure attributable to one sequence (non-finite logits, a sampled id
 //! outside the vocabulary, a detokenizer error) ends that request alone; the others in the
@@ -81,6 +83,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     step_request_ids: Vec<RequestId>,
     /// Steps submitted to the runner and not collected yet, oldest first.
     in_flight: VecDeque<InFlightStep>,
+    /// The overlapped loop: the next step is planned while one runs (see `step_overlapped`).
+    overlap: bool,
 }
 
 /// A step whose forward pass is running (or done) in the runner's ranks.
@@ -102,6 +106,7 @@ impl<B: Backend> EngineLoop<B> {
         info: Arc<EngineInfo>,
     ) -> Self {
         Self {
+            overlap: false,
             scheduler,
             runner,
             tokenizer,
@@ -118,6 +123,12 @@ impl<B: Backend> EngineLoop<B> {
             step_request_ids: Vec::new(),
             in_flight: VecDeque::new(),
         }
+    }
+
+    /// Runs the overlapped loop (`step_overlapped`); the scheduler must run ahead.
+    pub fn with_overlap(mut self, overlap: bool) -> Self {
+        self.overlap = overlap;
+        self
     }
 
     /// Nothing to run and nothing running.
@@ -395,7 +406,7 @@ impl<B: Backend> EngineLoop<B> {
                 while let Some(f) = self.in_flight.pop_front() {
                     ids.extend(self.plan_request_ids(&f.plan));
                     let _ = panic::catch_unwind(AssertUnwindSafe(|| {
-                        self.runner.collect_logits(f.submitted)
+                        self.runner.collect(&f.plan, f.submitted)
                     }));
                 }
                 ids.sort_unstable();
@@ -432,48 +443,97 @@ impl<B: Backend> EngineLoop<B> {
 
     /// Schedules and submits steps until the pipeline is full or nothing more can run.
     fn fill_pipeline(&mut self) {
-        let block_size = self.scheduler.kv_cache().block_size();
         while self.in_flight.len() < self.runner.max_in_flight() {
-            let scheduled_at = Instant::now();
-            let plan = self.scheduler.schedule();
-            let ids = self.plan_request_ids(&plan);
-            self.step_request_ids.extend(ids);
-            for &seq_id in &plan.too_long_seq_ids {
-                if let Some(s) = self.seqs.get(&seq_id) {
-                    let id = s.request;
-                    self.fail_request(
-                        id,
-                        EngineErrorKind::InvalidRequest,
-                        format!(
-                            "the request needs more KV cache than the server has ({} tokens)",
-                            self.info.kv_cache_tokens
-                        ),
-                    );
-                }
+            match self.plan_step() {
+                Some((plan, scheduled_at)) => self.submit_step(plan, scheduled_at),
+                None => break,
             }
-            if plan.seqs.is_empty() {
-                break;
-            }
-            self.mark_started(&plan);
-            let submitted_at = Instant::now();
-            let submitted = self.runner.submit(&plan, block_size);
-            self.in_flight.push_back(InFlightStep {
-                plan,
-                submitted,
-                scheduled_at,
-                submitted_at,
-            });
         }
     }
 
+    /// Schedules one step; `None` when nothing can run.
+    fn plan_step(&mut self) -> Option<(StepPlan, Instant)> {
+        let scheduled_at = Instant::now();
+        let plan = self.scheduler.schedule();
+        let ids = self.plan_request_ids(&plan);
+        self.step_request_ids.extend(ids);
+        for &seq_id in &plan.too_long_seq_ids {
+            if let Some(s) = self.seqs.get(&seq_id) {
+                let id = s.request;
+                self.fail_request(
+                    id,
+                    EngineErrorKind::InvalidRequest,
+                    format!(
+                        "the request needs more KV cache than the server has ({} tokens)",
+                        self.info.kv_cache_tokens
+                    ),
+                );
+            }
+        }
+        if plan.seqs.is_empty() {
+            return None;
+        }
+        self.mark_started(&plan);
+        Some((plan, scheduled_at))
+    }
+
+    fn submit_step(&mut self, plan: StepPlan, scheduled_at: Instant) {
+        let block_size = self.scheduler.kv_cache().block_size();
+        let submitted_at = Instant::now();
+        let submitted = self.runner.submit(&plan, block_size);
+        self.in_flight.push_back(InFlightStep {
+            plan,
+            submitted,
+            scheduled_at,
+            submitted_at,
+        });
+    }
+
     fn step(&mut self) {
+        if self.overlap {
+            return self.step_overlapped();
+        }
         self.fill_pipeline();
         let Some(f) = self.in_flight.pop_front() else {
-            self.update_gauges();
-            // Nothing could run (e.g. all waiting on blocks held by nobody): avoid spinning.
-            std::thread::sleep(Duration::from_millis(1));
+            self.idle_step();
             return;
         };
+        let (plan, output, step_start) = self.collect_step(f);
+        self.commit_step(&plan, output, step_start);
+    }
+
+    /// Nothing could run (e.g. all waiting on blocks held by nobody): avoid spinning.
+    fn idle_step(&mut self) {
+        self.update_gauges();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    /// The overlapped loop (one stage): while step N runs, plan N+1 (its decodes of the
+    /// tokens N samples run ahead: `Scheduler::set_run_ahead`); wait for N's ids (the one
+    /// sync); submit N+1 (the runner puts N's ids into its run-ahead rows); then commit N and
+    /// send its outputs while N+1 runs. A sequence that stops at N has also run in N+1: it is
+    /// gone when N+1 comes back, so that token is dropped (never emitted, its blocks freed
+    /// with the sequence). Steps run in submission order on the device, so a block freed
+    /// while N+1 runs is reused only by later steps.
+    fn step_overlapped(&mut self) {
+        self.fill_pipeline();
+        if self.in_flight.is_empty() {
+            self.idle_step();
+            return;
+        }
+        let next = self.plan_step();
+        let Some(f) = self.in_flight.pop_front() else {
+            return;
+        };
+        let (plan, output, step_start) = self.collect_step(f);
+        if let Some((next_plan, scheduled_at)) = next {
+            self.submit_step(next_plan, scheduled_at);
+        }
+        self.commit_step(&plan, output, step_start);
+    }
+
+    /// Waits for a step in flight and samples it.
+    fn collect_step(&mut self, f: InFlightStep) -> (StepPlan, super::runner::StepOutput, Instant) {
         let ids = self.plan_request_ids(&f.plan);
         self.step_request_ids.extend(ids);
         let InFlightStep {
@@ -482,13 +542,23 @@ impl<B: Backend> EngineLoop<B> {
             scheduled_at: step_start,
             submitted_at: forward_start,
         } = f;
-        let logits = self.runner.collect_logits(submitted);
+        let collected = self.runner.collect(&plan, submitted);
         // The forward pass alone (with pipeline stages, from submission to return): the rest
         // of the step is the engine's own overhead.
         self.metrics
             .forward_seconds
             .observe(forward_start.elapsed().as_secs_f64());
-        let output = self.runner.sample(&plan, logits);
+        let output = self.runner.sample(&plan, collected);
+        (plan, output, step_start)
+    }
+
+    /// Commits a collected step and sends its outputs.
+    fn commit_step(
+        &mut self,
+        plan: &StepPlan,
+        output: super::runner::StepOutput,
+        step_start: Instant,
+    ) {
         let mut good = Vec::with_capacity(output.sampled.len());
         for (seq_id, result) in output.sampled {
             match result {
@@ -503,7 +573,7 @@ impl<B: Backend> EngineLoop<B> {
         }
         good.retain(|(seq_id, _)| self.seqs.contains_key(seq_id));
         let ids: Vec<(SeqId, u32)> = good.iter().map(|(s, t)| (*s, t.token_id)).collect();
-        if let Err(e) = self.scheduler.commit(&plan, &ids) {
+        if let Err(e) = self.scheduler.commit(plan, &ids) {
             // A bookkeeping bug, not a client's doing: fail the step's requests, keep serving.
             tracing::error!("commit failed: {e}");
             let reqs: Vec<RequestId> = plan

@@ -16,6 +16,7 @@
 mod engine_loop;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod forward_worker;
 pub mod handle;
 pub mod metrics;
 mod output;
@@ -56,6 +57,26 @@ pub enum EngineError {
     Spawn(String),
 }
 
+/// Whether the engine plans the next step while the device runs one (one pipeline stage).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepOverlap {
+    /// Plan, run and commit one step at a time (with pipeline stages: one per stage).
+    #[default]
+    Off,
+    /// The overlapped loop, for a backend whose forward pass returns before it is done (a
+    /// GPU's stream): the host's planning, commits and outputs hide behind the device.
+    On,
+    /// `On`, with the forward pass on a worker thread: the overlapped loop with real
+    /// concurrency on the CPU (its test mode).
+    OnWorkerThread,
+}
+
+/// How the engine runs its steps (beside `EngineConfig`'s sizes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub overlap: StepOverlap,
+}
+
 /// Starts the engine thread and returns its handle.
 ///
 /// `model` is one `Llama` or the loaded ranks of a tensor/pipeline-parallel group.
@@ -63,6 +84,16 @@ pub fn spawn<B: Backend>(
     model: impl Into<ModelRanks<B>>,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
+) -> Result<EngineHandle, EngineError> {
+    spawn_with(model, tokenizer, config, EngineOptions::default())
+}
+
+/// `spawn` with options. Overlap needs one pipeline stage; with more it is off.
+pub fn spawn_with<B: Backend>(
+    model: impl Into<ModelRanks<B>>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    options: EngineOptions,
 ) -> Result<EngineHandle, EngineError> {
     let model = RankGroup::start(
         model.into(),
@@ -72,6 +103,12 @@ pub fn spawn<B: Backend>(
     let mut scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
     // With pipeline stages, that many steps run at once on disjoint sequences.
     scheduler.set_max_in_flight(model.max_in_flight());
+    let overlap = options.overlap != StepOverlap::Off && model.max_in_flight() == 1;
+    if overlap {
+        scheduler.set_run_ahead(true);
+    } else if options.overlap != StepOverlap::Off {
+        tracing::info!("step overlap is off: pipeline stages keep steps in flight instead");
+    }
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.lead().config.vocab_size,
@@ -89,7 +126,10 @@ pub fn spawn<B: Backend>(
     });
     // The command queue is bounded: a full queue answers `Overloaded` at once.
     let (tx, rx) = flume::bounded(4096);
-    let runner = runner::ModelRunner::new(model);
+    let runner = match options.overlap {
+        StepOverlap::OnWorkerThread if overlap => runner::ModelRunner::on_worker_thread(model)?,
+        _ => runner::ModelRunner::new(model),
+    };
     let mut engine = engine_loop::EngineLoop::new(
         scheduler,
         runner,
@@ -98,7 +138,8 @@ pub fn spawn<B: Backend>(
         shared.clone(),
         metrics.clone(),
         info.clone(),
-    );
+    )
+    .with_overlap(overlap);
     std::thread::Builder::new()
         .name("sluice-engine".into())
         .spawn(move || engine.run())

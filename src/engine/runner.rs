@@ -4,26 +4,61 @@
 //! It keeps what it needs per sequence across steps (the sampler with its generator and
 //! penalty counts), so a sequence's sampling parameters cross once, when it is added.
 //!
+//! Sampling happens where the backend wants it: a backend that samples on the device gets
+//! one `SamplingBatch` row per sampled sequence and returns only ids and asked-for logprobs
+//! (the logits never leave the device); otherwise the logits come to the host and each
+//! sequence's `SequenceSampler` draws from its own generator (the CPU's tuned path).
+//!
 //! The model is a `RankGroup`: one rank is today's single-model path; with tensor or pipeline
 //! parallelism the group broadcasts the batch to its ranks and returns the gathered logits.
 
 use std::collections::HashMap;
 
+use super::forward_worker::{ForwardWorker, Reply};
+use crate::kernels::sampling::{RowParams, SampledRow, SamplingBatch};
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
 use crate::model::rank_group::RankGroup;
 use crate::model::sampling::{SampledToken, SamplingScratch, SequenceSampler};
 use crate::scheduler::{SeqId, StepPlan};
+
+/// What a step's forward pass returned.
+pub(crate) enum Collected {
+    /// `[sampled rows, vocab]`, to sample on the host.
+    Logits(Vec<f32>),
+    /// Sampled on the device, one per sampled sequence in plan order.
+    Sampled(Vec<SampledRow>),
+}
+
+impl From<Reply> for Collected {
+    fn from(r: Reply) -> Self {
+        match r {
+            Reply::Logits(l) => Self::Logits(l),
+            Reply::Sampled(s) => Self::Sampled(s),
+        }
+    }
+}
 
 /// What one step produced, per sampled sequence.
 pub(crate) struct StepOutput {
     pub sampled: Vec<(SeqId, Result<SampledToken, String>)>,
 }
 
+/// Where the model runs: on the engine thread, or on a worker thread (the CPU's test mode of
+/// the overlapped loop).
+enum Model<B: Backend> {
+    Inline(Box<RankGroup<B>>),
+    Worker(ForwardWorker),
+}
+
 pub(crate) struct ModelRunner<B: Backend> {
-    model: RankGroup<B>,
+    model: Model<B>,
+    /// Each sequence's last sampled id: the input of its run-ahead decode (overlapped loop).
+    last_sampled: HashMap<SeqId, u32>,
     samplers: HashMap<SeqId, SequenceSampler>,
     scratch: SamplingScratch,
     batch: ForwardBatch,
+    /// The sampled sequences' rows, when the device samples.
+    rows: SamplingBatch,
     /// Test-only: per sequence, a fault and the samples left before it fires.
     #[cfg(feature = "fault-injection")]
     faults: HashMap<SeqId, (super::fault::Fault, usize)>,
@@ -31,18 +66,34 @@ pub(crate) struct ModelRunner<B: Backend> {
 
 impl<B: Backend> ModelRunner<B> {
     pub fn new(model: RankGroup<B>) -> Self {
+        Self::with_model(Model::Inline(Box::new(model)))
+    }
+
+    /// The model runs on a worker thread: `submit` returns at once.
+    pub fn on_worker_thread(model: RankGroup<B>) -> Result<Self, crate::model::ModelError> {
+        Ok(Self::with_model(Model::Worker(ForwardWorker::start(
+            model,
+        )?)))
+    }
+
+    fn with_model(model: Model<B>) -> Self {
         Self {
             model,
+            last_sampled: HashMap::new(),
             samplers: HashMap::new(),
             scratch: SamplingScratch::default(),
             batch: ForwardBatch::default(),
+            rows: SamplingBatch::default(),
             #[cfg(feature = "fault-injection")]
             faults: HashMap::new(),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.model.lead().config.vocab_size
+        match &self.model {
+            Model::Inline(m) => m.lead().config.vocab_size,
+            Model::Worker(w) => w.vocab_size,
+        }
     }
 
     pub fn add_seq(&mut self, seq_id: SeqId, sampler: SequenceSampler) {
@@ -51,6 +102,7 @@ impl<B: Backend> ModelRunner<B> {
 
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.samplers.remove(&seq_id);
+        self.last_sampled.remove(&seq_id);
         #[cfg(feature = "fault-injection")]
         self.faults.remove(&seq_id);
     }
@@ -80,7 +132,18 @@ impl<B: Backend> ModelRunner<B> {
         b.seqs.clear();
         for s in &plan.seqs {
             let query_start = b.token_ids.len();
-            b.token_ids.extend_from_slice(&s.token_ids);
+            if s.run_ahead {
+                // The token its previous step sampled. None only if that step failed for the
+                // sequence, which then ends: this row's output is never used.
+                let token = self
+                    .last_sampled
+                    .get(&s.seq_id)
+                    .copied()
+                    .unwrap_or_default();
+                b.token_ids.push(token);
+            } else {
+                b.token_ids.extend_from_slice(&s.token_ids);
+            }
             for p in s.start..s.end {
                 b.positions.push(p as u32);
                 let block = s.block_table[p / block_size];
@@ -102,39 +165,117 @@ impl<B: Backend> ModelRunner<B> {
     /// Steps the model can hold in flight (its pipeline stages); the engine may `submit` that
     /// many plans before it `collect`s the first.
     pub fn max_in_flight(&self) -> usize {
-        self.model.max_in_flight()
+        match &self.model {
+            Model::Inline(m) => m.max_in_flight(),
+            Model::Worker(_) => 1,
+        }
     }
 
     /// Starts `plan` on every rank (with more than one stage, returns before it is done).
     pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), String> {
         self.build_batch(plan, block_size);
-        self.model
-            .submit(&self.batch, &plan.block_copies)
-            .map_err(|e| format!("the forward pass failed: {e}"))
+        let submitted = match &mut self.model {
+            Model::Inline(m) => m.submit(&self.batch, &plan.block_copies),
+            Model::Worker(w) => w.submit(&self.batch, &plan.block_copies),
+        };
+        submitted.map_err(|e| format!("the forward pass failed: {e}"))
     }
 
-    /// Waits for the oldest submitted step (`submitted` is what `submit` returned for it) and
-    /// returns its logits, `[sampled rows, vocab]`.
-    pub fn collect_logits(&mut self, submitted: Result<(), String>) -> Result<Vec<f32>, String> {
-        submitted.and_then(|()| {
-            self.model
-                .collect()
-                .map_err(|e| format!("the forward pass failed: {e}"))
-        })
+    /// Waits for the oldest submitted step (`submitted` is what `submit` returned for it).
+    /// Where the backend samples on the device, samples it there (one row per sequence `plan`
+    /// samples) and returns the ids; otherwise returns the logits, `[sampled rows, vocab]`.
+    pub fn collect(
+        &mut self,
+        plan: &StepPlan,
+        submitted: Result<(), String>,
+    ) -> Result<Collected, String> {
+        submitted?;
+        let failed = |e| format!("the forward pass failed: {e}");
+        let on_device = match &self.model {
+            Model::Inline(m) => m.samples_on_device(),
+            Model::Worker(w) => w.samples_on_device,
+        };
+        if !on_device {
+            return match &mut self.model {
+                Model::Inline(m) => m.collect().map(Collected::Logits),
+                Model::Worker(w) => w.collect(None).map(Collected::from),
+            }
+            .map_err(failed);
+        }
+        self.rows.clear();
+        for s in plan.seqs.iter().filter(|s| s.sample) {
+            match self.samplers.get(&s.seq_id) {
+                Some(sampler) => sampler.row(&mut self.rows),
+                // A placeholder row keeps the others aligned; `sample` fails this sequence.
+                None => self.rows.push(&RowParams::default(), &[], &[]),
+            }
+        }
+        match &mut self.model {
+            Model::Inline(m) => m.collect_sampled(&self.rows).map(Collected::Sampled),
+            Model::Worker(w) => w.collect(Some(&self.rows)).map(Collected::from),
+        }
+        .map_err(failed)
     }
 
-    /// Samples a token for each sequence `plan` asks to sample, from the logits its step
-    /// returned (or fails them all with the step's error).
-    pub fn sample(&mut self, plan: &StepPlan, logits: Result<Vec<f32>, String>) -> StepOutput {
-        let logits = match logits {
-            Ok(logits) => logits,
+    /// A token for each sequence `plan` asks to sample, from what its step returned (or
+    /// fails them all with the step's error).
+    pub fn sample(&mut self, plan: &StepPlan, collected: Result<Collected, String>) -> StepOutput {
+        match collected {
+            Ok(Collected::Logits(logits)) => self.sample_on_host(plan, logits),
+            Ok(Collected::Sampled(rows)) => self.take_sampled(plan, rows),
             Err(msg) => {
                 let sampled = plan.seqs.iter().filter(|s| s.sample);
-                return StepOutput {
+                StepOutput {
                     sampled: sampled.map(|s| (s.seq_id, Err(msg.clone()))).collect(),
-                };
+                }
             }
-        };
+        }
+    }
+
+    /// Records the ids the device sampled with their sequences' samplers.
+    fn take_sampled(&mut self, plan: &StepPlan, rows: Vec<SampledRow>) -> StepOutput {
+        let vocab = self.vocab_size();
+        let mut rows = rows.into_iter();
+        let mut sampled = Vec::with_capacity(plan.seqs.len());
+        for s in plan.seqs.iter().filter(|s| s.sample) {
+            let Some(row) = rows.next() else {
+                sampled.push((s.seq_id, Err("the device returned too few rows".into())));
+                continue;
+            };
+            #[allow(unused_mut)]
+            let mut token_id = row.token_id;
+            #[cfg(feature = "fault-injection")]
+            if self.due_fault(s.seq_id) == Some(super::fault::Fault::BadToken) {
+                token_id = vocab as u32;
+            }
+            let result = match self.samplers.get_mut(&s.seq_id) {
+                None => Err(format!("no sampler for sequence {}", s.seq_id)),
+                // A NaN or +inf logit makes the row's log-sum-exp, so its logprob, NaN.
+                Some(_) if row.logprob.is_nan() => {
+                    Err("the model produced non-finite logits for this sequence".into())
+                }
+                Some(_) if token_id as usize >= vocab => Err(format!(
+                    "sampled token {token_id} is outside the vocabulary"
+                )),
+                Some(sampler) => {
+                    sampler.observe(token_id);
+                    Ok(SampledToken {
+                        token_id,
+                        logprob: row.logprob,
+                        top_logprobs: row.top_logprobs,
+                    })
+                }
+            };
+            if let Ok(t) = &result {
+                self.last_sampled.insert(s.seq_id, t.token_id);
+            }
+            sampled.push((s.seq_id, result));
+        }
+        StepOutput { sampled }
+    }
+
+    /// Samples on the host, per sequence, from the step's logits.
+    fn sample_on_host(&mut self, plan: &StepPlan, logits: Vec<f32>) -> StepOutput {
         let vocab = self.vocab_size();
         let mut sampled = Vec::with_capacity(plan.seqs.len());
         let mut rows = logits.chunks_exact(vocab);
@@ -178,6 +319,9 @@ impl<B: Backend> ModelRunner<B> {
                     }
                 }
             };
+            if let Ok(t) = &result {
+                self.last_sampled.insert(s.seq_id, t.token_id);
+            }
             sampled.push((s.seq_id, result));
         }
         StepOutput { sampled }

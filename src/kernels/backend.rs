@@ -10,6 +10,7 @@
 //! tensor-parallel ranks is a matter of which rows or columns the loader hands over.
 
 use super::host::HostTensor;
+use super::sampling::{SampledRow, SamplingBatch};
 use super::KernelError;
 
 /// The geometry of the paged KV cache, shared by every layer.
@@ -164,4 +165,26 @@ pub trait Backend: Send + Sync + 'static {
     /// Called after the LM head of a step whose ops were issued: ends a recording (and runs
     /// it) and drops any padding rows from `logits`.
     fn end_step_ops(&self, _step: &Self::Step, _logits: &mut Self::Tensor) {}
+
+    /// Whether `sample` runs on this device. When false, the caller downloads the logits
+    /// (`to_host`) and samples on the host with its per-sequence samplers (the CPU: its
+    /// sampler is tuned for the host and keeps its own generators).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Samples one token per row of `logits` (`[rows.len(), vocab]`, the LM head's output)
+    /// with `rows`' parameters, where the logits are: only ids and the requested logprobs
+    /// cross to the host. A NaN row gives a NaN `logprob`.
+    fn sample(
+        &self,
+        logits: &Self::Tensor,
+        rows: &SamplingBatch,
+    ) -> Result<Vec<SampledRow>, KernelError> {
+        let _ = (logits, rows);
+        Err(KernelError::Unsupported(format!(
+            "{} does not sample on the device",
+            self.describe()
+        )))
+    }
 }

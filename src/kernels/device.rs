@@ -108,6 +108,8 @@ pub struct BackendOptions {
     pub cpu_threads: usize,
     /// F16 for f16 and GGUF models, BF16 for bf16 ones.
     pub gpu_kv_dtype: GpuKvDType,
+    /// Decode steps as captured CUDA graphs (off: `--enforce-eager`).
+    pub cuda_graphs: bool,
 }
 
 /// Builds `device`'s backend and runs `work` on it.
@@ -140,15 +142,20 @@ fn run_cuda<W: WithBackend>(
     opts: BackendOptions,
     work: W,
 ) -> Result<W::Output, DeviceError> {
-    use crate::kernels::cuda::{CudaBackend, KvDType};
+    use crate::kernels::cuda::{CudaBackend, CudaOptions, KvDType};
     let kv = match opts.gpu_kv_dtype {
         GpuKvDType::F16 => KvDType::F16,
         GpuKvDType::BF16 => KvDType::BF16,
     };
-    let backend = CudaBackend::new(index, kv).map_err(|e| DeviceError::Unavailable {
-        requested: Device::Cuda(index).to_string(),
-        why: e.to_string(),
-    })?;
+    let options = CudaOptions {
+        cuda_graphs: opts.cuda_graphs,
+        ..CudaOptions::new(kv)
+    };
+    let backend =
+        CudaBackend::with_options(index, options).map_err(|e| DeviceError::Unavailable {
+            requested: Device::Cuda(index).to_string(),
+            why: e.to_string(),
+        })?;
     tracing::info!("cuda:{index}: {}", backend.describe());
     Ok(work.run(backend))
 }
@@ -168,6 +175,7 @@ mod tests {
     const OPTS: BackendOptions = BackendOptions {
         cpu_threads: 1,
         gpu_kv_dtype: GpuKvDType::BF16,
+        cuda_graphs: true,
     };
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Llama-family forward pass, written once against `Backend`.
 //!
 //! One call runs every token of a `ForwardBatch` (prefill chunks and decode tokens of many
-//! sequences alike) through all layers and returns the logits of the rows the batch asks for.
+//! sequences alike) through all layers and returns the logits of the rows the batch asks for
+//! (`forward_logits` leaves them on the device, for the backend to sample there).
 //!
 //! ```text
 //! x = embed(ids)
@@ -70,6 +71,18 @@ pub struct Llama<B: Backend> {
     local_batch: ForwardBatch,
     /// Gathered activations (`TpMode::Gather`) and logits.
     gathered: B::Tensor,
+    /// Which buffer holds the last pass's logits.
+    logits_at: LogitsAt,
+}
+
+/// Where the last forward pass left its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogitsAt {
+    Nowhere,
+    /// `buffers.logits` (one TP rank).
+    Logits,
+    /// `gathered` (the TP ranks' vocabulary columns joined).
+    Gathered,
 }
 
 /// The whole model's shard: one rank, every layer.
@@ -299,6 +312,7 @@ impl<B: Backend> Llama<B> {
             comm,
             local_batch: ForwardBatch::default(),
             gathered,
+            logits_at: LogitsAt::Nowhere,
         })
     }
 
@@ -345,6 +359,30 @@ impl<B: Backend> Llama<B> {
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_logits(batch, kv)?;
+        Ok(self
+            .logits()
+            .map_or_else(Vec::new, |t| self.backend.to_host(t)))
+    }
+
+    /// The logits of the last forward pass where the backend left them (`[rows, vocab]`),
+    /// until the next pass: `None` on earlier stages or when no row asked for logits.
+    pub fn logits(&self) -> Option<&B::Tensor> {
+        match self.logits_at {
+            LogitsAt::Nowhere => None,
+            LogitsAt::Logits => Some(&self.buffers.logits),
+            LogitsAt::Gathered => Some(&self.gathered),
+        }
+    }
+
+    /// `forward_rank` without the download: the logits stay on the device (`logits()`), so
+    /// the backend can sample them there.
+    pub fn forward_logits(
+        &mut self,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+    ) -> Result<(), ModelError> {
+        self.logits_at = LogitsAt::Nowhere;
         let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
         let be = &self.backend;
         let comm = &mut self.comm;
@@ -367,7 +405,8 @@ impl<B: Backend> Llama<B> {
         // CUDA graphs (one rank only: collectives are not recorded): a replay skips the ops.
         let solo = self.shard.tp_size == 1 && self.shard.pp_size == 1;
         if solo && be.begin_step_ops(&step, kv, &mut b.logits) {
-            return Ok(be.to_host(&b.logits));
+            self.logits_at = LogitsAt::Logits;
+            return Ok(());
         }
         let first_stage = match &self.embed {
             Some(embed) => {
@@ -412,10 +451,10 @@ impl<B: Backend> Llama<B> {
         let Some((norm, lm_head)) = &self.head else {
             comm.send_next(be, &b.residual).map_err(comm_err)?;
             comm.send_next(be, &b.delta).map_err(comm_err)?;
-            return Ok(Vec::new());
+            return Ok(());
         };
         if batch.logits_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         be.add_rms_norm(&mut b.residual, &b.delta, norm, eps, &mut b.normed);
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
@@ -424,10 +463,12 @@ impl<B: Backend> Llama<B> {
             be.end_step_ops(&step, &mut b.logits);
         }
         if self.shard.tp_size == 1 {
-            return Ok(be.to_host(&b.logits));
+            self.logits_at = LogitsAt::Logits;
+            return Ok(());
         }
         comm.all_gather_cols(be, &b.logits, g).map_err(comm_err)?;
-        Ok(be.to_host(g))
+        self.logits_at = LogitsAt::Gathered;
+        Ok(())
     }
 
     /// Marks this rank's group broken (after a failed or abandoned step), so that peers

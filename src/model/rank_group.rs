@@ -12,7 +12,9 @@
 //! micro-batch while later stages work: up to `pp` steps are in flight, and `collect` returns
 //! their logits in submission order (from the last stage's first TP rank, over a channel).
 //!
-//! A group of one rank spawns nothing: the same code as a plain `Llama`.
+//! A group of one rank spawns nothing: the same code as a plain `Llama`. If its backend
+//! samples on the device, a step's logits stay there and `collect_sampled` returns only the
+//! sampled ids (and requested logprobs); otherwise `collect` returns the logits.
 //! After any failure the group is broken (its communicators are aborted so no rank waits
 //! forever) and every later call returns an error.
 
@@ -23,6 +25,7 @@ use std::thread::JoinHandle;
 use super::config::ModelConfig;
 use super::llama::Llama;
 use super::ModelError;
+use crate::kernels::sampling::{SampledRow, SamplingBatch};
 use crate::kernels::{Backend, ForwardBatch};
 
 /// Loaded ranks, in rank order (`stage * tp_size + tp_rank`), before they start.
@@ -54,6 +57,13 @@ struct Worker {
 
 type LogitsResult = Result<Vec<f32>, String>;
 
+/// A step the lead ran itself (one stage): its logits on the host, or left on the device in
+/// the lead's buffers (a group of one rank whose backend samples: see `samples_on_device`).
+enum Ready {
+    Host(Vec<f32>),
+    OnDevice,
+}
+
 pub struct RankGroup<B: Backend> {
     lead: Llama<B>,
     lead_kv: B::KvCache,
@@ -61,7 +71,7 @@ pub struct RankGroup<B: Backend> {
     /// Logits from the last stage's first TP rank (more than one stage).
     logits_rx: Option<flume::Receiver<LogitsResult>>,
     /// Logits the lead computed itself (one stage), oldest first.
-    ready: VecDeque<Vec<f32>>,
+    ready: VecDeque<Ready>,
     in_flight: usize,
     pp_size: usize,
     broken: bool,
@@ -134,6 +144,13 @@ impl<B: Backend> RankGroup<B> {
         self.in_flight
     }
 
+    /// Whether steps keep their logits on the device and `collect_sampled` samples them
+    /// there: one rank, one stage, a backend that samples. Otherwise `collect` returns the
+    /// logits on the host.
+    pub fn samples_on_device(&self) -> bool {
+        self.workers.is_empty() && self.pp_size == 1 && self.lead.backend().samples_on_device()
+    }
+
     fn fail(&mut self, e: ModelError) -> ModelError {
         self.broken = true;
         self.lead.abort();
@@ -173,10 +190,17 @@ impl<B: Backend> RankGroup<B> {
         // Marked broken until the lead's part is done: if it panics, the group stays broken.
         self.broken = true;
         self.lead.copy_blocks(&mut self.lead_kv, block_copies);
-        match self.lead.forward_rank(batch, &mut self.lead_kv) {
-            Ok(logits) => {
-                if self.pp_size == 1 {
-                    self.ready.push_back(logits);
+        let ran = if self.samples_on_device() {
+            let ran = self.lead.forward_logits(batch, &mut self.lead_kv);
+            ran.map(|()| Some(Ready::OnDevice))
+        } else {
+            let ran = self.lead.forward_rank(batch, &mut self.lead_kv);
+            ran.map(|logits| (self.pp_size == 1).then_some(Ready::Host(logits)))
+        };
+        match ran {
+            Ok(ready) => {
+                if let Some(r) = ready {
+                    self.ready.push_back(r);
                 }
                 self.broken = false;
                 self.in_flight += 1;
@@ -193,7 +217,14 @@ impl<B: Backend> RankGroup<B> {
         }
         self.in_flight -= 1;
         let got = match &self.logits_rx {
-            None => self.ready.pop_front().ok_or_else(broken_error),
+            None => match self.ready.pop_front() {
+                Some(Ready::Host(logits)) => Ok(logits),
+                Some(Ready::OnDevice) => {
+                    let be = self.lead.backend();
+                    Ok(self.lead.logits().map_or_else(Vec::new, |t| be.to_host(t)))
+                }
+                None => Err(broken_error()),
+            },
             Some(rx) => match rx.recv() {
                 Ok(Ok(logits)) => Ok(logits),
                 Ok(Err(e)) => Err(ModelError::Parallel(e)),
@@ -201,6 +232,34 @@ impl<B: Backend> RankGroup<B> {
                     "the last pipeline stage has stopped".into(),
                 )),
             },
+        };
+        got.map_err(|e| self.fail(e))
+    }
+
+    /// Samples the oldest step in flight where its logits are (`samples_on_device`), one
+    /// row per `rows` row; only the ids and the asked-for logprobs cross to the host.
+    pub fn collect_sampled(&mut self, rows: &SamplingBatch) -> Result<Vec<SampledRow>, ModelError> {
+        if self.in_flight == 0 {
+            return Err(ModelError::Parallel("no step in flight".into()));
+        }
+        self.in_flight -= 1;
+        let got = match self.ready.pop_front() {
+            Some(Ready::OnDevice) if rows.is_empty() => Ok(Vec::new()),
+            Some(Ready::OnDevice) => match self.lead.logits() {
+                Some(t) => self
+                    .lead
+                    .backend()
+                    .sample(t, rows)
+                    .map_err(|e| ModelError::Invalid(format!("sampling: {e}"))),
+                None => Err(ModelError::Invalid(format!(
+                    "{} sampling rows, but the step produced no logits",
+                    rows.len()
+                ))),
+            },
+            Some(Ready::Host(_)) => Err(ModelError::Invalid(
+                "collect_sampled: this step's logits are on the host".into(),
+            )),
+            None => Err(broken_error()),
         };
         got.map_err(|e| self.fail(e))
     }

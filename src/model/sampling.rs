@@ -3,6 +3,10 @@
 //! top-k, top-p and min-p, from a per-sequence seeded generator, so that a seed gives the same
 //! tokens whatever else shares the batch. Logprobs are those of the model's own distribution
 //! (log-softmax of the raw logits), as vLLM reports by default.
+//!
+//! On a backend that samples on the device, a sampler only describes its row
+//! (`SequenceSampler::row`) and `observe`s the id that comes back; the draw is the device's
+//! counter-based one (`kernels::sampling`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::kernels::cpu::ops::{self, softmax_weights};
+use crate::kernels::sampling::{PenaltyToken, RowParams, SamplingBatch};
 
 /// Below this temperature sampling is greedy.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
@@ -82,6 +87,9 @@ pub struct SampledToken {
 pub struct SequenceSampler {
     pub params: SamplingParams,
     rng: ChaCha8Rng,
+    /// The seed of the device's counter-based draw (`row`): the request's seed mixed with
+    /// the stream, or a random one.
+    device_seed: u64,
     prompt_tokens: HashSet<u32>,
     output_counts: HashMap<u32, u32>,
     num_generated: usize,
@@ -102,6 +110,11 @@ impl SequenceSampler {
             }
             None => ChaCha8Rng::from_os_rng(),
         };
+        let device_seed = match params.seed {
+            // Distinct per stream; the draw mixes it again with its counter.
+            Some(seed) => seed.wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            None => rand::random(),
+        };
         let prompt_tokens = if params.repetition_penalty != 1.0 {
             prompt.iter().copied().collect()
         } else {
@@ -110,6 +123,7 @@ impl SequenceSampler {
         Self {
             params,
             rng,
+            device_seed,
             prompt_tokens,
             output_counts: HashMap::new(),
             num_generated: 0,
@@ -128,6 +142,55 @@ impl SequenceSampler {
     pub fn observe(&mut self, token: u32) {
         *self.output_counts.entry(token).or_default() += 1;
         self.num_generated += 1;
+    }
+
+    /// Appends this sequence's row to a device sampling batch (`Backend::sample`): its
+    /// parameters, the draw's counter (tokens generated so far), each token a penalty looks
+    /// at once, the logit bias and, under `min_tokens`, the suppressed ids as `-inf`. The
+    /// device's draw is not this sampler's generator: a seed gives other tokens than on the
+    /// host (the same distribution). Call `observe` with the sampled token.
+    pub fn row(&self, out: &mut SamplingBatch) {
+        let p = &self.params;
+        let row = RowParams {
+            seed: self.device_seed,
+            counter: self.num_generated as u64,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            num_top_logprobs: p.logprobs.unwrap_or(0),
+        };
+        let counts = &self.output_counts;
+        // `prompt_tokens` is empty unless a repetition penalty is set; the output tokens
+        // matter to every penalty.
+        let any_penalty =
+            p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let outputs = counts
+            .iter()
+            .filter(|_| any_penalty)
+            .map(|(&t, &n)| PenaltyToken {
+                token_id: t,
+                count: n,
+                in_prompt: self.prompt_tokens.contains(&t),
+            });
+        let prompt_only = self
+            .prompt_tokens
+            .iter()
+            .filter(|t| !counts.contains_key(t))
+            .map(|&t| PenaltyToken {
+                token_id: t,
+                count: 0,
+                in_prompt: true,
+            });
+        let suppressed = (self.num_generated < self.suppress_until)
+            .then_some(self.suppressed.iter().map(|&t| (t, f32::NEG_INFINITY)))
+            .into_iter()
+            .flatten();
+        let bias = p.logit_bias.iter().copied().chain(suppressed);
+        out.push_row(&row, outputs.chain(prompt_only), bias);
     }
 
     /// Samples the next token from `logits` (one row, modified in place), and records it.
@@ -482,5 +545,59 @@ mod tests {
         );
         // 3.0 / 2 = 1.5 < 2.5.
         assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
+    }
+
+    #[test]
+    fn a_device_row_describes_the_same_processors() {
+        use crate::kernels::sampling_reference;
+        // Greedy after every processor: the reference over `row` picks what `sample` picks,
+        // with the same logprob.
+        let raw: Vec<f32> = (0..64)
+            .map(|i| ((i * 37) % 23) as f32 * 0.25 - 2.0)
+            .collect();
+        let params = SamplingParams {
+            repetition_penalty: 1.7,
+            presence_penalty: 0.3,
+            frequency_penalty: 0.4,
+            logit_bias: vec![(5, 0.7), (9, -0.2), (5, 0.1)],
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
+        let mut host = SequenceSampler::new(params.clone(), &[1, 2, 3, 40, 3], 0);
+        host.suppress_until(vec![11, 12], 4);
+        let mut scratch = SamplingScratch::default();
+        for step in 0..8 {
+            let mut batch = SamplingBatch::default();
+            host.row(&mut batch);
+            assert_eq!(batch.rows[0].counter, step);
+            let device = sampling_reference::sample_rows(&raw, raw.len(), &batch);
+            let want = host.sample(&mut raw.clone(), &mut scratch);
+            assert_eq!(device[0].token_id, want.token_id, "step {step}");
+            assert!((device[0].logprob - want.logprob).abs() < 1e-5);
+            assert_eq!(device[0].top_logprobs.len(), 2);
+            let suppressed = batch.bias_ids.iter().filter(|&&t| t == 11).count();
+            assert_eq!(suppressed, usize::from(step < 4), "step {step}");
+        }
+        // No penalty: no penalty list, whatever was generated.
+        let mut plain = SequenceSampler::new(SamplingParams::greedy(), &[1, 2], 0);
+        plain.observe(7);
+        let mut batch = SamplingBatch::default();
+        plain.row(&mut batch);
+        assert!(batch.penalty_ids.is_empty());
+    }
+
+    #[test]
+    fn device_seeds_replay_and_differ_per_stream() {
+        let p = SamplingParams {
+            seed: Some(3),
+            ..SamplingParams::default()
+        };
+        let seed = |stream| {
+            let mut b = SamplingBatch::default();
+            SequenceSampler::new(p.clone(), &[], stream).row(&mut b);
+            b.rows[0].seed
+        };
+        assert_eq!(seed(0), seed(0));
+        assert_ne!(seed(0), seed(1));
     }
 }

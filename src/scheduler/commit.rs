@@ -19,10 +19,18 @@ impl Scheduler {
     ) -> Result<(), SchedulerError> {
         let samples = self.check_commit(plan, sampled)?;
         for entry in &plan.seqs {
-            self.in_flight.remove(&entry.seq_id);
+            if let Some(n) = self.in_flight.get_mut(&entry.seq_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&entry.seq_id);
+                }
+            }
             let Some(seq) = self.seqs.get_mut(&entry.seq_id) else {
                 continue;
             };
+            if self.run_ahead && entry.sample {
+                seq.num_pending_samples = seq.num_pending_samples.saturating_sub(1);
+            }
             let num_prompt = entry
                 .end
                 .min(seq.num_prompt_tokens)
@@ -77,7 +85,12 @@ impl Scheduler {
             let Some(seq) = self.seqs.get(&entry.seq_id) else {
                 continue;
             };
-            let stale = seq.last_scheduled_step != plan.step_id
+            // Running ahead, the sequence may be in a newer step too.
+            let moved_on = match self.run_ahead {
+                true => seq.last_scheduled_step < plan.step_id,
+                false => seq.last_scheduled_step != plan.step_id,
+            };
+            let stale = moved_on
                 || seq.num_computed_tokens != entry.start
                 || entry.end > seq.num_tokens()
                 || entry.end < entry.start;

@@ -33,6 +33,15 @@
 //! then be committed in any order after their step; with `m == 1` (the default) a plan must be
 //! committed before the next `schedule`, as always.
 //!
+//! **Running ahead** (`set_run_ahead`, the overlapped engine loop on one device): while one
+//! step is in flight, the next may give each sequence that step samples one more decode
+//! token, whose id is not known yet (`ScheduledSeq::run_ahead`: the runner takes it from the
+//! step in flight's output). Plans still commit oldest first. If the sequence finishes at
+//! the older step, it is removed and the run-ahead entry is skipped at commit: its token is
+//! never appended, and its slot goes back with the sequence's blocks. A run-ahead decode
+//! never preempts (it waits for the commit instead) and a sequence in flight is never a
+//! victim.
+//!
 //! **n > 1** (`add_group`): the first sequence computes the prompt up to its last token; then
 //! the others are forked from it (blocks shared copy-on-write), and each computes the last
 //! prompt token itself and samples its own first token. The prompt is computed once, plus
@@ -43,6 +52,8 @@ pub mod config;
 #[cfg(test)]
 mod in_flight_tests;
 pub mod plan;
+#[cfg(test)]
+mod run_ahead_tests;
 mod schedule;
 mod sequence;
 #[cfg(test)]
@@ -53,7 +64,7 @@ use std::collections::BTreeMap;
 pub use self::config::SchedulerConfig;
 pub use self::plan::{ScheduledSeq, SeqStats, StepPlan};
 use self::sequence::{SeqKey, Sequence};
-use crate::kv_cache::hash::{FastMap, FastSet};
+use crate::kv_cache::hash::FastMap;
 pub use crate::kv_cache::SeqId;
 use crate::kv_cache::{CacheConfig, KvCacheError, KvCacheManager, PrefixCacheStats};
 
@@ -123,8 +134,11 @@ pub struct Scheduler {
     counters: SchedulerCounters,
     /// Steps that may be scheduled before their predecessors are committed.
     max_in_flight: usize,
-    /// Sequences in a scheduled, uncommitted step (only tracked when `max_in_flight > 1`).
-    in_flight: FastSet<SeqId>,
+    /// Sequences in scheduled, uncommitted steps, with how many such steps hold each (only
+    /// tracked when `max_in_flight > 1`; more than one only with `run_ahead`).
+    in_flight: FastMap<SeqId, u32>,
+    /// Decodes run one step ahead (see the module docs).
+    run_ahead: bool,
 }
 
 impl Scheduler {
@@ -141,7 +155,8 @@ impl Scheduler {
             step_id: 0,
             counters: SchedulerCounters::default(),
             max_in_flight: 1,
-            in_flight: FastSet::default(),
+            in_flight: FastMap::default(),
+            run_ahead: false,
         })
     }
 
@@ -219,7 +234,18 @@ impl Scheduler {
 
     /// Whether `seq_id` is in a step scheduled but not committed yet.
     pub fn is_in_flight(&self, seq_id: SeqId) -> bool {
-        self.in_flight.contains(&seq_id)
+        self.in_flight.contains_key(&seq_id)
+    }
+
+    /// Runs decodes one step ahead: a sequence that the one step in flight samples may be
+    /// scheduled again before that step is committed, for one token whose id is the one the
+    /// step in flight samples (`ScheduledSeq::run_ahead`). At most one step is in flight when
+    /// `schedule` is called; its plan is committed before the run-ahead one.
+    pub fn set_run_ahead(&mut self, on: bool) {
+        self.run_ahead = on;
+        if on {
+            self.max_in_flight = self.max_in_flight.max(2);
+        }
     }
 
     pub fn config(&self) -> &SchedulerConfig {

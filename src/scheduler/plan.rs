@@ -36,13 +36,17 @@ pub struct ScheduledSeq {
     pub start: usize,
     /// One past the last position computed this step.
     pub end: usize,
-    /// Tokens at positions `start..end`.
+    /// Tokens at positions `start..end`; empty for a run-ahead decode.
     pub token_ids: Vec<u32>,
     /// The sequence's block table, covering positions `0..end`; the slot of position `p` is
     /// `block_table[p / block_size] * block_size + p % block_size`.
     pub block_table: Vec<BlockId>,
     /// The step ends at the last known token: sample one token for this sequence.
     pub sample: bool,
+    /// A decode of the token that the step in flight samples for this sequence (one token at
+    /// `start`, the sequence's length once that token is appended): its id is not known when
+    /// the plan is made, and the runner takes it from that step's output.
+    pub run_ahead: bool,
 }
 
 impl ScheduledSeq {

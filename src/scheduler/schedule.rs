@@ -62,6 +62,11 @@ impl Scheduler {
                 i += 1;
                 continue;
             };
+            if pass == Pass::Decode && self.can_run_ahead(seq_id, step.step_id) {
+                self.schedule_run_ahead(step, seq_id);
+                i += 1;
+                continue;
+            }
             let remaining = seq.num_remaining();
             let wanted = match pass {
                 Pass::Decode => remaining == 1,
@@ -69,7 +74,7 @@ impl Scheduler {
             };
             if !wanted
                 || seq.last_scheduled_step == step.step_id
-                || self.in_flight.contains(&seq_id)
+                || self.in_flight.contains_key(&seq_id)
             {
                 i += 1;
                 continue;
@@ -105,6 +110,33 @@ impl Scheduler {
                     break;
                 }
             }
+        }
+    }
+
+    /// In flight in exactly one step, which samples it (so its next token is on the way), and
+    /// not scheduled yet in this one.
+    fn can_run_ahead(&self, seq_id: SeqId, step_id: u64) -> bool {
+        self.run_ahead
+            && self.in_flight.get(&seq_id) == Some(&1)
+            && self.seqs.get(&seq_id).is_some_and(|s| {
+                s.num_pending_samples == 1
+                    && s.fork_children.is_empty()
+                    && s.last_scheduled_step != step_id
+            })
+    }
+
+    /// One decode at the position of the token in flight, if its slot can be had without
+    /// preempting anybody (else the sequence waits for the commit, as without running ahead).
+    fn schedule_run_ahead(&mut self, step: &mut StepBuilder, seq_id: SeqId) {
+        let Some(seq) = self.seqs.get(&seq_id) else {
+            return;
+        };
+        let start = seq.num_tokens();
+        if step.budget == 0 || self.kv.config().blocks_for(start + 1) > self.kv.num_blocks() {
+            return;
+        }
+        if let Some(copies) = self.kv.allocate_slots(seq_id, start, 1, None) {
+            self.mark_scheduled(step, seq_id, start, 1, copies);
         }
     }
 
@@ -200,9 +232,13 @@ impl Scheduler {
     ) {
         if let Some(seq) = self.seqs.get_mut(&seq_id) {
             seq.last_scheduled_step = step.step_id;
+            // Sampled: the step ends at the last known token, or runs ahead of it.
+            if self.run_ahead && start + num_new >= seq.num_tokens() {
+                seq.num_pending_samples += 1;
+            }
         }
         if self.max_in_flight > 1 {
-            self.in_flight.insert(seq_id);
+            *self.in_flight.entry(seq_id).or_default() += 1;
         }
         step.budget -= num_new;
         step.scheduled.push((seq_id, start, num_new));
@@ -214,7 +250,7 @@ impl Scheduler {
     fn last_unscheduled_after(&self, i: usize, step_id: u64) -> Option<usize> {
         (i + 1..self.running.len()).rev().find(|&j| {
             let seq_id = self.running[j].1;
-            !self.in_flight.contains(&seq_id)
+            !self.in_flight.contains_key(&seq_id)
                 && self
                     .seqs
                     .get(&seq_id)
@@ -226,7 +262,7 @@ impl Scheduler {
     fn last_preemptible(&self, i: usize) -> usize {
         (i..self.running.len())
             .rev()
-            .find(|&j| !self.in_flight.contains(&self.running[j].1))
+            .find(|&j| !self.in_flight.contains_key(&self.running[j].1))
             .unwrap_or(i)
     }
 
@@ -271,13 +307,18 @@ impl Scheduler {
             };
             let end = start + num_new;
             plan.num_batched_tokens += num_new;
+            let run_ahead = start >= seq.num_tokens();
             plan.seqs.push(ScheduledSeq {
                 seq_id,
                 start,
                 end,
-                token_ids: seq.token_ids[start..end].to_vec(),
+                token_ids: match run_ahead {
+                    true => Vec::new(),
+                    false => seq.token_ids[start..end].to_vec(),
+                },
                 block_table: table.to_vec(),
-                sample: end == seq.num_tokens(),
+                sample: end >= seq.num_tokens(),
+                run_ahead,
             });
         }
         plan

@@ -27,6 +27,8 @@ pub(crate) struct Sequence {
     pub admitted: bool,
     /// The last step that scheduled it (steps count from 1).
     pub last_scheduled_step: u64,
+    /// Steps in flight that sample it (`run_ahead` only).
+    pub num_pending_samples: u32,
 }
 
 impl Sequence {
@@ -41,6 +43,7 @@ impl Sequence {
             stats: SeqStats::default(),
             admitted: false,
             last_scheduled_step: 0,
+            num_pending_samples: 0,
         }
     }
 

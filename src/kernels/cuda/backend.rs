@@ -17,6 +17,7 @@ use super::graphs::DecodeGraphs;
 use super::step::{CudaStep, StepArena, StepLimits};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
+use crate::kernels::sampling::{SampledRow, SamplingBatch};
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
 
 /// Rows up to which a quantized matmul runs as GEMV (must match `GEMV_MAX_ROWS` in gemv.cu).
@@ -427,6 +428,18 @@ impl Backend for CudaBackend {
 
     fn copy_blocks(&self, kv: &mut CudaKvCache, copies: &[(u32, u32)]) {
         self.gpu.record(self.copy_blocks_impl(kv, copies));
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample(
+        &self,
+        logits: &CudaTensor,
+        rows: &SamplingBatch,
+    ) -> Result<Vec<SampledRow>, KernelError> {
+        self.sample_rows(logits, rows)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Vec<f32> {

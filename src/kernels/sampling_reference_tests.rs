@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::kernels::cuda::sampling::{PenaltyToken, RowParams};
+use crate::kernels::sampling::{PenaltyToken, RowParams};
 use crate::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
 
 const VOCAB: usize = 500;
