@@ -10,7 +10,8 @@ out=${1:-bench-results}
 mkdir -p "$out"
 bin=${SLUICE_BIN:-${CARGO_TARGET_DIR:-target}/release/sluice}
 port=18124
-"$bin" serve --port $port --served-model-name smollm2 --kv-cache-memory 1073741824 > "$out/serve.log" 2>&1 &
+# SLUICE_SERVE_ARGS: extra `sluice serve` flags (e.g. "--step-overlap worker-thread").
+"$bin" serve --port $port --served-model-name smollm2 --kv-cache-memory 1073741824 ${SLUICE_SERVE_ARGS:-} > "$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

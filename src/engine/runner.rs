@@ -55,7 +55,8 @@ pub(crate) struct ModelRunner<B: Backend> {
     /// Each sequence's last sampled id: the input of its run-ahead decode (overlapped loop).
     last_sampled: HashMap<SeqId, u32>,
     samplers: HashMap<SeqId, SequenceSampler>,
-    scratch: SamplingScratch,
+    /// Scratch of the parallel host sampler, one per row in flight (reused across steps).
+    scratches: Vec<SamplingScratch>,
     batch: ForwardBatch,
     /// The sampled sequences' rows, when the device samples.
     rows: SamplingBatch,
@@ -81,7 +82,7 @@ impl<B: Backend> ModelRunner<B> {
             model,
             last_sampled: HashMap::new(),
             samplers: HashMap::new(),
-            scratch: SamplingScratch::default(),
+            scratches: Vec::new(),
             batch: ForwardBatch::default(),
             rows: SamplingBatch::default(),
             #[cfg(feature = "fault-injection")]
@@ -274,56 +275,103 @@ impl<B: Backend> ModelRunner<B> {
         StepOutput { sampled }
     }
 
-    /// Samples on the host, per sequence, from the step's logits.
-    fn sample_on_host(&mut self, plan: &StepPlan, logits: Vec<f32>) -> StepOutput {
+    /// Samples on the host, per sequence, from the step's logits. The rows are independent
+    /// (each sequence has its own sampler and generator), so they run in parallel on the
+    /// backend's host threads: the CPU's pool is otherwise idle while the engine samples.
+    fn sample_on_host(&mut self, plan: &StepPlan, mut logits: Vec<f32>) -> StepOutput {
         let vocab = self.vocab_size();
-        let mut sampled = Vec::with_capacity(plan.seqs.len());
-        let mut rows = logits.chunks_exact(vocab);
-        let mut row_buf = Vec::new();
+        let mut rows = logits.chunks_exact_mut(vocab.max(1));
+        let mut jobs = Vec::with_capacity(plan.seqs.len());
+        let mut early = Vec::new();
         for s in plan.seqs.iter().filter(|s| s.sample) {
             let Some(row) = rows.next() else {
-                sampled.push((
+                early.push((
+                    jobs.len(),
                     s.seq_id,
-                    Err("the forward pass returned too few rows".into()),
+                    "the forward pass returned too few rows",
                 ));
                 continue;
             };
-            #[cfg(feature = "fault-injection")]
-            let fault = self.due_fault(s.seq_id);
-            row_buf.clear();
-            row_buf.extend_from_slice(row);
-            #[cfg(feature = "fault-injection")]
-            if let Some(f) = fault {
-                super::fault::corrupt_row(f, &mut row_buf);
-            }
-            let result = match self.samplers.get_mut(&s.seq_id) {
-                None => Err(format!("no sampler for sequence {}", s.seq_id)),
-                // NaN or +inf poisons softmax for this row only; the others sample as usual.
-                Some(_) if row_buf.iter().any(|x| x.is_nan() || *x == f32::INFINITY) => {
-                    Err("the model produced non-finite logits for this sequence".into())
-                }
-                Some(sampler) => {
-                    #[allow(unused_mut)]
-                    let mut t = sampler.sample(&mut row_buf, &mut self.scratch);
-                    #[cfg(feature = "fault-injection")]
-                    if fault == Some(super::fault::Fault::BadToken) {
-                        t.token_id = vocab as u32;
-                    }
-                    if (t.token_id as usize) < vocab {
-                        Ok(t)
-                    } else {
-                        Err(format!(
-                            "sampled token {} is outside the vocabulary",
-                            t.token_id
-                        ))
-                    }
-                }
+            let Some(sampler) = self.samplers.remove(&s.seq_id) else {
+                early.push((jobs.len(), s.seq_id, "no sampler for this sequence"));
+                continue;
             };
+            jobs.push(std::sync::Mutex::new(SampleJob {
+                seq_id: s.seq_id,
+                sampler,
+                row,
+                scratch: self.scratches.pop().unwrap_or_default(),
+                #[cfg(feature = "fault-injection")]
+                fault: self.due_fault(s.seq_id),
+                result: None,
+            }));
+        }
+        let run = |i: usize| {
+            let mut job = jobs[i].lock().unwrap_or_else(|e| e.into_inner());
+            job.run(vocab);
+        };
+        match &self.model {
+            Model::Inline(m) => m.lead().backend().host_parallel(jobs.len(), &run),
+            Model::Worker(_) => (0..jobs.len()).for_each(run),
+        }
+        let mut sampled = Vec::with_capacity(jobs.len() + early.len());
+        for job in jobs {
+            let job = job.into_inner().unwrap_or_else(|e| e.into_inner());
+            let result = job
+                .result
+                .unwrap_or_else(|| Err("the sampler did not run".into()));
             if let Ok(t) = &result {
-                self.last_sampled.insert(s.seq_id, t.token_id);
+                self.last_sampled.insert(job.seq_id, t.token_id);
             }
-            sampled.push((s.seq_id, result));
+            self.samplers.insert(job.seq_id, job.sampler);
+            self.scratches.push(job.scratch);
+            sampled.push((job.seq_id, result));
+        }
+        // Sequences that could not be sampled keep their place in plan order.
+        for (at, seq_id, why) in early.into_iter().rev() {
+            sampled.insert(at, (seq_id, Err(why.into())));
         }
         StepOutput { sampled }
+    }
+}
+
+/// One sequence's draw from its logits row, run on any thread.
+struct SampleJob<'a> {
+    seq_id: SeqId,
+    sampler: SequenceSampler,
+    row: &'a mut [f32],
+    scratch: SamplingScratch,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<super::fault::Fault>,
+    result: Option<Result<SampledToken, String>>,
+}
+
+impl SampleJob<'_> {
+    fn run(&mut self, vocab: usize) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = self.fault {
+            super::fault::corrupt_row(f, self.row);
+        }
+        // NaN or +inf poisons softmax for this row only; the others sample as usual.
+        if self.row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+            self.result = Some(Err(
+                "the model produced non-finite logits for this sequence".into(),
+            ));
+            return;
+        }
+        #[allow(unused_mut)]
+        let mut t = self.sampler.sample(self.row, &mut self.scratch);
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(super::fault::Fault::BadToken) {
+            t.token_id = vocab as u32;
+        }
+        self.result = Some(if (t.token_id as usize) < vocab {
+            Ok(t)
+        } else {
+            Err(format!(
+                "sampled token {} is outside the vocabulary",
+                t.token_id
+            ))
+        });
     }
 }

@@ -150,6 +150,13 @@ pub trait Backend: Send + Sync + 'static {
     /// The tensor's values on the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
 
+    /// Runs `f(i)` for every `i` in `0..tasks` on the backend's host threads (the CPU's
+    /// pool), or in order on the caller where the backend has none: for host work beside the
+    /// model, like sampling many rows.
+    fn host_parallel(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..tasks).for_each(f);
+    }
+
     /// Called by the model before issuing a step's ops (one rank only): `true` when the
     /// backend replayed a recorded copy of them (a CUDA graph) and `logits` already holds the
     /// step's logits, so the ops must not be issued. A backend may instead start recording.

@@ -219,4 +219,8 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
         x.data[..x.rows * x.cols].to_vec()
     }
+
+    fn host_parallel(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.pool.run(tasks, f);
+    }
 }
