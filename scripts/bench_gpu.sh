@@ -130,8 +130,12 @@ run_bench() {
 start_server() {
   local device=$1 port=$2 model=$3
   mkdir -p "$OUT"
+  # The KV budget is sized from host memory unless given: on a GPU give it (40 GB holds
+  # 300k tokens of the 8B shape's bf16 KV, beside 16 GB of weights on an 80 GB card).
+  local kv=()
+  [[ $device == cuda* ]] && kv=(--kv-cache-memory "${KV_CACHE_MEMORY:-40000000000}")
   "$BIN/sluice" serve --device "$device" --load-format dummy --model "$model" \
-    --served-model-name bench --port "$port" --max-num-seqs "$CONCURRENCY" \
+    --served-model-name bench --port "$port" --max-num-seqs "$CONCURRENCY" "${kv[@]}" \
     >"$OUT/serve.log" 2>&1 &
   server=$!
   trap 'kill $server 2>/dev/null || true' EXIT

@@ -33,8 +33,10 @@ struct Shared {
     /// The current job: `(epoch, job, num_tasks)`.
     job: Mutex<(u32, Option<JobRef>, usize)>,
     wake: Condvar,
-    /// Tasks of the current job completed.
+    /// Tasks of the current job completed (or panicked).
     done: AtomicUsize,
+    /// The first panic of the current job's tasks, re-raised on the caller by `run`.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     shutdown: AtomicBool,
 }
 
@@ -53,6 +55,7 @@ impl ThreadPool {
             job: Mutex::new((0, None, 0)),
             wake: Condvar::new(),
             done: AtomicUsize::new(0),
+            panic: Mutex::new(None),
             shutdown: AtomicBool::new(false),
         });
         let workers = (1..num_threads.max(1))
@@ -81,7 +84,8 @@ impl ThreadPool {
     }
 
     /// Runs `f(i)` for every `i` in `0..num_tasks`, spread over the pool; returns when all
-    /// are done.
+    /// are done. If a task panics, the others still run and the first panic is re-raised here,
+    /// on the caller (the pool's threads live on).
     pub fn run<F: Fn(usize) + Sync>(&self, num_tasks: usize, f: F) {
         if num_tasks == 0 {
             return;
@@ -117,6 +121,11 @@ impl ThreadPool {
                 std::thread::yield_now();
             }
         }
+        let panicked = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = panicked {
+            drop(epoch_guard);
+            std::panic::resume_unwind(p);
+        }
     }
 }
 
@@ -136,7 +145,12 @@ fn work_on(s: &Shared, epoch: u32, job: &Job, num_tasks: usize) {
             .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
-                job(i);
+                // A panicking task must still count as done, or `run` would wait forever and a
+                // worker thread would die; the caller re-raises it.
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(i))) {
+                    let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+                    slot.get_or_insert(p);
+                }
                 s.done.fetch_add(1, Ordering::AcqRel);
                 cur = s.claims.load(Ordering::Acquire);
             }
@@ -232,6 +246,29 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_and_the_pool_lives_on() {
+        let pool = ThreadPool::new(2);
+        for _ in 0..20 {
+            let ran = AtomicU64::new(0);
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(8, |i| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    if i == 5 {
+                        panic!("task 5");
+                    }
+                })
+            }));
+            assert!(got.is_err(), "the panic must reach the caller");
+            assert_eq!(ran.load(Ordering::Relaxed), 8, "the other tasks still run");
+        }
+        let total = AtomicU64::new(0);
+        pool.run(4, |i| {
+            total.fetch_add(i as u64, Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 6);
     }
 
     #[test]
