@@ -12,10 +12,10 @@
 //!   `[^\r\n\p{L}\p{N}]?\p{L}+`, `\p{N}{1,3}` (Qwen2: `\p{N}`),
 //!   ` ?[^\s\p{L}\p{N}]+[\r\n]*`, `\s*[\r\n]+`, `\s+(?!\S)`, `\s+`.
 //!
-//! Classes: `\p{N}` is `char::is_numeric` and `\s` is `char::is_whitespace` (Unicode
-//! `White_Space`), both exactly what Oniguruma uses; `\p{L}` is decided by Oniguruma itself for
-//! non-ASCII chars (std has no general-category test) and memoised per BMP char. The tests
-//! hold these scanners to the regexes on random text.
+//! Classes: `\s` is `char::is_whitespace` (Unicode `White_Space`, what Oniguruma uses);
+//! `\p{L}` and `\p{N}` of non-ASCII chars are decided by Oniguruma itself (std has no
+//! general-category test, and its `is_numeric` follows a newer Unicode than Oniguruma's) and
+//! memoised per BMP char. The tests hold these scanners to the regexes on random text.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -39,31 +39,32 @@ enum Class {
     Other,
 }
 
+// Letters and numbers are what the reference regexes (Oniguruma, through `tokenizers`) say
+// they are: Rust's own Unicode tables are newer (e.g. digits added in Unicode 17 that
+// Oniguruma's `\p{N}` does not know), and a split must follow the regex, not the newest table.
 static LETTER_RE: LazyLock<Option<SysRegex>> = LazyLock::new(|| SysRegex::new(r"\p{L}").ok());
-/// Per BMP char: 0 unknown, 1 letter, 2 not a letter.
-static BMP_LETTER: [AtomicU8; 0x10000] = [const { AtomicU8::new(0) }; 0x10000];
+static NUMBER_RE: LazyLock<Option<SysRegex>> = LazyLock::new(|| SysRegex::new(r"\p{N}").ok());
+/// Per BMP char: 0 unknown, else its `Class` + 1.
+static BMP_CLASS: [AtomicU8; 0x10000] = [const { AtomicU8::new(0) }; 0x10000];
 
-fn is_letter_slow(c: char) -> bool {
+const CLASSES: [Class; 4] = [Class::Letter, Class::Number, Class::Space, Class::Other];
+
+fn matches(re: &LazyLock<Option<SysRegex>>, c: char) -> bool {
     let mut buf = [0u8; 4];
     let s = c.encode_utf8(&mut buf);
-    LETTER_RE
-        .as_ref()
+    re.as_ref()
         .is_some_and(|re| re.find_iter(s).next().is_some())
 }
 
-fn is_letter(c: char) -> bool {
-    let code = c as usize;
-    let Some(memo) = BMP_LETTER.get(code) else {
-        return is_letter_slow(c);
-    };
-    match memo.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let letter = is_letter_slow(c);
-            memo.store(if letter { 1 } else { 2 }, Ordering::Relaxed);
-            letter
-        }
+fn class_slow(c: char) -> Class {
+    if matches(&NUMBER_RE, c) {
+        Class::Number
+    } else if c.is_whitespace() {
+        Class::Space
+    } else if matches(&LETTER_RE, c) {
+        Class::Letter
+    } else {
+        Class::Other
     }
 }
 
@@ -76,14 +77,17 @@ fn class(c: char) -> Class {
             _ => Class::Other,
         };
     }
-    if c.is_numeric() {
-        Class::Number
-    } else if c.is_whitespace() {
-        Class::Space
-    } else if is_letter(c) {
-        Class::Letter
-    } else {
-        Class::Other
+    let Some(memo) = BMP_CLASS.get(c as usize) else {
+        return class_slow(c);
+    };
+    match memo.load(Ordering::Relaxed) {
+        0 => {
+            let class = class_slow(c);
+            let code = CLASSES.iter().position(|&k| k == class).unwrap_or(3);
+            memo.store(code as u8 + 1, Ordering::Relaxed);
+            class
+        }
+        code => CLASSES[(code as usize - 1).min(3)],
     }
 }
 

@@ -101,3 +101,11 @@ proptest! {
         assert_same(&text);
     }
 }
+
+/// Chars that Rust's Unicode tables and Oniguruma's classify differently (found by the
+/// property test above): the split follows the regex.
+#[test]
+fn chars_newer_than_the_regex_tables_split_like_the_regexes() {
+    assert_same("٣𑷦VV\u{b}lV\u{85}V\u{a0}-жéMd");
+    assert_same("x\u{11de6}\u{11de7} 12\u{11de0}");
+}
