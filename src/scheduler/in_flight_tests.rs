@@ -1,20 +1,11 @@
 //! Steps in flight (pipeline parallelism): disjoint micro-batches, out-of-order commits, and
 //! no preemption of a sequence whose step has not come back.
 
+use super::tests::{commit, ran};
 use super::*;
 
 fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
-    let config = SchedulerConfig {
-        max_num_batched_tokens: budget,
-        max_num_seqs: 8,
-        ..SchedulerConfig::default()
-    };
-    let cache = CacheConfig {
-        block_size: 4,
-        num_blocks,
-        enable_prefix_caching: true,
-    };
-    let mut s = Scheduler::new(config, cache).unwrap_or_else(|e| panic!("{e}"));
+    let mut s = super::tests::scheduler(num_blocks, budget);
     s.set_max_in_flight(2);
     s
 }
@@ -26,24 +17,6 @@ fn add(s: &mut Scheduler, seq_id: SeqId, first: u32, len: u32) {
         priority: 0,
     };
     s.add(seq).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn ran(plan: &StepPlan) -> Vec<(SeqId, usize)> {
-    plan.seqs
-        .iter()
-        .map(|s| (s.seq_id, s.num_tokens()))
-        .collect()
-}
-
-fn commit(s: &mut Scheduler, plan: &StepPlan) {
-    let sampled: Vec<(SeqId, u32)> = plan
-        .seqs
-        .iter()
-        .filter(|e| e.sample)
-        .map(|e| (e.seq_id, 1000 + e.seq_id as u32))
-        .collect();
-    s.commit(plan, &sampled).unwrap_or_else(|e| panic!("{e}"));
-    s.check_invariants().unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

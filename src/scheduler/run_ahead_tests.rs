@@ -4,17 +4,7 @@
 use super::*;
 
 fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
-    let config = SchedulerConfig {
-        max_num_batched_tokens: budget,
-        max_num_seqs: 8,
-        ..SchedulerConfig::default()
-    };
-    let cache = CacheConfig {
-        block_size: 4,
-        num_blocks,
-        enable_prefix_caching: true,
-    };
-    let mut s = Scheduler::new(config, cache).unwrap_or_else(|e| panic!("{e}"));
+    let mut s = super::tests::scheduler(num_blocks, budget);
     s.set_run_ahead(true);
     s
 }

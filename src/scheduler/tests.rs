@@ -2,7 +2,7 @@
 
 use super::*;
 
-fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
+pub(super) fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
     let config = SchedulerConfig {
         max_num_batched_tokens: budget,
         max_num_seqs: 8,
@@ -29,7 +29,7 @@ fn prompt(first: u32, len: u32) -> Vec<u32> {
 }
 
 /// Who ran this step, and with how many tokens.
-fn ran(plan: &StepPlan) -> Vec<(SeqId, usize)> {
+pub(super) fn ran(plan: &StepPlan) -> Vec<(SeqId, usize)> {
     plan.seqs
         .iter()
         .map(|s| (s.seq_id, s.num_tokens()))
@@ -37,7 +37,7 @@ fn ran(plan: &StepPlan) -> Vec<(SeqId, usize)> {
 }
 
 /// Commits `plan` as a fake runner would, sampling token `1000 + seq_id`.
-fn commit(s: &mut Scheduler, plan: &StepPlan) {
+pub(super) fn commit(s: &mut Scheduler, plan: &StepPlan) {
     let sampled: Vec<(SeqId, u32)> = plan
         .seqs
         .iter()
