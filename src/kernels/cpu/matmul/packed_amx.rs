@@ -152,7 +152,6 @@ unsafe fn tile<const KIND: u8>(
 ) {
     let (k, nb) = (a.k, a.nb);
     let qb = if KIND == 2 { 32 * GROUP } else { 16 * GROUP };
-    let sb = if KIND == 1 { 4 * GROUP } else { 2 * GROUP };
     let scales = w.add(nb * qb);
     let low4 = _mm512_set1_epi8(0x0F);
     // Scratch the tiles write before anything reads it: left uninitialized (zeroing it cost
@@ -232,28 +231,11 @@ unsafe fn tile<const KIND: u8>(
         );
         for j in 0..count {
             let b = b0 + j;
-            let s = scales.add(b * sb);
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
-            let mw = if KIND == 1 {
-                _mm512_cvtph_ps(_mm256_loadu_si256(s.add(32) as *const __m256i))
-            } else {
-                _mm512_setzero_ps()
-            };
+            let (dw, mw) = packed_avx512::block_scales::<KIND>(scales, b);
             let sums = sums.add(j * TILE_ROWS * GROUP) as *const i32;
             for (r, acc) in acc.iter_mut().enumerate() {
-                let ab = (r0 + r) * nb + b;
-                let mut is = _mm512_load_si512(sums.add(r * GROUP) as *const _);
-                // The epilogue of `packed_avx512::tile`, operation for operation.
-                if KIND != 1 {
-                    let bias = if KIND == 0 { 8 } else { 128 };
-                    let bsum = *a.bsum.get_unchecked(ab);
-                    is = _mm512_sub_epi32(is, _mm512_set1_epi32(bias * bsum));
-                }
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), scale, *acc);
-                if KIND == 1 {
-                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(ab)), *acc);
-                }
+                let is = _mm512_load_si512(sums.add(r * GROUP) as *const _);
+                packed_avx512::add_block::<KIND>(acc, is, dw, mw, a, (r0 + r) * nb + b);
             }
         }
         b0 += count;

@@ -162,30 +162,14 @@ unsafe fn tile<const KIND: u8, const NR: usize>(t: &Tile, a: &PackedActs, r0: us
                 }
             }
         }
-        let s = scales.add(b * sb);
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
-        let mw = if KIND == 1 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(s.add(32) as *const __m256i))
-        } else {
-            _mm512_setzero_ps()
-        };
+        let (dw, mw) = block_scales::<KIND>(scales, b);
         for r in 0..NR {
-            let ab = row_at(r) + b;
-            let mut is = if split {
+            let is = if split {
                 _mm512_add_epi32(isum[r], isum2[r])
             } else {
                 isum[r]
             };
-            // Unsigned weights: Q4_0's q−8 and Q8_0's bias of +128 cancel against Σx.
-            if KIND != 1 {
-                let bias = if KIND == 0 { 8 } else { 128 };
-                is = _mm512_sub_epi32(is, _mm512_set1_epi32(bias * *a.bsum.get_unchecked(ab)));
-            }
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), scale, acc[r]);
-            if KIND == 1 {
-                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(ab)), acc[r]);
-            }
+            add_block::<KIND>(&mut acc[r], is, dw, mw, a, row_at(r) + b);
         }
     }
     for (r, acc) in acc.iter().enumerate() {
@@ -193,4 +177,45 @@ unsafe fn tile<const KIND: u8, const NR: usize>(t: &Tile, a: &PackedActs, r0: us
         _mm512_mask_storeu_ps(t.out.at(r0 + r, t.col), t.mask, *acc);
     }
     NR
+}
+
+/// The 16 columns' f16 scales `d` (and for Q4_1 the mins `m`) of block `b` of a group whose
+/// scales start at `scales`, widened to f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn block_scales<const KIND: u8>(scales: *const u8, b: usize) -> (__m512, __m512) {
+    let sb = if KIND == 1 { 4 * GROUP } else { 2 * GROUP };
+    let s = scales.add(b * sb);
+    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
+    let mw = if KIND == 1 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(s.add(32) as *const __m256i))
+    } else {
+        _mm512_setzero_ps()
+    };
+    (dw, mw)
+}
+
+/// Adds one block's exact integer sums `is` of one activation row (block index `ab` of `a`)
+/// to that row's 16 accumulators. Every packed kernel (VNNI and AMX) ends a block here, which
+/// is what makes them agree bit for bit.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn add_block<const KIND: u8>(
+    acc: &mut __m512,
+    mut is: __m512i,
+    dw: __m512,
+    mw: __m512,
+    a: &PackedActs,
+    ab: usize,
+) {
+    // Unsigned weights: Q4_0's q−8 and Q8_0's bias of +128 cancel against Σx.
+    if KIND != 1 {
+        let bias = if KIND == 0 { 8 } else { 128 };
+        is = _mm512_sub_epi32(is, _mm512_set1_epi32(bias * *a.bsum.get_unchecked(ab)));
+    }
+    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), scale, *acc);
+    if KIND == 1 {
+        *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(ab)), *acc);
+    }
 }
