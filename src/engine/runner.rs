@@ -353,7 +353,7 @@ impl SampleJob<'_> {
             super::fault::corrupt_row(f, self.row);
         }
         // NaN or +inf poisons softmax for this row only; the others sample as usual.
-        if self.row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+        if !crate::kernels::cpu::ops::all_below_inf(self.row) {
             self.result = Some(Err(
                 "the model produced non-finite logits for this sequence".into(),
             ));

@@ -170,8 +170,10 @@ pub fn sample_row(raw: &[f32], batch: &SamplingBatch, r: usize) -> SampledRow {
     let row = &batch.rows[r];
     let n = raw.len();
     let m = raw.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = raw.iter().map(|&v| (v - m).exp()).sum();
-    let lse = m + s.ln();
+    // Summed in f64: the kernel's tree of f32 partial sums is close to exact, a sequential
+    // f32 sum of a vocabulary's terms is not (1e-4 off at 49,152).
+    let s: f64 = raw.iter().map(|&v| (v - m).exp() as f64).sum();
+    let lse = m + s.ln() as f32;
     let work = processed_row(raw, batch, row);
     let best = argmax_excluding(&work, &[]);
     let mut token = best;

@@ -269,7 +269,8 @@ impl SequenceSampler {
         }
     }
 
-    fn sample_random(&mut self, logits: &[f32], s: &mut SamplingScratch) -> u32 {
+    /// A draw at the sequence's temperature and cuts; `logits` may be overwritten.
+    fn sample_random(&mut self, logits: &mut [f32], s: &mut SamplingScratch) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         if p.top_k == 0 && p.min_p <= 0.0 && p.top_p >= 1.0 {
@@ -277,20 +278,15 @@ impl SequenceSampler {
             // so the weights are one vectorized pass over the row, with no index lists.
             let max = ops::max(logits);
             if max.is_finite() {
-                s.weights.clear();
-                s.weights.extend_from_slice(logits);
-                softmax_weights(&mut s.weights, max, inv_t);
-                // -inf and NaN logits (banned or broken entries) weigh nothing.
-                for w in s.weights.iter_mut() {
-                    if !w.is_finite() {
-                        *w = 0.0;
-                    }
-                }
-                let total = ops::sum(&s.weights);
+                // The row becomes its weights in place (nothing reads the logits after the
+                // draw), with each chunk's sum taken while the chunk is in cache. -inf and
+                // NaN logits (banned or broken entries) weigh nothing.
+                let weights = logits;
+                ops::softmax_weights_chunked(weights, max, inv_t, WALK_CHUNK, &mut s.chunk_sums);
+                let total: f32 = s.chunk_sums.iter().sum();
                 let mut u = self.rng.random::<f32>() * total;
-                // Whole chunks are skipped by their (vectorized) sums; the drawn one is walked.
-                for (c, chunk) in s.weights.chunks(WALK_CHUNK).enumerate() {
-                    let cs = ops::sum(chunk);
+                // Whole chunks are skipped by their sums; the drawn one is walked.
+                for (c, (chunk, &cs)) in weights.chunks(WALK_CHUNK).zip(&s.chunk_sums).enumerate() {
                     if u > cs {
                         u -= cs;
                         continue;
@@ -305,7 +301,7 @@ impl SequenceSampler {
                     }
                 }
                 // Rounding left `u` a hair above zero: the last token with any weight.
-                let last = s.weights.iter().rposition(|&w| w > 0.0);
+                let last = weights.iter().rposition(|&w| w > 0.0);
                 return last.unwrap_or(0) as u32;
             }
         }
@@ -404,13 +400,14 @@ pub struct SamplingScratch {
     pairs: Vec<(u32, f32)>,
     /// The raw logits row, kept when logprobs are asked for.
     raw: Vec<f32>,
+    /// Per-chunk weight sums of a temperature-only draw.
+    chunk_sums: Vec<f32>,
 }
 
 /// Log-sum-exp of the row and its `k` best tokens as `(id, logprob)`.
 fn top_logprobs(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let lse = max + sum.ln();
+    let max = ops::max(logits);
+    let lse = max + ops::sum_exp_shifted(logits, max).ln() as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     for (i, &l) in logits.iter().enumerate() {
         if top.len() < k || top.last().is_some_and(|&(_, m)| l > m) {
@@ -427,13 +424,7 @@ fn top_logprobs(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
 
 /// The index of the largest value; the lowest index among equals.
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    ops::argmax(v) as u32
 }
 
 #[cfg(test)]

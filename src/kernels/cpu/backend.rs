@@ -221,6 +221,8 @@ impl Backend for CpuBackend {
     }
 
     fn host_parallel(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-        self.pool.run(tasks, f);
+        // The engine's last parallel work of a step: then it streams tokens alone, and the
+        // API's threads need the cores more than spinning workers do.
+        self.pool.run_then_rest(tasks, f);
     }
 }
