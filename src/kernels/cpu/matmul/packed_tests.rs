@@ -292,3 +292,56 @@ fn amx_probe() {
         }
     }
 }
+
+/// Packed products whose weights stream from memory, as in a decode step (a rotation of
+/// copies larger than the caches), on 2 threads: median time per product and weight bytes
+/// per second at m = 1 and m = 16. `cargo test --release --lib stream_probe -- --ignored
+/// --nocapture`; `PROBE_THREADS`, `PROBE_MB` (the rotation's size; 0: one copy, in cache) and
+/// `PROBE_ROUNDS` change the set-up. On this shared machine, compare only figures from one
+/// run: absolute times drift by 1.5× between runs.
+#[test]
+#[ignore]
+fn stream_probe() {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let pool = ThreadPool::new(env("PROBE_THREADS", 2));
+    for (dtype, k, n) in [
+        (WeightDType::Q4_1, 576, 1536),
+        (WeightDType::Q4_1, 1536, 576),
+        (WeightDType::Q8_0, 576, 49152),
+    ] {
+        let one = random_tensor(&mut rng, dtype, n, k);
+        let bytes = one.bytes.len();
+        let copies = env("PROBE_MB", 384).max(1) * (1 << 20) / bytes + 1;
+        let ws: Vec<PackedLinear> = (0..copies)
+            .map(|_| PackedLinear::with_path(KernelPath::Avx512, vec![one.clone()]).unwrap())
+            .collect();
+        for m in [1usize, 16] {
+            let x = random_values(&mut rng, m * k, 1.0);
+            let mut out = vec![0.0; m * n];
+            let mut scratch = MatmulScratch::new();
+            let mut times = Vec::new();
+            for round in 0..env("PROBE_ROUNDS", 3) {
+                for w in &ws {
+                    let t = std::time::Instant::now();
+                    linear_packed_with(KernelPath::Avx512, &pool, &x, m, w, &mut out, &mut scratch);
+                    if round > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let med = times[times.len() / 2];
+            eprintln!(
+                "{dtype} {k}->{n} m={m}: {:.1} us, {:.1} GB/s of weights",
+                med * 1e6,
+                bytes as f64 / med / 1e9
+            );
+        }
+    }
+}
