@@ -20,7 +20,6 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::packed::PackedWeights;
 use super::packed::{PackedKind, GROUP};
 use super::packed_acts::PackedActs;
 use super::packed_avx512::{self, PackedChunk};
