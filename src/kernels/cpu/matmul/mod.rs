@@ -67,7 +67,7 @@ mod packed_amx {
     pub(super) fn available() -> bool {
         false
     }
-    pub(super) fn runs_on_amx(_: usize) -> bool {
+    pub(super) fn runs_on_amx(_: &super::packed::PackedWeights, _: usize) -> bool {
         false
     }
     pub(super) use super::packed_avx512::packed_chunk;

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::packed::{PackedKind, GROUP};
+use super::packed::{PackedKind, PackedWeights, GROUP};
 use super::packed_acts::PackedActs;
 use super::packed_avx512::{self, PackedChunk};
 
@@ -82,11 +82,17 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Aligned<T>(T);
 
-/// Whether an `m`-row product runs here: at least one whole tile of rows. Every packed kind
-/// does: measured with `amx_probe` (AMX and VNNI interleaved in one run), 1.2–1.3× for Q4_1
-/// and 1.2–1.3× for Q8_0 (the default model's tied LM head) at 16–512 rows.
-pub(super) fn runs_on_amx(m: usize) -> bool {
-    m >= TILE_ROWS && available()
+/// Whether an `m`-row product with `w` runs here. Measured with `amx_probe` (AMX and VNNI
+/// interleaved in one run): 4-bit weights gain 1.3–1.5× from one whole tile of rows (16) up;
+/// Q8_0 (the default model's tied LM head) streams twice the weight bytes per MAC and only
+/// gains 1.1× from 64 rows (0.95–1.0× at 16–32).
+pub(super) fn runs_on_amx(w: &PackedWeights, m: usize) -> bool {
+    let rows = if w.kind == PackedKind::Q8_0 {
+        64
+    } else {
+        TILE_ROWS
+    };
+    m >= rows && available()
 }
 
 /// Runs the chunk on AMX tiles; the caller checked [`runs_on_amx`].

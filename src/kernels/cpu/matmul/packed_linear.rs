@@ -92,7 +92,7 @@ pub fn linear_packed_with(
                 m,
                 out,
             };
-            if !no_amx && packed_amx::runs_on_amx(m) {
+            if !no_amx && packed_amx::runs_on_amx(pw, m) {
                 packed_amx::packed_chunk(&chunk, pa);
             } else {
                 packed_avx512::packed_chunk(&chunk, pa);

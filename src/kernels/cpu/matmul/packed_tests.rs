@@ -134,7 +134,7 @@ fn amx_matches_vnni_bit_exact() {
             vec![random_tensor(&mut rng, dtype, n, k)],
         )
         .expect("valid parts");
-        for m in [15, 16, 17, 32, 40] {
+        for m in [15, 16, 17, 32, 40, 64, 70] {
             let x = random_values(&mut rng, m * k, 1.0);
             let run = |no_amx: bool| {
                 let mut out = vec![f32::NAN; m * n];
