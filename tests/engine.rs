@@ -78,15 +78,6 @@ fn run_together(engine: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) 
     streams.into_iter().map(|s| collect(s).tokens).collect()
 }
 
-fn counter(engine: &EngineHandle, name: &str) -> u64 {
-    let text = engine.metrics.render();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[test]
 fn batch_invariance_mixed_lengths() {
     let engine = start(1024, 2048, false);
@@ -127,15 +118,16 @@ fn shared_prefix_is_computed_once() {
     let mut second = prefix.clone();
     second.extend(prompt(24, 2));
     collect(engine.submit(request(first.clone(), 2)).unwrap());
-    let computed_before = counter(&engine, "sluice:prompt_tokens_computed_total");
-    let hits_before = counter(&engine, "sluice:prefix_cache_hits_total");
+    let computed_before = common::counter(&engine, "sluice:prompt_tokens_computed_total");
+    let hits_before = common::counter(&engine, "sluice:prefix_cache_hits_total");
     assert_eq!(computed_before, first.len() as u64);
     let out = collect(engine.submit(request(second.clone(), 2)).unwrap());
     let cached = 1000 / 16 * 16;
     assert_eq!(out.usage.cached_tokens, cached);
-    let computed = counter(&engine, "sluice:prompt_tokens_computed_total") - computed_before;
+    let computed =
+        common::counter(&engine, "sluice:prompt_tokens_computed_total") - computed_before;
     assert_eq!(computed, (second.len() - cached) as u64);
-    let hits = counter(&engine, "sluice:prefix_cache_hits_total") - hits_before;
+    let hits = common::counter(&engine, "sluice:prefix_cache_hits_total") - hits_before;
     assert_eq!(hits, cached as u64);
 }
 
@@ -150,9 +142,12 @@ fn preemption_under_pressure_keeps_greedy_tokens() {
     for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
         assert_eq!(e, g, "request {i} changed under KV-cache pressure");
     }
-    assert!(counter(&tight, "sluice:num_preemptions_total") > 0);
+    assert!(common::counter(&tight, "sluice:num_preemptions_total") > 0);
     // The engine checks its accounting when it goes idle; give it a moment, then look.
     std::thread::sleep(std::time::Duration::from_millis(600));
-    assert_eq!(counter(&tight, "sluice:kv_cache_usage_perc"), 0);
-    assert_eq!(counter(&tight, "sluice:kv_accounting_errors_total"), 0);
+    assert_eq!(common::counter(&tight, "sluice:kv_cache_usage_perc"), 0);
+    assert_eq!(
+        common::counter(&tight, "sluice:kv_accounting_errors_total"),
+        0
+    );
 }

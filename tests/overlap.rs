@@ -98,20 +98,14 @@ fn greedy(ids: Vec<u32>, max_tokens: usize) -> GenerateRequest {
     }
 }
 
-fn counter(engine: &EngineHandle, name: &str) -> u64 {
-    let text = engine.metrics.render();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 /// Idle, every block is free again and the accounting holds.
 fn assert_all_free(engine: &EngineHandle) {
     std::thread::sleep(std::time::Duration::from_millis(600));
-    assert_eq!(counter(engine, "sluice:kv_cache_usage_perc"), 0);
-    assert_eq!(counter(engine, "sluice:kv_accounting_errors_total"), 0);
+    assert_eq!(common::counter(engine, "sluice:kv_cache_usage_perc"), 0);
+    assert_eq!(
+        common::counter(engine, "sluice:kv_accounting_errors_total"),
+        0
+    );
 }
 
 #[test]
@@ -163,7 +157,7 @@ fn preemption_and_aborts_under_the_overlap() {
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w, g, "request {i} changed under KV-cache pressure");
     }
-    assert!(counter(&tight, "sluice:num_preemptions_total") > 0);
+    assert!(common::counter(&tight, "sluice:num_preemptions_total") > 0);
     // Aborts while steps are in flight: half the streams dropped after their first token.
     let mut streams: Vec<_> = prompts
         .iter()

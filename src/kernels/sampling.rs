@@ -62,8 +62,9 @@ pub struct PenaltyToken {
     pub in_prompt: bool,
 }
 
-/// One row of a `SamplingBatch`, flat (the CUDA kernel's `SamplingRow` mirrors it field for
-/// field).
+/// One row of a `SamplingBatch`, flat. `#[repr(C)]`: it is also the CUDA kernel's argument
+/// layout (`SamplingRow` in `sampling.cu`), uploaded as is.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SampleRow {
     pub seed: u64,

@@ -65,24 +65,9 @@ impl History {
     }
 }
 
-fn row_params(p: &SamplingParams, seed: u64, counter: u64) -> RowParams {
-    RowParams {
-        seed,
-        counter,
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        num_top_logprobs: p.logprobs.unwrap_or(0),
-    }
-}
-
 fn batch_of(p: &SamplingParams, h: &History) -> SamplingBatch {
     let mut b = SamplingBatch::default();
-    b.push(&row_params(p, 1, 0), &h.penalties(), &p.logit_bias);
+    b.push(&p.row_params(1, 0), &h.penalties(), &p.logit_bias);
     b
 }
 
@@ -165,7 +150,7 @@ fn check_distribution(p: &SamplingParams, seed: u64) {
         assert!(probs[t as usize] > 0.0, "{p:?}: host drew {t}, cut here");
         host[t as usize] += 1;
         let mut b = SamplingBatch::default();
-        b.push(&row_params(p, 7, i), &h.penalties(), &p.logit_bias);
+        b.push(&p.row_params(7, i), &h.penalties(), &p.logit_bias);
         reference[sample_row(&raw, &b, 0).token_id as usize] += 1;
     }
     for (t, &pt) in probs.iter().enumerate() {

@@ -71,6 +71,23 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE
     }
+
+    /// The device sampler's flat parameters of one draw: these minus the lists, with the
+    /// draw's seed and index (`counter`: tokens generated so far).
+    pub fn row_params(&self, seed: u64, counter: u64) -> RowParams {
+        RowParams {
+            seed,
+            counter,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            num_top_logprobs: self.logprobs.unwrap_or(0),
+        }
+    }
 }
 
 /// What sampling one position produced.
@@ -151,18 +168,7 @@ impl SequenceSampler {
     /// host (the same distribution). Call `observe` with the sampled token.
     pub fn row(&self, out: &mut SamplingBatch) {
         let p = &self.params;
-        let row = RowParams {
-            seed: self.device_seed,
-            counter: self.num_generated as u64,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            num_top_logprobs: p.logprobs.unwrap_or(0),
-        };
+        let row = p.row_params(self.device_seed, self.num_generated as u64);
         let counts = &self.output_counts;
         // `prompt_tokens` is empty unless a repetition penalty is set; the output tokens
         // matter to every penalty.

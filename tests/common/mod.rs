@@ -9,6 +9,16 @@ use sluice::model::config::ModelConfig;
 use sluice::model::gguf::GgufFile;
 use sluice::model::llama::Llama;
 
+/// The value of the engine's Prometheus counter (or gauge) `name`, 0 when absent.
+pub fn counter(engine: &sluice::engine::EngineHandle, name: &str) -> u64 {
+    let text = engine.metrics.render();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

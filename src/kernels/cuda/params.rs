@@ -52,27 +52,6 @@ pub struct PrefillParams {
     pub bt_stride: i32,
 }
 
-/// `SamplingRow` of `sampling.cu`: one logits row's sampling parameters.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SamplingRow {
-    pub seed: u64,
-    /// The draw's index in its sequence (tokens generated so far).
-    pub counter: u64,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repetition_penalty: f32,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub top_k: i32,
-    pub num_top_logprobs: i32,
-    pub penalty_begin: u32,
-    pub penalty_end: u32,
-    pub bias_begin: u32,
-    pub bias_end: u32,
-}
-
 /// `SamplingParams` of `sampling.cu`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -94,7 +73,7 @@ pub struct SamplingParams {
 // SAFETY: plain `#[repr(C)]` values of integers and floats, matching the C structs.
 unsafe impl DeviceRepr for DecodeParams {}
 unsafe impl DeviceRepr for PrefillParams {}
-unsafe impl DeviceRepr for SamplingRow {}
+unsafe impl DeviceRepr for crate::kernels::sampling::SampleRow {}
 unsafe impl DeviceRepr for SamplingParams {}
 
 #[cfg(test)]
@@ -107,7 +86,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<DecodeParams>(), 11 * 8 + 4 + 8 * 4 + 4);
         assert_eq!(std::mem::size_of::<PrefillParams>(), 9 * 8 + 4 + 7 * 4);
         assert_eq!(
-            std::mem::size_of::<SamplingRow>(),
+            std::mem::size_of::<crate::kernels::sampling::SampleRow>(),
             16 + 6 * 4 + 2 * 4 + 4 * 4
         );
         assert_eq!(std::mem::size_of::<SamplingParams>(), 11 * 8 + 8);

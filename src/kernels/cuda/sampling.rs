@@ -7,32 +7,12 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::backend::{grow, launch, CudaBackend, CudaTensor};
 use super::context::ptr;
-use super::params::{SamplingParams, SamplingRow};
+use super::params::SamplingParams;
 pub use crate::kernels::sampling::{
     PenaltyToken, RowParams, SampleRow, SampledRow, SamplingBatch, GREEDY_TEMPERATURE,
     MAX_TOP_LOGPROBS, SAMPLE_THREADS,
 };
 use crate::kernels::KernelError;
-
-/// The kernel's argument layout of a row (a field-for-field copy).
-fn to_kernel_row(r: &SampleRow) -> SamplingRow {
-    SamplingRow {
-        seed: r.seed,
-        counter: r.counter,
-        temperature: r.temperature,
-        top_p: r.top_p,
-        min_p: r.min_p,
-        repetition_penalty: r.repetition_penalty,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-        top_k: r.top_k,
-        num_top_logprobs: r.num_top_logprobs,
-        penalty_begin: r.penalty_begin,
-        penalty_end: r.penalty_end,
-        bias_begin: r.bias_begin,
-        bias_end: r.bias_end,
-    }
-}
 
 impl CudaBackend {
     /// Samples one token per row of `logits` (`[batch.len(), vocab]`, e.g. the output of the
@@ -54,8 +34,8 @@ impl CudaBackend {
             return Ok(Vec::new());
         }
         let vocab = logits.cols;
-        let kernel_rows: Vec<SamplingRow> = batch.rows.iter().map(to_kernel_row).collect();
-        let rows = gpu.upload(&kernel_rows)?;
+        // `SampleRow` is the kernel's row layout (`#[repr(C)]`): uploaded without a copy.
+        let rows = gpu.upload(&batch.rows)?;
         let penalty_ids = gpu.upload(&batch.penalty_ids)?;
         let penalty_info = gpu.upload(&batch.penalty_info)?;
         let bias_ids = gpu.upload(&batch.bias_ids)?;
