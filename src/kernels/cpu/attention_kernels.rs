@@ -453,26 +453,6 @@ mod avx512 {
     }
 }
 
-/// Asks for a block's keys and values ahead of use. Blocks sit anywhere in the pool, so the
-/// hardware prefetchers cannot guess the next one; a hint per cache line can.
-#[inline]
-pub fn prefetch_block(blk: KvBlock<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for data in [blk.k, blk.v] {
-            let bytes = std::mem::size_of_val(data);
-            let p = data.as_ptr() as *const i8;
-            for off in (0..bytes).step_by(64) {
-                // SAFETY: a prefetch is a hint; it never faults, and `off` is in bounds anyway.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = blk;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
