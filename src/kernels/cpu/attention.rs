@@ -23,7 +23,7 @@ use crate::kernels::{AttentionShape, ForwardBatch, KvCacheShape};
 
 /// Queries per attention task.
 const QUERY_CHUNK: usize = 16;
-/// Tokens per RoPE/store task.
+/// Most tokens per RoPE/store task.
 const ROPE_CHUNK: usize = 32;
 
 /// K and V of every layer, f16 (the precision of llama.cpp's default cache and of a GPU one).
@@ -159,9 +159,11 @@ pub fn rope_and_store(
     let head_stride = bs * d;
     let k_ptr = SyncPtr::new(&mut kv.k[layer]);
     let v_ptr = SyncPtr::new(&mut kv.v[layer]);
-    pool.run(n.div_ceil(ROPE_CHUNK), |task| {
-        let first = task * ROPE_CHUNK;
-        let last = ((task + 1) * ROPE_CHUNK).min(n);
+    // A decode step's few tokens are still split over the threads.
+    let chunk = n.div_ceil(pool.num_threads()).clamp(1, ROPE_CHUNK);
+    pool.run(n.div_ceil(chunk), |task| {
+        let first = task * chunk;
+        let last = ((task + 1) * chunk).min(n);
         for (t, &(base, offset)) in slots.iter().enumerate().take(last).skip(first) {
             // SAFETY: each token row, and each token's cache slot, belongs to one task.
             let row = unsafe { qkv_ptr.slice(t * cols, cols) };

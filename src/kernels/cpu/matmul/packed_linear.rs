@@ -112,13 +112,19 @@ pub fn linear_packed_with(
 
 /// Cuts every part of a prepared linear into chunks of whole groups of output columns
 /// (chunk starts are multiples of [`packed::GROUP`] within the part). At m = 1 a chunk is a
-/// weight stream whose first bytes come unprefetched, so chunks are few: two per thread
-/// (one per part for a single thread); otherwise about 8 per thread so uneven ones balance.
+/// weight stream whose first bytes come unprefetched, so chunks are few: two per thread (one
+/// per part for a single thread). Otherwise each chunk is a `1 / (2 · threads)` share of the
+/// columns not yet planned, at least one group: the job starts on large chunks and ends on
+/// one-group ones, so the threads finish together (2–4% faster 16-row decode steps than
+/// even chunks of 1/8 per thread, whose last one left the other thread waiting).
 fn plan_packed_tasks(tasks: &mut Vec<Task>, w: &PackedLinear, n: usize, m: usize, threads: usize) {
-    let per_chunk = match (m, threads) {
+    let mut left = n;
+    let chunk_cols = |left: usize| match (m, threads) {
         (1, 0 | 1) => n,
         (1, t) => n.div_ceil(t * 2).next_multiple_of(packed::GROUP),
-        (_, t) => n.div_ceil(t * 8).next_multiple_of(packed::GROUP),
+        (_, t) => (left / (2 * t))
+            .next_multiple_of(packed::GROUP)
+            .max(packed::GROUP),
     };
     tasks.clear();
     let mut out_col = 0;
@@ -126,13 +132,14 @@ fn plan_packed_tasks(tasks: &mut Vec<Task>, w: &PackedLinear, n: usize, m: usize
         let rows = p.raw.rows;
         let mut c0 = 0;
         while c0 < rows {
-            let c1 = (c0 + per_chunk).min(rows);
+            let c1 = (c0 + chunk_cols(left)).min(rows);
             tasks.push(Task {
                 part,
                 c0,
                 c1,
                 out_col: out_col + c0,
             });
+            left -= c1 - c0;
             c0 = c1;
         }
         out_col += rows;
