@@ -294,8 +294,8 @@ fn attend_tasks(
                         .chunks_exact_mut(ctx)
                         .map(|row| 1.0 / softmax_numerators(row)),
                 );
-                // SAFETY: (row, KV head) pairs are disjoint across tasks, and a KV head's query
-                // heads are contiguous in the output row.
+                // SAFETY: (row, KV heads) ranges are disjoint across tasks, and the query heads
+                // of consecutive KV heads are contiguous in the output row.
                 let o = unsafe {
                     out_ptr.slice(row * h * d + g0 * group * d, heads_per_task * group * d)
                 };
