@@ -475,7 +475,8 @@ mod tests {
     /// Decode attention over all 30 layers of a SmolLM2-135M-shaped cache (9 query heads, 3 KV
     /// heads, head dim 64) whose blocks lie shuffled in a large pool, as in a long-running
     /// server, timed for both task shapes interleaved in one run (this machine's speed drifts
-    /// between runs). `PROBE_SEQS` (16), `PROBE_CTX` (256), `PROBE_REPS` (30):
+    /// between runs). `PROBE_SEQS` (16), `PROBE_CTX` (256), `PROBE_QUERIES` (1: decode; more for a
+    /// prefill chunk ending at the context's end), `PROBE_REPS` (30):
     /// `cargo test --release --lib attention_probe -- --ignored --nocapture`
     #[test]
     #[ignore = "a timing probe"]
@@ -512,20 +513,21 @@ mod tests {
         }
         let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
         ids.shuffle(&mut ChaCha8Rng::seed_from_u64(5));
+        let queries = env("PROBE_QUERIES", 1).clamp(1, ctx + 1);
         let per_seq = (ctx + 1).div_ceil(bs);
         let tables: Vec<Vec<u32>> = ids
             .chunks(per_seq)
             .take(seqs)
             .map(<[u32]>::to_vec)
             .collect();
-        let ranges: Vec<_> = (0..seqs).map(|s| (s, ctx, ctx + 1)).collect();
+        let ranges: Vec<_> = (0..seqs).map(|s| (s, ctx + 1 - queries, ctx + 1)).collect();
         let rope = Rope {
             inv_freqs: vec![1.0; d / 2],
             interleaved: false,
         };
         let step = CpuStep::new(&batch(&ranges, &tables, bs), &rope);
         let mut qkv = CpuTensor::default();
-        qkv.resize(seqs, (h + 2 * kvh) * d);
+        qkv.resize(seqs * queries, (h + 2 * kvh) * d);
         for (i, x) in qkv.data.iter_mut().enumerate() {
             *x = (i % 100) as f32 * 0.01 - 0.5;
         }
@@ -554,8 +556,8 @@ mod tests {
         for (t, heads_per_task) in times.iter_mut().zip(shapes) {
             t.sort_by(f64::total_cmp);
             println!(
-                "probe attention {seqs} seqs × ctx {ctx}, {heads_per_task} KV heads per task: \
-                 median {:.2} ms, fastest {:.2} ms",
+                "probe attention {seqs} seqs × {queries} queries × ctx {ctx}, {heads_per_task} KV \
+                 heads per task: median {:.2} ms, fastest {:.2} ms",
                 t[t.len() / 2],
                 t[0]
             );
