@@ -19,8 +19,9 @@ use crate::kernels::sampling::{PenaltyToken, RowParams, SamplingBatch};
 
 /// Below this temperature sampling is greedy.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
-/// The top-p cut's buckets are a logit's order key without its low bits: sign, exponent and
-/// four mantissa bits, 16 buckets per octave of logit magnitude.
+/// The top-p cut's buckets are a weight's bit pattern without its low bits (weights are in
+/// `[0, 1]`, so the patterns order them): exponent and four mantissa bits, 16 buckets per
+/// octave of weight.
 const TOP_P_BUCKET_SHIFT: u32 = 19;
 
 #[derive(Debug, Clone, PartialEq)]
