@@ -127,6 +127,8 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
             .map(|i| 500_000f32.powf(-2.0 * i as f32 / d as f32))
             .collect(),
         interleaved: false,
+        theta_base: 500_000.0,
+        freq_factors: None,
     };
     let step = g.prepare_step(&batch, &rope);
     let cols = (heads + 2 * kv_heads) * d;

@@ -98,3 +98,49 @@ async fn openai_sdk_and_greedy_chat_match_generate() {
         );
     }
 }
+
+#[derive(Debug, Deserialize)]
+struct GreedyFixture {
+    name: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+/// `serve --cpu-numerics ggml` gives llama.cpp's greedy tokens for every fixture, exactly,
+/// with all requests sent at once (so they are batched, and prefills share steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
+    let server = Server::start(&["--cpu-numerics", "ggml", "--device", "cpu"]);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/greedy.jsonl");
+    let fixtures: Vec<GreedyFixture> = std::fs::read_to_string(path)
+        .expect("greedy.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a fixture"))
+        .collect();
+    let url = format!("{}/v1/completions", server.url);
+    let requests = fixtures.iter().map(|f| {
+        let body = serde_json::json!({
+            "model": "smol", "prompt": f.prompt_ids, "max_tokens": f.greedy_ids.len(),
+            "temperature": 0, "return_token_ids": true,
+        });
+        let req = post(&url, &body);
+        async move {
+            let resp = req.send().await.expect("completion request");
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>()
+                .await
+                .expect("completion JSON")
+        }
+    });
+    let responses = futures::future::join_all(requests).await;
+    for (f, resp) in fixtures.iter().zip(responses) {
+        let choice = &resp["choices"][0];
+        let ids: Vec<u32> = serde_json::from_value(choice["token_ids"].clone()).expect("token_ids");
+        assert_eq!(ids, f.greedy_ids, "{}: token ids", f.name);
+        // Fewer tokens than asked for: both stopped at the end-of-sequence token.
+        if f.greedy_ids.len() < 32 {
+            assert_eq!(choice["finish_reason"], "stop", "{}", f.name);
+        }
+    }
+}

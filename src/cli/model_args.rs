@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::device::{with_backend, BackendOptions, Device, GpuKvDType, WithBackend};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::Backend;
@@ -60,6 +61,11 @@ pub struct ModelArgs {
     /// or `all-reduce` (less traffic; logits drift from one rank's).
     #[arg(long, value_enum, default_value_t = TpMode::Gather)]
     pub tp_mode: TpMode,
+    /// The CPU's float operations: `fast` (sluice's kernels) or `ggml` (bit-identical to
+    /// llama.cpp's CPU build, for Q4_1 and Q8_0 models: the same logits and the same greedy
+    /// text; slower, and batches gain less).
+    #[arg(long, value_enum, default_value_t = CpuNumerics::Fast)]
+    pub cpu_numerics: CpuNumerics,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,6 +166,12 @@ impl ModelArgs {
             pp_size: self.pipeline_parallel_size,
             tp_mode: self.tp_mode,
         };
+        if let (Device::Cuda(_), CpuNumerics::Ggml) = (device, self.cpu_numerics) {
+            anyhow::bail!(
+                "--cpu-numerics ggml is for the CPU backend, and --device {device} chose a GPU; \
+                 add --device cpu"
+            );
+        }
         if let Device::Cuda(_) = device {
             // The CUDA backend does not run ranks yet: one card, one rank.
             if parallel.num_ranks() > 1 {
@@ -199,11 +211,12 @@ impl ModelArgs {
             return with_backend(device, opts, load)?;
         }
         let started = std::time::Instant::now();
-        let model = crate::model::shard::load_cpu_ranks(
+        let model = crate::model::shard::load_cpu_ranks_with(
             &opened.config,
             opened.weights.as_ref(),
             parallel,
             threads,
+            self.cpu_numerics,
         )
         .with_context(|| format!("loading {}", spec.path.display()))?;
         tracing::info!(

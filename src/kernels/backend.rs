@@ -68,6 +68,10 @@ pub struct Rope {
     pub inv_freqs: Vec<f32>,
     /// Pairs `(2i, 2i+1)` when true, `(i, i + d/2)` when false.
     pub interleaved: bool,
+    /// The frequency base and per-pair frequency divisors (GGUF `rope_freqs`) that
+    /// `inv_freqs` came from: ggml-compatible numerics derive the angles from these.
+    pub theta_base: f32,
+    pub freq_factors: Option<Vec<f32>>,
 }
 
 /// Attention geometry of one layer.

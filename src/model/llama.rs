@@ -280,6 +280,8 @@ impl<B: Backend> Llama<B> {
         let rope = Rope {
             inv_freqs: c.rope_inv_freqs(freq_factors.as_deref()),
             interleaved: c.rope_style == super::config::RopeStyle::Interleaved,
+            theta_base: c.rope_theta,
+            freq_factors,
         };
         let attn_shape = AttentionShape {
             num_heads: shard.q_heads.len(),

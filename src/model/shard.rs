@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::weights::WeightSource;
 use super::ModelError;
+use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::host::{HostTensor, WeightBytes};
 use crate::parallel::partition::{self, ModelDims};
 use crate::parallel::{ParallelConfig, RankShard};
@@ -104,6 +105,17 @@ pub fn load_cpu_ranks(
     cfg: ParallelConfig,
     threads: usize,
 ) -> Result<super::rank_group::ModelRanks<crate::kernels::cpu::CpuBackend>, ModelError> {
+    load_cpu_ranks_with(config, weights, cfg, threads, CpuNumerics::Fast)
+}
+
+/// [`load_cpu_ranks`] with the given CPU numerics.
+pub fn load_cpu_ranks_with(
+    config: &ModelConfig,
+    weights: &dyn WeightSource,
+    cfg: ParallelConfig,
+    threads: usize,
+    numerics: CpuNumerics,
+) -> Result<super::rank_group::ModelRanks<crate::kernels::cpu::CpuBackend>, ModelError> {
     use crate::kernels::cpu::CpuBackend;
     let shards = plan_ranks(config, weights, cfg)?;
     let n = shards.len();
@@ -126,7 +138,7 @@ pub fn load_cpu_ranks(
                     super::llama::Llama::load_rank(
                         config.clone(),
                         weights,
-                        CpuBackend::new(t),
+                        CpuBackend::with_numerics(t, numerics),
                         shard,
                         Box::new(comm),
                     )

@@ -33,9 +33,14 @@ pub fn default_gguf() -> GgufFile {
 }
 
 pub fn default_model() -> Llama<CpuBackend> {
+    default_model_with(sluice::kernels::cpu::CpuNumerics::Fast)
+}
+
+/// The default model on a 2-thread CPU backend with the given numerics.
+pub fn default_model_with(numerics: sluice::kernels::cpu::CpuNumerics) -> Llama<CpuBackend> {
     let f = default_gguf();
     let config = ModelConfig::from_gguf(&f).unwrap();
-    Llama::load(config, &f, CpuBackend::new(2)).unwrap()
+    Llama::load(config, &f, CpuBackend::with_numerics(2, numerics)).unwrap()
 }
 
 #[derive(Debug, Deserialize)]

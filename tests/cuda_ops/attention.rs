@@ -84,6 +84,8 @@ fn run_case(case: &Case, seed: u64) {
             .map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32))
             .collect(),
         interleaved: case.interleaved,
+        theta_base: 10_000.0,
+        freq_factors: None,
     };
     let mut ids: Vec<u32> = (0..NUM_BLOCKS as u32).collect();
     ids.shuffle(&mut rng(seed));

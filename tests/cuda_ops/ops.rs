@@ -67,6 +67,8 @@ fn rope() -> Rope {
     Rope {
         inv_freqs: vec![1.0; 32],
         interleaved: false,
+        theta_base: 10_000.0,
+        freq_factors: None,
     }
 }
 

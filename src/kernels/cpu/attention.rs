@@ -16,7 +16,8 @@ use half::{f16, slice::HalfFloatSliceExt};
 use super::attention_kernels::{
     accumulate_v, block_pair_scores, block_scores, softmax_numerators, GroupQuery, KvBlock, Scratch,
 };
-use super::backend::CpuTensor;
+use super::backend::{CpuNumerics, CpuTensor};
+use super::ggml_compat::{self, AttnScratch, KvHead};
 use super::ops::rope_head;
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::{AttentionShape, ForwardBatch, KvCacheShape};
@@ -83,19 +84,32 @@ pub struct CpuStep {
     pub sin: Vec<f32>,
     pub interleaved: bool,
     pub tasks: Vec<AttentionTask>,
+    pub numerics: CpuNumerics,
 }
 
 impl CpuStep {
-    pub fn new(batch: &ForwardBatch, rope: &crate::kernels::Rope) -> Self {
+    pub fn new(batch: &ForwardBatch, rope: &crate::kernels::Rope, numerics: CpuNumerics) -> Self {
         let half = rope.inv_freqs.len();
         let n = batch.num_tokens();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for &p in &batch.positions {
-            for &f in &rope.inv_freqs {
-                let (s, c) = (p as f32 * f).sin_cos();
-                cos.push(c);
-                sin.push(s);
+            match numerics {
+                CpuNumerics::Fast => {
+                    for &f in &rope.inv_freqs {
+                        let (s, c) = (p as f32 * f).sin_cos();
+                        cos.push(c);
+                        sin.push(s);
+                    }
+                }
+                CpuNumerics::Ggml => ggml_compat::rope_angles(
+                    p,
+                    rope.theta_base,
+                    2 * half,
+                    rope.freq_factors.as_deref(),
+                    &mut cos,
+                    &mut sin,
+                ),
             }
         }
         let mut tasks = Vec::new();
@@ -117,6 +131,7 @@ impl CpuStep {
             sin,
             interleaved: rope.interleaved,
             tasks,
+            numerics,
         }
     }
 }
@@ -169,7 +184,10 @@ pub fn rope_and_store(
             let row = unsafe { qkv_ptr.slice(t * cols, cols) };
             let (cos, sin) = (&step.cos[t * half..][..half], &step.sin[t * half..][..half]);
             for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
-                rope_head(head, cos, sin, step.interleaved);
+                match step.numerics {
+                    CpuNumerics::Fast => rope_head(head, cos, sin, step.interleaved),
+                    CpuNumerics::Ggml => ggml_compat::rope_head(head, cos, sin, step.interleaved),
+                }
             }
             let mut tmp = [f16::ZERO; 256];
             round_to_f16(&mut row[..h * d], &mut tmp);
@@ -215,6 +233,9 @@ pub fn attend(
     // block's K (then V) of every head is read as one contiguous run: 12–23% faster at 2–16
     // decoding sequences (`attention_probe`; the cache comes from memory, not compute). With
     // fewer, a task takes one KV head, so that a single sequence still uses every thread.
+    if step.numerics == CpuNumerics::Ggml {
+        return attend_ggml(pool, qkv, shape, layer, kv, step, out);
+    }
     let heads_per_task = if step.tasks.len() >= pool.num_threads() {
         shape.num_kv_heads
     } else {
@@ -316,6 +337,56 @@ fn attend_tasks(
     });
 }
 
+/// [`attend`] as ggml's CPU flash attention computes it ([`ggml_compat`]): per query head,
+/// keys in order, an online softmax and an f16 accumulator. Tasks are (query chunk, KV head).
+fn attend_ggml(
+    pool: &ThreadPool,
+    qkv: &CpuTensor,
+    shape: AttentionShape,
+    layer: usize,
+    kv: &CpuKvCache,
+    step: &CpuStep,
+    out: &mut CpuTensor,
+) {
+    let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    let group = h / kvh;
+    let bs = kv.shape.block_size;
+    out.resize(qkv.rows, h * d);
+    let out_ptr = SyncPtr::new(&mut out.data);
+    let (k, v) = (&kv.k[layer][..], &kv.v[layer][..]);
+    pool.run(step.tasks.len() * kvh, |i| {
+        let (task, g) = (step.tasks[i / kvh], i % kvh);
+        let seq = &step.batch.seqs[task.seq];
+        let bases: Vec<usize> = seq
+            .block_table
+            .iter()
+            .map(|&b| kv.head_base(b as usize, g))
+            .collect();
+        let head = KvHead {
+            k,
+            v,
+            bases: &bases,
+            block_size: bs,
+        };
+        GGML_SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            for q in task.q_begin..task.q_end {
+                let row = seq.query_start + q;
+                let ctx = seq.context_len - seq.query_len + q + 1;
+                let query = &qkv.data[row * qkv.cols + g * group * d..][..group * d];
+                // SAFETY: each (row, KV head) is written by the one task that owns it, and a
+                // KV head's query heads are contiguous in the output row.
+                let o = unsafe { out_ptr.slice(row * h * d + g * group * d, group * d) };
+                ggml_compat::attend_kv_head(query, &head, ctx, d, shape.scale, o, scratch);
+            }
+        });
+    });
+}
+
+thread_local! {
+    static GGML_SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +459,8 @@ mod tests {
                     .map(|i| 10000f32.powf(-2.0 * i as f32 / d as f32))
                     .collect(),
                 interleaved: false,
+                theta_base: 10_000.0,
+                freq_factors: None,
             };
             // (seq, pos) -> rotated, rounded q | k | v of that token.
             let mut seen: Vec<Vec<Vec<f32>>> = lens.iter().map(|_| Vec::new()).collect();
@@ -399,7 +472,7 @@ mod tests {
             ];
             for ranges in steps {
                 let fb = batch(&ranges, &tables, bs);
-                let step = CpuStep::new(&fb, &rope);
+                let step = CpuStep::new(&fb, &rope, CpuNumerics::Fast);
                 let mut qkv = CpuTensor::default();
                 qkv.resize(fb.num_tokens(), cols);
                 for x in qkv.data.iter_mut() {
@@ -524,8 +597,10 @@ mod tests {
         let rope = Rope {
             inv_freqs: vec![1.0; d / 2],
             interleaved: false,
+            theta_base: 10_000.0,
+            freq_factors: None,
         };
-        let step = CpuStep::new(&batch(&ranges, &tables, bs), &rope);
+        let step = CpuStep::new(&batch(&ranges, &tables, bs), &rope, CpuNumerics::Fast);
         let mut qkv = CpuTensor::default();
         qkv.resize(seqs * queries, (h + 2 * kvh) * d);
         for (i, x) in qkv.data.iter_mut().enumerate() {

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use super::attention::{self, CpuKvCache, CpuStep};
+use super::ggml_compat::{self, GgmlActs};
 use super::matmul::{self, MatmulScratch, PackedLinear};
 use super::ops;
 use super::pool::{SyncPtr, ThreadPool};
@@ -32,23 +33,47 @@ impl CpuTensor {
     }
 }
 
+/// Which float operations the CPU ops perform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CpuNumerics {
+    /// sluice's own kernels: repacked weights, AMX where present, f32 attention.
+    #[default]
+    Fast,
+    /// Bit-compatible with llama.cpp's CPU build ([`ggml_compat`]); Q4_1 and Q8_0 weights.
+    Ggml,
+}
+
 pub struct CpuLinear {
-    /// The same weights prepared for the matmul kernels (repacked where the path uses it).
-    packed: PackedLinear,
+    weights: LinearWeights,
     rows: usize,
     cols: usize,
+}
+
+enum LinearWeights {
+    /// Prepared for sluice's kernels (repacked where the path uses it).
+    Packed(PackedLinear),
+    /// As in the file, for the ggml-compatible dot products.
+    Ggml(Vec<HostTensor>),
 }
 
 pub struct CpuBackend {
     pool: ThreadPool,
     scratch: Mutex<MatmulScratch>,
+    numerics: CpuNumerics,
+    ggml_acts: Mutex<GgmlActs>,
 }
 
 impl CpuBackend {
     pub fn new(num_threads: usize) -> Self {
+        Self::with_numerics(num_threads, CpuNumerics::Fast)
+    }
+
+    pub fn with_numerics(num_threads: usize, numerics: CpuNumerics) -> Self {
         Self {
             pool: ThreadPool::new(num_threads),
             scratch: Mutex::new(MatmulScratch::new()),
+            numerics,
+            ggml_acts: Mutex::new(GgmlActs::default()),
         }
     }
 
@@ -74,18 +99,42 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!(
-            "cpu ({} threads, {:?})",
+            "cpu ({} threads, {:?}, {:?} numerics)",
             self.pool.num_threads(),
-            ops::simd_level()
+            ops::simd_level(),
+            self.numerics
         )
     }
 
     fn linear(&self, parts: Vec<HostTensor>) -> Result<CpuLinear, KernelError> {
-        let packed = PackedLinear::new(parts)?;
+        if self.numerics == CpuNumerics::Fast {
+            let packed = PackedLinear::new(parts)?;
+            return Ok(CpuLinear {
+                rows: packed.rows(),
+                cols: packed.cols(),
+                weights: LinearWeights::Packed(packed),
+            });
+        }
+        let Some(first) = parts.first() else {
+            return Err(KernelError::Invalid(
+                "a linear layer without weights".into(),
+            ));
+        };
+        let cols = first.cols;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| !ggml_compat::supports(p.dtype) || p.cols != cols)
+        {
+            return Err(KernelError::Invalid(format!(
+                "ggml-compatible numerics need Q4_1 or Q8_0 weights of equal width, not {:?} \
+                 [{} x {}]; use the default numerics for this model",
+                p.dtype, p.rows, p.cols
+            )));
+        }
         Ok(CpuLinear {
-            rows: packed.rows(),
-            cols: packed.cols(),
-            packed,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            weights: LinearWeights::Ggml(parts),
         })
     }
 
@@ -109,7 +158,7 @@ impl Backend for CpuBackend {
     }
 
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CpuStep {
-        CpuStep::new(batch, rope)
+        CpuStep::new(batch, rope, self.numerics)
     }
 
     fn embed(&self, part: &HostTensor, step: &CpuStep, out: &mut CpuTensor) {
@@ -132,7 +181,10 @@ impl Backend for CpuBackend {
         self.for_rows(x.rows, |r| {
             // SAFETY: one row per task.
             let o = unsafe { ptr.slice(r * cols, cols) };
-            ops::rms_norm_row(x.row(r), w, eps, o);
+            match self.numerics {
+                CpuNumerics::Fast => ops::rms_norm_row(x.row(r), w, eps, o),
+                CpuNumerics::Ggml => ggml_compat::rms_norm_row(x.row(r), w, eps, o),
+            }
         });
     }
 
@@ -153,23 +205,32 @@ impl Backend for CpuBackend {
         self.for_rows(delta.rows, |r| {
             // SAFETY: one row per task.
             let (res, o) = unsafe { (rp.slice(r * cols, cols), op.slice(r * cols, cols)) };
-            ops::add_rms_norm_row(res, delta.row(r), w, eps, o);
+            match self.numerics {
+                CpuNumerics::Fast => ops::add_rms_norm_row(res, delta.row(r), w, eps, o),
+                CpuNumerics::Ggml => {
+                    for (r, d) in res.iter_mut().zip(delta.row(r)) {
+                        *r += d;
+                    }
+                    ggml_compat::rms_norm_row(res, w, eps, o);
+                }
+            }
         });
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuLinear, bias: Option<&Vec<f32>>, out: &mut CpuTensor) {
         debug_assert_eq!(x.cols, w.cols);
         out.resize(x.rows, w.rows);
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (x_data, m) = (&x.data[..x.rows * x.cols], x.rows);
-        matmul::linear_packed(
-            &self.pool,
-            x_data,
-            m,
-            &w.packed,
-            &mut out.data,
-            &mut scratch,
-        );
+        match &w.weights {
+            LinearWeights::Packed(packed) => {
+                let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+                matmul::linear_packed(&self.pool, x_data, m, packed, &mut out.data, &mut scratch);
+            }
+            LinearWeights::Ggml(parts) => {
+                let mut acts = self.ggml_acts.lock().unwrap_or_else(|e| e.into_inner());
+                ggml_compat::linear(&self.pool, x_data, m, parts, &mut out.data, &mut acts);
+            }
+        }
         if let Some(b) = bias {
             for row in out.data.chunks_exact_mut(w.rows) {
                 for (o, b) in row.iter_mut().zip(b) {
@@ -200,7 +261,10 @@ impl Backend for CpuBackend {
             let row = gate_up.row(r);
             // SAFETY: one row per task.
             let o = unsafe { ptr.slice(r * inter, inter) };
-            ops::silu_mul_row(&row[..inter], &row[inter..], o);
+            match self.numerics {
+                CpuNumerics::Fast => ops::silu_mul_row(&row[..inter], &row[inter..], o),
+                CpuNumerics::Ggml => ggml_compat::silu_mul_row(&row[..inter], &row[inter..], o),
+            }
         });
     }
 
@@ -224,5 +288,20 @@ impl Backend for CpuBackend {
         // The engine's last parallel work of a step: then it streams tokens alone, and the
         // API's threads need the cores more than spinning workers do.
         self.pool.run_then_rest(tasks, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ggml_numerics_refuse_other_weight_types_clearly() {
+        let backend = CpuBackend::with_numerics(1, CpuNumerics::Ggml);
+        let err = match backend.linear(vec![HostTensor::from_f32(2, 32, &[0.5; 64])]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("F32 weights accepted by the ggml numerics"),
+        };
+        assert!(err.contains("Q4_1 or Q8_0") && err.contains("F32"), "{err}");
     }
 }

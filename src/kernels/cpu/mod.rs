@@ -3,8 +3,9 @@
 pub mod attention;
 mod attention_kernels;
 pub mod backend;
+pub mod ggml_compat;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
 
-pub use backend::{CpuBackend, CpuTensor};
+pub use backend::{CpuBackend, CpuNumerics, CpuTensor};
