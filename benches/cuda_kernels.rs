@@ -118,6 +118,7 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
                 block_table: (s * blocks_per_seq..(s + 1) * blocks_per_seq)
                     .map(|b| b as u32)
                     .collect(),
+                prompt_len: 0,
             })
             .collect(),
         logits_rows: (0..seqs as u32).collect(),
@@ -220,6 +221,7 @@ fn decode_8b(copy_bw: f64, profile_only: bool) {
             query_len: n,
             context_len: from + n,
             block_table: table[..(from + n).div_ceil(BLOCK)].to_vec(),
+            prompt_len: 0,
         }],
         logits_rows: vec![n as u32 - 1],
     };

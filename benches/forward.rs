@@ -37,6 +37,7 @@ fn batch(seqs: usize, per_seq: usize, start: usize, end: usize) -> ForwardBatch 
             query_len: end - start,
             context_len: end,
             block_table: table,
+            prompt_len: 0,
         });
     }
     b

@@ -93,6 +93,7 @@ fn decode_batch(num_seqs: usize, context: usize, block_size: usize) -> ForwardBa
             query_len: 1,
             context_len: context + 1,
             block_table: table,
+            prompt_len: 0,
         });
     }
     b

@@ -73,6 +73,7 @@ impl Seqs {
                 query_len: n,
                 context_len: done + n,
                 block_table: table,
+                prompt_len: 0,
             });
         }
         b

@@ -121,6 +121,7 @@ pub fn decode_batch(n: usize, ctx: usize, vocab: usize) -> ForwardBatch {
                 query_len: 1,
                 context_len: ctx,
                 block_table: (i * per_seq..(i + 1) * per_seq).map(|b| b as u32).collect(),
+                prompt_len: 0,
             })
             .collect(),
         logits_rows: (0..n as u32).collect(),

@@ -124,6 +124,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
                 query_len: n,
                 context_len: done + n,
                 block_table: block_table.clone(),
+                prompt_len: prompt_ids.len(),
             }],
             logits_rows: vec![n as u32 - 1],
         };

@@ -159,6 +159,7 @@ impl<B: Backend> ModelRunner<B> {
                 query_len: s.end - s.start,
                 context_len: s.end,
                 block_table: s.block_table.clone(),
+                prompt_len: s.num_prompt_tokens,
             });
         }
     }

@@ -39,6 +39,10 @@ pub struct BatchSeq {
     pub context_len: usize,
     /// Block ids holding the sequence's KV, in token order.
     pub block_table: Vec<u32>,
+    /// Length of the sequence's prompt (0 where unknown). Only the ggml-compatible CPU
+    /// numerics read it: llama.cpp attends from prompt tokens it processes in batches of 64 or
+    /// more with another kernel than from tokens it decodes one at a time.
+    pub prompt_len: usize,
 }
 
 /// Everything one forward pass needs, flat: what the engine's runner builds from a step plan.

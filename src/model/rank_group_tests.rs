@@ -51,6 +51,7 @@ fn two_steps(g: &mut RankGroup<CpuBackend>) -> Vec<f32> {
         query_len: n,
         context_len: start + n,
         block_table: vec![0, 1],
+        prompt_len: 0,
     };
     let prefill = ForwardBatch {
         token_ids: vec![1, 7, 30, 49, 2, 26],
@@ -111,6 +112,7 @@ fn a_failed_rank_breaks_the_group_instead_of_hanging() {
             query_len: 1,
             context_len: 1,
             block_table: vec![0],
+            prompt_len: 0,
         }],
         logits_rows: vec![0],
     };

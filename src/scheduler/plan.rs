@@ -47,6 +47,8 @@ pub struct ScheduledSeq {
     /// `start`, the sequence's length once that token is appended): its id is not known when
     /// the plan is made, and the runner takes it from that step's output.
     pub run_ahead: bool,
+    /// Length of the sequence's prompt.
+    pub num_prompt_tokens: usize,
 }
 
 impl ScheduledSeq {

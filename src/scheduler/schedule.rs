@@ -319,6 +319,7 @@ impl Scheduler {
                 block_table: table.to_vec(),
                 sample: end >= seq.num_tokens(),
                 run_ahead,
+                num_prompt_tokens: seq.num_prompt_tokens,
             });
         }
         plan

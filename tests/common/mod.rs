@@ -52,11 +52,23 @@ pub struct GreedyFixture {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
     pub greedy_ids: Vec<u32>,
+    /// (Not in `greedy_long.jsonl`.)
+    #[serde(default)]
     pub greedy_text: String,
 }
 
 pub fn greedy_fixtures() -> Vec<GreedyFixture> {
-    std::fs::read_to_string(fixtures_dir().join("greedy.jsonl"))
+    read_greedy("greedy.jsonl")
+}
+
+/// Prompts of 64 tokens or more, which llama.cpp attends from with its tiled kernel
+/// (`tests/fixtures/README.md`, made here).
+pub fn greedy_long_fixtures() -> Vec<GreedyFixture> {
+    read_greedy("greedy_long.jsonl")
+}
+
+fn read_greedy(file: &str) -> Vec<GreedyFixture> {
+    std::fs::read_to_string(fixtures_dir().join(file))
         .unwrap()
         .lines()
         .filter(|l| !l.trim().is_empty())

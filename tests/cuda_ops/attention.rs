@@ -54,6 +54,7 @@ fn batch(seqs: &mut [Seq], work: &[(usize, usize)], bs: usize) -> ForwardBatch {
             query_len: q,
             context_len: seq.len,
             block_table: seq.blocks[..seq.len.div_ceil(bs)].to_vec(),
+            prompt_len: 0,
         });
         b.logits_rows.push((b.token_ids.len() - 1) as u32);
     }

@@ -88,6 +88,7 @@ impl Batcher {
                 query_len: n,
                 context_len: self.cached[s],
                 block_table: self.blocks[s][..self.cached[s].div_ceil(BLOCK_SIZE)].to_vec(),
+                prompt_len: 0,
             });
             b.logits_rows.push((b.token_ids.len() - 1) as u32);
         }

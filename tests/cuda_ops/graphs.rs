@@ -63,6 +63,7 @@ fn batch(
             query_len: b.token_ids.len() - start,
             context_len: cached[s],
             block_table: blocks[s][..cached[s].div_ceil(BLOCK_SIZE)].to_vec(),
+            prompt_len: 0,
         });
         b.logits_rows.push((b.token_ids.len() - 1) as u32);
     }

@@ -57,6 +57,7 @@ fn flat_batch(token_ids: Vec<u32>, logits_rows: Vec<u32>) -> ForwardBatch {
             query_len: n,
             context_len: n,
             block_table: (0..n.div_ceil(16) as u32).collect(),
+            prompt_len: 0,
         }],
         token_ids,
         logits_rows,

@@ -190,7 +190,10 @@ pub fn rope_and_store(
                 }
             }
             let mut tmp = [f16::ZERO; 256];
-            round_to_f16(&mut row[..h * d], &mut tmp);
+            // (The ggml numerics round queries where llama.cpp does, in attention.)
+            if step.numerics == CpuNumerics::Fast {
+                round_to_f16(&mut row[..h * d], &mut tmp);
+            }
             for g in 0..kvh {
                 let at = base + g * head_stride;
                 let (k_row, v_row) = (&row[(h + g) * d..][..d], &row[(h + kvh + g) * d..][..d]);
@@ -377,7 +380,8 @@ fn attend_ggml(
                 // SAFETY: each (row, KV head) is written by the one task that owns it, and a
                 // KV head's query heads are contiguous in the output row.
                 let o = unsafe { out_ptr.slice(row * h * d + g * group * d, group * d) };
-                ggml_compat::attend_kv_head(query, &head, ctx, d, shape.scale, o, scratch);
+                let tiled = ggml_compat::attends_tiled(seq.prompt_len, ctx - 1);
+                ggml_compat::attend_kv_head(query, &head, ctx, d, shape.scale, tiled, o, scratch);
             }
         });
     });
@@ -411,6 +415,7 @@ mod tests {
                 query_len: end - start,
                 context_len: end,
                 block_table: tables[s].clone(),
+                prompt_len: 0,
             });
         }
         b

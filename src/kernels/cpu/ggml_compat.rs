@@ -177,51 +177,52 @@ fn columns(
     col_off: usize,
 ) {
     let (k, nb) = (w.cols, w.cols / QK);
-    let path = dot_path();
-    let mut c = c0;
-    while c < c1 {
-        // Four columns at a time on the VNNI path: four independent accumulator chains.
-        let n = if path == DotPath::Vnni && c + 4 <= c1 {
-            4
-        } else {
-            1
-        };
-        for r in 0..m {
-            let (qs, d, s) = (
-                &acts.qs[r * k..(r + 1) * k],
-                &acts.d[r * nb..(r + 1) * nb],
-                &acts.s[r * nb..(r + 1) * nb],
-            );
-            let mut v = [0.0f32; 4];
-            match (path, w.dtype) {
-                #[cfg(target_arch = "x86_64")]
-                (DotPath::Vnni, dtype) => {
-                    let rows: [&[u8]; 4] = std::array::from_fn(|i| w.row(c + i.min(n - 1)));
-                    // SAFETY: the path was chosen from this CPU's features; each row holds
-                    // `nb` blocks and the activation slices `nb` blocks (the width is `k`).
-                    v = unsafe {
-                        match (dtype, n) {
-                            (WeightDType::Q4_1, 4) => vnni::dots_q4_1::<4>(rows, qs, d, s),
-                            (WeightDType::Q4_1, _) => {
-                                let [x] = vnni::dots_q4_1::<1>([rows[0]], qs, d, s);
-                                [x, 0.0, 0.0, 0.0]
-                            }
-                            (_, 4) => vnni::dots_q8_0::<4>(rows, qs, d),
-                            _ => {
-                                let [x] = vnni::dots_q8_0::<1>([rows[0]], qs, d);
-                                [x, 0.0, 0.0, 0.0]
-                            }
-                        }
-                    };
+    let row_of = |r: usize| {
+        (
+            &acts.qs[r * k..(r + 1) * k],
+            &acts.d[r * nb..(r + 1) * nb],
+            &acts.s[r * nb..(r + 1) * nb],
+        )
+    };
+    // SAFETY (both writes): each (row, column) is written by the one task that owns the column.
+    let store = |r: usize, c: usize, v: &[f32]| unsafe {
+        out.slice(r * ld + col_off + c, v.len()).copy_from_slice(v)
+    };
+    #[cfg(target_arch = "x86_64")]
+    if dot_path() == DotPath::Vnni {
+        // Tiles of 4 columns × 4 rows: a weight block is unpacked once for 4 rows, and 16
+        // accumulator chains run side by side.
+        let mut c = c0;
+        while c < c1 {
+            let n = if c + 4 <= c1 { 4 } else { 1 };
+            let mut r = 0;
+            while r < m {
+                let rows = if r + 4 <= m { 4 } else { 1 };
+                // SAFETY: the path was chosen from this CPU's features; every weight row and
+                // activation row holds `nb` blocks.
+                unsafe {
+                    match (n, rows) {
+                        (4, 4) => vnni::tile::<4, 4>(w, c, r, &row_of, &store),
+                        (4, _) => vnni::tile::<4, 1>(w, c, r, &row_of, &store),
+                        (_, 4) => vnni::tile::<1, 4>(w, c, r, &row_of, &store),
+                        _ => vnni::tile::<1, 1>(w, c, r, &row_of, &store),
+                    }
                 }
-                (_, WeightDType::Q4_1) => v[0] = dot_q4_1(w.row(c), qs, d, s),
-                _ => v[0] = dot_q8_0(w.row(c), qs, d),
+                r += rows;
             }
-            // SAFETY: each (row, column) is written by the one task that owns the column.
-            let o = unsafe { out.slice(r * ld + col_off + c, n) };
-            o.copy_from_slice(&v[..n]);
+            c += n;
         }
-        c += n;
+        return;
+    }
+    for c in c0..c1 {
+        for r in 0..m {
+            let (qs, d, s) = row_of(r);
+            let v = match w.dtype {
+                WeightDType::Q4_1 => dot_q4_1(w.row(c), qs, d, s),
+                _ => dot_q8_0(w.row(c), qs, d),
+            };
+            store(r, c, &[v]);
+        }
     }
 }
 
@@ -229,6 +230,9 @@ fn columns(
 mod vnni {
     #![allow(clippy::incompatible_msrv)]
     use std::arch::x86_64::*;
+
+    use crate::kernels::dtype::WeightDType;
+    use crate::kernels::host::HostTensor;
 
     #[inline(always)]
     unsafe fn half(p: *const u8) -> f32 {
@@ -243,63 +247,103 @@ mod vnni {
         super::hsum8(a)
     }
 
-    /// [`super::dot_q4_1`] of `N` weight rows against one activation row, with `vpdpbusd`.
+    type Row<'a> = (&'a [i8], &'a [f32], &'a [f32]);
+
+    /// Columns `c..c + N` of `w` for activation rows `r..r + R`, each output as
+    /// [`super::dot_q4_1`] or [`super::dot_q8_0`] computes it, with `vpdpbusd`.
     ///
     /// # Safety
-    /// AVX-512 VL/VNNI, AVX2, FMA and F16C; each of `w` holds `d.len()` Q4_1 blocks, `qs`
-    /// as many × 32 values.
+    /// AVX-512 VL/VNNI, AVX2, FMA and F16C; `w` is Q4_1 or Q8_0 with the activations' width.
     #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dots_q4_1<const N: usize>(
-        w: [&[u8]; N],
-        qs: &[i8],
-        d: &[f32],
-        s: &[f32],
-    ) -> [f32; N] {
-        let nb = d.len();
-        assert!(w.iter().all(|w| w.len() >= nb * 20) && qs.len() >= nb * 32 && s.len() >= nb);
-        let low = _mm256_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut summs = [0.0f32; N];
-        for b in 0..nb {
-            let qy = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
-            for i in 0..N {
-                let p = w[i].as_ptr().add(b * 20);
-                summs[i] = half(p.add(2)).mul_add(s[b], summs[i]);
-                let scale = _mm256_set1_ps(half(p) * d[b]);
-                let tmp = _mm_loadu_si128(p.add(4) as *const __m128i);
-                let qx = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
-                let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy));
-                acc[i] = _mm256_fmadd_ps(scale, xy, acc[i]);
-            }
+    pub(super) unsafe fn tile<'a, const N: usize, const R: usize>(
+        w: &HostTensor,
+        c: usize,
+        r: usize,
+        row_of: &dyn Fn(usize) -> Row<'a>,
+        store: &dyn Fn(usize, usize, &[f32]),
+    ) {
+        let cols: [&[u8]; N] = std::array::from_fn(|i| w.row(c + i));
+        let rows: [Row<'a>; R] = std::array::from_fn(|j| row_of(r + j));
+        let out = if w.dtype == WeightDType::Q4_1 {
+            dots_q4_1(cols, rows)
+        } else {
+            dots_q8_0(cols, rows)
+        };
+        for (j, o) in out.iter().enumerate() {
+            store(r + j, c, o);
         }
-        std::array::from_fn(|i| hsum8(acc[i]) + summs[i])
     }
 
-    /// [`super::dot_q8_0`] of `N` weight rows, with `vpdpbusd` (|x| against y with x's signs).
-    ///
-    /// # Safety
-    /// As [`dots_q4_1`], with Q8_0 blocks.
-    #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dots_q8_0<const N: usize>(
+    #[inline(always)]
+    unsafe fn dots_q4_1<const N: usize, const R: usize>(
         w: [&[u8]; N],
-        qs: &[i8],
-        d: &[f32],
-    ) -> [f32; N] {
-        let nb = d.len();
-        assert!(w.iter().all(|w| w.len() >= nb * 34) && qs.len() >= nb * 32);
-        let mut acc = [_mm256_setzero_ps(); N];
-        for (b, &db) in d.iter().enumerate() {
-            let qy = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+        rows: [Row<'_>; R],
+    ) -> [[f32; N]; R] {
+        let nb = rows[0].1.len();
+        assert!(w.iter().all(|w| w.len() >= nb * 20));
+        assert!(rows
+            .iter()
+            .all(|(qs, d, s)| qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb));
+        let low = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut summs = [[0.0f32; N]; R];
+        for b in 0..nb {
+            let mut qx = [_mm256_setzero_si256(); N];
+            let (mut dw, mut mw) = ([0.0f32; N], [0.0f32; N]);
             for i in 0..N {
-                let p = w[i].as_ptr().add(b * 34);
-                let scale = _mm256_set1_ps(half(p) * db);
-                let qx = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                let (ax, sy) = (_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-                let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
-                acc[i] = _mm256_fmadd_ps(scale, xy, acc[i]);
+                let p = w[i].as_ptr().add(b * 20);
+                (dw[i], mw[i]) = (half(p), half(p.add(2)));
+                let tmp = _mm_loadu_si128(p.add(4) as *const __m128i);
+                qx[i] = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
+            }
+            for j in 0..R {
+                let (qs, d, s) = rows[j];
+                let qy = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                for i in 0..N {
+                    summs[j][i] = mw[i].mul_add(s[b], summs[j][i]);
+                    let scale = _mm256_set1_ps(dw[i] * d[b]);
+                    let xy =
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qx[i], qy));
+                    acc[j][i] = _mm256_fmadd_ps(scale, xy, acc[j][i]);
+                }
             }
         }
-        std::array::from_fn(|i| hsum8(acc[i]))
+        std::array::from_fn(|j| std::array::from_fn(|i| hsum8(acc[j][i]) + summs[j][i]))
+    }
+
+    /// (`|x|` against `y` with `x`'s signs, as `mul_sum_i8_pairs_float`.)
+    #[inline(always)]
+    unsafe fn dots_q8_0<const N: usize, const R: usize>(
+        w: [&[u8]; N],
+        rows: [Row<'_>; R],
+    ) -> [[f32; N]; R] {
+        let nb = rows[0].1.len();
+        assert!(w.iter().all(|w| w.len() >= nb * 34));
+        assert!(rows
+            .iter()
+            .all(|(qs, d, _)| qs.len() >= nb * 32 && d.len() >= nb));
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for b in 0..nb {
+            let mut qx = [_mm256_setzero_si256(); N];
+            let mut dw = [0.0f32; N];
+            for i in 0..N {
+                let p = w[i].as_ptr().add(b * 34);
+                dw[i] = half(p);
+                qx[i] = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            }
+            for j in 0..R {
+                let (qs, d, _) = rows[j];
+                let qy = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                for i in 0..N {
+                    let scale = _mm256_set1_ps(dw[i] * d[b]);
+                    let (ax, sy) = (_mm256_sign_epi8(qx[i], qx[i]), _mm256_sign_epi8(qy, qx[i]));
+                    let xy =
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
+                    acc[j][i] = _mm256_fmadd_ps(scale, xy, acc[j][i]);
+                }
+            }
+        }
+        std::array::from_fn(|j| std::array::from_fn(|i| hsum8(acc[j][i])))
     }
 }
 
@@ -444,9 +488,11 @@ pub struct AttnScratch {
     /// The 4 × 16 lane sums of `ggml_vec_dot_f16` per key, `[64][block_size]`.
     lanes: Vec<f32>,
     scores: Vec<f32>,
-    /// `VKQ16` of each query head, `[group][head_dim]`, as f32 values of f16 precision.
+    /// `VKQ16` (`VKQ32` when tiled) of each query head, `[group][head_dim]`.
     acc: Vec<f32>,
     tmp: Vec<f16>,
+    /// The query heads as the kernel meets the keys (f16 precision for one query at a time).
+    query: Vec<f32>,
 }
 
 /// One KV head's cached keys and values in the paged layout: K `[head_dim][block_size]` and
@@ -459,9 +505,23 @@ pub struct KvHead<'a> {
     pub block_size: usize,
 }
 
-/// Attention of the query heads `q` (`[group][head_dim]`, values of f16 precision) of one
-/// KV head over its first `ctx` cached keys, as ggml's
-/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` computes it; writes `out` (same shape).
+/// Query positions llama.cpp's server processes together with position `pos` of a prompt of
+/// `prompt_len` tokens: it decodes a prompt in micro-batches of 512.
+fn llama_ubatch_len(prompt_len: usize, pos: usize) -> usize {
+    const UBATCH: usize = 512;
+    (prompt_len - pos / UBATCH * UBATCH).min(UBATCH)
+}
+
+/// Whether llama.cpp attends from position `pos` with its tiled kernel (prompt tokens it
+/// processes 64 or more at a time, `GGML_FA_TILE_Q`) rather than one query at a time.
+pub fn attends_tiled(prompt_len: usize, pos: usize) -> bool {
+    pos < prompt_len && llama_ubatch_len(prompt_len, pos) >= 64
+}
+
+/// Attention of the query heads `q` (`[group][head_dim]`, f32) of one KV head over its first
+/// `ctx` cached keys, as ggml computes it: with `ggml_compute_forward_flash_attn_ext_tiled`
+/// when `tiled`, else `ggml_compute_forward_flash_attn_ext_f16_one_chunk`. Writes `out` (same
+/// shape as `q`).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_kv_head(
     q: &[f32],
@@ -469,11 +529,109 @@ pub fn attend_kv_head(
     ctx: usize,
     head_dim: usize,
     scale: f32,
+    tiled: bool,
     out: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
-    attend_kv_head_dispatch(q, kv, ctx, scale, head_dim, out, scratch)
+    if tiled {
+        attend_kv_head_tiled(q, kv, ctx, scale, head_dim, out, scratch)
+    } else {
+        attend_kv_head_dispatch(q, kv, ctx, scale, head_dim, out, scratch)
+    }
 }
+
+/// Keys per tile of ggml's tiled kernel (`GGML_FA_TILE_KV`).
+const KV_TILE: usize = 64;
+
+/// The tiled kernel for one query: f32 query and keys, scores as an FMA chain over the head
+/// dimensions, per tile of 64 keys a max, a rescale when it rises, `ggml_v_expf` weights
+/// summed per 16 in f64, and V accumulated in f32 key by key.
+#[inline(always)]
+fn attend_kv_head_tiled_body(
+    q: &[f32],
+    kv: &KvHead<'_>,
+    ctx: usize,
+    scale: f32,
+    d: usize,
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+) {
+    let bs = kv.block_size;
+    let AttnScratch {
+        kf,
+        vf,
+        scores,
+        acc,
+        ..
+    } = scratch;
+    kf.resize(d * ctx, 0.0);
+    vf.resize(ctx * d, 0.0);
+    // K as `[dim][key]` and V as `[key][dim]`, f32, for the keys `0..ctx`.
+    for t in 0..ctx {
+        let base = kv.bases[t / bs];
+        let slot = t % bs;
+        for i in 0..d {
+            kf[i * ctx + t] = kv.k[base + i * bs + slot].to_f32();
+        }
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+            &kv.v[base + slot * d..][..d],
+            &mut vf[t * d..][..d],
+        );
+    }
+    scores.resize(KV_TILE, 0.0);
+    acc.clear();
+    acc.resize(d, 0.0);
+    for (qh, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        acc.fill(0.0);
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+        for t0 in (0..ctx).step_by(KV_TILE) {
+            let n = KV_TILE.min(ctx - t0);
+            scores.fill(f32::NEG_INFINITY);
+            for (j, s) in scores.iter_mut().enumerate().take(n) {
+                let mut dot = 0.0f32;
+                for i in 0..d {
+                    dot = kf[i * ctx + t0 + j].mul_add(qh[i], dot);
+                }
+                *s = dot * scale;
+            }
+            let tile_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let new_max = max.max(tile_max);
+            if new_max > max {
+                let ms = (max - new_max).exp();
+                for a in acc.iter_mut() {
+                    *a *= ms;
+                }
+                sum *= ms;
+            }
+            max = new_max;
+            // `ggml_vec_soft_max_f32`: weights in place, summed 16 at a time (16 → 8 → 4 → 2
+            // → 1) into an f64.
+            let mut total = 0.0f64;
+            for chunk in scores.chunks_exact_mut(16) {
+                for s in chunk.iter_mut() {
+                    *s = v_expf(*s - max);
+                }
+                let t: [f32; 8] = std::array::from_fn(|i| chunk[i] + chunk[i + 8]);
+                let u: [f32; 4] = std::array::from_fn(|i| t[i] + t[i + 4]);
+                total += ((u[0] + u[2]) + (u[1] + u[3])) as f64;
+            }
+            sum = (sum as f64 + total) as f32;
+            for (j, &p) in scores.iter().enumerate().take(n) {
+                for (a, &v) in acc.iter_mut().zip(&vf[(t0 + j) * d..][..d]) {
+                    *a = v.mul_add(p, *a);
+                }
+            }
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for (o, a) in o.iter_mut().zip(acc.iter()) {
+            *o = a * inv;
+        }
+    }
+}
+
+simd_dispatch!(
+    fn attend_kv_head_tiled(q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, d: usize, out: &mut [f32], scratch: &mut AttnScratch) => attend_kv_head_tiled_body
+);
 
 #[inline(always)]
 fn attend_kv_head_body(
@@ -493,7 +651,16 @@ fn attend_kv_head_body(
         scores,
         acc,
         tmp,
+        query,
     } = scratch;
+    // The query meets the f16 keys as f16 (`q_to_vec_dot`).
+    query.clear();
+    query.extend_from_slice(q);
+    tmp.resize(d, f16::ZERO);
+    for h in query.chunks_exact_mut(d) {
+        round_to_f16(h, tmp);
+    }
+    let q = &query[..];
     kf.resize(d * bs, 0.0);
     vf.resize(d * bs, 0.0);
     lanes.resize(64 * bs, 0.0);
@@ -579,57 +746,50 @@ fn round_to_f16(x: &mut [f32], tmp: &mut [f16]) {
 mod tests {
     use super::*;
     use crate::kernels::cpu::matmul::quantize_weights::quantize_row as quantize_weights;
+    use crate::kernels::host::WeightBytes;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// The VNNI dot products give the portable ones' bits, one column or four at a time.
+    /// [`linear`] (VNNI tiles of 4 × 4, 4 × 1, 1 × 4 and 1 × 1 where the CPU has them, over
+    /// two parts) gives the portable dot products' bits.
     #[test]
-    fn vnni_and_portable_dots_agree() {
-        if dot_path() != DotPath::Vnni {
-            return;
-        }
+    fn linear_tiles_match_the_portable_dots() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let k = 256;
-        let x: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let mut acts = GgmlActs::default();
-        acts.quantize(&x, 1, k);
-        let (qs, d, s) = (&acts.qs[..], &acts.d[..], &acts.s[..]);
-        for dtype in [WeightDType::Q4_1, WeightDType::Q8_0] {
-            let rows: Vec<Vec<u8>> = (0..4)
-                .map(|_| {
-                    let w: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    quantize_weights(dtype, &w)
-                })
-                .collect();
-            let portable: Vec<f32> = rows
-                .iter()
-                .map(|w| match dtype {
-                    WeightDType::Q4_1 => dot_q4_1(w, qs, d, s),
-                    _ => dot_q8_0(w, qs, d),
-                })
-                .collect();
-            let refs: [&[u8]; 4] = std::array::from_fn(|i| &rows[i][..]);
-            // SAFETY: the path says the CPU has the features; sizes match `k`.
-            let (four, one) = unsafe {
-                match dtype {
-                    WeightDType::Q4_1 => (
-                        vnni::dots_q4_1::<4>(refs, qs, d, s),
-                        vnni::dots_q4_1::<1>([refs[2]], qs, d, s)[0],
-                    ),
-                    _ => (
-                        vnni::dots_q8_0::<4>(refs, qs, d),
-                        vnni::dots_q8_0::<1>([refs[2]], qs, d)[0],
-                    ),
+        let (k, m) = (256, 5);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let parts: Vec<HostTensor> = [(WeightDType::Q4_1, 6), (WeightDType::Q8_0, 5)]
+            .into_iter()
+            .map(|(dtype, rows)| {
+                let w: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                HostTensor {
+                    dtype,
+                    rows,
+                    cols: k,
+                    bytes: WeightBytes::Owned(std::sync::Arc::new(quantize_weights(dtype, &w))),
                 }
-            };
-            for i in 0..4 {
-                assert_eq!(
-                    four[i].to_bits(),
-                    portable[i].to_bits(),
-                    "{dtype:?} column {i}"
-                );
+            })
+            .collect();
+        let mut out = vec![0.0f32; m * 11];
+        let mut acts = GgmlActs::default();
+        linear(&ThreadPool::new(2), &x, m, &parts, &mut out, &mut acts);
+        let (nb, mut col) = (k / QK, 0);
+        for p in &parts {
+            for c in 0..p.rows {
+                for r in 0..m {
+                    let (qs, d, s) = (
+                        &acts.qs[r * k..][..k],
+                        &acts.d[r * nb..][..nb],
+                        &acts.s[r * nb..][..nb],
+                    );
+                    let want = match p.dtype {
+                        WeightDType::Q4_1 => dot_q4_1(p.row(c), qs, d, s),
+                        _ => dot_q8_0(p.row(c), qs, d),
+                    };
+                    let got = out[r * 11 + col + c];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{:?} ({r}, {c})", p.dtype);
+                }
             }
-            assert_eq!(one.to_bits(), portable[2].to_bits(), "{dtype:?}");
+            col += p.rows;
         }
     }
 

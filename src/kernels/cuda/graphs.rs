@@ -235,6 +235,7 @@ impl CudaBackend {
                         query_len: 1,
                         context_len: 1,
                         block_table: vec![block],
+                        prompt_len: 0,
                     })
                     .collect(),
                 logits_rows: (0..n as u32).collect(),

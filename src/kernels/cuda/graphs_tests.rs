@@ -11,6 +11,7 @@ fn decode_batch(n: usize) -> ForwardBatch {
                 query_len: 1,
                 context_len: 10,
                 block_table: vec![i as u32],
+                prompt_len: 0,
             })
             .collect(),
         logits_rows: (0..n as u32).collect(),

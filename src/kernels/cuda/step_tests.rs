@@ -17,6 +17,7 @@ fn decode_batch(contexts: &[usize], block_size: usize) -> ForwardBatch {
             query_len: 1,
             context_len: ctx,
             block_table: blocks,
+            prompt_len: 0,
         });
         b.logits_rows.push(i as u32);
     }
