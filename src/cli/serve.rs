@@ -15,6 +15,7 @@ use anyhow::Context;
 use super::engine_args::EngineArgs;
 use super::model_args::{Loaded, ModelArgs, WithLoaded};
 use crate::api::{self, AppState, ServerConfig};
+use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::Backend;
 
 /// Extra time, past the shutdown timeout, for the last events to reach their clients.
@@ -97,7 +98,13 @@ fn serve_model<B: Backend>(
     timeouts: api::server::HttpTimeouts,
     loaded: Loaded<B>,
 ) -> anyhow::Result<()> {
-    let engine_config = args.engine.engine_config(&loaded.model.config)?;
+    let mut engine_config = args.engine.engine_config(&loaded.model.config)?;
+    if args.model.cpu_numerics == CpuNumerics::Ggml && engine_config.cache.enable_prefix_caching {
+        // llama.cpp attends from a prompt token with one of two kernels, chosen by its
+        // prompt's length; a prefix cached by another prompt may have taken the other.
+        engine_config.cache.enable_prefix_caching = false;
+        tracing::info!("--cpu-numerics ggml: prefix caching off (see docs/ARCHITECTURE.md)");
+    }
     let name = args.served_model_name.clone().unwrap_or(loaded.name);
     let tokenizer = loaded.tokenizer;
     let options = args.engine.engine_options(loaded.device);
