@@ -373,6 +373,7 @@ fn attend_ggml(
         };
         GGML_SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
+            scratch.begin_task(seq.context_len - seq.query_len + task.q_end);
             for q in task.q_begin..task.q_end {
                 let row = seq.query_start + q;
                 let ctx = seq.context_len - seq.query_len + q + 1;

@@ -69,19 +69,31 @@ simd_dispatch!(
 );
 
 impl GgmlActs {
-    fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+    fn quantize(&mut self, pool: &ThreadPool, x: &[f32], m: usize, k: usize) {
         let nb = k / QK;
         self.qs.resize(m * k, 0);
         self.d.resize(m * nb, 0.0);
         self.s.resize(m * nb, 0.0);
-        for r in 0..m {
-            quantize_row(
-                &x[r * k..(r + 1) * k],
-                &mut self.qs[r * k..(r + 1) * k],
-                &mut self.d[r * nb..(r + 1) * nb],
-                &mut self.s[r * nb..(r + 1) * nb],
-            );
-        }
+        let (qs, d, s) = (
+            SyncPtr::new(&mut self.qs),
+            SyncPtr::new(&mut self.d),
+            SyncPtr::new(&mut self.s),
+        );
+        const ROWS: usize = 16;
+        pool.run(m.div_ceil(ROWS), |t| {
+            for r in t * ROWS..((t + 1) * ROWS).min(m) {
+                // SAFETY: each row's ranges are in bounds (resized above) and written by the
+                // one task that owns the row.
+                unsafe {
+                    quantize_row(
+                        &x[r * k..(r + 1) * k],
+                        qs.slice(r * k, k),
+                        d.slice(r * nb, nb),
+                        s.slice(r * nb, nb),
+                    )
+                };
+            }
+        });
     }
 }
 
@@ -361,7 +373,7 @@ pub fn linear(
     acts: &mut GgmlActs,
 ) {
     let k = parts[0].cols;
-    acts.quantize(x, m, k);
+    acts.quantize(pool, x, m, k);
     let ld: usize = parts.iter().map(|p| p.rows).sum();
     let out = SyncPtr::new(out);
     let acts = &*acts;
@@ -425,7 +437,7 @@ fn v_expf(x: f32) -> f32 {
         )
         .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
     // `_mm512_scalef_ps(j, n)`: j · 2^n rounded once (exact in f64 for |n| ≤ 192).
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 #[inline(always)]
@@ -493,6 +505,20 @@ pub struct AttnScratch {
     tmp: Vec<f16>,
     /// The query heads as the kernel meets the keys (f16 precision for one query at a time).
     query: Vec<f32>,
+    /// The tiled kernel's keys as f32, `[head_dim][tiled_cap]`, and values, `[key][head_dim]`:
+    /// converted once per task, the first `tiled_keys` so far.
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    tiled_cap: usize,
+    tiled_keys: usize,
+}
+
+impl AttnScratch {
+    /// Starts a task (one KV head, queries in order) whose last query sees `max_ctx` keys.
+    pub fn begin_task(&mut self, max_ctx: usize) {
+        self.tiled_cap = max_ctx;
+        self.tiled_keys = 0;
+    }
 }
 
 /// One KV head's cached keys and values in the paged layout: K `[head_dim][block_size]` and
@@ -558,26 +584,32 @@ fn attend_kv_head_tiled_body(
 ) {
     let bs = kv.block_size;
     let AttnScratch {
-        kf,
-        vf,
+        kt,
+        vt,
+        tiled_cap,
+        tiled_keys,
         scores,
         acc,
         ..
     } = scratch;
-    kf.resize(d * ctx, 0.0);
-    vf.resize(ctx * d, 0.0);
-    // K as `[dim][key]` and V as `[key][dim]`, f32, for the keys `0..ctx`.
-    for t in 0..ctx {
+    let cap = *tiled_cap;
+    assert!(ctx <= cap, "a query past its task's keys");
+    kt.resize(d * cap, 0.0);
+    vt.resize(cap * d, 0.0);
+    // The keys this query sees beyond the task's earlier queries: K as `[dim][key]` (so a
+    // vector FMA scores consecutive keys) and V as `[key][dim]`, f32.
+    for t in *tiled_keys..ctx {
         let base = kv.bases[t / bs];
         let slot = t % bs;
         for i in 0..d {
-            kf[i * ctx + t] = kv.k[base + i * bs + slot].to_f32();
+            kt[i * cap + t] = kv.k[base + i * bs + slot].to_f32();
         }
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(
             &kv.v[base + slot * d..][..d],
-            &mut vf[t * d..][..d],
+            &mut vt[t * d..][..d],
         );
     }
+    *tiled_keys = (*tiled_keys).max(ctx);
     scores.resize(KV_TILE, 0.0);
     acc.clear();
     acc.resize(d, 0.0);
@@ -586,13 +618,16 @@ fn attend_kv_head_tiled_body(
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
         for t0 in (0..ctx).step_by(KV_TILE) {
             let n = KV_TILE.min(ctx - t0);
-            scores.fill(f32::NEG_INFINITY);
-            for (j, s) in scores.iter_mut().enumerate().take(n) {
-                let mut dot = 0.0f32;
-                for i in 0..d {
-                    dot = kf[i * ctx + t0 + j].mul_add(qh[i], dot);
+            // Per key an FMA chain over the dimensions in order, 64 keys side by side.
+            scores.fill(0.0);
+            for (i, &x) in qh.iter().enumerate() {
+                let row = &kt[i * cap + t0..][..n];
+                for (s, &k) in scores.iter_mut().zip(row) {
+                    *s = k.mul_add(x, *s);
                 }
-                *s = dot * scale;
+            }
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = if j < n { *s * scale } else { f32::NEG_INFINITY };
             }
             let tile_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let new_max = max.max(tile_max);
@@ -617,7 +652,7 @@ fn attend_kv_head_tiled_body(
             }
             sum = (sum as f64 + total) as f32;
             for (j, &p) in scores.iter().enumerate().take(n) {
-                for (a, &v) in acc.iter_mut().zip(&vf[(t0 + j) * d..][..d]) {
+                for (a, &v) in acc.iter_mut().zip(&vt[(t0 + j) * d..][..d]) {
                     *a = v.mul_add(p, *a);
                 }
             }
@@ -652,6 +687,7 @@ fn attend_kv_head_body(
         acc,
         tmp,
         query,
+        ..
     } = scratch;
     // The query meets the f16 keys as f16 (`q_to_vec_dot`).
     query.clear();
@@ -799,7 +835,7 @@ mod tests {
         let mut x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 0.37).collect();
         x[3] = -6.0;
         let mut acts = GgmlActs::default();
-        acts.quantize(&x, 1, 32);
+        acts.quantize(&ThreadPool::new(1), &x, 1, 32);
         assert_eq!(acts.qs[3], -127);
         assert_eq!(acts.d[0], f16::from_f32(6.0 / 127.0).to_f32());
         let sum: i32 = acts.qs.iter().map(|&q| q as i32).sum();
