@@ -80,7 +80,7 @@ impl GgmlActs {
             SyncPtr::new(&mut self.s),
         );
         const ROWS: usize = 16;
-        pool.run(m.div_ceil(ROWS), |t| {
+        let quantize_rows = |t: usize| {
             for r in t * ROWS..((t + 1) * ROWS).min(m) {
                 // SAFETY: each row's ranges are in bounds (resized above) and written by the
                 // one task that owns the row.
@@ -93,7 +93,13 @@ impl GgmlActs {
                     )
                 };
             }
-        });
+        };
+        // A decode step's few rows are not worth waking the pool for.
+        if m <= ROWS {
+            quantize_rows(0);
+        } else {
+            pool.run(m.div_ceil(ROWS), quantize_rows);
+        }
     }
 }
 
@@ -202,6 +208,7 @@ fn columns(
     };
     #[cfg(target_arch = "x86_64")]
     if dot_path() == DotPath::Vnni {
+        let (bytes, rb) = (&w.bytes[..], w.row_bytes());
         // Tiles of 4 columns × 4 rows: a weight block is unpacked once for 4 rows, and 16
         // accumulator chains run side by side.
         let mut c = c0;
@@ -214,10 +221,10 @@ fn columns(
                 // activation row holds `nb` blocks.
                 unsafe {
                     match (n, rows) {
-                        (4, 4) => vnni::tile::<4, 4>(w, c, r, &row_of, &store),
-                        (4, _) => vnni::tile::<4, 1>(w, c, r, &row_of, &store),
-                        (_, 4) => vnni::tile::<1, 4>(w, c, r, &row_of, &store),
-                        _ => vnni::tile::<1, 1>(w, c, r, &row_of, &store),
+                        (4, 4) => vnni::tile::<4, 4>(bytes, rb, w.dtype, c, r, &row_of, &store),
+                        (4, _) => vnni::tile::<4, 1>(bytes, rb, w.dtype, c, r, &row_of, &store),
+                        (_, 4) => vnni::tile::<1, 4>(bytes, rb, w.dtype, c, r, &row_of, &store),
+                        _ => vnni::tile::<1, 1>(bytes, rb, w.dtype, c, r, &row_of, &store),
                     }
                 }
                 r += rows;
@@ -244,7 +251,6 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use crate::kernels::dtype::WeightDType;
-    use crate::kernels::host::HostTensor;
 
     #[inline(always)]
     unsafe fn half(p: *const u8) -> f32 {
@@ -268,15 +274,17 @@ mod vnni {
     /// AVX-512 VL/VNNI, AVX2, FMA and F16C; `w` is Q4_1 or Q8_0 with the activations' width.
     #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn tile<'a, const N: usize, const R: usize>(
-        w: &HostTensor,
+        w: &[u8],
+        row_bytes: usize,
+        dtype: WeightDType,
         c: usize,
         r: usize,
-        row_of: &dyn Fn(usize) -> Row<'a>,
-        store: &dyn Fn(usize, usize, &[f32]),
+        row_of: &impl Fn(usize) -> Row<'a>,
+        store: &impl Fn(usize, usize, &[f32]),
     ) {
-        let cols: [&[u8]; N] = std::array::from_fn(|i| w.row(c + i));
+        let cols: [&[u8]; N] = std::array::from_fn(|i| &w[(c + i) * row_bytes..][..row_bytes]);
         let rows: [Row<'a>; R] = std::array::from_fn(|j| row_of(r + j));
-        let out = if w.dtype == WeightDType::Q4_1 {
+        let out = if dtype == WeightDType::Q4_1 {
             dots_q4_1(cols, rows)
         } else {
             dots_q8_0(cols, rows)
@@ -377,23 +385,19 @@ pub fn linear(
     let ld: usize = parts.iter().map(|p| p.rows).sum();
     let out = SyncPtr::new(out);
     let acts = &*acts;
+    // One job for all parts: (part, first column, its offset in the output row) per task.
+    let mut tasks = Vec::new();
     let mut col_off = 0;
-    for p in parts {
-        pool.run(p.rows.div_ceil(COLUMN_CHUNK), |t| {
-            let c0 = t * COLUMN_CHUNK;
-            columns(
-                p,
-                c0,
-                (c0 + COLUMN_CHUNK).min(p.rows),
-                acts,
-                m,
-                &out,
-                ld,
-                col_off,
-            );
-        });
+    for (i, p) in parts.iter().enumerate() {
+        tasks.extend((0..p.rows).step_by(COLUMN_CHUNK).map(|c0| (i, c0, col_off)));
         col_off += p.rows;
     }
+    pool.run(tasks.len(), |t| {
+        let (i, c0, col_off) = tasks[t];
+        let p = &parts[i];
+        let c1 = (c0 + COLUMN_CHUNK).min(p.rows);
+        columns(p, c0, c1, acts, m, &out, ld, col_off);
+    });
 }
 
 #[inline(always)]
