@@ -340,8 +340,9 @@ fn attend_tasks(
     });
 }
 
-/// [`attend`] as ggml's CPU flash attention computes it ([`ggml_compat`]): per query head,
-/// keys in order, an online softmax and an f16 accumulator. Tasks are (query chunk, KV head).
+/// [`attend`] as ggml's CPU flash attention computes it, with whichever of its two kernels
+/// llama.cpp would run for each query ([`ggml_compat::attends_tiled`]). Tasks are (query
+/// chunk, KV head).
 fn attend_ggml(
     pool: &ThreadPool,
     qkv: &CpuTensor,
@@ -360,16 +361,14 @@ fn attend_ggml(
     pool.run(step.tasks.len() * kvh, |i| {
         let (task, g) = (step.tasks[i / kvh], i % kvh);
         let seq = &step.batch.seqs[task.seq];
-        let bases: Vec<usize> = seq
-            .block_table
-            .iter()
-            .map(|&b| kv.head_base(b as usize, g))
-            .collect();
         let head = KvHead {
             k,
             v,
-            bases: &bases,
+            block_table: &seq.block_table,
             block_size: bs,
+            num_kv_heads: kvh,
+            head: g,
+            head_dim: d,
         };
         GGML_SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();

@@ -525,14 +525,27 @@ impl AttnScratch {
     }
 }
 
-/// One KV head's cached keys and values in the paged layout: K `[head_dim][block_size]` and
-/// V `[block_size][head_dim]` per block, at `bases[b]` in `k` and `v` for the sequence's
-/// `b`-th block.
+/// One KV head's cached keys and values in the paged layout: per block, K `[head_dim]
+/// [block_size]` and V `[block_size][head_dim]`, the head's region of block `block_table[b]`
+/// for the sequence's `b`-th block.
 pub struct KvHead<'a> {
     pub k: &'a [f16],
     pub v: &'a [f16],
-    pub bases: &'a [usize],
+    pub block_table: &'a [u32],
     pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head: usize,
+    pub head_dim: usize,
+}
+
+impl KvHead<'_> {
+    /// Where the sequence's `b`-th block of this head starts in `k` and `v`.
+    #[inline(always)]
+    fn base(&self, b: usize) -> usize {
+        (self.block_table[b] as usize * self.num_kv_heads + self.head)
+            * self.block_size
+            * self.head_dim
+    }
 }
 
 /// Query positions llama.cpp's server processes together with position `pos` of a prompt of
@@ -603,7 +616,7 @@ fn attend_kv_head_tiled_body(
     // The keys this query sees beyond the task's earlier queries: K as `[dim][key]` (so a
     // vector FMA scores consecutive keys) and V as `[key][dim]`, f32.
     for t in *tiled_keys..ctx {
-        let base = kv.bases[t / bs];
+        let base = kv.base(t / bs);
         let slot = t % bs;
         for i in 0..d {
             kt[i * cap + t] = kv.k[base + i * bs + slot].to_f32();
@@ -711,7 +724,8 @@ fn attend_kv_head_body(
     let mut max = vec![f32::NEG_INFINITY; group];
     let mut sum = vec![0.0f32; group];
     let np = d & !63;
-    for (b, &base) in kv.bases.iter().enumerate().take(ctx.div_ceil(bs)) {
+    for b in 0..ctx.div_ceil(bs) {
+        let base = kv.base(b);
         let n = bs.min(ctx - b * bs);
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(&kv.k[base..][..d * bs], kf);
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(&kv.v[base..][..d * bs], vf);
