@@ -232,13 +232,13 @@ pub fn attend(
     step: &CpuStep,
     out: &mut CpuTensor,
 ) {
+    if step.numerics == CpuNumerics::Ggml {
+        return attend_ggml(pool, qkv, shape, layer, kv, step, out);
+    }
     // With a query chunk per thread or more, a task takes all KV heads of its chunk, so each
     // block's K (then V) of every head is read as one contiguous run: 12–23% faster at 2–16
     // decoding sequences (`attention_probe`; the cache comes from memory, not compute). With
     // fewer, a task takes one KV head, so that a single sequence still uses every thread.
-    if step.numerics == CpuNumerics::Ggml {
-        return attend_ggml(pool, qkv, shape, layer, kv, step, out);
-    }
     let heads_per_task = if step.tasks.len() >= pool.num_threads() {
         shape.num_kv_heads
     } else {
