@@ -381,7 +381,7 @@ fn attend_ggml(
                 // KV head's query heads are contiguous in the output row.
                 let o = unsafe { out_ptr.slice(row * h * d + g * group * d, group * d) };
                 let tiled = ggml_compat::attends_tiled(seq.prompt_len, ctx - 1);
-                ggml_compat::attend_kv_head(query, &head, ctx, d, shape.scale, tiled, o, scratch);
+                ggml_compat::attend_kv_head(query, &head, ctx, shape.scale, tiled, o, scratch);
             }
         });
     });

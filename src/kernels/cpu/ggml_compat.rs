@@ -14,9 +14,12 @@
 //! * **SiLU** (`ggml_v_silu`): ggml's vector `exp` approximation, then `x / (1 + e)`.
 //! * **RoPE** (`ggml_rope_cache_init`): angles by repeated multiplication with
 //!   `base^(-2/d)`, `cosf`/`sinf` of them.
-//! * **Attention** (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`): one query at a time
-//!   over its keys in order, f16 query against f16 keys (dot summed in a fixed tree), online
-//!   softmax with `expf`, and V accumulated in an f16 vector rounded after every key.
+//! * **Attention**, with whichever of ggml's two kernels llama.cpp's server would run for the
+//!   token ([`attends_tiled`]): one query at a time (`..._f16_one_chunk`: f16 query against
+//!   f16 keys, dot summed in a fixed tree, online softmax with `expf`, V accumulated in an f16
+//!   vector rounded after every key), or tiled for prompt tokens it batches 64 or more at a
+//!   time (`..._tiled`: f32 query, a softmax per tile of 64 keys with the vector `exp`, V
+//!   accumulated in f32).
 //!
 //! This is slower than the default numerics (no repacked weights, no AMX, f16 round trips in
 //! attention), and less accurate in attention; it exists so that sluice can be held to
@@ -168,7 +171,7 @@ fn dot_path() -> DotPath {
     static PATH: std::sync::OnceLock<DotPath> = std::sync::OnceLock::new();
     *PATH.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if std::env::var("SLUICE_CPU_KERNEL").as_deref() != Ok("portable")
+        if super::ops::simd_level() != super::ops::SimdLevel::Portable
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
@@ -236,14 +239,23 @@ fn columns(
     for c in c0..c1 {
         for r in 0..m {
             let (qs, d, s) = row_of(r);
-            let v = match w.dtype {
-                WeightDType::Q4_1 => dot_q4_1(w.row(c), qs, d, s),
-                _ => dot_q8_0(w.row(c), qs, d),
-            };
-            store(r, c, &[v]);
+            store(r, c, &[dot(w.dtype, w.row(c), qs, d, s)]);
         }
     }
 }
+
+#[inline(always)]
+fn dot_body(dtype: WeightDType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    match dtype {
+        WeightDType::Q4_1 => dot_q4_1(w, qs, d, s),
+        _ => dot_q8_0(w, qs, d),
+    }
+}
+
+simd_dispatch!(
+    /// [`dot_q4_1`] or [`dot_q8_0`], with native FMA where the CPU has it.
+    fn dot(dtype: WeightDType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 => dot_body
+);
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
@@ -478,10 +490,8 @@ pub fn rope_angles(
     }
 }
 
-/// Rotates one head as ggml's `rotate_pairs` compiles on x86 with FMA: `x0·cos − x1·sin`
-/// with the first product fused.
 #[inline(always)]
-pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+fn rope_head_body(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = cos.len();
     for i in 0..half {
         let (a, b) = if interleaved {
@@ -494,6 +504,12 @@ pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
         x[b] = x0.mul_add(sin[i], x1 * cos[i]);
     }
 }
+
+simd_dispatch!(
+    /// Rotates one head as ggml's `rotate_pairs` compiles on x86 with FMA: `x0·cos − x1·sin`
+    /// with the first product fused.
+    pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) => rope_head_body
+);
 
 /// Scratch space of [`attend_kv_head`], reused across calls.
 #[derive(Default)]
@@ -515,6 +531,9 @@ pub struct AttnScratch {
     vt: Vec<f32>,
     tiled_cap: usize,
     tiled_keys: usize,
+    /// The one-query kernel's running maximum and sum per query head (`M`, `S`).
+    max: Vec<f32>,
+    sum: Vec<f32>,
 }
 
 impl AttnScratch {
@@ -570,16 +589,15 @@ pub fn attend_kv_head(
     q: &[f32],
     kv: &KvHead<'_>,
     ctx: usize,
-    head_dim: usize,
     scale: f32,
     tiled: bool,
     out: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
     if tiled {
-        attend_kv_head_tiled(q, kv, ctx, scale, head_dim, out, scratch)
+        attend_kv_head_tiled(q, kv, ctx, scale, out, scratch)
     } else {
-        attend_kv_head_dispatch(q, kv, ctx, scale, head_dim, out, scratch)
+        attend_kv_head_dispatch(q, kv, ctx, scale, out, scratch)
     }
 }
 
@@ -595,10 +613,10 @@ fn attend_kv_head_tiled_body(
     kv: &KvHead<'_>,
     ctx: usize,
     scale: f32,
-    d: usize,
     out: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
+    let d = kv.head_dim;
     let bs = kv.block_size;
     let AttnScratch {
         kt,
@@ -682,7 +700,7 @@ fn attend_kv_head_tiled_body(
 }
 
 simd_dispatch!(
-    fn attend_kv_head_tiled(q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, d: usize, out: &mut [f32], scratch: &mut AttnScratch) => attend_kv_head_tiled_body
+    fn attend_kv_head_tiled(q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, out: &mut [f32], scratch: &mut AttnScratch) => attend_kv_head_tiled_body
 );
 
 #[inline(always)]
@@ -691,10 +709,10 @@ fn attend_kv_head_body(
     kv: &KvHead<'_>,
     ctx: usize,
     scale: f32,
-    d: usize,
     out: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
+    let d = kv.head_dim;
     let (bs, group) = (kv.block_size, q.len() / d);
     let AttnScratch {
         kf,
@@ -704,6 +722,8 @@ fn attend_kv_head_body(
         acc,
         tmp,
         query,
+        max,
+        sum,
         ..
     } = scratch;
     // The query meets the f16 keys as f16 (`q_to_vec_dot`).
@@ -721,8 +741,10 @@ fn attend_kv_head_body(
     acc.clear();
     acc.resize(group * d, 0.0);
     tmp.resize(d, f16::ZERO);
-    let mut max = vec![f32::NEG_INFINITY; group];
-    let mut sum = vec![0.0f32; group];
+    max.clear();
+    max.resize(group, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(group, 0.0);
     let np = d & !63;
     for b in 0..ctx.div_ceil(bs) {
         let base = kv.base(b);
@@ -775,7 +797,7 @@ fn attend_kv_head_body(
             }
         }
     }
-    for ((o, a), s) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(&sum) {
+    for ((o, a), s) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(sum.iter()) {
         let inv = if *s == 0.0 { 0.0 } else { 1.0 / s };
         for (o, a) in o.iter_mut().zip(a) {
             *o = a * inv;
@@ -784,7 +806,7 @@ fn attend_kv_head_body(
 }
 
 simd_dispatch!(
-    fn attend_kv_head_dispatch(q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, d: usize, out: &mut [f32], scratch: &mut AttnScratch) => attend_kv_head_body
+    fn attend_kv_head_dispatch(q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, out: &mut [f32], scratch: &mut AttnScratch) => attend_kv_head_body
 );
 
 /// Rounds every value to f16 precision (round half to even, as `vcvtps2ph`).
