@@ -797,7 +797,11 @@ fn attend_kv_head_body(
             }
         }
     }
-    for ((o, a), s) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(sum.iter()) {
+    for ((o, a), s) in out
+        .chunks_exact_mut(d)
+        .zip(acc.chunks_exact(d))
+        .zip(sum.iter())
+    {
         let inv = if *s == 0.0 { 0.0 } else { 1.0 / s };
         for (o, a) in o.iter_mut().zip(a) {
             *o = a * inv;
