@@ -144,6 +144,7 @@ pub fn request_json(data: &[u8]) {
         kv_cache_tokens: 4096,
         max_num_seqs: 8,
         max_waiting: 8,
+        faults: None,
     };
     match parse_json::<ChatCompletionRequest>(data) {
         Ok(req) => {

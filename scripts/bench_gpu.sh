@@ -115,10 +115,23 @@ setup_libs() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
 }
 
+# A card is present: nvidia-smi runs and lists one.
+card_present() {
+  nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+}
+
 run_tests() {
   mkdir -p "$OUT"
-  # One test at a time: each opens the GPU, and their timings stay apart.
+  # One test at a time: each opens the GPU, and their timings stay apart. A failing test
+  # fails the script (pipefail).
   "$BIN/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee "$OUT/cuda_ops.log"
+  # The tests pass as skipped only where there is no driver or no device; with a card here,
+  # a skip means the card was not used, and that is a failure.
+  if card_present && grep -q 'skipped: no GPU' "$OUT/cuda_ops.log"; then
+    echo "FAILED: a GPU is present but tests were skipped:" >&2
+    grep 'skipped: no GPU' "$OUT/cuda_ops.log" | sort | uniq -c >&2
+    return 1
+  fi
 }
 
 run_bench() {

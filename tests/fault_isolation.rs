@@ -1,5 +1,5 @@
 //! Fault isolation in the engine, with the real default model: a fault injected into one
-//! request (feature `fault-injection`, on for this crate's tests) ends that request with an
+//! request (markers honoured by an engine handed `FaultInjection`) ends that request with an
 //! error, and the requests sharing its steps produce exactly their clean greedy tokens. A
 //! panic inside a step fails that step's requests only; the loop goes on, blocks are freed.
 
@@ -8,8 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice::engine::fault::FaultInjection;
 use sluice::engine::{
-    self, EngineConfig, EngineErrorKind, EngineHandle, GenerateRequest, StreamEvent,
+    self, EngineConfig, EngineErrorKind, EngineHandle, EngineOptions, GenerateRequest, StreamEvent,
 };
 use sluice::kv_cache::CacheConfig;
 use sluice::scheduler::SchedulerConfig;
@@ -18,6 +19,11 @@ use sluice::tokenizer::Tokenizer;
 const MAX_TOKENS: usize = 8;
 
 fn start() -> (EngineHandle, Arc<Tokenizer>) {
+    let faults = FaultInjection::enable().expect("the test build has fault injection");
+    start_with(Some(faults))
+}
+
+fn start_with(faults: Option<FaultInjection>) -> (EngineHandle, Arc<Tokenizer>) {
     let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap());
     let config = EngineConfig {
         scheduler: SchedulerConfig {
@@ -32,7 +38,12 @@ fn start() -> (EngineHandle, Arc<Tokenizer>) {
         max_model_len: 2048,
         max_waiting: 0,
     };
-    let engine = engine::spawn(common::default_model(), tokenizer.clone(), config).unwrap();
+    let options = EngineOptions {
+        faults,
+        ..EngineOptions::default()
+    };
+    let engine =
+        engine::spawn_with(common::default_model(), tokenizer.clone(), config, options).unwrap();
     (engine, tokenizer)
 }
 
@@ -82,23 +93,6 @@ fn run_together(engine: &EngineHandle, tok: &Tokenizer, texts: &[&str]) -> Vec<O
     streams.into_iter().map(collect).collect()
 }
 
-fn counter(engine: &EngineHandle, name: &str) -> f64 {
-    let text = engine.metrics.render();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Waits for the engine to go idle (it then checks the KV accounting) and asserts that every
-/// block is free and no accounting error was counted.
-fn assert_no_leak(engine: &EngineHandle) {
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counter(engine, "sluice:kv_accounting_errors_total"), 0.0);
-    assert_eq!(counter(engine, "sluice:kv_cache_usage_perc"), 0.0);
-    assert_eq!(counter(engine, "sluice:num_requests_running"), 0.0);
-}
-
 const CLEAN: [&str; 2] = [
     "The capital of France is",
     "Write a short poem about the sea and the wind.",
@@ -137,7 +131,7 @@ fn a_fault_in_one_request_leaves_the_others_exact() {
             );
         }
     }
-    assert_no_leak(&engine);
+    common::assert_idle_without_leaks(&engine);
     assert!(engine.is_healthy(Duration::from_secs(5)));
 }
 
@@ -158,7 +152,7 @@ fn a_panic_in_a_step_fails_that_step_and_the_loop_goes_on() {
         assert!(message.contains("injected fault"), "{message}");
     }
     assert_eq!(out[1].tokens.len(), 2);
-    assert_no_leak(&engine);
+    common::assert_idle_without_leaks(&engine);
     assert!(engine.is_healthy(Duration::from_secs(5)));
     // The loop goes on, and produces the same tokens as before the panic.
     let again = run_together(&engine, &tok, &CLEAN);
@@ -166,5 +160,40 @@ fn a_panic_in_a_step_fails_that_step_and_the_loop_goes_on() {
         assert!(a.error.is_none(), "{a:?}");
         assert_eq!(a.tokens, c.tokens);
     }
-    assert_no_leak(&engine);
+    common::assert_idle_without_leaks(&engine);
+}
+
+/// Without `FaultInjection` (every server a user starts) a marker is just text: every kind
+/// of fault, in a prompt, changes nothing.
+#[test]
+fn markers_do_nothing_without_fault_injection() {
+    let (engine, tok) = start_with(None);
+    for kind in ["nan", "inf", "token", "panic", "detok", "stop"] {
+        let text = format!("Tell me a story. sluice-fault:{kind}@0");
+        let out = run_together(&engine, &tok, &[&text]);
+        assert!(out[0].error.is_none(), "{kind}: {:?}", out[0]);
+        assert_eq!(out[0].tokens.len(), MAX_TOKENS, "{kind}");
+    }
+    common::assert_idle_without_leaks(&engine);
+    assert!(engine.is_healthy(Duration::from_secs(5)));
+}
+
+/// Three steps in a row that panic mark the engine unhealthy (`/health` turns 503); one that
+/// completes makes it healthy again.
+#[test]
+fn three_panicking_steps_in_a_row_mark_the_engine_unhealthy() {
+    let (engine, tok) = start();
+    for i in 0..3 {
+        assert!(
+            engine.is_healthy(Duration::from_secs(60)),
+            "before panic {i}"
+        );
+        let out = run_together(&engine, &tok, &["Hello sluice-fault:panic@0"]);
+        assert!(out[0].error.is_some(), "{:?}", out[0]);
+    }
+    assert!(!engine.is_healthy(Duration::from_secs(60)));
+    let out = run_together(&engine, &tok, &[CLEAN[0]]);
+    assert!(out[0].error.is_none(), "{:?}", out[0]);
+    assert!(engine.is_healthy(Duration::from_secs(60)));
+    common::assert_idle_without_leaks(&engine);
 }

@@ -1,5 +1,6 @@
-//! `sluice bench soak` for a few seconds against a real server (the test build, so with
-//! injected faults): it must pass its own verdict (no unexpected 5xx, no leaked block).
+//! `sluice bench soak` for a few seconds against a real server started with
+//! `--enable-fault-injection`: it must pass its own verdict (no unexpected 5xx, no leaked
+//! block, `/metrics` read once idle, RSS growth after warm-up within the documented 64 MiB).
 //! `scripts/soak.sh` runs it for as long as one likes.
 
 mod api_support;
@@ -10,7 +11,13 @@ use api_support::{sluice_bin, Server};
 
 #[test]
 fn a_short_soak_passes() {
-    let server = Server::start(&["--max-num-seqs", "4", "--max-waiting", "8"]);
+    let server = Server::start(&[
+        "--max-num-seqs",
+        "4",
+        "--max-waiting",
+        "8",
+        "--enable-fault-injection",
+    ]);
     let out = Command::new(sluice_bin())
         .args([
             "bench",
@@ -22,7 +29,7 @@ fn a_short_soak_passes() {
             "--faults",
         ])
         .args(["--url", &server.url, "--pid", &server.pid().to_string()])
-        .args(["--max-rss-growth", "256"])
+        .args(["--max-rss-growth", "64"])
         .output()
         .expect("running sluice bench soak");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -35,4 +42,10 @@ fn a_short_soak_passes() {
     assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
     assert!(report["client_errors"].as_u64().unwrap() > 0, "{report}");
     assert!(report["injected_faults"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["kv_accounting_errors"], 0.0, "{report}");
+    assert_eq!(report["kv_usage_after"], 0.0, "{report}");
+    assert!(
+        report["rss_growth_after_warmup_mib"].is_number(),
+        "{report}"
+    );
 }

@@ -72,8 +72,14 @@ pub async fn prepare(
     };
     // The template writes the special tokens itself (vLLM's default for chat).
     let add_special = req.common.add_special_tokens.unwrap_or(false);
-    let prompt_token_ids =
-        prompt::tokenize_chat(state.tokenizer.clone(), messages, opts, add_special).await?;
+    let prompt_token_ids = prompt::tokenize_chat(
+        state.tokenizer.clone(),
+        messages,
+        opts,
+        add_special,
+        info.faults,
+    )
+    .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = validation::build(
         &params,

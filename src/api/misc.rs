@@ -54,7 +54,7 @@ pub async fn tokenize(
                 chat_template_kwargs: req.chat_template_kwargs.unwrap_or_default(),
             };
             let add_special = req.add_special_tokens.unwrap_or(false);
-            prompt::tokenize_chat(tokenizer.clone(), messages, opts, add_special).await?
+            prompt::tokenize_chat(tokenizer.clone(), messages, opts, add_special, None).await?
         }
         _ => {
             return Err(ApiError::invalid(

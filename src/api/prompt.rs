@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::errors::ApiError;
 use super::openai_types::{MessageContent, PromptSpec, RequestMessage};
 use super::validation::token_id;
+use crate::engine::fault::FaultInjection;
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer};
 
 /// Chat messages as the template sees them: text parts joined, other parts refused.
@@ -52,18 +53,19 @@ pub async fn tokenize_chat(
     messages: Vec<ChatMessage>,
     opts: ChatTemplateOptions,
     add_special_tokens: bool,
+    faults: Option<FaultInjection>,
 ) -> Result<Vec<u32>, ApiError> {
     blocking(move || {
         let text = tokenizer.apply_chat_template(&messages, &opts)?;
-        #[cfg(feature = "fault-injection")]
-        inject_template_fault(&text)?;
+        if faults.is_some() {
+            inject_template_fault(&text)?;
+        }
         Ok(tokenizer.encode(&text, add_special_tokens)?)
     })
     .await
 }
 
 /// Test-only: a marked conversation makes the template fail, or its renderer panic.
-#[cfg(feature = "fault-injection")]
 fn inject_template_fault(text: &str) -> Result<(), ApiError> {
     use crate::engine::fault::{parse, Fault};
     match parse(text).map(|f| f.fault) {

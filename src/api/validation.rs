@@ -400,6 +400,7 @@ mod tests {
             kv_cache_tokens: 10_000,
             max_num_seqs: 8,
             max_waiting: 0,
+            faults: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Workers loop until the deadline, each turn picking one action: a short non-streaming
 //! request, a stream read to its end, a stream dropped after a few chunks (a disconnect), a
-//! bad request, a burst over the waiting cap, or (with `--faults`, against a test build) a
+//! bad request, a burst over the waiting cap, or (with `--faults`, against a server started with `--enable-fault-injection`) a
 //! request with an injected fault. At the end, once the server is idle:
 //!
 //! * no 5xx except the injected faults' (and no transport error but the disconnects we made);
@@ -93,8 +93,8 @@ pub struct SoakReport {
     pub injected_faults: u64,
     pub unexpected_5xx: u64,
     pub transport_errors: u64,
-    pub kv_accounting_errors: f64,
-    pub kv_usage_after: f64,
+    pub kv_accounting_errors: Option<f64>,
+    pub kv_usage_after: Option<f64>,
     /// (seconds since start, RSS in MiB)
     pub rss_mib: Vec<(f64, f64)>,
     pub rss_growth_after_warmup_mib: Option<f64>,
@@ -288,18 +288,33 @@ async fn metrics_text(ctx: &Ctx) -> Option<String> {
         .send()
         .await
         .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
     resp.text().await.ok()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
+/// A metric's value (summed over its series); `None` when the text has no such metric, so a
+/// verdict never passes on a figure it could not read.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut values = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .peekable();
+    values.peek()?;
+    values.sum()
+}
+
+/// Nothing running and nothing waiting. The engine publishes these zeros only after its idle
+/// accounting check, so the error counter read beside them includes that check.
+fn is_idle(text: &str) -> bool {
+    metric(text, "sluice:num_requests_running") == Some(0.0)
+        && metric(text, "sluice:num_requests_waiting") == Some(0.0)
 }
 
 pub fn soak(args: SoakArgs) -> Result<SoakReport, BenchError> {
@@ -359,32 +374,39 @@ async fn run(args: SoakArgs) -> Result<SoakReport, BenchError> {
         let _ = w.await;
     }
     // Idle: every block must be free, and the idle accounting check must have passed.
-    let mut text = String::new();
-    for _ in 0..300 {
-        text = metrics_text(&ctx).await.unwrap_or_default();
-        if metric(&text, "sluice:num_requests_running") == 0.0
-            && metric(&text, "sluice:num_requests_waiting") == 0.0
-        {
-            break;
+    let idle_deadline = Instant::now() + IDLE_WITHIN;
+    let idle_text = loop {
+        let text = metrics_text(&ctx).await;
+        if text.as_deref().is_some_and(is_idle) || Instant::now() >= idle_deadline {
+            break text.filter(|t| is_idle(t));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // The engine checks its accounting when it goes idle; give it that moment.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    text = metrics_text(&ctx).await.unwrap_or(text);
+    };
     if let Some(m) = args.pid.and_then(rss_mib) {
         rss.push((start.elapsed().as_secs_f64(), m));
     }
-    Ok(verdict(&args, &ctx.counters, &text, rss, start.elapsed()))
+    Ok(verdict(
+        &args,
+        &ctx.counters,
+        idle_text.as_deref(),
+        rss,
+        start.elapsed(),
+    ))
 }
 
+/// How long the verdict waits for the server to go idle after the load.
+const IDLE_WITHIN: Duration = Duration::from_secs(60);
+
+/// `idle_metrics`: the server's metrics once idle, `None` when it did not go idle or its
+/// metrics could not be read (itself a failure).
 fn verdict(
     args: &SoakArgs,
     c: &Counters,
-    metrics: &str,
+    idle_metrics: Option<&str>,
     rss: Vec<(f64, f64)>,
     took: Duration,
 ) -> SoakReport {
+    let read = |name| idle_metrics.and_then(|t| metric(t, name));
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let warmup = args.duration.as_secs_f64() / 5.0;
     let growth = rss
@@ -401,8 +423,8 @@ fn verdict(
         injected_faults: get(&c.injected),
         unexpected_5xx: get(&c.server_errors),
         transport_errors: get(&c.transport_errors),
-        kv_accounting_errors: metric(metrics, "sluice:kv_accounting_errors_total"),
-        kv_usage_after: metric(metrics, "sluice:kv_cache_usage_perc"),
+        kv_accounting_errors: read("sluice:kv_accounting_errors_total"),
+        kv_usage_after: read("sluice:kv_cache_usage_perc"),
         rss_mib: rss,
         rss_growth_after_warmup_mib: growth,
         failures: Vec::new(),
@@ -414,20 +436,27 @@ fn verdict(
     if report.transport_errors > 0 {
         f.push(format!("{} transport errors", report.transport_errors));
     }
-    if report.kv_accounting_errors > 0.0 {
+    if idle_metrics.is_none() {
         f.push(format!(
-            "{} KV accounting errors",
-            report.kv_accounting_errors
+            "the server's /metrics did not show it idle within {IDLE_WITHIN:?} (unreadable, or \
+             requests still running)"
         ));
     }
-    if report.kv_usage_after > 0.0 {
-        f.push(format!(
-            "KV cache {:.1}% used while idle",
-            100.0 * report.kv_usage_after
-        ));
+    match report.kv_accounting_errors {
+        None => f.push("no sluice:kv_accounting_errors_total in /metrics".into()),
+        Some(e) if e > 0.0 => f.push(format!("{e} KV accounting errors")),
+        Some(_) => {}
+    }
+    match report.kv_usage_after {
+        None => f.push("no sluice:kv_cache_usage_perc in /metrics".into()),
+        Some(u) if u > 0.0 => f.push(format!("KV cache {:.1}% used while idle", 100.0 * u)),
+        Some(_) => {}
     }
     if report.ok == 0 {
         f.push("no request succeeded".into());
+    }
+    if args.pid.is_some() && growth.is_none() {
+        f.push("--pid was given but its RSS could not be sampled after warm-up".into());
     }
     if let Some(g) = growth.filter(|&g| g > args.max_rss_growth) {
         f.push(format!(

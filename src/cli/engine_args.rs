@@ -1,5 +1,8 @@
 //! The flags that shape the engine: batch limits, KV-cache size, prefix caching.
 
+use anyhow::Context;
+
+use crate::engine::fault::FaultInjection;
 use crate::engine::{EngineConfig, EngineOptions, StepOverlap};
 use crate::kernels::device::Device;
 use crate::kv_cache::CacheConfig;
@@ -40,6 +43,11 @@ pub struct EngineArgs {
     /// `worker-thread` (the forward pass on a thread of its own: the CPU's test mode).
     #[arg(long, value_enum, default_value_t = OverlapArg::Auto)]
     pub step_overlap: OverlapArg,
+    /// Test-only: honour `sluice-fault:` markers in prompts, which fail chosen requests on
+    /// purpose (sluice's reliability tests). Never on a server clients can reach; refused by a
+    /// binary built without the `fault-injection` feature.
+    #[arg(long)]
+    pub enable_fault_injection: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,13 +60,20 @@ pub enum OverlapArg {
 
 impl EngineArgs {
     /// The engine's options on `device`.
-    pub fn engine_options(&self, device: Device) -> EngineOptions {
+    pub fn engine_options(&self, device: Device) -> anyhow::Result<EngineOptions> {
         let overlap = match (self.step_overlap, device) {
             (OverlapArg::Auto, Device::Cuda(_)) | (OverlapArg::On, _) => StepOverlap::On,
             (OverlapArg::Auto, Device::Cpu) | (OverlapArg::Off, _) => StepOverlap::Off,
             (OverlapArg::WorkerThread, _) => StepOverlap::OnWorkerThread,
         };
-        EngineOptions { overlap }
+        let faults = if self.enable_fault_injection {
+            let f = FaultInjection::enable().context("--enable-fault-injection")?;
+            tracing::warn!("fault injection is on: prompts with `sluice-fault:` markers fail");
+            Some(f)
+        } else {
+            None
+        };
+        Ok(EngineOptions { overlap, faults })
     }
 }
 

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a whole request body (408 past it).
     #[arg(long, default_value_t = 30.0)]
     pub body_read_timeout: f64,
+    /// `/health` answers 503 when the engine has neither completed a step nor woken idle for
+    /// this many seconds (a wedged step).
+    #[arg(long, default_value_t = 60.0)]
+    pub health_max_silence: f64,
 }
 
 fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
@@ -62,6 +66,8 @@ fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let timeout = seconds("shutdown-timeout", args.shutdown_timeout, 0.0)?;
+    // Checked here, before the model loads; `serve_model` reads the flag again.
+    seconds("health-max-silence", args.health_max_silence, 0.001)?;
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
@@ -107,7 +113,7 @@ fn serve_model<B: Backend>(
     }
     let name = args.served_model_name.clone().unwrap_or(loaded.name);
     let tokenizer = loaded.tokenizer;
-    let options = args.engine.engine_options(loaded.device);
+    let options = args.engine.engine_options(loaded.device)?;
     let engine =
         crate::engine::spawn_with(loaded.model, tokenizer.clone(), engine_config, options)?;
     // A GPU's utilisation, memory and power, sampled when `/metrics` is scraped.
@@ -120,6 +126,7 @@ fn serve_model<B: Backend>(
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             max_body_bytes: args.max_body_bytes,
             timeouts,
+            health_max_silence: Duration::from_secs_f64(args.health_max_silence),
             ..ServerConfig::default()
         },
     )

@@ -54,7 +54,6 @@ struct SeqState {
     num_generated: usize,
     last_token_at: Option<Instant>,
     /// Test-only: an output-stage fault for this sequence.
-    #[cfg(feature = "fault-injection")]
     fault: Option<super::fault::ArmedFault>,
 }
 
@@ -85,6 +84,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     in_flight: VecDeque<InFlightStep>,
     /// The overlapped loop: the next step is planned while one runs (see `step_overlapped`).
     overlap: bool,
+    /// The accounting was checked since the engine last went idle.
+    idle_checked: bool,
 }
 
 /// A step whose forward pass is running (or done) in the runner's ranks.
@@ -122,6 +123,7 @@ impl<B: Backend> EngineLoop<B> {
             exported_counters: (0, 0),
             step_request_ids: Vec::new(),
             in_flight: VecDeque::new(),
+            idle_checked: false,
         }
     }
 
@@ -166,7 +168,7 @@ impl<B: Backend> EngineLoop<B> {
     /// loop must end (every handle dropped).
     fn intake(&mut self) -> bool {
         if self.is_idle() {
-            self.on_idle();
+            self.update_gauges();
             loop {
                 match self.commands.recv_timeout(IDLE_HEARTBEAT) {
                     Ok(cmd) => {
@@ -201,9 +203,10 @@ impl<B: Backend> EngineLoop<B> {
         true
     }
 
-    /// The accounting check whenever the engine goes idle: every block must be free.
-    fn on_idle(&mut self) {
-        self.update_gauges();
+    /// The accounting check whenever the engine goes idle: every block must be free. Run from
+    /// `update_gauges` before it publishes an idle engine's zero running and waiting counts,
+    /// so whoever sees those zeros also sees this check's verdict in the error counter.
+    fn check_idle_accounting(&mut self) {
         if let Err(e) = self.scheduler.check_invariants() {
             self.metrics.kv_accounting_errors_total.inc();
             tracing::error!("KV-cache accounting is wrong while idle: {e}");
@@ -254,6 +257,7 @@ impl<B: Backend> EngineLoop<B> {
             );
             return;
         }
+        self.idle_checked = false;
         let n = request.n.max(1);
         let seq_ids: Vec<SeqId> = (0..n as u64).map(|i| self.next_seq_id + i).collect();
         self.next_seq_id += n as u64;
@@ -278,10 +282,11 @@ impl<B: Backend> EngineLoop<B> {
         if !request.ignore_eos {
             stop_ids.extend_from_slice(self.tokenizer.eos_token_ids());
         }
-        #[cfg(feature = "fault-injection")]
-        let fault = super::fault::find_in_prompt(&self.tokenizer, &request.prompt_token_ids);
+        let fault = self
+            .info
+            .faults
+            .and_then(|f| f.find_in_prompt(&self.tokenizer, &request.prompt_token_ids));
         for (index, &seq_id) in seq_ids.iter().enumerate() {
-            #[cfg(feature = "fault-injection")]
             if let Some(f) = fault.filter(|f| f.fault.is_runner()) {
                 self.runner.add_fault(seq_id, f.fault, f.after_tokens);
             }
@@ -307,7 +312,6 @@ impl<B: Backend> EngineLoop<B> {
                     ),
                     num_generated: 0,
                     last_token_at: None,
-                    #[cfg(feature = "fault-injection")]
                     fault: fault.filter(|f| !f.fault.is_runner()),
                 },
             );
@@ -653,8 +657,7 @@ impl<B: Backend> EngineLoop<B> {
                 SeqOutcome::Finished(FinishReason::Stop, reason),
             )
         } else {
-            #[cfg(feature = "fault-injection")]
-            if let Some(message) = output_fault(seq.fault, seq.num_generated) {
+            if let Some(message) = seq.fault.and_then(|f| f.output_error(seq.num_generated)) {
                 self.fail_request(request_id, EngineErrorKind::Internal, message);
                 return;
             }
@@ -770,6 +773,10 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     fn update_gauges(&mut self) {
+        if self.is_idle() && !self.idle_checked {
+            self.idle_checked = true;
+            self.check_idle_accounting();
+        }
         let m = &self.metrics;
         let running = self.requests.values().filter(|r| r.started).count();
         m.num_requests_running.set(running as i64);
@@ -793,18 +800,5 @@ impl<B: Backend> EngineLoop<B> {
                 .saturating_sub(self.exported_counters.1),
         );
         self.exported_counters = (c.num_preemptions_total, c.num_computed_prompt_tokens_total);
-    }
-}
-
-/// Test-only: the error an output-stage fault produces once the sequence has generated
-/// `num_generated` tokens (this one included).
-#[cfg(feature = "fault-injection")]
-fn output_fault(fault: Option<super::fault::ArmedFault>, num_generated: usize) -> Option<String> {
-    use super::fault::Fault;
-    let f = fault.filter(|f| num_generated > f.after_tokens)?;
-    match f.fault {
-        Fault::Detokenize => Some("detokenization failed: injected fault".into()),
-        Fault::StopString => Some("stop-string matching failed: injected fault".into()),
-        _ => None,
     }
 }

@@ -1,6 +1,11 @@
-//! Test-only fault injection (feature `fault-injection`, which only the crate's own tests
-//! enable): a request whose prompt text contains a marker gets a fault at a chosen point,
-//! so tests can check that the fault ends that request alone.
+//! Test-only fault injection: a request whose prompt text contains a marker gets a fault at a
+//! chosen point, so tests can check that the fault ends that request alone.
+//!
+//! Two locks keep it from clients. The markers are honoured only by an engine handed a
+//! [`FaultInjection`] value, which `serve --enable-fault-injection` (the tests' flag) makes;
+//! without it no prompt is even searched for a marker. And only a binary built with the
+//! `fault-injection` feature (on by default, so that `cargo build` and `cargo test` build the
+//! same binary) can make one: built without it, the flag is refused.
 //!
 //! Marker: `sluice-fault:<kind>` or `sluice-fault:<kind>@<n>`, where `n` (default 2) is the
 //! number of tokens the sequence generates before the fault fires. Kinds:
@@ -11,18 +16,53 @@
 //! | `inf` | runner | one logit of the row becomes +inf |
 //! | `token` | runner | the sampler "returns" an id outside the vocabulary |
 //! | `panic` | runner | a panic while sampling the row (fails the whole step) |
+//! | `stall` | runner | sampling the row sleeps `STALL` once (a wedged step, for `/health`) |
 //! | `detok` | output stage | the detokenizer fails |
 //! | `stop` | output stage | the stop-string stage fails |
 //! | `template` | API | the chat template fails (a 400, as `raise_exception` does) |
 //! | `template-panic` | API | the template renderer panics (a 500) |
 //!
-//! Invariant: with the feature off none of this is compiled, and with it on a request without
-//! a marker takes exactly the path it takes without the feature.
+//! Invariant: without a `FaultInjection` value, and with one for a request without a marker,
+//! every request takes exactly the path it takes in a binary built without the feature.
 
 use crate::tokenizer::Tokenizer;
 
 const MARKER: &str = "sluice-fault:";
+
+/// The switch that lets markers fire, handed to the engine (`EngineOptions`) and from there to
+/// the API (`EngineInfo`). Only [`FaultInjection::enable`] makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultInjection {
+    _private: (),
+}
+
+/// Asked for fault injection from a binary built without it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "fault injection is not built into this binary (the `fault-injection` feature is off); \
+     it exists only for sluice's own tests"
+)]
+pub struct FaultInjectionUnavailable;
+
+impl FaultInjection {
+    /// The switch, in a binary built with the `fault-injection` feature.
+    pub fn enable() -> Result<Self, FaultInjectionUnavailable> {
+        if cfg!(feature = "fault-injection") {
+            Ok(Self { _private: () })
+        } else {
+            Err(FaultInjectionUnavailable)
+        }
+    }
+
+    /// The marker in a prompt given as token ids.
+    pub fn find_in_prompt(self, tokenizer: &Tokenizer, prompt: &[u32]) -> Option<ArmedFault> {
+        let text = tokenizer.decode(prompt, false).ok()?;
+        parse(&text)
+    }
+}
 const DEFAULT_AFTER: usize = 2;
+/// How long a `stall` holds its step.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -30,6 +70,7 @@ pub enum Fault {
     InfLogits,
     BadToken,
     Panic,
+    Stall,
     Detokenize,
     StopString,
     Template,
@@ -43,6 +84,7 @@ impl Fault {
             "inf" => Self::InfLogits,
             "token" => Self::BadToken,
             "panic" => Self::Panic,
+            "stall" => Self::Stall,
             "detok" => Self::Detokenize,
             "stop" => Self::StopString,
             "template" => Self::Template,
@@ -55,7 +97,7 @@ impl Fault {
     pub fn is_runner(self) -> bool {
         matches!(
             self,
-            Self::NanLogits | Self::InfLogits | Self::BadToken | Self::Panic
+            Self::NanLogits | Self::InfLogits | Self::BadToken | Self::Panic | Self::Stall
         )
     }
 }
@@ -67,8 +109,23 @@ pub struct ArmedFault {
     pub after_tokens: usize,
 }
 
-/// The first marker in `text`, if any.
-pub fn parse(text: &str) -> Option<ArmedFault> {
+impl ArmedFault {
+    /// The error an output-stage fault produces once the sequence has generated
+    /// `num_generated` tokens (this one included).
+    pub fn output_error(self, num_generated: usize) -> Option<String> {
+        if num_generated <= self.after_tokens {
+            return None;
+        }
+        match self.fault {
+            Fault::Detokenize => Some("detokenization failed: injected fault".into()),
+            Fault::StopString => Some("stop-string matching failed: injected fault".into()),
+            _ => None,
+        }
+    }
+}
+
+/// The first marker in `text`, if any. Callers hold a `FaultInjection`.
+pub(crate) fn parse(text: &str) -> Option<ArmedFault> {
     let at = text.find(MARKER)?;
     let rest = &text[at + MARKER.len()..];
     let end = rest
@@ -85,12 +142,6 @@ pub fn parse(text: &str) -> Option<ArmedFault> {
     })
 }
 
-/// The marker in a prompt given as token ids.
-pub fn find_in_prompt(tokenizer: &Tokenizer, prompt_token_ids: &[u32]) -> Option<ArmedFault> {
-    let text = tokenizer.decode(prompt_token_ids, false).ok()?;
-    parse(&text)
-}
-
 /// Applies a runner fault to a sampled sequence's logit row (`Panic` panics here).
 pub fn corrupt_row(fault: Fault, row: &mut [f32]) {
     match fault {
@@ -101,6 +152,7 @@ pub fn corrupt_row(fault: Fault, row: &mut [f32]) {
             }
         }
         Fault::Panic => panic!("injected fault: panic while sampling"),
+        Fault::Stall => std::thread::sleep(STALL),
         _ => {}
     }
 }
@@ -128,5 +180,13 @@ mod tests {
         assert_eq!(parse("sluice-fault:nope"), None);
         assert_eq!(parse("sluice-fault:nan@x"), None);
         assert_eq!(parse("no marker"), None);
+    }
+
+    #[test]
+    fn only_a_binary_built_with_the_feature_can_enable_it() {
+        assert_eq!(
+            FaultInjection::enable().is_ok(),
+            cfg!(feature = "fault-injection")
+        );
     }
 }

@@ -37,6 +37,8 @@ pub struct EngineInfo {
     pub max_num_seqs: usize,
     /// Most requests waiting to start before new ones are refused (0: no limit).
     pub max_waiting: usize,
+    /// Test-only: fault markers are honoured (the API's template faults read it too).
+    pub faults: Option<super::fault::FaultInjection>,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

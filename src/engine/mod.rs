@@ -14,7 +14,6 @@
 //! idle it checks the KV-cache accounting: every block free again.
 
 mod engine_loop;
-#[cfg(feature = "fault-injection")]
 pub mod fault;
 mod forward_worker;
 pub mod handle;
@@ -75,6 +74,9 @@ pub enum StepOverlap {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineOptions {
     pub overlap: StepOverlap,
+    /// Test-only: honour fault markers in prompts (`fault.rs`). `None` in every server a user
+    /// starts.
+    pub faults: Option<fault::FaultInjection>,
 }
 
 /// Starts the engine thread and returns its handle.
@@ -115,6 +117,7 @@ pub fn spawn_with<B: Backend>(
         kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
         max_num_seqs: config.scheduler.max_num_seqs,
         max_waiting: config.max_waiting,
+        faults: options.faults,
     });
     let metrics = Arc::new(metrics::EngineMetrics::new());
     let shared = Arc::new(handle::Shared {

@@ -60,8 +60,8 @@ pub(crate) struct ModelRunner<B: Backend> {
     batch: ForwardBatch,
     /// The sampled sequences' rows, when the device samples.
     rows: SamplingBatch,
-    /// Test-only: per sequence, a fault and the samples left before it fires.
-    #[cfg(feature = "fault-injection")]
+    /// Test-only: per sequence, a fault and the samples left before it fires (empty unless
+    /// the engine honours fault markers).
     faults: HashMap<SeqId, (super::fault::Fault, usize)>,
 }
 
@@ -85,7 +85,6 @@ impl<B: Backend> ModelRunner<B> {
             scratches: Vec::new(),
             batch: ForwardBatch::default(),
             rows: SamplingBatch::default(),
-            #[cfg(feature = "fault-injection")]
             faults: HashMap::new(),
         }
     }
@@ -104,24 +103,29 @@ impl<B: Backend> ModelRunner<B> {
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.samplers.remove(&seq_id);
         self.last_sampled.remove(&seq_id);
-        #[cfg(feature = "fault-injection")]
         self.faults.remove(&seq_id);
     }
 
     /// Test-only: `fault` fires at the sequence's sample after `after` samples.
-    #[cfg(feature = "fault-injection")]
     pub fn add_fault(&mut self, seq_id: SeqId, fault: super::fault::Fault, after: usize) {
         self.faults.insert(seq_id, (fault, after));
     }
 
-    #[cfg(feature = "fault-injection")]
     fn due_fault(&mut self, seq_id: SeqId) -> Option<super::fault::Fault> {
+        if self.faults.is_empty() {
+            return None;
+        }
         let (fault, left) = self.faults.get_mut(&seq_id)?;
         if *left > 0 {
             *left -= 1;
             return None;
         }
-        Some(*fault)
+        let fault = *fault;
+        // A stall fires once; the other faults end the sequence where they fire.
+        if fault == super::fault::Fault::Stall {
+            self.faults.remove(&seq_id);
+        }
+        Some(fault)
     }
 
     fn build_batch(&mut self, plan: &StepPlan, block_size: usize) {
@@ -244,9 +248,7 @@ impl<B: Backend> ModelRunner<B> {
                 sampled.push((s.seq_id, Err("the device returned too few rows".into())));
                 continue;
             };
-            #[allow(unused_mut)]
             let mut token_id = row.token_id;
-            #[cfg(feature = "fault-injection")]
             if self.due_fault(s.seq_id) == Some(super::fault::Fault::BadToken) {
                 token_id = vocab as u32;
             }
@@ -302,7 +304,6 @@ impl<B: Backend> ModelRunner<B> {
                 sampler,
                 row,
                 scratch: self.scratches.pop().unwrap_or_default(),
-                #[cfg(feature = "fault-injection")]
                 fault: self.due_fault(s.seq_id),
                 result: None,
             }));
@@ -342,14 +343,12 @@ struct SampleJob<'a> {
     sampler: SequenceSampler,
     row: &'a mut [f32],
     scratch: SamplingScratch,
-    #[cfg(feature = "fault-injection")]
     fault: Option<super::fault::Fault>,
     result: Option<Result<SampledToken, String>>,
 }
 
 impl SampleJob<'_> {
     fn run(&mut self, vocab: usize) {
-        #[cfg(feature = "fault-injection")]
         if let Some(f) = self.fault {
             super::fault::corrupt_row(f, self.row);
         }
@@ -360,9 +359,7 @@ impl SampleJob<'_> {
             ));
             return;
         }
-        #[allow(unused_mut)]
         let mut t = self.sampler.sample(self.row, &mut self.scratch);
-        #[cfg(feature = "fault-injection")]
         if self.fault == Some(super::fault::Fault::BadToken) {
             t.token_id = vocab as u32;
         }

@@ -6,6 +6,11 @@
 #[path = "../venv/mod.rs"]
 pub mod venv;
 
+#[path = "../common/metrics.rs"]
+mod metrics;
+#[allow(unused_imports)]
+pub use metrics::{assert_no_leaks, idle, metric, IDLE_WITHIN};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -159,18 +164,6 @@ pub fn post(url: &str, body: &serde_json::Value) -> reqwest::RequestBuilder {
         .body(body.to_string())
 }
 
-/// The value of an unlabelled metric (or the sum over a labelled one's matching lines).
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 pub async fn metrics(server: &Server) -> String {
     client()
         .get(format!("{}/metrics", server.url))
@@ -199,4 +192,14 @@ pub async fn wait_for_metrics(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The leak check against a server: waits (up to [`IDLE_WITHIN`]) for nothing to be running
+/// or waiting, then requires every KV block free and no accounting error.
+pub async fn assert_idle_without_leaks(server: &Server) {
+    match wait_for_metrics(server, IDLE_WITHIN, idle).await {
+        Ok(_) => {}
+        Err(text) => panic!("the server did not go idle within {IDLE_WITHIN:?}:\n{text}"),
+    }
+    assert_no_leaks(&metrics(server).await);
 }

@@ -1,7 +1,13 @@
 //! Shared helpers of the integration tests: the default model and the fixtures.
 #![allow(dead_code)]
 
+mod metrics;
+
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use metrics::{assert_no_leaks, idle, metric, IDLE_WITHIN};
 
 use serde::Deserialize;
 use sluice::kernels::cpu::CpuBackend;
@@ -9,14 +15,27 @@ use sluice::model::config::ModelConfig;
 use sluice::model::gguf::GgufFile;
 use sluice::model::llama::Llama;
 
-/// The value of the engine's Prometheus counter (or gauge) `name`, 0 when absent.
-pub fn counter(engine: &sluice::engine::EngineHandle, name: &str) -> u64 {
-    let text = engine.metrics.render();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+/// The engine's metric `name` (see [`metric`]).
+pub fn engine_metric(engine: &sluice::engine::EngineHandle, name: &str) -> f64 {
+    metric(&engine.metrics.render(), name)
+}
+
+/// The leak check: waits (polling, up to [`IDLE_WITHIN`]) for the engine to go idle, then
+/// requires every KV block free and no accounting error.
+pub fn assert_idle_without_leaks(engine: &sluice::engine::EngineHandle) {
+    let start = Instant::now();
+    let text = loop {
+        let text = engine.metrics.render();
+        if idle(&text) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < IDLE_WITHIN,
+            "the engine did not go idle within {IDLE_WITHIN:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_no_leaks(&text);
 }
 
 pub fn fixtures_dir() -> PathBuf {

@@ -59,14 +59,20 @@ pub struct Gpu {
 /// cuBLAS workspace: 32 MiB, what NVIDIA recommends for Hopper (4 MiB elsewhere).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
-/// Whether the driver library loads and sees at least one device; `Err` says why not.
+/// How many devices the driver sees: `Err(NoDriver)` when the driver library does not load,
+/// `Ok(0)` when it loads and finds no device; any other `Err` is a driver that is present but
+/// failing.
 pub fn probe() -> Result<usize, CudaError> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
-    let n = CudaContext::device_count().map_err(driver_err)?;
-    Ok(n.max(0) as usize)
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        // `cuInit` answers this on a machine with the driver installed and no device.
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
+        Err(e) => Err(driver_err(e)),
+    }
 }
 
 impl Gpu {
