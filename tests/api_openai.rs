@@ -153,4 +153,24 @@ async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
         };
         assert_eq!(choice["finish_reason"], finish, "{}", f.name);
     }
+    // `serve` turns prefix caching off under ggml numerics: the longest prompt again (35 full
+    // blocks, all of them cached under the default numerics) hits nothing.
+    let longest = fixtures.iter().max_by_key(|f| f.prompt_ids.len()).unwrap();
+    let body = serde_json::json!({"model": "smol", "prompt": longest.prompt_ids,
+                                  "max_tokens": 1, "temperature": 0});
+    let resp: serde_json::Value = post(&url, &body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cached = &resp["usage"]["prompt_tokens_details"]["cached_tokens"];
+    assert!(cached.is_null() || cached == 0, "{resp}");
+    let text = api_support::metrics(&server).await;
+    assert_eq!(
+        api_support::metric(&text, "sluice:prefix_cache_hits_total"),
+        0.0,
+        "{text}"
+    );
 }

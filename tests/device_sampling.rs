@@ -160,3 +160,45 @@ fn seeded_draws_replay_alone_and_in_a_batch() {
     assert_ne!(ids(&alone[0][0]), ids(&alone[0][1]));
     assert_eq!(alone[0][0].len(), 12);
 }
+
+/// On the device-sampling path too, non-finite logits end their own request alone: a request
+/// whose raw logits the test backend poisons (NaN, or one +inf) fails with an error, and the
+/// requests sharing its steps produce exactly their tokens from a run without it.
+#[test]
+fn non_finite_logits_end_only_their_request() {
+    let device = start(DeviceSampling(CpuBackend::new(2)));
+    let p = prompts();
+    let clean = run_together(
+        &device,
+        vec![greedy(p[0].clone(), None), greedy(p[2].clone(), None)],
+    );
+    for poison in [device_sampling::POISON_NAN, device_sampling::POISON_INF] {
+        let mut bad = greedy(p[1].clone(), None);
+        bad.sampling.logit_bias = vec![(poison, 0.0)];
+        let streams = vec![
+            device.submit(greedy(p[0].clone(), None)).unwrap(),
+            device.submit(bad).unwrap(),
+            device.submit(greedy(p[2].clone(), None)).unwrap(),
+        ];
+        let mut streams = streams.into_iter();
+        let first = collect(streams.next().unwrap());
+        let mut bad_stream = streams.next().unwrap();
+        let failed = loop {
+            match bad_stream.next_blocking() {
+                Some(StreamEvent::Error { message, .. }) => break message,
+                Some(StreamEvent::Done { .. }) | None => {
+                    panic!("{poison}: the request did not fail")
+                }
+                Some(_) => {}
+            }
+        };
+        assert!(failed.contains("non-finite"), "{poison}: {failed}");
+        let third = collect(streams.next().unwrap());
+        assert_eq!(first, clean[0], "{poison}: the first clean request changed");
+        assert_eq!(
+            third, clean[1],
+            "{poison}: the second clean request changed"
+        );
+    }
+    common::assert_idle_without_leaks(&device);
+}

@@ -1,5 +1,7 @@
 //! Tensor and pipeline parallelism on CPU ranks against one rank, with the default model and
-//! the fixture prompts: the same greedy tokens and logits within 1e-4.
+//! the fixture prompts: in the default (gather) mode the same greedy tokens and the same
+//! logits bit for bit, as `docs/parallelism.md` claims; the all-reduce mode within its
+//! documented bound.
 //!
 //! All prompts run as one batch (prefill, then one decode token per sequence per step);
 //! batch invariance makes that the same as running them one by one.
@@ -15,7 +17,15 @@ use sluice::parallel::{ParallelConfig, TpMode};
 
 const BLOCK_SIZE: usize = 16;
 const NEW_TOKENS: usize = 20;
-const TOLERANCE: f32 = 1e-4;
+/// The all-reduce mode's documented bound on |Δlogit| against one rank, on the same context
+/// (`docs/parallelism.md`; measured 2.03 over the 20 steps of the 12 fixture prompts).
+const ALL_REDUCE_MAX_DIFF: f32 = 2.5;
+/// Where its greedy tokens part from one rank's, one rank's top two were within this (a
+/// near-tie; measured at most 0.25).
+const ALL_REDUCE_PART_MARGIN: f32 = 0.3;
+/// Sequences of the 12 fixture prompts whose 20 greedy tokens the all-reduce mode keeps
+/// (measured and documented: 6 of 12).
+const ALL_REDUCE_MIN_SAME: usize = 6;
 
 fn group(tp: usize, pp: usize, threads: usize, mode: TpMode) -> RankGroup<CpuBackend> {
     let f = common::default_gguf();
@@ -122,49 +132,95 @@ fn greedy_all(g: &mut RankGroup<CpuBackend>) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     (seqs.out, steps)
 }
 
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+/// Logit values whose bits differ between two runs of every step.
+fn bits_differing(a: &[Vec<f32>], b: &[Vec<f32>]) -> usize {
+    assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
+        .map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter()
+                .zip(y)
+                .filter(|(p, q)| p.to_bits() != q.to_bits())
+                .count()
+        })
+        .sum()
 }
 
 #[test]
-fn tp_pp_and_both_match_one_rank() {
+fn tp_pp_and_both_match_one_rank_bit_for_bit() {
     let (ref_tokens, ref_logits) = greedy_all(&mut group(1, 1, 2, TpMode::Gather));
     let mut report = String::new();
     let mut failed = false;
     for (tp, pp) in [(2, 1), (3, 1), (1, 2), (2, 2)] {
         let (tokens, logits) = greedy_all(&mut group(tp, pp, tp * pp, TpMode::Gather));
-        let diff = max_diff(&ref_logits, &logits);
+        let differing = bits_differing(&ref_logits, &logits);
         let same = tokens == ref_tokens;
-        report += &format!("TP={tp} PP={pp}: same tokens {same}, max |Δlogit| {diff:.2e}\n");
-        failed |= !same || diff > TOLERANCE;
+        report += &format!("TP={tp} PP={pp}: same tokens {same}, logits differing {differing}\n");
+        failed |= !same || differing > 0;
     }
     eprintln!("{report}");
     assert!(!failed, "{report}");
 }
 
-/// The all-reduce mode is not held to 1e-4: its partial sums round differently, and the
-/// 8-bit activation quantization of the next matmul amplifies that (a last-bit change that
-/// moves a value across a rounding boundary changes its 8-bit code by one). This records how
-/// far it drifts, and holds it to a loose bound that still catches a wrong shard.
+/// The all-reduce mode is not bit-exact: its partial sums round differently, and the 8-bit
+/// activation quantization of the next matmul amplifies that (a last-bit change that moves a
+/// value across a rounding boundary changes its 8-bit code by one). Held to what the docs
+/// state: on the same context (every step until a sequence's tokens part) its logits are
+/// within `ALL_REDUCE_MAX_DIFF` of one rank's, tokens part only at one rank's near-ties
+/// (`ALL_REDUCE_PART_MARGIN`), and at least `ALL_REDUCE_MIN_SAME` of the 12 sequences keep
+/// all 20 tokens.
 #[test]
-fn all_reduce_mode_stays_close_to_one_rank() {
+fn all_reduce_mode_stays_within_its_documented_bound() {
     let (ref_tokens, ref_logits) = greedy_all(&mut group(1, 1, 2, TpMode::Gather));
     let (tokens, logits) = greedy_all(&mut group(2, 1, 2, TpMode::AllReduce));
-    let diff = max_diff(&ref_logits[..1], &logits[..1]);
+    let vocab = ref_logits[0].len() / ref_tokens.len();
+    let mut worst = 0.0f32;
+    let mut report = String::new();
+    for (i, (ours, theirs)) in tokens.iter().zip(&ref_tokens).enumerate() {
+        // Steps 0..=part ran on the same context (the token sampled at `part` differs).
+        let part = ours
+            .iter()
+            .zip(theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(NEW_TOKENS - 1);
+        for step in 0..=part {
+            let row = |l: &[Vec<f32>]| l[step][i * vocab..(i + 1) * vocab].to_vec();
+            let (a, b) = (row(&logits), row(&ref_logits));
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            worst = worst.max(diff);
+            if step == part && ours != theirs {
+                let mut sorted = b.clone();
+                sorted.sort_by(|x, y| y.total_cmp(x));
+                let margin = sorted[0] - sorted[1];
+                report +=
+                    &format!("seq {i}: parts at token {part}, one rank's margin {margin:.3}\n");
+                assert!(
+                    margin < ALL_REDUCE_PART_MARGIN,
+                    "seq {i} parts at token {part} where one rank's margin is {margin}"
+                );
+            }
+        }
+    }
     let same = tokens
         .iter()
         .zip(&ref_tokens)
         .filter(|(a, b)| a == b)
         .count();
     eprintln!(
-        "all-reduce TP=2: prefill max |Δlogit| {diff:.2e}; {same}/{} sequences with the same \
-         {NEW_TOKENS} greedy tokens",
+        "all-reduce TP=2: max |Δlogit| on the same context {worst:.3}; {same}/{} sequences \
+         with the same {NEW_TOKENS} greedy tokens\n{report}",
         tokens.len()
     );
-    assert!(diff < 2.0, "prefill logits differ by {diff}");
+    assert!(
+        worst <= ALL_REDUCE_MAX_DIFF,
+        "logits differ by {worst} on the same context"
+    );
+    assert!(same >= ALL_REDUCE_MIN_SAME, "only {same} sequences agree");
 }
 
 #[test]

@@ -9,6 +9,13 @@ use sluice::kernels::{
     sampling_reference, AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope,
 };
 
+/// Test hook: a row whose logit bias names this id (outside any vocabulary, so the sampler
+/// skips it) has its raw logits turned NaN before sampling, as a broken forward pass would
+/// leave them.
+pub const POISON_NAN: u32 = u32::MAX;
+/// Likewise, one raw logit of the row becomes +inf.
+pub const POISON_INF: u32 = u32::MAX - 1;
+
 pub struct DeviceSampling(pub CpuBackend);
 
 type Cpu = CpuBackend;
@@ -107,6 +114,17 @@ impl Backend for DeviceSampling {
             )));
         }
         let vocab = host.len() / rows.len();
+        let mut host = host;
+        for (r, row) in rows.rows.iter().enumerate() {
+            let bias = &rows.bias_ids[row.bias_begin as usize..row.bias_end as usize];
+            let logits = &mut host[r * vocab..(r + 1) * vocab];
+            if bias.contains(&POISON_NAN) {
+                logits.fill(f32::NAN);
+            }
+            if bias.contains(&POISON_INF) {
+                logits[0] = f32::INFINITY;
+            }
+        }
         Ok(sampling_reference::sample_rows(&host, vocab, rows))
     }
 }
