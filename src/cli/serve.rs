@@ -127,7 +127,6 @@ fn serve_model<B: Backend>(
             max_body_bytes: args.max_body_bytes,
             timeouts,
             health_max_silence: Duration::from_secs_f64(args.health_max_silence),
-            ..ServerConfig::default()
         },
     )
     .with_device_gauges(gauges);
