@@ -133,13 +133,22 @@ fn ggml_numerics_greedy_equals_llama_cpp_in_full() {
 }
 
 /// With `--cpu-numerics ggml` the logits are llama.cpp's: at every position of the text, the
-/// same five most probable tokens in the same order, with the same log-probabilities (up to
-/// the rounding of the log-softmax that turned llama.cpp's logits into the fixture's).
+/// same five most probable tokens in the same order, and the same logit differences between
+/// them to f32 rounding (`GAP_ROUNDING`). The fixture stores log-probabilities, each the
+/// logit minus a per-position normalizer that llama.cpp's server computed in its own
+/// precision: against the exact log-sum-exp of our logits that normalizer is off by a
+/// constant per position (at most 2.2e-4, measured), asserted within `NORMALIZER_OFF`. So the
+/// assertion is on the logits themselves, not widened by the fixture's normalizer.
 #[test]
 fn ggml_numerics_teacher_forced_equals_llama_cpp() {
+    /// f32 rounding of two logprobs of magnitude < 32 each (ulp 2^-19 at 16..32) and of
+    /// their difference.
+    const GAP_ROUNDING: f64 = 8e-6;
+    const NORMALIZER_OFF: f64 = 5e-4;
     let mut model = common::default_model_with(CpuNumerics::Ggml);
     let tf = common::teacher_forced_fixture();
     let logits = all_logits(&mut model, &tf.ids);
+    let (mut worst_gap, mut worst_offset) = (0.0f64, 0.0f64);
     for p in &tf.positions {
         let row = &logits[p.pos - 1];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -151,16 +160,27 @@ fn ggml_numerics_teacher_forced_equals_llama_cpp() {
                 .ln();
         let mut order: Vec<u32> = (0..row.len() as u32).collect();
         order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        let (top_id, top_lp) = p.top[0];
         for (rank, &(id, lp)) in p.top.iter().enumerate() {
             assert_eq!(order[rank], id, "pos {}: rank {rank}", p.pos);
-            let ours = row[id as usize] as f64 - lse;
-            assert!(
-                (ours - lp as f64).abs() < 1e-3,
-                "pos {}: logprob of {id}: ours {ours}, llama.cpp {lp}",
-                p.pos
-            );
+            let gap_ours = row[id as usize] as f64 - row[top_id as usize] as f64;
+            let gap_theirs = lp as f64 - top_lp as f64;
+            worst_gap = worst_gap.max((gap_ours - gap_theirs).abs());
+            let offset = (row[id as usize] as f64 - lse) - lp as f64;
+            worst_offset = worst_offset.max(offset.abs());
         }
     }
+    eprintln!(
+        "logit gaps off by at most {worst_gap:e}; normalizer off by at most {worst_offset:e}"
+    );
+    assert!(
+        worst_gap <= GAP_ROUNDING,
+        "logit differences differ from llama.cpp's by {worst_gap}"
+    );
+    assert!(
+        worst_offset <= NORMALIZER_OFF,
+        "the log-softmax normalizer differs by {worst_offset}"
+    );
 }
 
 /// The default numerics round differently from llama.cpp (f32 attention, activations
