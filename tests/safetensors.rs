@@ -1,11 +1,11 @@
 //! Hugging Face safetensors directories, end to end: the default model's weights written the
 //! way `transformers` saves a Llama (its tensor names, Q and K rows in its rotate-half order,
-//! `config.json`, `tokenizer.json`) in f32 and bf16, loaded through `--model DIR`'s path, must
+//! `config.json`, `tokenizer.json`) in f32, f16 and bf16, loaded through `--model DIR`'s path, must
 //! give the logits of the same weights read from the GGUF file (llama.cpp's names, Q and K
 //! permuted for pairwise RoPE).
 //!
-//! The reference is the GGUF file's own tensors, dequantized to f32 (bf16-rounded for the bf16
-//! directory), so both models run the same float kernels on the same values; they differ only
+//! The reference is the GGUF file's own tensors, dequantized to f32 (rounded to f16 or bf16 for
+//! those directories), so both models run the same float kernels on the same values; they differ only
 //! in the order of the head dimensions inside Q·K (the two RoPE layouts), which changes the
 //! last bits of attention scores, and 30 layers carry that to the logits (measured: at most
 //! 1.2e-2 in f32, 1.6e-2 in bf16, on logits of magnitude ~20). A wrong name, layout or RoPE
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use half::bf16;
+use half::{bf16, f16};
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::WeightDType;
 use sluice::kernels::host::{HostTensor, WeightBytes};
@@ -42,10 +42,11 @@ const FORMAT: u32 = 1;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dtype {
     F32,
+    F16,
     Bf16,
 }
 
-/// The GGUF file's tensors as f32 (bf16-rounded when `dtype` is bf16): the reference model's
+/// The GGUF file's tensors as f32 (rounded to `dtype` when that is narrower): the reference model's
 /// weights, in llama.cpp's names and layout.
 struct GgufAsFloat {
     file: GgufFile,
@@ -55,6 +56,10 @@ struct GgufAsFloat {
 fn round(values: Vec<f32>, dtype: Dtype) -> Vec<f32> {
     match dtype {
         Dtype::F32 => values,
+        Dtype::F16 => values
+            .into_iter()
+            .map(|v| f16::from_f32(v).to_f32())
+            .collect(),
         Dtype::Bf16 => values
             .into_iter()
             .map(|v| bf16::from_f32(v).to_f32())
@@ -161,7 +166,11 @@ fn config_json(c: &ModelConfig, dtype: Dtype) -> serde_json::Value {
         "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
         "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": false,
         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": if dtype == Dtype::F32 { "float32" } else { "bfloat16" },
+        "torch_dtype": match dtype {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::Bf16 => "bfloat16",
+        },
     })
 }
 
@@ -188,6 +197,10 @@ fn hf_dir(dtype: Dtype) -> PathBuf {
         }
         let bytes = match dtype {
             Dtype::F32 => bytemuck::cast_slice(&values).to_vec(),
+            Dtype::F16 => values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
             Dtype::Bf16 => values
                 .iter()
                 .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
@@ -202,6 +215,7 @@ fn hf_dir(dtype: Dtype) -> PathBuf {
     }
     let st_dtype = match dtype {
         Dtype::F32 => safetensors::Dtype::F32,
+        Dtype::F16 => safetensors::Dtype::F16,
         Dtype::Bf16 => safetensors::Dtype::BF16,
     };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
@@ -309,6 +323,11 @@ fn check(dtype: Dtype) {
 #[test]
 fn an_f32_directory_gives_the_gguf_logits() {
     check(Dtype::F32);
+}
+
+#[test]
+fn an_f16_directory_gives_the_gguf_logits() {
+    check(Dtype::F16);
 }
 
 #[test]
