@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sluice::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
+use sluice::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
 
 const VOCAB: usize = 49_152;
 

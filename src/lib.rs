@@ -3,8 +3,9 @@
 //! The rooms follow `docs/ARCHITECTURE.md`: `api` (HTTP, SSE, WebSocket) talks to `engine`
 //! (the loop that owns all serving state) through channels; the engine drives `scheduler` and
 //! `kv_cache` (plain bookkeeping, no tensors) and `model` (the forward pass over a
-//! `ForwardBatch`), which runs on `kernels` (the backend ops). `tokenizer` turns text into ids
-//! and back; `bench` is the load generator.
+//! `ForwardBatch`), which runs on `kernels` (the backend ops); `sampling` draws each
+//! sequence's next token from the logits. `tokenizer` turns text into ids and back; `bench`
+//! is the load generator.
 
 pub mod api;
 pub mod bench;
@@ -14,5 +15,6 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod parallel;
+pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;

@@ -26,10 +26,15 @@ struct GenerateOutput {
 }
 
 fn generate(prompt: &str) -> GenerateOutput {
+    generate_with(prompt, &[])
+}
+
+fn generate_with(prompt: &str, extra: &[&str]) -> GenerateOutput {
     let model = sluice::model::fetch::default_model_path().expect("the default model");
     let out = Command::new(api_support::sluice_bin())
         .args(["generate", "--chat", "--json", "--threads", "2"])
         .args(["--max-tokens", &GREEDY_TOKENS.to_string()])
+        .args(extra)
         .arg("--model")
         .arg(model)
         .args(["--prompt", prompt])
@@ -173,4 +178,28 @@ async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
         0.0,
         "{text}"
     );
+}
+
+/// `sluice generate` runs through the engine: a stop string ends its text where it first
+/// appears, without the stop string.
+#[test]
+fn generate_honours_stop_strings() {
+    let prompt = "What is the capital of France?";
+    let full = generate(prompt);
+    // A stop string from inside the greedy text: its second word.
+    let word = full
+        .text
+        .split_whitespace()
+        .nth(1)
+        .expect("at least two words")
+        .to_string();
+    let cut = full.text.find(&word).unwrap();
+    let stopped = generate_with(prompt, &["--stop", &word]);
+    assert_eq!(
+        stopped.text,
+        full.text[..cut],
+        "stop {word:?} in {:?}",
+        full.text
+    );
+    assert!(stopped.ids.len() < full.ids.len());
 }

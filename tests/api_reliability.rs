@@ -229,8 +229,14 @@ async fn injected_faults_end_one_request_and_the_server_stays_healthy() {
     );
     let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(err["error"]["type"], "server_error", "{err}");
-    // Template faults: a failing template is the client's 400, a panicking one a 500.
-    for (kind, status) in [("template", 400), ("template-panic", 500)] {
+    // Template faults: a failing template is the client's 400, a panicking one a 500; a
+    // handler that panics (outside any task: the catch-panic layer's case) is an OpenAI-shaped
+    // 500 too.
+    for (kind, status) in [
+        ("template", 400),
+        ("template-panic", 500),
+        ("handler-panic", 500),
+    ] {
         let body = json!({"messages": [{"role": "user", "content": format!("sluice-fault:{kind}")}],
                           "max_tokens": 2});
         let resp = post(&chat, &body).send().await.unwrap();
@@ -271,7 +277,7 @@ async fn a_server_started_without_the_flag_ignores_fault_markers() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["usage"]["completion_tokens"], 4, "{kind}: {v}");
     }
-    for kind in ["template", "template-panic"] {
+    for kind in ["template", "template-panic", "handler-panic"] {
         let body = json!({"messages": [{"role": "user", "content": format!("sluice-fault:{kind}")}],
                           "max_tokens": 2});
         let resp = post(&chat, &body).send().await.unwrap();

@@ -15,7 +15,7 @@ use sluice::kernels::Backend;
 use sluice::kv_cache::CacheConfig;
 use sluice::model::config::ModelConfig;
 use sluice::model::llama::Llama;
-use sluice::model::sampling::SamplingParams;
+use sluice::sampling::SamplingParams;
 use sluice::scheduler::SchedulerConfig;
 use sluice::tokenizer::Tokenizer;
 

@@ -151,7 +151,7 @@ fn preemption_under_pressure_keeps_greedy_tokens() {
 /// with `n = 2` its second sequence draws other tokens from the same seed.
 #[test]
 fn seeded_sampling_is_the_same_alone_and_in_a_batch() {
-    use sluice::model::sampling::SamplingParams;
+    use sluice::sampling::SamplingParams;
     let engine = start(512, 2048, false);
     let seeded = |salt: usize, seed: u64| GenerateRequest {
         sampling: SamplingParams {

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceAcc, ChoiceEvent, ChoiceStream, ResponseMeta,
+    unix_now, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -23,7 +23,7 @@ use super::prompt;
 use super::sse::{self, ChunkStream};
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
-use crate::engine::TokenLogprob;
+use crate::engine::{StreamEvent, TokenLogprob};
 use crate::tokenizer::{ChatTemplateOptions, Tokenizer};
 
 /// A validated, submitted chat request.
@@ -63,6 +63,9 @@ pub async fn prepare(
     let info = &state.engine.info;
     let params = validation::validate_chat(&req, info)?;
     let messages = prompt::chat_messages(&req.messages)?;
+    if let Some(faults) = info.faults {
+        messages.iter().for_each(|m| faults.in_handler(&m.content));
+    }
     let opts = ChatTemplateOptions {
         add_generation_prompt: req
             .add_generation_prompt
@@ -173,11 +176,11 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
         }
         while let Some(ev) = events.next().await {
             match ev {
-                Err(e) => {
-                    yield Err(e);
+                StreamEvent::Error { kind, message } => {
+                    yield Err(ApiError::from_engine(kind, message));
                     return;
                 }
-                Ok(ChoiceEvent::Token { choice, text, token_ids, logprobs }) => {
+                StreamEvent::Token { index: choice, text, token_ids, logprobs } => {
                     // Text held back (a partial character or stop string) sends nothing,
                     // unless the client wants every token's ids or logprobs.
                     if text.is_empty() && !want_logprobs && !params.return_token_ids {
@@ -199,7 +202,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                         None,
                     );
                 }
-                Ok(ChoiceEvent::Finished { choice, reason, stop_reason }) => {
+                StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
                     yield chunk(
                         vec![ChatChunkChoice {
                             index: choice,
@@ -213,7 +216,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                         None,
                     );
                 }
-                Ok(ChoiceEvent::Done(u)) => {
+                StreamEvent::Done { usage: u } => {
                     if params.include_usage {
                         let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
                         yield chunk(Vec::new(), Some(usage), None);

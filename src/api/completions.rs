@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceAcc, ChoiceEvent, ChoiceStream, ResponseMeta,
+    unix_now, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -23,7 +23,7 @@ use super::prompt;
 use super::sse::{self, ChunkStream};
 use super::validation::{self, ValidatedParams, COMPLETIONS_DEFAULT_MAX_TOKENS};
 use super::{AppState, JsonBody};
-use crate::engine::TokenLogprob;
+use crate::engine::{StreamEvent, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
 /// A validated, submitted completions request.
@@ -217,11 +217,11 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
         }
         while let Some(ev) = events.next().await {
             match ev {
-                Err(e) => {
-                    yield Err(e);
+                StreamEvent::Error { kind, message } => {
+                    yield Err(ApiError::from_engine(kind, message));
                     return;
                 }
-                Ok(ChoiceEvent::Token { choice, text, token_ids, logprobs }) => {
+                StreamEvent::Token { index: choice, text, token_ids, logprobs } => {
                     if choice >= num_choices {
                         continue;
                     }
@@ -245,7 +245,7 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
                             .then(|| prompts[choice / n].clone()),
                     }], None);
                 }
-                Ok(ChoiceEvent::Finished { choice, reason, stop_reason }) => {
+                StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
                     yield chunk(vec![CompletionChunkChoice {
                         index: choice,
                         text: String::new(),
@@ -256,7 +256,7 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
                         prompt_token_ids: None,
                     }], None);
                 }
-                Ok(ChoiceEvent::Done(u)) => {
+                StreamEvent::Done { usage: u } => {
                     if params.include_usage {
                         yield chunk(Vec::new(), Some(UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)));
                     }

@@ -13,30 +13,15 @@ use futures::{Stream, StreamExt};
 
 use super::errors::ApiError;
 use crate::engine::{
-    EngineHandle, FinishReason, GenerateRequest, RequestStream, StopReason, StreamEvent,
+    EngineErrorKind, EngineHandle, GenerateRequest, RequestStream, StopReason, StreamEvent,
     TokenLogprob, Usage,
 };
 use crate::tokenizer::Tokenizer;
 
-/// One event of one choice.
-#[derive(Debug, Clone)]
-pub enum ChoiceEvent {
-    Token {
-        choice: usize,
-        text: String,
-        token_ids: Vec<u32>,
-        logprobs: Vec<TokenLogprob>,
-    },
-    Finished {
-        choice: usize,
-        reason: FinishReason,
-        stop_reason: Option<StopReason>,
-    },
-    /// Every choice has finished.
-    Done(Usage),
-}
-
-pub type ChoiceStream = Pin<Box<dyn Stream<Item = Result<ChoiceEvent, ApiError>> + Send>>;
+/// The engine's events of every request behind one response, as one stream: a token or
+/// finish event's `index` is the OpenAI choice index, `Done` carries the summed usage and
+/// comes once, after every request's; an `Error` ends it.
+pub type ChoiceStream = Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
 
 /// One choice of a non-streaming response, built up from its events. `L` is the endpoint's
 /// logprobs shape (chat's entries, or completions' legacy lists with their text offset).
@@ -57,9 +42,9 @@ pub async fn collect_choices<L>(
     mut add_logprobs: impl FnMut(&mut L, &[TokenLogprob]),
 ) -> Result<Usage, ApiError> {
     while let Some(ev) = events.next().await {
-        match ev? {
-            ChoiceEvent::Token {
-                choice,
+        match ev {
+            StreamEvent::Token {
+                index: choice,
                 text,
                 token_ids,
                 logprobs,
@@ -70,8 +55,8 @@ pub async fn collect_choices<L>(
                     add_logprobs(&mut a.logprobs, &logprobs);
                 }
             }
-            ChoiceEvent::Finished {
-                choice,
+            StreamEvent::SeqFinished {
+                index: choice,
                 reason,
                 stop_reason,
             } => {
@@ -80,7 +65,10 @@ pub async fn collect_choices<L>(
                     a.stop_reason = stop_reason_json(&stop_reason);
                 }
             }
-            ChoiceEvent::Done(usage) => return Ok(usage),
+            StreamEvent::Done { usage } => return Ok(usage),
+            StreamEvent::Error { kind, message } => {
+                return Err(ApiError::from_engine(kind, message))
+            }
         }
     }
     Err(ApiError::Internal("the request ended without usage".into()))
@@ -98,7 +86,8 @@ pub fn submit_all(
         .collect()
 }
 
-/// Merges the requests' events into one stream of choice events.
+/// Merges the requests' events into one stream, each event moved, not copied: only its
+/// index is rewritten to the choice index.
 pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
     let num_requests = streams.len();
     let tagged = streams.into_iter().enumerate().map(|(prompt_index, rs)| {
@@ -113,14 +102,13 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
     Box::pin(async_stream::stream! {
         let mut usage = Usage::default();
         let mut num_done = 0;
-        while let Some((prompt_index, ev)) = merged.next().await {
+        while let Some((prompt_index, mut ev)) = merged.next().await {
             let base = prompt_index * n;
             match ev {
-                StreamEvent::Token { index, text, token_ids, logprobs } => {
-                    yield Ok(ChoiceEvent::Token { choice: base + index, text, token_ids, logprobs });
-                }
-                StreamEvent::SeqFinished { index, reason, stop_reason } => {
-                    yield Ok(ChoiceEvent::Finished { choice: base + index, reason, stop_reason });
+                StreamEvent::Token { ref mut index, .. }
+                | StreamEvent::SeqFinished { ref mut index, .. } => {
+                    *index += base;
+                    yield ev;
                 }
                 StreamEvent::Done { usage: u } => {
                     usage.prompt_tokens += u.prompt_tokens;
@@ -128,19 +116,22 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
                     usage.cached_tokens += u.cached_tokens;
                     num_done += 1;
                     if num_done == num_requests {
-                        yield Ok(ChoiceEvent::Done(usage));
+                        yield StreamEvent::Done { usage };
                         return;
                     }
                 }
-                StreamEvent::Error { kind, message } => {
-                    yield Err(ApiError::from_engine(kind, message));
+                StreamEvent::Error { .. } => {
+                    yield ev;
                     return;
                 }
             }
         }
         // Every engine stream ends with a terminal event, so this is not reached; if it were,
         // the client still gets an error rather than a silent end.
-        yield Err(ApiError::Internal("the request ended without a result".into()));
+        yield StreamEvent::Error {
+            kind: EngineErrorKind::Internal,
+            message: "internal error: the request ended without a result".into(),
+        };
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::errors::ApiError;
 use super::openai_types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use crate::engine::{EngineInfo, GenerateRequest};
-use crate::model::sampling::SamplingParams;
+use crate::sampling::SamplingParams;
 
 /// Most alternatives per token (vLLM's `max_logprobs`).
 pub const MAX_LOGPROBS: i64 = 20;

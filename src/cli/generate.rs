@@ -1,5 +1,7 @@
 //! `sluice generate`: one prompt, one continuation, printed as it is produced, with prefill
-//! and decode speeds at the end.
+//! and decode speeds at the end. It runs through the engine, as the server does (the same
+//! scheduler, runner, samplers and output stage: stop strings, EOS, detokenization), with one
+//! sequence and a KV cache sized for it; the whole prompt is one prefill step.
 
 use std::io::Write;
 use std::time::Instant;
@@ -7,10 +9,13 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::model_args::{Loaded, ModelArgs, WithLoaded};
-use crate::kernels::{Backend, BatchSeq, ForwardBatch};
-use crate::model::rank_group::RankGroup;
-use crate::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
-use crate::tokenizer::detokenize::IncrementalDetokenizer;
+use crate::engine::{
+    self, EngineConfig, EngineOptions, FinishReason, GenerateRequest, StopReason, StreamEvent,
+};
+use crate::kernels::Backend;
+use crate::kv_cache::CacheConfig;
+use crate::sampling::SamplingParams;
+use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::{ChatMessage, ChatTemplateOptions};
 
 const BLOCK_SIZE: usize = 16;
@@ -38,6 +43,9 @@ pub struct GenerateArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Text that ends the continuation (not printed); may be given several times.
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -84,74 +92,87 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
         anyhow::bail!("the prompt is empty after tokenization");
     }
     let max_len = loaded.model.config.max_position_embeddings;
-    if prompt_ids.len() + args.max_tokens > max_len {
+    let total = prompt_ids.len() + args.max_tokens;
+    if total > max_len {
         anyhow::bail!(
             "prompt ({} tokens) + --max-tokens ({}) exceeds the model's context of {max_len} tokens",
             prompt_ids.len(),
             args.max_tokens
         );
     }
-    let total = prompt_ids.len() + args.max_tokens;
-    let num_blocks = total.div_ceil(BLOCK_SIZE);
-    let mut model = RankGroup::start(loaded.model, num_blocks, BLOCK_SIZE)?;
-    let block_table: Vec<u32> = (0..num_blocks as u32).collect();
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        ..SamplingParams::default()
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: 1,
+            // The whole prompt in one step: its time is the prefill's.
+            max_num_batched_tokens: prompt_ids
+                .len()
+                .max(SchedulerConfig::default().max_num_batched_tokens),
+            enable_chunked_prefill: false,
+            ..SchedulerConfig::default()
+        },
+        cache: CacheConfig {
+            block_size: BLOCK_SIZE,
+            num_blocks: total.div_ceil(BLOCK_SIZE),
+            enable_prefix_caching: false,
+        },
+        max_model_len: max_len,
+        max_waiting: 0,
     };
-    let mut sampler = SequenceSampler::new(params, &prompt_ids, 0);
-    let mut scratch = SamplingScratch::default();
-    let mut detok = IncrementalDetokenizer::new(&tok, true);
+    let engine = engine::spawn_with(loaded.model, tok.clone(), config, EngineOptions::default())?;
+    let request = GenerateRequest {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        ignore_eos: args.ignore_eos,
+        stop: args.stop.clone(),
+        ..GenerateRequest::greedy(prompt_ids.clone(), args.max_tokens)
+    };
+    let started = Instant::now();
+    let mut stream = engine.submit(request)?;
     let mut stdout = std::io::stdout().lock();
-
     let mut ids = Vec::new();
     let mut text = String::new();
-    let mut pending = prompt_ids.clone();
-    let mut done = 0usize;
-    let mut prefill_secs = 0.0;
-    let mut decode_started = None;
-    while ids.len() < args.max_tokens {
-        let n = pending.len();
-        let batch = ForwardBatch {
-            token_ids: std::mem::take(&mut pending),
-            positions: (done as u32..(done + n) as u32).collect(),
-            slot_mapping: (done as u32..(done + n) as u32).collect(),
-            seqs: vec![BatchSeq {
-                query_start: 0,
-                query_len: n,
-                context_len: done + n,
-                block_table: block_table.clone(),
-                prompt_len: prompt_ids.len(),
-            }],
-            logits_rows: vec![n as u32 - 1],
-        };
-        let t = Instant::now();
-        let mut logits = model.run(&batch, &[])?;
-        let next = sampler.sample(&mut logits, &mut scratch).token_id;
-        if done == 0 {
-            prefill_secs = t.elapsed().as_secs_f64();
-            decode_started = Some(Instant::now());
+    let mut first_token_at = None;
+    loop {
+        match stream.next_blocking() {
+            Some(StreamEvent::Token {
+                text: delta,
+                token_ids,
+                ..
+            }) => {
+                first_token_at.get_or_insert_with(Instant::now);
+                ids.extend(token_ids);
+                if !args.json {
+                    write!(stdout, "{delta}")?;
+                    stdout.flush()?;
+                }
+                text.push_str(&delta);
+            }
+            Some(StreamEvent::SeqFinished {
+                reason: FinishReason::Stop,
+                stop_reason,
+                ..
+            }) if !matches!(stop_reason, Some(StopReason::Text(_))) => {
+                // The EOS or stop token that ended it is not part of the continuation.
+                ids.pop();
+            }
+            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::Done { .. }) => break,
+            Some(StreamEvent::Error { message, .. }) => {
+                anyhow::bail!("generation failed: {message}")
+            }
+            None => anyhow::bail!("the engine stopped before the request ended"),
         }
-        done += n;
-        if !args.ignore_eos && tok.is_eos(next) {
-            break;
-        }
-        ids.push(next);
-        let delta = detok.push(&tok, next)?;
-        if !args.json {
-            write!(stdout, "{delta}")?;
-            stdout.flush()?;
-        }
-        text.push_str(&delta);
-        pending = vec![next];
     }
-    let rest = detok.flush(&tok)?;
-    text.push_str(&rest);
-    // The first generated token comes from the prefill; the others from decode steps.
-    let decode_secs = decode_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let ended = Instant::now();
+    // The first generated token comes from the prefill step; the others from decode steps.
+    let first = first_token_at.unwrap_or(ended);
+    let prefill_secs = (first - started).as_secs_f64();
+    let decode_secs = (ended - first).as_secs_f64();
     let decoded = ids.len().saturating_sub(1);
     let out = GenerateOutput {
         prefill_tokens_per_s: prompt_ids.len() as f64 / prefill_secs.max(1e-9),
@@ -168,7 +189,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
         serde_json::to_writer(&mut stdout, &out)?;
         writeln!(stdout)?;
     } else {
-        writeln!(stdout, "{rest}")?;
+        writeln!(stdout)?;
         eprintln!(
             "\nprefill: {} tokens, {:.1} tokens/s | decode: {} tokens, {:.1} tokens/s",
             out.prompt_ids.len(),

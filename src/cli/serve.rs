@@ -66,8 +66,11 @@ fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let timeout = seconds("shutdown-timeout", args.shutdown_timeout, 0.0)?;
-    // Checked here, before the model loads; `serve_model` reads the flag again.
+    // Checked here, before the model loads; `serve_model` reads the flags again.
     seconds("health-max-silence", args.health_max_silence, 0.001)?;
+    if args.engine.enable_fault_injection {
+        crate::engine::fault::FaultInjection::enable().context("--enable-fault-injection")?;
+    }
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,

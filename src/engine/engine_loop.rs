@@ -27,7 +27,7 @@ use super::request::{
 };
 use super::runner::ModelRunner;
 use crate::kernels::Backend;
-use crate::model::sampling::{SampledToken, SequenceSampler};
+use crate::sampling::{SampledToken, SequenceSampler};
 use crate::scheduler::{NewSequence, Scheduler, SeqId, StepPlan};
 use crate::tokenizer::Tokenizer;
 
@@ -91,7 +91,7 @@ pub(crate) struct EngineLoop<B: Backend> {
 /// A step whose forward pass is running (or done) in the runner's ranks.
 struct InFlightStep {
     plan: StepPlan,
-    submitted: Result<(), String>,
+    submitted: Result<(), super::runner::StepError>,
     scheduled_at: Instant,
     submitted_at: Instant,
 }
@@ -567,10 +567,10 @@ impl<B: Backend> EngineLoop<B> {
         for (seq_id, result) in output.sampled {
             match result {
                 Ok(t) => good.push((seq_id, t)),
-                Err(message) => {
+                Err(e) => {
                     if let Some(s) = self.seqs.get(&seq_id) {
                         let id = s.request;
-                        self.fail_request(id, EngineErrorKind::Internal, message);
+                        self.fail_request(id, EngineErrorKind::Internal, e.to_string());
                     }
                 }
             }

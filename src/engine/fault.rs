@@ -21,10 +21,12 @@
 //! | `stop` | output stage | the stop-string stage fails |
 //! | `template` | API | the chat template fails (a 400, as `raise_exception` does) |
 //! | `template-panic` | API | the template renderer panics (a 500) |
+//! | `handler-panic` | API | the chat handler itself panics (the catch-panic layer's 500) |
 //!
 //! Invariant: without a `FaultInjection` value, and with one for a request without a marker,
 //! every request takes exactly the path it takes in a binary built without the feature.
 
+use crate::sampling::Corruption;
 use crate::tokenizer::Tokenizer;
 
 const MARKER: &str = "sluice-fault:";
@@ -54,6 +56,14 @@ impl FaultInjection {
         }
     }
 
+    /// Panics when `text` carries the `handler-panic` marker: a bug in a request handler,
+    /// which the API's catch-panic layer must turn into a 500.
+    pub fn in_handler(self, text: &str) {
+        if parse(text).is_some_and(|f| f.fault == Fault::HandlerPanic) {
+            panic!("injected fault: a request handler panicked");
+        }
+    }
+
     /// The marker in a prompt given as token ids.
     pub fn find_in_prompt(self, tokenizer: &Tokenizer, prompt: &[u32]) -> Option<ArmedFault> {
         let text = tokenizer.decode(prompt, false).ok()?;
@@ -75,6 +85,7 @@ pub enum Fault {
     StopString,
     Template,
     TemplatePanic,
+    HandlerPanic,
 }
 
 impl Fault {
@@ -89,16 +100,14 @@ impl Fault {
             "stop" => Self::StopString,
             "template" => Self::Template,
             "template-panic" => Self::TemplatePanic,
+            "handler-panic" => Self::HandlerPanic,
             _ => return None,
         })
     }
 
     /// Faults the runner applies to a sampled row.
     pub fn is_runner(self) -> bool {
-        matches!(
-            self,
-            Self::NanLogits | Self::InfLogits | Self::BadToken | Self::Panic | Self::Stall
-        )
+        self.corruption().is_some()
     }
 }
 
@@ -142,18 +151,17 @@ pub(crate) fn parse(text: &str) -> Option<ArmedFault> {
     })
 }
 
-/// Applies a runner fault to a sampled sequence's logit row (`Panic` panics here).
-pub fn corrupt_row(fault: Fault, row: &mut [f32]) {
-    match fault {
-        Fault::NanLogits => row.fill(f32::NAN),
-        Fault::InfLogits => {
-            if let Some(x) = row.first_mut() {
-                *x = f32::INFINITY;
-            }
-        }
-        Fault::Panic => panic!("injected fault: panic while sampling"),
-        Fault::Stall => std::thread::sleep(STALL),
-        _ => {}
+impl Fault {
+    /// What a runner fault does to the sequence's draw (`None` for faults elsewhere).
+    pub fn corruption(self) -> Option<Corruption> {
+        Some(match self {
+            Fault::NanLogits => Corruption::NanLogits,
+            Fault::InfLogits => Corruption::InfLogit,
+            Fault::BadToken => Corruption::TokenOutsideVocabulary,
+            Fault::Panic => Corruption::Panic,
+            Fault::Stall => Corruption::Stall(STALL),
+            _ => return None,
+        })
     }
 }
 

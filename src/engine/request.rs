@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::model::sampling::SamplingParams;
+use crate::sampling::SamplingParams;
 
 /// A request the API has validated and tokenized: everything downstream trusts it.
 #[derive(Debug, Clone)]

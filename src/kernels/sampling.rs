@@ -14,45 +14,8 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Threads of one `sample_rows` CTA (`SAMPLE_THREADS` in sampling.cu): the draw walks the
 /// row in this many contiguous chunks, so the reference replays it.
 pub const SAMPLE_THREADS: usize = 1024;
-/// Below this temperature a row is greedy (as `model/sampling.rs`).
+/// Below this temperature a row is greedy (on the host too: `sampling::SamplingParams`).
 pub const GREEDY_TEMPERATURE: f32 = 1e-5;
-
-/// One row's filtering and drawing parameters (what `model::sampling::SamplingParams` holds,
-/// minus the lists, plus the draw's position).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowParams {
-    pub seed: u64,
-    /// Tokens this sequence generated so far: the draw's index, so a seed replays.
-    pub counter: u64,
-    /// Below `GREEDY_TEMPERATURE`: greedy.
-    pub temperature: f32,
-    /// 0: no cut.
-    pub top_k: usize,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repetition_penalty: f32,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    /// Alternatives to report, at most `MAX_TOP_LOGPROBS`.
-    pub num_top_logprobs: usize,
-}
-
-impl Default for RowParams {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            counter: 0,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            num_top_logprobs: 0,
-        }
-    }
-}
 
 /// A token the penalties look at: generated `count` times, and whether the prompt holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +25,17 @@ pub struct PenaltyToken {
     pub in_prompt: bool,
 }
 
-/// One row of a `SamplingBatch`, flat. `#[repr(C)]`: it is also the CUDA kernel's argument
-/// layout (`SamplingRow` in `sampling.cu`), uploaded as is.
+/// One row of a `SamplingBatch`, flat: one draw's parameters (`sampling::SamplingParams`
+/// without its lists, built by `SamplingParams::device_row`) and its list ranges.
+/// `#[repr(C)]`: it is also the CUDA kernel's argument layout (`SamplingRow` in
+/// `sampling.cu`), uploaded as is.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleRow {
     pub seed: u64,
+    /// Tokens this sequence generated so far: the draw's index, so a seed replays.
     pub counter: u64,
+    /// Below `GREEDY_TEMPERATURE`: greedy.
     pub temperature: f32,
     pub top_p: f32,
     pub min_p: f32,
@@ -87,6 +54,28 @@ pub struct SampleRow {
     pub bias_end: u32,
 }
 
+/// A greedy row that changes nothing: no penalty, no cut, no logprobs.
+impl Default for SampleRow {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            counter: 0,
+            temperature: 0.0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            top_k: 0,
+            num_top_logprobs: 0,
+            penalty_begin: 0,
+            penalty_end: 0,
+            bias_begin: 0,
+            bias_end: 0,
+        }
+    }
+}
+
 /// The rows of one sampling call, flat as a device reads them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SamplingBatch {
@@ -99,16 +88,18 @@ pub struct SamplingBatch {
 }
 
 impl SamplingBatch {
-    /// Appends a row. `penalties` must name each token once (see the module doc); a count is
-    /// capped at 2³¹ - 1. Suppressed tokens (EOS under `min_tokens`) go in `bias` as `-inf`.
-    pub fn push(&mut self, p: &RowParams, penalties: &[PenaltyToken], bias: &[(u32, f32)]) {
-        self.push_row(p, penalties.iter().copied(), bias.iter().copied());
+    /// Appends a row: `row`'s parameters (its list ranges are set here, its top logprobs
+    /// capped at `MAX_TOP_LOGPROBS`). `penalties` must name each token once (see the module
+    /// doc); a count is capped at 2³¹ - 1. Suppressed tokens (EOS under `min_tokens`) go in
+    /// `bias` as `-inf`.
+    pub fn push(&mut self, row: SampleRow, penalties: &[PenaltyToken], bias: &[(u32, f32)]) {
+        self.push_row(row, penalties.iter().copied(), bias.iter().copied());
     }
 
     /// `push` from iterators (no intermediate lists).
     pub fn push_row(
         &mut self,
-        p: &RowParams,
+        row: SampleRow,
         penalties: impl IntoIterator<Item = PenaltyToken>,
         bias: impl IntoIterator<Item = (u32, f32)>,
     ) {
@@ -124,20 +115,13 @@ impl SamplingBatch {
             self.bias_values.push(v);
         }
         self.rows.push(SampleRow {
-            seed: p.seed,
-            counter: p.counter,
-            temperature: p.temperature,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            top_k: p.top_k.min(i32::MAX as usize) as i32,
-            num_top_logprobs: p.num_top_logprobs.min(MAX_TOP_LOGPROBS) as i32,
+            num_top_logprobs: row.num_top_logprobs.clamp(0, MAX_TOP_LOGPROBS as i32),
+            top_k: row.top_k.max(0),
             penalty_begin,
             penalty_end: self.penalty_ids.len() as u32,
             bias_begin,
             bias_end: self.bias_ids.len() as u32,
+            ..row
         });
     }
 
@@ -180,12 +164,12 @@ mod tests {
             count: u32::MAX,
             in_prompt: true,
         }];
-        b.push(&RowParams::default(), &pen, &[(1, 2.0), (1, -1.0)]);
+        b.push(SampleRow::default(), &pen, &[(1, 2.0), (1, -1.0)]);
         b.push(
-            &RowParams {
-                top_k: usize::MAX,
+            SampleRow {
+                top_k: i32::MAX,
                 num_top_logprobs: 100,
-                ..RowParams::default()
+                ..SampleRow::default()
             },
             &[],
             &[(3, f32::NEG_INFINITY)],

@@ -253,6 +253,4 @@ pub fn probabilities(raw: &[f32], batch: &SamplingBatch, r: usize) -> Vec<f64> {
     w.iter().map(|x| x / total.max(f64::MIN_POSITIVE)).collect()
 }
 
-#[cfg(test)]
-#[path = "sampling_reference_tests.rs"]
-mod tests;
+// Its tests hold it against the host sampler: `sampling/device_reference_tests.rs`.

@@ -6,7 +6,6 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod rank_group;
-pub mod sampling;
 pub mod shard;
 pub mod weights;
 

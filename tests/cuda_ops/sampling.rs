@@ -6,17 +6,17 @@
 //! at most 2% may be ids the reference cuts (a top-p threshold within rounding).
 
 use sluice::kernels::cuda::reference;
-use sluice::kernels::cuda::sampling::{PenaltyToken, RowParams, SamplingBatch};
+use sluice::kernels::cuda::sampling::{PenaltyToken, SampleRow, SamplingBatch};
 use sluice::kernels::cuda::KvDType;
 
 use crate::{gpu_or_skip, gpu_tensor, rng, uniform};
 
-fn row_params(i: usize) -> (RowParams, Vec<PenaltyToken>, Vec<(u32, f32)>) {
-    let base = RowParams {
+fn row_params(i: usize) -> (SampleRow, Vec<PenaltyToken>, Vec<(u32, f32)>) {
+    let base = SampleRow {
         seed: 1000 + i as u64 / 8,
         counter: i as u64,
         num_top_logprobs: [0, 1, 5, 20][i % 4],
-        ..RowParams::default()
+        ..SampleRow::default()
     };
     let penalties: Vec<PenaltyToken> = (0..12)
         .map(|t| PenaltyToken {
@@ -28,32 +28,32 @@ fn row_params(i: usize) -> (RowParams, Vec<PenaltyToken>, Vec<(u32, f32)>) {
     let bias = vec![(5, 4.0), (6, f32::NEG_INFINITY), (5, -1.0)];
     let p = match i % 8 {
         0 => base,
-        1 => RowParams {
+        1 => SampleRow {
             repetition_penalty: 1.3,
             presence_penalty: 0.5,
             frequency_penalty: 0.25,
             ..base
         },
-        2 => RowParams {
+        2 => SampleRow {
             temperature: 1.0,
             ..base
         },
-        3 => RowParams {
+        3 => SampleRow {
             temperature: 0.7,
             top_k: 40,
             ..base
         },
-        4 => RowParams {
+        4 => SampleRow {
             temperature: 0.9,
             top_p: 0.85,
             ..base
         },
-        5 => RowParams {
+        5 => SampleRow {
             temperature: 1.2,
             min_p: 0.05,
             ..base
         },
-        6 => RowParams {
+        6 => SampleRow {
             temperature: 0.8,
             top_k: 100,
             top_p: 0.9,
@@ -62,7 +62,7 @@ fn row_params(i: usize) -> (RowParams, Vec<PenaltyToken>, Vec<(u32, f32)>) {
             presence_penalty: 0.2,
             ..base
         },
-        _ => RowParams {
+        _ => SampleRow {
             temperature: 1e-6,
             ..base
         },
@@ -76,7 +76,7 @@ fn check_vocab(vocab: usize, num_rows: usize) {
     let mut batch = SamplingBatch::default();
     for i in 0..num_rows {
         let (p, pen, bias) = row_params(i);
-        batch.push(&p, &pen, &bias);
+        batch.push(p, &pen, &bias);
     }
     let t = gpu_tensor(&g, num_rows, vocab, &logits);
     let got = g

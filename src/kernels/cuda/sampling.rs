@@ -9,8 +9,8 @@ use super::backend::{grow, launch, CudaBackend, CudaTensor};
 use super::context::ptr;
 use super::params::SamplingParams;
 pub use crate::kernels::sampling::{
-    PenaltyToken, RowParams, SampleRow, SampledRow, SamplingBatch, GREEDY_TEMPERATURE,
-    MAX_TOP_LOGPROBS, SAMPLE_THREADS,
+    PenaltyToken, SampleRow, SampledRow, SamplingBatch, GREEDY_TEMPERATURE, MAX_TOP_LOGPROBS,
+    SAMPLE_THREADS,
 };
 use crate::kernels::KernelError;
 

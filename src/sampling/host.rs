@@ -1,12 +1,12 @@
-//! Turning one row of logits into one token, per sequence: logit processors (repetition,
-//! presence and frequency penalties, logit bias), then greedy or temperature sampling with
-//! top-k, top-p and min-p, from a per-sequence seeded generator, so that a seed gives the same
-//! tokens whatever else shares the batch. Logprobs are those of the model's own distribution
-//! (log-softmax of the raw logits), as vLLM reports by default.
+//! The host sampler: one row of logits into one token, per sequence. Logit processors
+//! (repetition, presence and frequency penalties, logit bias), then greedy or temperature
+//! sampling with top-k, top-p and min-p, from a per-sequence seeded generator, so that a seed
+//! gives the same tokens whatever else shares the batch. Logprobs are those of the model's own
+//! distribution (log-softmax of the raw logits), as vLLM reports by default.
 //!
 //! On a backend that samples on the device, a sampler only describes its row
-//! (`SequenceSampler::row`) and `observe`s the id that comes back; the draw is the device's
-//! counter-based one (`kernels::sampling`).
+//! (`SequenceSampler::device_row`) and `observe`s the id that comes back; the draw is the
+//! device's counter-based one (`kernels::sampling`).
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -14,93 +14,14 @@ use std::collections::{HashMap, HashSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::params::{SampledToken, SamplingParams};
 use crate::kernels::cpu::ops::{self, softmax_weights};
-use crate::kernels::sampling::{PenaltyToken, RowParams, SamplingBatch};
+use crate::kernels::sampling::{PenaltyToken, SamplingBatch};
 
-/// Below this temperature sampling is greedy.
-const GREEDY_TEMPERATURE: f32 = 1e-5;
 /// The top-p cut's buckets are a weight's bit pattern without its low bits (weights are in
 /// `[0, 1]`, so the patterns order them): exponent and four mantissa bits, 16 buckets per
 /// octave of weight.
 const TOP_P_BUCKET_SHIFT: u32 = 19;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// 0 means no top-k cut.
-    pub top_k: usize,
-    /// 1 means no top-p cut.
-    pub top_p: f32,
-    /// 0 means no min-p cut.
-    pub min_p: f32,
-    /// 1 means none; applies to prompt and generated tokens.
-    pub repetition_penalty: f32,
-    /// Applies to generated tokens.
-    pub presence_penalty: f32,
-    /// Applies to generated tokens, per occurrence.
-    pub frequency_penalty: f32,
-    pub logit_bias: Vec<(u32, f32)>,
-    pub seed: Option<u64>,
-    /// Alternatives to report per token (`Some(0)`: only the chosen token's logprob).
-    pub logprobs: Option<usize>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            logit_bias: Vec::new(),
-            seed: None,
-            logprobs: None,
-        }
-    }
-}
-
-impl SamplingParams {
-    pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
-    }
-    pub fn is_greedy(&self) -> bool {
-        self.temperature < GREEDY_TEMPERATURE
-    }
-
-    /// The device sampler's flat parameters of one draw: these minus the lists, with the
-    /// draw's seed and index (`counter`: tokens generated so far).
-    pub fn row_params(&self, seed: u64, counter: u64) -> RowParams {
-        RowParams {
-            seed,
-            counter,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            num_top_logprobs: self.logprobs.unwrap_or(0),
-        }
-    }
-}
-
-/// What sampling one position produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampledToken {
-    pub token_id: u32,
-    /// Log-probability of `token_id` under the model (raw logits).
-    pub logprob: f32,
-    /// The most probable tokens and their logprobs, best first, when asked for.
-    pub top_logprobs: Vec<(u32, f32)>,
-}
 
 /// A sequence's sampling state: its generator and the tokens its penalties look at.
 pub struct SequenceSampler {
@@ -168,9 +89,9 @@ impl SequenceSampler {
     /// at once, the logit bias and, under `min_tokens`, the suppressed ids as `-inf`. The
     /// device's draw is not this sampler's generator: a seed gives other tokens than on the
     /// host (the same distribution). Call `observe` with the sampled token.
-    pub fn row(&self, out: &mut SamplingBatch) {
+    pub fn device_row(&self, out: &mut SamplingBatch) {
         let p = &self.params;
-        let row = p.row_params(self.device_seed, self.num_generated as u64);
+        let row = p.device_row(self.device_seed, self.num_generated as u64);
         let counts = &self.output_counts;
         // `prompt_tokens` is empty unless a repetition penalty is set; the output tokens
         // matter to every penalty.
@@ -198,7 +119,7 @@ impl SequenceSampler {
             .into_iter()
             .flatten();
         let bias = p.logit_bias.iter().copied().chain(suppressed);
-        out.push_row(&row, outputs.chain(prompt_only), bias);
+        out.push_row(row, outputs.chain(prompt_only), bias);
     }
 
     /// Samples the next token from `logits` (one row, modified in place), and records it.
@@ -446,222 +367,5 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The bucketed cut keeps a top-p nucleus: the highest logits only, holding the target
-    /// mass, and none it could spare (checked in f64, up to the f32 sums' rounding), on flat,
-    /// peaked, tied and negative rows.
-    #[test]
-    fn top_p_cut_keeps_the_nucleus() {
-        let mut rng = ChaCha8Rng::seed_from_u64(21);
-        let rows: Vec<Vec<f32>> = vec![
-            (0..49_152)
-                .map(|_| rng.random_range(-12.0f32..4.0))
-                .collect(),
-            (0..49_152)
-                .map(|i| rng.random_range(-12.0f32..4.0) + if i % 997 == 0 { 9.0 } else { 0.0 })
-                .collect(),
-            (0..5_000).map(|i| (i % 7) as f32 - 30.0).collect(),
-            (0..3).map(|i| i as f32).collect(),
-        ];
-        for (r, row) in rows.iter().enumerate() {
-            let max = ops::max(row);
-            let weights: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
-            let total: f64 = weights.iter().map(|&w| w as f64).sum();
-            for top_p in [0.05f32, 0.5, 0.9, 0.999] {
-                let mut cut = weights.clone();
-                top_p_cut(&mut cut, top_p, &mut SamplingScratch::default());
-                let kept = |i: &usize| cut[*i] > 0.0;
-                assert!(
-                    cut.iter().zip(&weights).all(|(c, w)| *c == 0.0 || c == w),
-                    "row {r} p {top_p}: a kept weight changed"
-                );
-                let lowest_kept = (0..row.len())
-                    .filter(kept)
-                    .map(|i| row[i])
-                    .fold(f32::MAX, f32::min);
-                let highest_dropped = (0..row.len())
-                    .filter(|i| !kept(i))
-                    .map(|i| row[i])
-                    .fold(f32::MIN, f32::max);
-                assert!(
-                    lowest_kept >= highest_dropped,
-                    "row {r} p {top_p}: not a prefix"
-                );
-                let mass: f64 = cut.iter().map(|&w| w as f64).sum();
-                let spare = mass - (lowest_kept - max).exp() as f64;
-                let target = top_p as f64 * total;
-                assert!(
-                    mass >= target * (1.0 - 1e-4),
-                    "row {r} p {top_p}: {mass} < {target}"
-                );
-                assert!(
-                    spare < target * (1.0 + 1e-4),
-                    "row {r} p {top_p}: {spare} would do"
-                );
-            }
-        }
-    }
-
-    fn logits() -> Vec<f32> {
-        vec![1.0, 3.0, 2.0, -1.0, 2.5]
-    }
-
-    #[test]
-    fn greedy_takes_the_max_and_reports_logprobs() {
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                logprobs: Some(2),
-                ..SamplingParams::greedy()
-            },
-            &[],
-            0,
-        );
-        let out = s.sample(&mut logits(), &mut SamplingScratch::default());
-        assert_eq!(out.token_id, 1);
-        assert_eq!(
-            out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(),
-            [1, 4]
-        );
-        let lse = logits().iter().map(|x| x.exp()).sum::<f32>().ln();
-        assert!((out.logprob - (3.0 - lse)).abs() < 1e-5);
-    }
-
-    #[test]
-    fn same_seed_same_tokens() {
-        let params = SamplingParams {
-            temperature: 1.0,
-            seed: Some(7),
-            ..SamplingParams::default()
-        };
-        let run = || {
-            let mut s = SequenceSampler::new(params.clone(), &[], 0);
-            let mut scratch = SamplingScratch::default();
-            (0..50)
-                .map(|_| s.sample(&mut logits(), &mut scratch).token_id)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(), run());
-        assert!(run().iter().collect::<HashSet<_>>().len() > 1);
-    }
-
-    #[test]
-    fn top_k_and_min_p_and_bias_restrict_the_choice() {
-        let mut scratch = SamplingScratch::default();
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                top_k: 2,
-                seed: Some(1),
-                ..SamplingParams::default()
-            },
-            &[],
-            0,
-        );
-        for _ in 0..100 {
-            let t = s.sample(&mut logits(), &mut scratch).token_id;
-            assert!(t == 1 || t == 4);
-        }
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                top_p: 0.4,
-                seed: Some(1),
-                ..SamplingParams::default()
-            },
-            &[],
-            0,
-        );
-        for _ in 0..100 {
-            assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
-        }
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                logit_bias: vec![(3, 100.0)],
-                ..SamplingParams::greedy()
-            },
-            &[],
-            0,
-        );
-        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 3);
-    }
-
-    #[test]
-    fn penalties_push_repeated_tokens_down() {
-        let mut scratch = SamplingScratch::default();
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                frequency_penalty: 2.0,
-                ..SamplingParams::greedy()
-            },
-            &[],
-            0,
-        );
-        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
-        // 3.0 - 2.0 = 1.0 < 2.5: token 4 wins next.
-        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
-        let mut s = SequenceSampler::new(
-            SamplingParams {
-                repetition_penalty: 2.0,
-                ..SamplingParams::greedy()
-            },
-            &[1],
-            0,
-        );
-        // 3.0 / 2 = 1.5 < 2.5.
-        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
-    }
-
-    #[test]
-    fn a_device_row_describes_the_same_processors() {
-        use crate::kernels::sampling_reference;
-        // Greedy after every processor: the reference over `row` picks what `sample` picks,
-        // with the same logprob.
-        let raw: Vec<f32> = (0..64)
-            .map(|i| ((i * 37) % 23) as f32 * 0.25 - 2.0)
-            .collect();
-        let params = SamplingParams {
-            repetition_penalty: 1.7,
-            presence_penalty: 0.3,
-            frequency_penalty: 0.4,
-            logit_bias: vec![(5, 0.7), (9, -0.2), (5, 0.1)],
-            logprobs: Some(2),
-            ..SamplingParams::greedy()
-        };
-        let mut host = SequenceSampler::new(params.clone(), &[1, 2, 3, 40, 3], 0);
-        host.suppress_until(vec![11, 12], 4);
-        let mut scratch = SamplingScratch::default();
-        for step in 0..8 {
-            let mut batch = SamplingBatch::default();
-            host.row(&mut batch);
-            assert_eq!(batch.rows[0].counter, step);
-            let device = sampling_reference::sample_rows(&raw, raw.len(), &batch);
-            let want = host.sample(&mut raw.clone(), &mut scratch);
-            assert_eq!(device[0].token_id, want.token_id, "step {step}");
-            assert!((device[0].logprob - want.logprob).abs() < 1e-5);
-            assert_eq!(device[0].top_logprobs.len(), 2);
-            let suppressed = batch.bias_ids.iter().filter(|&&t| t == 11).count();
-            assert_eq!(suppressed, usize::from(step < 4), "step {step}");
-        }
-        // No penalty: no penalty list, whatever was generated.
-        let mut plain = SequenceSampler::new(SamplingParams::greedy(), &[1, 2], 0);
-        plain.observe(7);
-        let mut batch = SamplingBatch::default();
-        plain.row(&mut batch);
-        assert!(batch.penalty_ids.is_empty());
-    }
-
-    #[test]
-    fn device_seeds_replay_and_differ_per_stream() {
-        let p = SamplingParams {
-            seed: Some(3),
-            ..SamplingParams::default()
-        };
-        let seed = |stream| {
-            let mut b = SamplingBatch::default();
-            SequenceSampler::new(p.clone(), &[], stream).row(&mut b);
-            b.rows[0].seed
-        };
-        assert_eq!(seed(0), seed(0));
-        assert_ne!(seed(0), seed(1));
-    }
-}
+#[path = "host_tests.rs"]
+mod tests;

@@ -1,4 +1,5 @@
-//! The sampling reference held against the host sampler (`model/sampling.rs`): the same
+//! The device sampler's host reference (`kernels::sampling_reference`) held against the host
+//! sampler (`sampling::host`): the same
 //! token for greedy rows after penalties and bias, the same logprobs, and for filtered rows the
 //! same kept set with the same probabilities (the two draw from different generators, so the
 //! comparison is of distributions, over thousands of seeds).
@@ -8,9 +9,9 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::*;
-use crate::kernels::sampling::{PenaltyToken, RowParams};
-use crate::model::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
+use crate::kernels::sampling::{PenaltyToken, SampleRow, SamplingBatch};
+use crate::kernels::sampling_reference::*;
+use crate::sampling::{SamplingParams, SamplingScratch, SequenceSampler};
 
 const VOCAB: usize = 500;
 
@@ -67,7 +68,7 @@ impl History {
 
 fn batch_of(p: &SamplingParams, h: &History) -> SamplingBatch {
     let mut b = SamplingBatch::default();
-    b.push(&p.row_params(1, 0), &h.penalties(), &p.logit_bias);
+    b.push(p.device_row(1, 0), &h.penalties(), &p.logit_bias);
     b
 }
 
@@ -150,7 +151,7 @@ fn check_distribution(p: &SamplingParams, seed: u64) {
         assert!(probs[t as usize] > 0.0, "{p:?}: host drew {t}, cut here");
         host[t as usize] += 1;
         let mut b = SamplingBatch::default();
-        b.push(&p.row_params(7, i), &h.penalties(), &p.logit_bias);
+        b.push(p.device_row(7, i), &h.penalties(), &p.logit_bias);
         reference[sample_row(&raw, &b, 0).token_id as usize] += 1;
     }
     for (t, &pt) in probs.iter().enumerate() {
@@ -206,16 +207,16 @@ fn filtered_rows_keep_the_host_samplers_set_and_probabilities() {
 fn the_draw_replays_by_seed_and_counter_and_suppression_holds() {
     let raw = logits(3);
     let mut b = SamplingBatch::default();
-    let p = RowParams {
+    let p = SampleRow {
         seed: 9,
         counter: 4,
         temperature: 1.0,
-        ..RowParams::default()
+        ..SampleRow::default()
     };
-    b.push(&p, &[], &[]);
-    b.push(&p, &[], &[]);
+    b.push(p, &[], &[]);
+    b.push(p, &[], &[]);
     let best = sample_row(&raw, &b, 0).token_id;
-    b.push(&p, &[], &[(best, f32::NEG_INFINITY)]);
+    b.push(p, &[], &[(best, f32::NEG_INFINITY)]);
     let rows = sample_rows(&[raw.clone(), raw.clone(), raw].concat(), VOCAB, &b);
     assert_eq!(rows[0], rows[1]);
     assert_ne!(rows[2].token_id, best);
