@@ -18,8 +18,8 @@ use super::attention_kernels::{
 };
 use super::backend::{CpuNumerics, CpuTensor};
 use super::ggml_compat::{self, AttnScratch, KvHead};
-use super::ops::rope_head;
 use super::pool::{SyncPtr, ThreadPool};
+use super::rows;
 use crate::kernels::{AttentionShape, ForwardBatch, KvCacheShape};
 
 /// Queries per attention task.
@@ -95,14 +95,8 @@ impl CpuStep {
         let mut sin = Vec::with_capacity(n * half);
         for &p in &batch.positions {
             match numerics {
-                CpuNumerics::Fast => {
-                    for &f in &rope.inv_freqs {
-                        let (s, c) = (p as f32 * f).sin_cos();
-                        cos.push(c);
-                        sin.push(s);
-                    }
-                }
-                CpuNumerics::Ggml => ggml_compat::rope_angles(
+                CpuNumerics::Fast => rows::rope_angles(p, &rope.inv_freqs, &mut cos, &mut sin),
+                CpuNumerics::Ggml => rows::ggml::rope_angles(
                     p,
                     rope.theta_base,
                     2 * half,
@@ -185,8 +179,8 @@ pub fn rope_and_store(
             let (cos, sin) = (&step.cos[t * half..][..half], &step.sin[t * half..][..half]);
             for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
                 match step.numerics {
-                    CpuNumerics::Fast => rope_head(head, cos, sin, step.interleaved),
-                    CpuNumerics::Ggml => ggml_compat::rope_head(head, cos, sin, step.interleaved),
+                    CpuNumerics::Fast => rows::rope_head(head, cos, sin, step.interleaved),
+                    CpuNumerics::Ggml => rows::ggml::rope_head(head, cos, sin, step.interleaved),
                 }
             }
             let mut tmp = [f16::ZERO; 256];

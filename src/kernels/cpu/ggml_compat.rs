@@ -28,7 +28,7 @@
 
 use half::f16;
 
-use super::ops::simd_dispatch;
+use super::ops::{simd_dispatch, v_expf};
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
@@ -412,105 +412,6 @@ pub fn linear(
     });
 }
 
-#[inline(always)]
-fn rms_norm_row_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let mut sum = 0.0f64;
-    for &v in x {
-        sum += (v * v) as f64;
-    }
-    let mean = (sum / x.len() as f64) as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
-    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
-        *o = x * scale * w;
-    }
-}
-
-simd_dispatch!(
-    /// `out = x / rms(x) * w` as ggml computes it (squares summed in f64).
-    pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => rms_norm_row_body
-);
-
-/// ggml's vector `expf` (`ggml_v_expf`, AVX-512 form): a degree-5 polynomial on the reduced
-/// argument, scaled by `2^n`.
-#[inline(always)]
-fn v_expf(x: f32) -> f32 {
-    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
-    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
-    let n = z - r;
-    let b = (-n).mul_add(
-        f32::from_bits(0x35bf_be8e),
-        (-n).mul_add(f32::from_bits(0x3f31_7200), x),
-    );
-    if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
-    }
-    let u = b * b;
-    let j = f32::from_bits(0x3c07_2010)
-        .mul_add(b, f32::from_bits(0x3d2b_9f17))
-        .mul_add(
-            u,
-            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)),
-        )
-        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
-    // `_mm512_scalef_ps(j, n)`: j · 2^n rounded once (exact in f64 for |n| ≤ 192).
-    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
-}
-
-#[inline(always)]
-fn silu_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + v_expf(0.0 - g)) * u;
-    }
-}
-
-simd_dispatch!(
-    /// `out = silu(gate) * up` as ggml's `ggml_vec_swiglu_f32` computes it.
-    pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_row_body
-);
-
-/// RoPE cosines and sines of one position, `[head_dim / 2]` each, as `ggml_rope_cache_init`
-/// makes them: the angle of pair `i` is `p · s^i` with `s = base^(-2/d)`, by repeated f32
-/// multiplication, divided by the pair's frequency factor.
-pub fn rope_angles(
-    pos: u32,
-    base: f32,
-    dims: usize,
-    factors: Option<&[f32]>,
-    cos: &mut Vec<f32>,
-    sin: &mut Vec<f32>,
-) {
-    let theta_scale = base.powf(-2.0 / dims as f32);
-    let mut theta = pos as f32;
-    for i in 0..dims / 2 {
-        let ff = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
-        let t = theta / ff;
-        cos.push(t.cos());
-        sin.push(t.sin());
-        theta *= theta_scale;
-    }
-}
-
-#[inline(always)]
-fn rope_head_body(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = cos.len();
-    for i in 0..half {
-        let (a, b) = if interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (x0, x1) = (x[a], x[b]);
-        x[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
-        x[b] = x0.mul_add(sin[i], x1 * cos[i]);
-    }
-}
-
-simd_dispatch!(
-    /// Rotates one head as ggml's `rotate_pairs` compiles on x86 with FMA: `x0·cos − x1·sin`
-    /// with the first product fused.
-    pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) => rope_head_body
-);
-
 /// Scratch space of [`attend_kv_head`], reused across calls.
 #[derive(Default)]
 pub struct AttnScratch {
@@ -884,20 +785,6 @@ mod tests {
         assert_eq!(acts.d[0], f16::from_f32(6.0 / 127.0).to_f32());
         let sum: i32 = acts.qs.iter().map(|&q| q as i32).sum();
         assert_eq!(acts.s[0], f16::from_f32(6.0 / 127.0 * sum as f32).to_f32());
-    }
-
-    #[test]
-    fn v_expf_is_close_to_exp() {
-        for i in -2000..2000 {
-            let x = i as f32 * 0.043;
-            let (got, want) = (v_expf(x), (x as f64).exp());
-            assert!(
-                ((got as f64 - want) / want).abs() < 4e-7,
-                "{x}: {got} vs {want}"
-            );
-        }
-        assert_eq!(v_expf(-200.0), 0.0);
-        assert_eq!(v_expf(200.0), f32::INFINITY);
     }
 
     #[test]

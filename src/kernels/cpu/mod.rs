@@ -7,5 +7,6 @@ pub mod ggml_compat;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod rows;
 
 pub use backend::{CpuBackend, CpuNumerics, CpuTensor};
