@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use super::attention::{self, CpuKvCache, CpuStep};
-use super::ggml_compat::{self, GgmlActs};
+use super::matmul::ggml_dots::{self, GgmlActs};
 use super::matmul::{self, MatmulScratch, PackedLinear};
 use super::ops;
 use super::pool::{SyncPtr, ThreadPool};
@@ -124,7 +124,7 @@ impl Backend for CpuBackend {
         let cols = first.cols;
         if let Some(p) = parts
             .iter()
-            .find(|p| !ggml_compat::supports(p.dtype) || p.cols != cols)
+            .find(|p| !ggml_dots::supports(p.dtype) || p.cols != cols)
         {
             return Err(KernelError::Invalid(format!(
                 "ggml-compatible numerics need Q4_1 or Q8_0 weights of equal width, not {:?} \
@@ -229,7 +229,7 @@ impl Backend for CpuBackend {
             }
             LinearWeights::Ggml(parts) => {
                 let mut acts = self.ggml_acts.lock().unwrap_or_else(|e| e.into_inner());
-                ggml_compat::linear(&self.pool, x_data, m, parts, &mut out.data, &mut acts);
+                ggml_dots::linear(&self.pool, x_data, m, parts, &mut out.data, &mut acts);
             }
         }
         if let Some(b) = bias {
