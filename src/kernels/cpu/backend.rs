@@ -4,10 +4,11 @@
 use std::sync::Mutex;
 
 use super::attention::{self, CpuKvCache, CpuStep};
-use super::ggml_compat::{self, GgmlActs};
+use super::matmul::ggml_dots::{self, GgmlActs};
 use super::matmul::{self, MatmulScratch, PackedLinear};
 use super::ops;
 use super::pool::{SyncPtr, ThreadPool};
+use super::rows;
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
 
@@ -123,7 +124,7 @@ impl Backend for CpuBackend {
         let cols = first.cols;
         if let Some(p) = parts
             .iter()
-            .find(|p| !ggml_compat::supports(p.dtype) || p.cols != cols)
+            .find(|p| !ggml_dots::supports(p.dtype) || p.cols != cols)
         {
             return Err(KernelError::Invalid(format!(
                 "ggml-compatible numerics need Q4_1 or Q8_0 weights of equal width, not {:?} \
@@ -182,8 +183,8 @@ impl Backend for CpuBackend {
             // SAFETY: one row per task.
             let o = unsafe { ptr.slice(r * cols, cols) };
             match self.numerics {
-                CpuNumerics::Fast => ops::rms_norm_row(x.row(r), w, eps, o),
-                CpuNumerics::Ggml => ggml_compat::rms_norm_row(x.row(r), w, eps, o),
+                CpuNumerics::Fast => rows::rms_norm_row(x.row(r), w, eps, o),
+                CpuNumerics::Ggml => rows::ggml::rms_norm_row(x.row(r), w, eps, o),
             }
         });
     }
@@ -206,12 +207,12 @@ impl Backend for CpuBackend {
             // SAFETY: one row per task.
             let (res, o) = unsafe { (rp.slice(r * cols, cols), op.slice(r * cols, cols)) };
             match self.numerics {
-                CpuNumerics::Fast => ops::add_rms_norm_row(res, delta.row(r), w, eps, o),
+                CpuNumerics::Fast => rows::add_rms_norm_row(res, delta.row(r), w, eps, o),
                 CpuNumerics::Ggml => {
                     for (r, d) in res.iter_mut().zip(delta.row(r)) {
                         *r += d;
                     }
-                    ggml_compat::rms_norm_row(res, w, eps, o);
+                    rows::ggml::rms_norm_row(res, w, eps, o);
                 }
             }
         });
@@ -228,7 +229,7 @@ impl Backend for CpuBackend {
             }
             LinearWeights::Ggml(parts) => {
                 let mut acts = self.ggml_acts.lock().unwrap_or_else(|e| e.into_inner());
-                ggml_compat::linear(&self.pool, x_data, m, parts, &mut out.data, &mut acts);
+                ggml_dots::linear(&self.pool, x_data, m, parts, &mut out.data, &mut acts);
             }
         }
         if let Some(b) = bias {
@@ -262,8 +263,8 @@ impl Backend for CpuBackend {
             // SAFETY: one row per task.
             let o = unsafe { ptr.slice(r * inter, inter) };
             match self.numerics {
-                CpuNumerics::Fast => ops::silu_mul_row(&row[..inter], &row[inter..], o),
-                CpuNumerics::Ggml => ggml_compat::silu_mul_row(&row[..inter], &row[inter..], o),
+                CpuNumerics::Fast => rows::silu_mul_row(&row[..inter], &row[inter..], o),
+                CpuNumerics::Ggml => rows::ggml::silu_mul_row(&row[..inter], &row[inter..], o),
             }
         });
     }

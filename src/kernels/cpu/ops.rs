@@ -1,7 +1,9 @@
-//! Row-wise ops of the CPU backend: RMSNorm (with fused residual add), SiLU·mul, RoPE.
+//! Vector primitives that the CPU ops and the host sampler share: the per-instruction-set
+//! dispatch (`simd_dispatch!`), fixed-tree reductions, `exp` at three precisions (correctly
+//! rounded, approximate, and ggml's `ggml_v_expf`), a sampler's softmax weights and argmax.
 //!
-//! Each output row is computed by one fixed sequence of float operations whatever the batch,
-//! so a sequence's results never depend on what else is in the batch (batch invariance).
+//! Each result is computed by one fixed sequence of float operations whatever the batch, so a
+//! sequence's results never depend on what else is in the batch (batch invariance).
 //! The bodies are `#[inline(always)]` and instantiated once per instruction set by
 //! `simd_dispatch!`, so LLVM vectorizes them for the machine's widest available set.
 
@@ -37,7 +39,7 @@ pub enum SimdLevel {
     Portable,
 }
 
-/// The instruction set the row ops use, detected once (`SLUICE_CPU_KERNEL=portable` forces
+/// The instruction set the vectorized ops use, detected once (`SLUICE_CPU_KERNEL=portable` forces
 /// the portable path).
 pub fn simd_level() -> SimdLevel {
     static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
@@ -102,39 +104,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         *y = a.mul_add(*x, *y);
     }
 }
-
-#[inline(always)]
-fn rms_norm_row_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ss = dot(x, x);
-    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
-    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
-        *o = x * scale * w;
-    }
-}
-
-simd_dispatch!(
-    /// `out = x / rms(x) * w` for one row.
-    pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => rms_norm_row_body
-);
-
-#[inline(always)]
-fn add_rms_norm_row_body(
-    residual: &mut [f32],
-    delta: &[f32],
-    w: &[f32],
-    eps: f32,
-    out: &mut [f32],
-) {
-    for (r, d) in residual.iter_mut().zip(delta) {
-        *r += d;
-    }
-    rms_norm_row_body(residual, w, eps, out);
-}
-
-simd_dispatch!(
-    /// `residual += delta; out = rms_norm(residual) * w` for one row.
-    pub fn add_rms_norm_row(residual: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) => add_rms_norm_row_body
-);
 
 /// `exp(x)` evaluated in f64 and rounded once, so it is the correctly rounded f32 result but
 /// in the rarest cases (the values glibc's `expf` gives), written so that it vectorizes, unlike
@@ -220,6 +189,32 @@ pub fn exp_approx(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// ggml's vector `expf` (`ggml_v_expf`, AVX-512 form): a degree-5 polynomial on the reduced
+/// argument, scaled by `2^n`.
+#[inline(always)]
+pub fn v_expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x),
+    );
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010)
+        .mul_add(b, f32::from_bits(0x3d2b_9f17))
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)),
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
+    // `_mm512_scalef_ps(j, n)`: j · 2^n rounded once (exact in f64 for |n| ≤ 192).
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 #[inline(always)]
@@ -358,37 +353,6 @@ simd_dispatch!(
     pub fn max(x: &[f32]) -> f32 => max_body
 );
 
-#[inline(always)]
-fn silu_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
-    }
-}
-
-simd_dispatch!(
-    /// `out = silu(gate) * up` for one row.
-    pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_row_body
-);
-
-/// Rotates one head's vector by the angles whose cosines and sines are given per pair.
-#[inline(always)]
-pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = cos.len();
-    if interleaved {
-        for i in 0..half {
-            let (a, b) = (x[2 * i], x[2 * i + 1]);
-            x[2 * i] = a * cos[i] - b * sin[i];
-            x[2 * i + 1] = a * sin[i] + b * cos[i];
-        }
-    } else {
-        for i in 0..half {
-            let (a, b) = (x[i], x[i + half]);
-            x[i] = a * cos[i] - b * sin[i];
-            x[i + half] = a * sin[i] + b * cos[i];
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,25 +434,16 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_unit_weights() {
-        let x = [3.0f32, 4.0];
-        let mut out = [0.0; 2];
-        rms_norm_row(&x, &[1.0, 1.0], 0.0, &mut out);
-        let rms = (12.5f32).sqrt();
-        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 4.0 / rms).abs() < 1e-6);
-    }
-
-    #[test]
-    fn rope_styles_agree_up_to_permutation() {
-        let cos = [0.5f32, 0.8];
-        let sin = [0.866f32, 0.6];
-        let mut inter = [1.0f32, 2.0, 3.0, 4.0]; // pairs (1,2) (3,4)
-        let mut halves = [1.0f32, 3.0, 2.0, 4.0]; // pairs (1,2) (3,4) as (x0,x2) (x1,x3)
-        rope_head(&mut inter, &cos, &sin, true);
-        rope_head(&mut halves, &cos, &sin, false);
-        assert_eq!(
-            [inter[0], inter[1], inter[2], inter[3]],
-            [halves[0], halves[2], halves[1], halves[3]]
-        );
+    fn v_expf_is_close_to_exp() {
+        for i in -2000..2000 {
+            let x = i as f32 * 0.043;
+            let (got, want) = (v_expf(x), (x as f64).exp());
+            assert!(
+                ((got as f64 - want) / want).abs() < 4e-7,
+                "{x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(v_expf(-200.0), 0.0);
+        assert_eq!(v_expf(200.0), f32::INFINITY);
     }
 }

@@ -17,12 +17,14 @@
 //! The code path (AVX-512 VNNI, AVX2, portable) is picked once per process from the CPU's
 //! features; `SLUICE_CPU_KERNEL=portable|avx2|avx512` forces one (if the CPU supports it).
 //!
-//! Two entry points:
+//! Three entry points:
 //! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 path its
 //!   Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run the
 //!   column-interleaved kernels ([`packed_avx512`]), which the CPU backend uses. Other parts
 //!   and paths run the raw-block kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
 //! * [`linear`] over raw [`HostTensor`]s (tests, benches, the baseline).
+//! * [`ggml_dots::linear`] over Q4_1/Q8_0 [`HostTensor`]s, for `--cpu-numerics ggml`: ggml's
+//!   own dot products, bit for bit, with their activation quantization.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -41,6 +43,9 @@ mod avx2 {
 }
 #[cfg(not(target_arch = "x86_64"))]
 use avx2 as avx512;
+pub mod ggml_dots;
+#[cfg(target_arch = "x86_64")]
+mod ggml_vnni;
 mod packed;
 mod packed_acts;
 #[cfg(target_arch = "x86_64")]
