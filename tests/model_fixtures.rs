@@ -50,12 +50,12 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Greedy decoding of one sequence, one token per step after the prefill. Also returns, at
-/// each step, our top-2 logit margin and our runner-up token.
+/// each step, our top-2 logit margin and the step's logits.
 fn greedy(
     model: &mut Llama<CpuBackend>,
     prompt: &[u32],
     max_new: usize,
-) -> (Vec<u32>, Vec<(f32, u32)>) {
+) -> (Vec<u32>, Vec<(f32, Vec<f32>)>) {
     let total = prompt.len() + max_new;
     let num_blocks = total.div_ceil(BLOCK_SIZE);
     let mut kv = model.kv_cache(num_blocks, BLOCK_SIZE).unwrap();
@@ -83,18 +83,12 @@ fn greedy(
         let logits = model.forward(&batch, &mut kv);
         done += n;
         let next = argmax(&logits);
-        let (runner_up, second) = logits
+        let second = logits
             .iter()
             .enumerate()
             .filter(|&(i, _)| i != next as usize)
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-                if l > best.1 {
-                    (i as u32, l)
-                } else {
-                    best
-                }
-            });
-        margins.push((logits[next as usize] - second, runner_up));
+            .fold(f32::NEG_INFINITY, |best, (_, &l)| best.max(l));
+        margins.push((logits[next as usize] - second, logits));
         out.push(next);
         if eos.contains(&next) {
             break;
@@ -201,17 +195,20 @@ fn fast_numerics_greedy_parts_from_llama_cpp_only_at_near_ties() {
             .count();
         if got == f.greedy_ids {
             full += 1;
-        } else if let Some(&(m, runner_up)) = margins.get(agree) {
+        } else if let Some((m, row)) = margins.get(agree) {
             // Where we part from llama.cpp, our own choice must have been a near-tie, and
-            // llama.cpp's choice our runner-up.
+            // llama.cpp's choice one of the tied: within the near-tie margin of ours.
             assert!(
-                m < NEAR_TIE,
+                *m < NEAR_TIE,
                 "{}: first difference at token {agree}, where our top-2 margin {m:.3} is no near-tie",
                 f.name
             );
-            assert_eq!(
-                runner_up, f.greedy_ids[agree],
-                "{}: at the first difference (token {agree}) llama.cpp's choice is not our runner-up",
+            let theirs = f.greedy_ids[agree] as usize;
+            let gap = row[got[agree] as usize] - row[theirs];
+            assert!(
+                gap < NEAR_TIE,
+                "{}: at the first difference (token {agree}) llama.cpp's choice {theirs} is {gap:.3} \
+                 below ours, no near-tie",
                 f.name
             );
         }
@@ -234,8 +231,8 @@ fn fast_numerics_greedy_parts_from_llama_cpp_only_at_near_ties() {
     // How far two differently rounding engines' greedy runs go together past a near-tie is
     // chance (changing nothing but the last bit of an exp moved this count between 3 and 7 of
     // 12), so full agreement is asserted for the ggml numerics only. What must hold here is
-    // checked above at every divergence: a near-tie for us, and llama.cpp's token our
-    // runner-up.
+    // checked above at every divergence: a near-tie for us, with llama.cpp's token among the
+    // tied (on AVX2-only CPUs a three-way near-tie makes it our third choice in one fixture).
     assert!(
         full >= 2,
         "only {full} of {} greedy continuations equal llama.cpp's:\n{report}",

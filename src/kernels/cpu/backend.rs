@@ -40,7 +40,7 @@ pub enum CpuNumerics {
     /// sluice's own kernels: repacked weights, AMX where present, f32 attention.
     #[default]
     Fast,
-    /// Bit-compatible with llama.cpp's CPU build ([`ggml_compat`]); Q4_1 and Q8_0 weights.
+    /// Bit-compatible with llama.cpp's CPU build; Q4_1 and Q8_0 weights.
     Ggml,
 }
 
