@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sluice::kernels::cpu::pool::default_num_threads;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::{BatchSeq, ForwardBatch};
-use sluice::model::fetch::default_model_path;
+use sluice::assets::default_model_path;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
-use sluice::model::gguf::GgufFile;
+use sluice::gguf::GgufFile;
 use sluice::model::rank_group::RankGroup;
 use sluice::model::shard::load_cpu_ranks;
 use sluice::parallel::shm::{self, ShmComm};
@@ -104,7 +104,7 @@ fn tp_step(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    let path = sluice::model::fetch::default_model_path().unwrap_or_else(|e| panic!("{e}"));
+    let path = sluice::assets::default_model_path().unwrap_or_else(|e| panic!("{e}"));
     let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
     let config = ModelConfig::from_gguf(&f).unwrap_or_else(|e| panic!("{e}"));
     let (block_size, num_seqs, context) = (16, 8, 64);

@@ -13,14 +13,14 @@ use sluice::api::openai_types::{ChatCompletionRequest, CompletionRequest};
 use sluice::api::{parse_json, prompt, validation, ApiError};
 use sluice::engine::EngineInfo;
 use sluice::model::config::ModelConfig;
-use sluice::model::gguf::GgufFile;
+use sluice::gguf::GgufFile;
 use sluice::tokenizer::{ChatMessage, ChatTemplateOptions, IncrementalDetokenizer, Tokenizer};
 
 /// The default model's tokenizer, loaded once per process.
 pub fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let path = sluice::model::fetch::default_model_path().expect("the default model");
+        let path = sluice::assets::default_model_path().expect("the default model");
         let file = GgufFile::open(&path).expect("opening the default model");
         Tokenizer::from_gguf(&file).expect("its tokenizer")
     })

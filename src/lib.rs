@@ -5,12 +5,16 @@
 //! `kv_cache` (plain bookkeeping, no tensors) and `model` (the forward pass over a
 //! `ForwardBatch`), which runs on `kernels` (the backend ops); `sampling` draws each
 //! sequence's next token from the logits. `tokenizer` turns text into ids and back; `bench`
-//! is the load generator.
+//! is the load generator. Two leaf rooms serve several others: `gguf` (the GGUF reader, for
+//! the tokenizer and the model) and `assets` (the cache directory and the default model's
+//! fetch, for the CLI, the bench and the NVRTC cache).
 
 pub mod api;
+pub mod assets;
 pub mod bench;
 pub mod cli;
 pub mod engine;
+pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

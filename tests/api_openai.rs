@@ -30,7 +30,7 @@ fn generate(prompt: &str) -> GenerateOutput {
 }
 
 fn generate_with(prompt: &str, extra: &[&str]) -> GenerateOutput {
-    let model = sluice::model::fetch::default_model_path().expect("the default model");
+    let model = sluice::assets::default_model_path().expect("the default model");
     let out = Command::new(api_support::sluice_bin())
         .args(["generate", "--chat", "--json", "--threads", "2"])
         .args(["--max-tokens", &GREEDY_TOKENS.to_string()])

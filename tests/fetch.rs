@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use sluice::model::fetch::{default_model_path, FILE_IN_WHEEL, FILE_NAME, SHA256};
+use sluice::assets::{default_model_path, FILE_IN_WHEEL, FILE_NAME, SHA256};
 
 #[test]
 fn a_wheel_with_the_wrong_model_file_is_refused() {

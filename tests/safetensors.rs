@@ -27,7 +27,7 @@ use sluice::kernels::dtype::WeightDType;
 use sluice::kernels::host::{HostTensor, WeightBytes};
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
-use sluice::model::gguf::GgufFile;
+use sluice::gguf::GgufFile;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 use sluice::model::weights::WeightSource;
@@ -176,7 +176,7 @@ fn config_json(c: &ModelConfig, dtype: Dtype) -> serde_json::Value {
 
 /// Writes (once) the default model as a Hugging Face directory of `dtype` weights.
 fn hf_dir(dtype: Dtype) -> PathBuf {
-    let cache = sluice::model::fetch::cache_dir().expect("a cache directory");
+    let cache = sluice::assets::cache_dir().expect("a cache directory");
     let dir = cache
         .join("test-models")
         .join(format!("smollm2-hf-{dtype:?}-v{FORMAT}").to_lowercase());

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use serde::Deserialize;
-use sluice::model::gguf::GgufFile;
+use sluice::gguf::GgufFile;
 use sluice::tokenizer::{
     ChatMessage, ChatTemplateOptions, IncrementalDetokenizer, Tokenizer, TokenizerError,
 };
@@ -23,7 +23,7 @@ fn model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("SLUICE_MODEL") {
         return PathBuf::from(path);
     }
-    sluice::model::fetch::default_model_path().expect("fetching the default model")
+    sluice::assets::default_model_path().expect("fetching the default model")
 }
 
 fn tokenizer() -> &'static Tokenizer {

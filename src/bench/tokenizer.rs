@@ -9,7 +9,7 @@ use crate::tokenizer::Tokenizer;
 
 /// The default model file, which carries its tokenizer (fetched on first use).
 pub fn default_tokenizer_path() -> Result<PathBuf, BenchError> {
-    crate::model::fetch::default_model_path().map_err(|e| BenchError::Tokenizer(e.to_string()))
+    crate::assets::default_model_path().map_err(|e| BenchError::Tokenizer(e.to_string()))
 }
 
 /// A GGUF file, a `tokenizer.json`, or a directory holding a `tokenizer.json`.

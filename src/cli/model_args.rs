@@ -148,7 +148,7 @@ impl ModelArgs {
     pub fn model_path(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),
-            None => Ok(crate::model::fetch::default_model_path()?),
+            None => Ok(crate::assets::default_model_path()?),
         }
     }
 

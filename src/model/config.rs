@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::gguf::GgufFile;
+use crate::gguf::GgufFile;
 use super::ModelError;
 
 /// Which dimensions RoPE rotates together.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::config::ModelConfig;
-use super::gguf::GgufFile;
+use crate::gguf::GgufFile;
 use super::weights::{DummyWeights, SafetensorsDir, WeightSource};
 use super::ModelError;
 use crate::kernels::dtype::WeightDType;

@@ -1,15 +1,13 @@
 //! Model configs, weight loading and the Llama-family forward pass.
 
 pub mod config;
-pub mod fetch;
-pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod rank_group;
 pub mod shard;
 pub mod weights;
 
-use gguf::GgufError;
+use crate::gguf::GgufError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -18,7 +18,7 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 
 use super::config::ModelConfig;
-use super::gguf::GgufFile;
+use crate::gguf::GgufFile;
 use super::ModelError;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::{HostTensor, WeightBytes};

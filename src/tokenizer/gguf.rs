@@ -25,7 +25,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::pretokenize::SplitStyle;
 use super::{TokenizerError, TokenizerParts};
-use crate::model::gguf::{GgufFile, GgufValue};
+use crate::gguf::{GgufFile, GgufValue};
 
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;

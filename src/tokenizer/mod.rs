@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 pub use chat::{ChatMessage, ChatTemplateOptions};
 pub use detokenize::IncrementalDetokenizer;
 
-use crate::model::gguf::GgufFile;
+use crate::gguf::GgufFile;
 use bytes::TokenBytes;
 use chat::ChatTemplate;
 use encode::{AddedMatcher, FastEncoder};

@@ -40,7 +40,7 @@ impl Server {
     /// Starts the server with the default model on 127.0.0.1, port 0, small KV cache and
     /// context, plus `extra` flags; waits for the "listening" line.
     pub fn start(extra: &[&str]) -> Server {
-        let model = sluice::model::fetch::default_model_path().expect("the default model");
+        let model = sluice::assets::default_model_path().expect("the default model");
         let mut cmd = Command::new(sluice_bin());
         cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(["--threads", "2", "--kv-cache-memory", "134217728"])

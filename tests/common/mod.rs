@@ -12,7 +12,7 @@ pub use metrics::{assert_no_leaks, idle, metric, IDLE_WITHIN};
 use serde::Deserialize;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::model::config::ModelConfig;
-use sluice::model::gguf::GgufFile;
+use sluice::gguf::GgufFile;
 use sluice::model::llama::Llama;
 
 /// The engine's metric `name` (see [`metric`]).
@@ -44,7 +44,7 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// The default model's file, fetched into the cache on first use.
 pub fn default_model_path() -> PathBuf {
-    sluice::model::fetch::default_model_path().expect("fetching the default model")
+    sluice::assets::default_model_path().expect("fetching the default model")
 }
 
 pub fn default_gguf() -> GgufFile {

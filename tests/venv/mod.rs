@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 pub fn cache_dir() -> PathBuf {
-    sluice::model::fetch::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
+    sluice::assets::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
 }
 
 /// `<cache>/<name>` with `requirement` pip-installed. A marker names the requirement, so a

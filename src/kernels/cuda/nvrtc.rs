@@ -212,7 +212,7 @@ fn program_log(prog: sys::nvrtcProgram) -> String {
 }
 
 fn cache_dir() -> Option<PathBuf> {
-    crate::model::fetch::cache_dir().map(|d| d.join("kernels"))
+    crate::assets::cache_dir().map(|d| d.join("kernels"))
 }
 
 /// The CUBIN of `src` for `arch`, from the disk cache or compiled (and then cached). A cache

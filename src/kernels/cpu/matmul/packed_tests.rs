@@ -174,8 +174,8 @@ fn packed_rejects_bad_parts() {
 
 #[test]
 fn packed_real_model_tensors() {
-    let path = crate::model::fetch::default_model_path().expect("fetching the default model");
-    let file = crate::model::gguf::GgufFile::open(&path).expect("opening the default model");
+    let path = crate::assets::default_model_path().expect("fetching the default model");
+    let file = crate::gguf::GgufFile::open(&path).expect("opening the default model");
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     for (name, rows) in [

