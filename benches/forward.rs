@@ -8,10 +8,10 @@
 //! Run: `cargo bench --bench forward` (set `SLUICE_NUM_THREADS` to pin the thread count).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice::assets::default_model_path;
 use sluice::kernels::cpu::pool::default_num_threads;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::{BatchSeq, ForwardBatch};
-use sluice::assets::default_model_path;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 

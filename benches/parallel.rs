@@ -9,11 +9,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice::cli::cpu_ranks::load_cpu_ranks;
+use sluice::gguf::GgufFile;
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
-use sluice::gguf::GgufFile;
 use sluice::model::rank_group::RankGroup;
-use sluice::model::shard::load_cpu_ranks;
 use sluice::parallel::shm::{self, ShmComm};
 use sluice::parallel::{ParallelConfig, TpMode};
 

@@ -12,8 +12,8 @@ use sluice::api::errors::MAX_MESSAGE_BYTES;
 use sluice::api::openai_types::{ChatCompletionRequest, CompletionRequest};
 use sluice::api::{parse_json, prompt, validation, ApiError};
 use sluice::engine::EngineInfo;
-use sluice::model::config::ModelConfig;
 use sluice::gguf::GgufFile;
+use sluice::model::config::ModelConfig;
 use sluice::tokenizer::{ChatMessage, ChatTemplateOptions, IncrementalDetokenizer, Tokenizer};
 
 /// The default model's tokenizer, loaded once per process.

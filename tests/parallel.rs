@@ -8,11 +8,11 @@
 
 mod common;
 
+use sluice::cli::cpu_ranks::load_cpu_ranks;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
 use sluice::model::rank_group::RankGroup;
-use sluice::model::shard::load_cpu_ranks;
 use sluice::parallel::{ParallelConfig, TpMode};
 
 const BLOCK_SIZE: usize = 16;

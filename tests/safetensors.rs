@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::{bf16, f16};
+use sluice::gguf::GgufFile;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::WeightDType;
 use sluice::kernels::host::{HostTensor, WeightBytes};
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
-use sluice::gguf::GgufFile;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 use sluice::model::weights::WeightSource;

@@ -116,9 +116,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    if let Some(g) = state.device_gauges.clone() {
+    if let Some(sample) = state.sample_gauges.clone() {
         // NVML calls block for a moment: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || g.update()).await;
+        let _ = tokio::task::spawn_blocking(move || sample()).await;
     }
     (
         [(

@@ -84,9 +84,13 @@ pub struct AppState {
     /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
     /// waits for this to reach zero.
     pub open_sockets: Arc<AtomicUsize>,
-    /// The device's gauges (a GPU's), sampled by `/metrics` before it renders.
-    pub device_gauges: Option<Arc<dyn crate::kernels::DeviceGauges>>,
+    /// Samples gauges registered on the engine's metrics registry that are read rather than
+    /// kept (a GPU's utilisation, memory and power), run by `/metrics` before it renders.
+    pub sample_gauges: Option<GaugeSampler>,
 }
+
+/// A blocking call that refreshes sampled gauges (`AppState::sample_gauges`).
+pub type GaugeSampler = Arc<dyn Fn() + Send + Sync>;
 
 impl AppState {
     pub fn new(
@@ -103,16 +107,14 @@ impl AppState {
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
             open_sockets: Arc::new(AtomicUsize::new(0)),
-            device_gauges: None,
+            sample_gauges: None,
         }
     }
 
-    /// Samples `gauges` (registered on the engine's metrics registry) on each `/metrics`.
-    pub fn with_device_gauges(
-        mut self,
-        gauges: Option<Arc<dyn crate::kernels::DeviceGauges>>,
-    ) -> Self {
-        self.device_gauges = gauges;
+    /// Runs `sample` (which refreshes gauges on the engine's metrics registry) on each
+    /// `/metrics`.
+    pub fn with_gauge_sampler(mut self, sample: Option<GaugeSampler>) -> Self {
+        self.sample_gauges = sample;
         self
     }
 

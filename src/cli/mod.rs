@@ -1,5 +1,6 @@
 //! The `sluice` command line: subcommands and their arguments.
 
+pub mod cpu_ranks;
 pub mod engine_args;
 pub mod generate;
 pub mod model_args;

@@ -211,7 +211,7 @@ impl ModelArgs {
             return with_backend(device, opts, load)?;
         }
         let started = std::time::Instant::now();
-        let model = crate::model::shard::load_cpu_ranks_with(
+        let model = super::cpu_ranks::load_cpu_ranks_with(
             &opened.config,
             opened.weights.as_ref(),
             parallel,

@@ -132,7 +132,9 @@ fn serve_model<B: Backend>(
             health_max_silence: Duration::from_secs_f64(args.health_max_silence),
         },
     )
-    .with_device_gauges(gauges);
+    .with_gauge_sampler(
+        gauges.map(|g| -> api::GaugeSampler { std::sync::Arc::new(move || g.update()) }),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-api")

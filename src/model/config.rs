@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::gguf::GgufFile;
 use super::ModelError;
+use crate::gguf::GgufFile;
 
 /// Which dimensions RoPE rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use super::config::ModelConfig;
-use crate::gguf::GgufFile;
 use super::weights::{DummyWeights, SafetensorsDir, WeightSource};
 use super::ModelError;
+use crate::gguf::GgufFile;
 use crate::kernels::dtype::WeightDType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::weights::WeightSource;
 use super::ModelError;
-use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::host::{HostTensor, WeightBytes};
+use crate::kernels::Backend;
+use crate::parallel::comm::Communicator;
 use crate::parallel::partition::{self, ModelDims};
 use crate::parallel::{ParallelConfig, RankShard};
 
@@ -97,51 +98,33 @@ pub fn remap_token_ids(shard: &RankShard, ids: &mut [u32]) {
     }
 }
 
-/// Loads every rank of `cfg` on the CPU, in parallel, each rank with its share of `threads`
-/// (at least one) and a shared-memory communicator.
-pub fn load_cpu_ranks(
+/// Loads every rank of `cfg` in parallel, each on the backend `backend_for` makes for its
+/// shard and with its communicator (`comms`, one per rank in rank order). The model names no
+/// concrete backend: the caller (the CLI's device selection, a test) picks them.
+pub fn load_ranks<B: Backend>(
     config: &ModelConfig,
     weights: &dyn WeightSource,
     cfg: ParallelConfig,
-    threads: usize,
-) -> Result<super::rank_group::ModelRanks<crate::kernels::cpu::CpuBackend>, ModelError> {
-    load_cpu_ranks_with(config, weights, cfg, threads, CpuNumerics::Fast)
-}
-
-/// [`load_cpu_ranks`] with the given CPU numerics.
-pub fn load_cpu_ranks_with(
-    config: &ModelConfig,
-    weights: &dyn WeightSource,
-    cfg: ParallelConfig,
-    threads: usize,
-    numerics: CpuNumerics,
-) -> Result<super::rank_group::ModelRanks<crate::kernels::cpu::CpuBackend>, ModelError> {
-    use crate::kernels::cpu::CpuBackend;
+    backend_for: impl Fn(&RankShard) -> B + Sync,
+    comms: Vec<Box<dyn Communicator<B>>>,
+) -> Result<super::rank_group::ModelRanks<B>, ModelError> {
     let shards = plan_ranks(config, weights, cfg)?;
-    let n = shards.len();
-    if threads < n {
+    if comms.len() != shards.len() {
         return Err(ModelError::Invalid(format!(
-            "{n} CPU ranks (tensor-parallel {} × pipeline-parallel {}) need at least one \
-             thread each, and --threads is {threads}",
-            cfg.tp_size, cfg.pp_size
+            "{} communicators for {} ranks",
+            comms.len(),
+            shards.len()
         )));
     }
-    let comms = crate::parallel::shm::group(cfg.tp_size, cfg.pp_size);
+    let backend_for = &backend_for;
     let ranks = std::thread::scope(|s| {
         let handles: Vec<_> = shards
             .into_iter()
             .zip(comms)
             .map(|(shard, comm)| {
-                // The first ranks take the remainder.
-                let t = threads / n + usize::from(shard.rank < threads % n);
                 s.spawn(move || {
-                    super::llama::Llama::load_rank(
-                        config.clone(),
-                        weights,
-                        CpuBackend::with_numerics(t, numerics),
-                        shard,
-                        Box::new(comm),
-                    )
+                    let backend = backend_for(&shard);
+                    super::llama::Llama::load_rank(config.clone(), weights, backend, shard, comm)
                 })
             })
             .collect();

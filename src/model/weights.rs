@@ -18,8 +18,8 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 
 use super::config::ModelConfig;
-use crate::gguf::GgufFile;
 use super::ModelError;
+use crate::gguf::GgufFile;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::{HostTensor, WeightBytes};
 

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 pub use metrics::{assert_no_leaks, idle, metric, IDLE_WITHIN};
 
 use serde::Deserialize;
+use sluice::gguf::GgufFile;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::model::config::ModelConfig;
-use sluice::gguf::GgufFile;
 use sluice::model::llama::Llama;
 
 /// The engine's metric `name` (see [`metric`]).
