@@ -1,7 +1,7 @@
 //! Rank groups of a tiny random model against the same model on one rank.
 
 use super::*;
-use crate::cli::cpu_ranks::load_cpu_ranks;
+use crate::model::shard::load_ranks;
 use crate::kernels::cpu::CpuBackend;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::BatchSeq;
@@ -40,7 +40,12 @@ fn start_mode(tp: usize, pp: usize, dtype: WeightDType, mode: TpMode) -> RankGro
         pp_size: pp,
         tp_mode: mode,
     };
-    let ranks = load_cpu_ranks(&tiny(), &w, cfg, tp * pp).unwrap();
+    // One thread per rank, over shared memory.
+    let comms = crate::parallel::shm::group(tp, pp)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn crate::parallel::Communicator<CpuBackend>>)
+        .collect();
+    let ranks = load_ranks(&tiny(), &w, cfg, |_| CpuBackend::new(1), comms).unwrap();
     RankGroup::start(ranks, 8, 4).unwrap()
 }
 
