@@ -18,6 +18,8 @@ type Socket =
 
 /// How fast an abandoned request must be gone (one engine step is far less, even in debug).
 const ABORT_WITHIN: Duration = Duration::from_secs(10);
+/// Seconds in-flight requests get after SIGTERM.
+const SHUTDOWN_TIMEOUT: u64 = 10;
 
 async fn connect(server: &Server) -> Socket {
     let url = format!("{}/v1/ws", server.url.replacen("http://", "ws://", 1));
@@ -220,9 +222,11 @@ async fn sse_disconnect_frees_the_request_and_metrics_move(server: &Server) {
 
 async fn shutdown_finishes_in_flight_and_ends_the_rest(server: &mut Server) {
     let url = format!("{}/v1/completions", server.url);
-    // Long enough to outlive the shutdown deadline at any speed (the context is 1,024), while
-    // the short one runs long enough (40 tokens) for the metrics poll to see both running.
-    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": true,
+    // 8,000 tokens outlive the shutdown deadline (`SHUTDOWN_TIMEOUT`) at any speed this
+    // machine reaches (it would need 800 tokens/s alone), while the short one (40 tokens)
+    // finishes well within it even on a loaded machine (4 tokens/s), and runs long enough for
+    // the metrics poll to see both running.
+    let endless = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 8000, "ignore_eos": true,
                          "stream": true});
     let resp = post(&url, &endless).send().await.expect("stream");
     assert_eq!(resp.status(), 200);
@@ -256,14 +260,25 @@ async fn shutdown_finishes_in_flight_and_ends_the_rest(server: &mut Server) {
     assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
     let error: Value = serde_json::from_str(events[events.len() - 2]).expect("an error event");
     assert!(error["error"]["message"].as_str().is_some(), "{error}");
-    let status = tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(20)));
+    let status = tokio::task::block_in_place(|| {
+        server.wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT + 20))
+    });
     assert!(status.success(), "exit status {status}");
     println!("shutdown: exited {:?} after SIGTERM", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_cancel_disconnect_metrics_and_shutdown() {
-    let mut server = Server::start(&["--api-key", API_KEY, "--shutdown-timeout", "2"]);
+    let mut server = Server::start(&[
+        "--api-key",
+        API_KEY,
+        "--shutdown-timeout",
+        &SHUTDOWN_TIMEOUT.to_string(),
+        "--max-model-len",
+        "8192",
+        "--kv-cache-memory",
+        "536870912",
+    ]);
     websocket_interleaves_and_cancels(&server).await;
     sse_disconnect_frees_the_request_and_metrics_move(&server).await;
     shutdown_finishes_in_flight_and_ends_the_rest(&mut server).await;

@@ -1,11 +1,11 @@
 //! Rank groups of a tiny random model against the same model on one rank.
 
 use super::*;
-use crate::model::shard::load_ranks;
 use crate::kernels::cpu::CpuBackend;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::BatchSeq;
 use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::shard::load_ranks;
 use crate::model::weights::DummyWeights;
 use crate::parallel::{ParallelConfig, TpMode};
 

@@ -38,14 +38,23 @@ pub struct Server {
 
 impl Server {
     /// Starts the server with the default model on 127.0.0.1, port 0, small KV cache and
-    /// context, plus `extra` flags; waits for the "listening" line.
+    /// context, plus `extra` flags (which replace a default of the same flag); waits for the
+    /// "listening" line.
     pub fn start(extra: &[&str]) -> Server {
         let model = sluice::assets::default_model_path().expect("the default model");
         let mut cmd = Command::new(sluice_bin());
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(["--threads", "2", "--kv-cache-memory", "134217728"])
-            .args(["--max-model-len", "1024", "--served-model-name", "smol"])
-            .arg("--model")
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"]);
+        for (flag, value) in [
+            ("--threads", "2"),
+            ("--kv-cache-memory", "134217728"),
+            ("--max-model-len", "1024"),
+            ("--served-model-name", "smol"),
+        ] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.arg("--model")
             .arg(&model)
             .args(extra)
             .env("RUST_LOG", "warn")
