@@ -21,6 +21,7 @@ pub mod metrics;
 mod output;
 pub mod request;
 mod runner;
+mod stop_strings;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
