@@ -21,10 +21,8 @@ use std::time::{Duration, Instant};
 
 use super::handle::{now_millis, EngineCommand, EngineInfo, RequestId, Shared};
 use super::metrics::EngineMetrics;
-use super::output::SeqOutput;
-use super::request::{
-    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
-};
+use super::output::{OutputDecision, SeqOutput};
+use super::request::{EngineErrorKind, GenerateRequest, StreamEvent, Usage};
 use super::runner::ModelRunner;
 use crate::kernels::Backend;
 use crate::model::sampling::{SampledToken, SequenceSampler};
@@ -49,18 +47,9 @@ struct RequestState {
 
 struct SeqState {
     request: RequestId,
-    index: usize,
+    /// The output stage's state: choice index, tokens generated, text (`output.rs`).
     output: SeqOutput,
-    num_generated: usize,
     last_token_at: Option<Instant>,
-    /// Test-only: an output-stage fault for this sequence.
-    fault: Option<super::fault::ArmedFault>,
-}
-
-/// How a sequence's step ended.
-enum SeqOutcome {
-    Continue,
-    Finished(FinishReason, Option<StopReason>),
 }
 
 pub(crate) struct EngineLoop<B: Backend> {
@@ -303,16 +292,13 @@ impl<B: Backend> EngineLoop<B> {
                 seq_id,
                 SeqState {
                     request: id,
-                    index,
                     output: SeqOutput::new(
                         &self.tokenizer,
-                        request.skip_special_tokens,
-                        request.stop.clone(),
-                        request.include_stop_str_in_output,
+                        &request,
+                        index,
+                        fault.filter(|f| !f.fault.is_runner()),
                     ),
-                    num_generated: 0,
                     last_token_at: None,
-                    fault: fault.filter(|f| !f.fault.is_runner()),
                 },
             );
         }
@@ -621,6 +607,7 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
+    /// Counts a sampled token, runs the output stage on it and applies its decision.
     fn on_token(&mut self, seq_id: SeqId, token: SampledToken, now: Instant) {
         let Some(seq) = self.seqs.get_mut(&seq_id) else {
             return;
@@ -629,7 +616,6 @@ impl<B: Backend> EngineLoop<B> {
             return;
         };
         let request_id = seq.request;
-        seq.num_generated += 1;
         req.completion_tokens += 1;
         self.metrics.generation_tokens_total.inc();
         match seq.last_token_at {
@@ -646,96 +632,34 @@ impl<B: Backend> EngineLoop<B> {
             None => {}
         }
         seq.last_token_at = Some(now);
-        let r = &req.request;
-        let id = token.token_id;
-        let is_stop_token = r.stop_token_ids.contains(&id);
-        let is_eos = !r.ignore_eos && self.tokenizer.is_eos(id);
-        let (text, outcome) = if is_stop_token || is_eos {
-            let reason = is_stop_token.then_some(StopReason::Token(id));
-            (
-                String::new(),
-                SeqOutcome::Finished(FinishReason::Stop, reason),
-            )
-        } else {
-            if let Some(message) = seq.fault.and_then(|f| f.output_error(seq.num_generated)) {
-                self.fail_request(request_id, EngineErrorKind::Internal, message);
-                return;
+        let decision = seq.output.decide(
+            &self.tokenizer,
+            &req.request,
+            self.info.max_model_len,
+            token,
+        );
+        match decision {
+            OutputDecision::Continue { token } => {
+                // A client that is gone is aborted at the next intake.
+                let _ = req.events.try_send(token);
             }
-            match seq.output.push(&self.tokenizer, id) {
-                Ok((text, Some(stop))) => (
-                    text,
-                    SeqOutcome::Finished(FinishReason::Stop, Some(StopReason::Text(stop))),
-                ),
-                Ok((text, None)) => {
-                    let at_limit = seq.num_generated >= r.max_tokens
-                        || r.prompt_token_ids.len() + seq.num_generated >= self.info.max_model_len;
-                    let outcome = if at_limit {
-                        SeqOutcome::Finished(FinishReason::Length, None)
-                    } else {
-                        SeqOutcome::Continue
-                    };
-                    (text, outcome)
-                }
-                Err(e) => {
-                    let msg = format!("detokenization failed: {e}");
-                    self.fail_request(request_id, EngineErrorKind::Internal, msg);
-                    return;
-                }
-            }
-        };
-        let logprobs = if r.sampling.logprobs.is_some() {
-            vec![TokenLogprob {
-                token_id: id,
-                logprob: token.logprob,
-                top: token.top_logprobs,
-            }]
-        } else {
-            Vec::new()
-        };
-        let index = seq.index;
-        let finished = matches!(outcome, SeqOutcome::Finished(..));
-        let mut events = vec![StreamEvent::Token {
-            index,
-            text,
-            token_ids: vec![id],
-            logprobs,
-        }];
-        if let SeqOutcome::Finished(reason, stop_reason) = outcome {
-            // Text held back (bytes of a character, a possible stop string) is released now,
-            // except after a stop string, which ends the text where it matched.
-            if !matches!(stop_reason, Some(StopReason::Text(_))) {
-                match seq.output.finish(&self.tokenizer) {
-                    Ok(rest) if !rest.is_empty() => {
-                        if let Some(StreamEvent::Token { text, .. }) = events.last_mut() {
-                            text.push_str(&rest);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let msg = format!("detokenization failed: {e}");
-                        self.fail_request(request_id, EngineErrorKind::Internal, msg);
-                        return;
-                    }
-                }
-            }
-            self.metrics
-                .request_success_total
-                .with_label_values(&[reason.as_str()])
-                .inc();
-            events.push(StreamEvent::SeqFinished {
-                index,
+            OutputDecision::Finish {
+                token,
+                finished,
                 reason,
-                stop_reason,
-            });
-        }
-        for ev in events {
-            if req.events.try_send(ev).is_err() {
-                // The client is gone; the next intake aborts the request.
-                break;
+            } => {
+                self.metrics
+                    .request_success_total
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                if req.events.try_send(token).is_ok() {
+                    let _ = req.events.try_send(finished);
+                }
+                self.finish_seq(seq_id);
             }
-        }
-        if finished {
-            self.finish_seq(seq_id);
+            OutputDecision::Fail { message } => {
+                self.fail_request(request_id, EngineErrorKind::Internal, message);
+            }
         }
     }
 
@@ -748,7 +672,7 @@ impl<B: Backend> EngineLoop<B> {
         let Some(req) = self.requests.get_mut(&seq.request) else {
             return;
         };
-        if seq.index == 0 {
+        if seq.output.index() == 0 {
             req.cached_tokens = stats.map_or(0, |s| s.cached_tokens);
         }
         req.live_seqs -= 1;
