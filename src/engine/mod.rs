@@ -20,6 +20,7 @@ pub mod handle;
 pub mod metrics;
 mod output;
 pub mod request;
+mod request_table;
 mod runner;
 mod stop_strings;
 
