@@ -15,8 +15,12 @@
 //!
 //! A sequence that ends any way but a stop string releases the text held back (bytes of a
 //! character, the start of a possible stop string) in its last `Token` event. A detokenizer
-//! error fails the request. The decision holds the token's event and, when the sequence ended,
-//! its `SeqFinished`: no list of events is built per token.
+//! error fails the request.
+//!
+//! Cost per token: the event owns its text and its one-id `token_ids` (and logprobs, when
+//! asked for); without stop strings the text is the detokenizer's delta itself, not a copy.
+//! The decision holds the token's event and, when the sequence ended, its `SeqFinished`: no
+//! list of events is built.
 
 use super::fault::ArmedFault;
 use super::request::{FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob};
@@ -147,7 +151,7 @@ impl SeqOutput {
             return Err(message);
         }
         let delta = self.detok.push(tokenizer, id).map_err(detok_error)?;
-        let (mut text, stop) = self.stops.push(&delta);
+        let (mut text, stop) = self.stops.push(delta);
         if let Some(stop) = stop {
             // The text ends where the stop string matched: nothing held back is released.
             let end = SeqEnd {
@@ -173,7 +177,7 @@ impl SeqOutput {
     /// the sequence ends without a stop string.
     fn release_held(&mut self, tokenizer: &Tokenizer) -> Result<String, String> {
         let rest = self.detok.flush(tokenizer).map_err(detok_error)?;
-        let (mut out, _) = self.stops.push(&rest);
+        let (mut out, _) = self.stops.push(rest);
         out.push_str(&self.stops.flush());
         Ok(out)
     }

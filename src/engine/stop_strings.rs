@@ -21,12 +21,13 @@ impl StopMatcher {
     }
 
     /// Adds `delta`; returns the text that can be released now and, when a stop string
-    /// matched, that string (the sequence then ends; nothing after it is released).
-    pub fn push(&mut self, delta: &str) -> (String, Option<String>) {
+    /// matched, that string (the sequence then ends; nothing after it is released). Without
+    /// stop strings `delta` itself is returned, not a copy.
+    pub fn push(&mut self, delta: String) -> (String, Option<String>) {
         if self.stops.is_empty() {
-            return (delta.to_string(), None);
+            return (delta, None);
         }
-        self.pending.push_str(delta);
+        self.pending.push_str(&delta);
         // The earliest match wins; among matches at one place, the longest.
         let hit = self
             .stops
@@ -82,7 +83,7 @@ mod tests {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect(), include);
         let mut out = Vec::new();
         for d in deltas {
-            let (text, hit) = m.push(d);
+            let (text, hit) = m.push(d.to_string());
             out.push(text);
             if hit.is_some() {
                 return (out, hit);
