@@ -12,6 +12,10 @@
 //! ```
 //! The async world talks to it only through channels (`EngineHandle`). When the loop goes
 //! idle it checks the KV-cache accounting: every block free again.
+//!
+//! The loop is `engine_loop.rs`; the requests and sequences it holds, `request_table.rs`; the
+//! output stage (a decision per sampled token, applied by the loop), `output.rs` with
+//! `stop_strings.rs`; the model side of a step, `runner.rs` (and `forward_worker.rs`).
 
 mod engine_loop;
 pub mod fault;
