@@ -1,19 +1,24 @@
-//! The engine loop: intake, schedule, execute, commit, outputs — on its own thread, owning all
+//! The engine loop: intake, plan, submit, collect, commit, on its own thread, owning all
 //! serving state. With pipeline stages (`ModelRunner::max_in_flight() > 1`) it keeps that
 //! many steps in flight, each on sequences the others do not hold, so every stage works on a
 //! different micro-batch at once; a step's outputs are committed when it comes back, oldest
-//! first. With one stage a step is scheduled, run and committed before the next — or, with
+//! first. With one stage a step is scheduled, run and committed before the next, or, with
 //! `StepOverlap` on, the next step is planned while one runs and submitted as soon as its
 //! ids are back (`step_overlapped`; `docs/ARCHITECTURE.md`, "The engine loop").
+//!
+//! Its parts: the requests and sequences it holds, and the gauges, are the request table's
+//! (`request_table.rs`); what a sampled token means for its sequence is the output stage's
+//! decision (`output.rs`), which `on_token` applies: it sends the events, finishes the
+//! sequence or fails the request. Every stream ends with exactly one `Done` or `Error`.
 //!
 //! Fault isolation: a failure attributable to one sequence (non-finite logits, a sampled id
 //! outside the vocabulary, a detokenizer error) ends that request alone; the others in the
 //! step commit their tokens as if it had not been there. A panic anywhere inside a step is
-//! caught here: the requests of that step end with an internal error, their blocks are freed,
-//! and the loop goes on. Only steps that keep panicking (`MAX_FAILED_STEPS_IN_A_ROW`) mark the
-//! engine unhealthy.
+//! caught here: the requests of that step (and of the steps still in flight) end with an
+//! internal error, their blocks are freed, and the loop goes on. Only steps that keep
+//! panicking (`MAX_FAILED_STEPS_IN_A_ROW`) mark the engine unhealthy.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,71 +26,39 @@ use std::time::{Duration, Instant};
 
 use super::handle::{now_millis, EngineCommand, EngineInfo, RequestId, Shared};
 use super::metrics::EngineMetrics;
-use super::output::SeqOutput;
-use super::request::{
-    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
-};
-use super::runner::ModelRunner;
+use super::output::OutputDecision;
+use super::request::EngineErrorKind;
+use super::request_table::RequestTable;
+use super::runner::{ModelRunner, StepOutput};
 use crate::kernels::Backend;
-use crate::sampling::{SampledToken, SequenceSampler};
-use crate::scheduler::{NewSequence, Scheduler, SeqId, StepPlan};
+use crate::sampling::SampledToken;
+use crate::scheduler::{Scheduler, SeqId, StepPlan};
 use crate::tokenizer::Tokenizer;
 
 /// How often an idle engine wakes to report that it is alive.
 const IDLE_HEARTBEAT: Duration = Duration::from_millis(500);
 
-struct RequestState {
-    request: Box<GenerateRequest>,
-    events: flume::Sender<StreamEvent>,
-    /// Choice index → sequence id.
-    seq_ids: Vec<SeqId>,
-    live_seqs: usize,
-    /// Scheduled at least once (no longer counted as waiting).
-    started: bool,
-    first_token_at: Option<Instant>,
-    completion_tokens: usize,
-    cached_tokens: usize,
-}
-
-struct SeqState {
-    request: RequestId,
-    index: usize,
-    output: SeqOutput,
-    num_generated: usize,
-    last_token_at: Option<Instant>,
-    /// Test-only: an output-stage fault for this sequence.
-    fault: Option<super::fault::ArmedFault>,
-}
-
-/// How a sequence's step ended.
-enum SeqOutcome {
-    Continue,
-    Finished(FinishReason, Option<StopReason>),
-}
-
 pub(crate) struct EngineLoop<B: Backend> {
     scheduler: Scheduler,
     runner: ModelRunner<B>,
+    /// The requests and sequences the engine holds (`request_table.rs`).
+    table: RequestTable,
     tokenizer: Arc<Tokenizer>,
     commands: flume::Receiver<EngineCommand>,
     shared: Arc<Shared>,
     metrics: Arc<EngineMetrics>,
     info: Arc<EngineInfo>,
-    requests: HashMap<RequestId, RequestState>,
-    seqs: HashMap<SeqId, SeqState>,
-    next_seq_id: SeqId,
     shutdown_deadline: Option<Instant>,
-    /// Prefix-cache counters already exported to metrics.
-    exported_prefix: (u64, u64),
-    exported_counters: (u64, u64),
-    /// The requests of the step being run, failed together if it panics.
+    /// The requests of the step being run (one entry per sequence), failed together if it
+    /// panics.
     step_request_ids: Vec<RequestId>,
     /// Steps submitted to the runner and not collected yet, oldest first.
     in_flight: VecDeque<InFlightStep>,
     /// The overlapped loop: the next step is planned while one runs (see `step_overlapped`).
     overlap: bool,
-    /// The accounting was checked since the engine last went idle.
-    idle_checked: bool,
+    /// A collected step's good tokens and their ids, reused from step to step.
+    sampled: Vec<(SeqId, SampledToken)>,
+    sampled_ids: Vec<(SeqId, u32)>,
 }
 
 /// A step whose forward pass is running (or done) in the runner's ranks.
@@ -106,24 +79,27 @@ impl<B: Backend> EngineLoop<B> {
         metrics: Arc<EngineMetrics>,
         info: Arc<EngineInfo>,
     ) -> Self {
+        let table = RequestTable::new(
+            tokenizer.clone(),
+            shared.clone(),
+            metrics.clone(),
+            info.faults,
+        );
         Self {
-            overlap: false,
             scheduler,
             runner,
+            table,
             tokenizer,
             commands,
             shared,
             metrics,
             info,
-            requests: HashMap::new(),
-            seqs: HashMap::new(),
-            next_seq_id: 1,
             shutdown_deadline: None,
-            exported_prefix: (0, 0),
-            exported_counters: (0, 0),
             step_request_ids: Vec::new(),
             in_flight: VecDeque::new(),
-            idle_checked: false,
+            overlap: false,
+            sampled: Vec::new(),
+            sampled_ids: Vec::new(),
         }
     }
 
@@ -135,7 +111,7 @@ impl<B: Backend> EngineLoop<B> {
 
     /// Nothing to run and nothing running.
     fn is_idle(&self) -> bool {
-        self.requests.is_empty() && self.in_flight.is_empty()
+        self.table.is_empty() && self.in_flight.is_empty()
     }
 
     pub fn run(&mut self) {
@@ -144,11 +120,14 @@ impl<B: Backend> EngineLoop<B> {
                 break;
             }
             if let Some(deadline) = self.shutdown_deadline {
-                if self.requests.is_empty() {
+                if self.table.is_empty() {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    self.fail_all("the server is shutting down", EngineErrorKind::Unavailable);
+                    let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+                    let kind = EngineErrorKind::Unavailable;
+                    self.table
+                        .fail_all(scheduler, runner, kind, "the server is shutting down");
                     break;
                 }
             }
@@ -190,195 +169,40 @@ impl<B: Backend> EngineLoop<B> {
         while let Ok(cmd) = self.commands.try_recv() {
             self.handle(cmd);
         }
-        // Clients whose stream was dropped without a word.
-        let gone: Vec<RequestId> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.events.is_disconnected())
-            .map(|(&id, _)| id)
-            .collect();
-        for id in gone {
-            self.abort(id);
-        }
+        let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+        self.table.abort_disconnected(scheduler, runner);
         true
     }
 
-    /// The accounting check whenever the engine goes idle: every block must be free. Run from
-    /// `update_gauges` before it publishes an idle engine's zero running and waiting counts,
-    /// so whoever sees those zeros also sees this check's verdict in the error counter.
-    fn check_idle_accounting(&mut self) {
-        if let Err(e) = self.scheduler.check_invariants() {
-            self.metrics.kv_accounting_errors_total.inc();
-            tracing::error!("KV-cache accounting is wrong while idle: {e}");
-            debug_assert!(false, "KV-cache accounting is wrong while idle: {e}");
-        }
-        let kv = self.scheduler.kv_cache();
-        if kv.num_free_blocks() != kv.num_blocks() {
-            self.metrics.kv_accounting_errors_total.inc();
-            let msg = format!(
-                "{} of {} KV blocks are not free while idle",
-                kv.num_blocks() - kv.num_free_blocks(),
-                kv.num_blocks()
-            );
-            tracing::error!("{msg}");
-            debug_assert!(false, "{msg}");
-        }
-    }
-
     fn handle(&mut self, cmd: EngineCommand) {
+        let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
         match cmd {
+            EngineCommand::Add { events, .. } if self.shutdown_deadline.is_some() => {
+                let message = "the server is shutting down".into();
+                self.table
+                    .refuse(&events, EngineErrorKind::Unavailable, message);
+            }
             EngineCommand::Add {
                 id,
                 request,
                 events,
-            } => self.add(id, request, events),
-            EngineCommand::Abort(id) => self.abort(id),
+            } => self.table.add(scheduler, runner, id, request, events),
+            EngineCommand::Abort(id) => self.table.abort(scheduler, runner, id),
             EngineCommand::Shutdown { deadline } => {
                 self.shutdown_deadline = Some(deadline);
             }
         }
     }
 
-    fn add(
-        &mut self,
-        id: RequestId,
-        request: Box<GenerateRequest>,
-        events: flume::Sender<StreamEvent>,
-    ) {
-        let fail = |events: &flume::Sender<StreamEvent>, kind, message: String| {
-            let _ = events.try_send(StreamEvent::Error { kind, message });
-        };
-        if self.shutdown_deadline.is_some() {
-            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
-            fail(
-                &events,
-                EngineErrorKind::Unavailable,
-                "the server is shutting down".into(),
-            );
-            return;
-        }
-        self.idle_checked = false;
-        let n = request.n.max(1);
-        let seq_ids: Vec<SeqId> = (0..n as u64).map(|i| self.next_seq_id + i).collect();
-        self.next_seq_id += n as u64;
-        let added = self.scheduler.add_group(
-            NewSequence {
-                seq_id: seq_ids[0],
-                prompt_token_ids: request.prompt_token_ids.clone(),
-                priority: request.priority,
-            },
-            &seq_ids[1..],
-        );
-        if let Err(e) = added {
-            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
-            self.metrics
-                .request_errors_total
-                .with_label_values(&["invalid_request"])
-                .inc();
-            fail(&events, EngineErrorKind::InvalidRequest, e.to_string());
-            return;
-        }
-        let mut stop_ids: Vec<u32> = request.stop_token_ids.clone();
-        if !request.ignore_eos {
-            stop_ids.extend_from_slice(self.tokenizer.eos_token_ids());
-        }
-        let fault = self
-            .info
-            .faults
-            .and_then(|f| f.find_in_prompt(&self.tokenizer, &request.prompt_token_ids));
-        for (index, &seq_id) in seq_ids.iter().enumerate() {
-            if let Some(f) = fault.filter(|f| f.fault.is_runner()) {
-                self.runner.add_fault(seq_id, f.fault, f.after_tokens);
-            }
-            let mut sampler = SequenceSampler::new(
-                request.sampling.clone(),
-                &request.prompt_token_ids,
-                index as u64,
-            );
-            if request.min_tokens > 0 {
-                sampler.suppress_until(stop_ids.clone(), request.min_tokens);
-            }
-            self.runner.add_seq(seq_id, sampler);
-            self.seqs.insert(
-                seq_id,
-                SeqState {
-                    request: id,
-                    index,
-                    output: SeqOutput::new(
-                        &self.tokenizer,
-                        request.skip_special_tokens,
-                        request.stop.clone(),
-                        request.include_stop_str_in_output,
-                    ),
-                    num_generated: 0,
-                    last_token_at: None,
-                    fault: fault.filter(|f| !f.fault.is_runner()),
-                },
-            );
-        }
-        self.metrics
-            .prompt_tokens_total
-            .inc_by(request.prompt_token_ids.len() as u64);
-        self.requests.insert(
-            id,
-            RequestState {
-                request,
-                events,
-                live_seqs: seq_ids.len(),
-                seq_ids,
-                started: false,
-                first_token_at: None,
-                completion_tokens: 0,
-                cached_tokens: 0,
-            },
-        );
-    }
-
-    /// Drops a request and frees its blocks now.
-    fn abort(&mut self, id: RequestId) {
-        if let Some(r) = self.requests.remove(&id) {
-            self.release(&r);
-            self.metrics
-                .request_success_total
-                .with_label_values(&["abort"])
-                .inc();
-        }
-    }
-
-    /// Frees every sequence of a request that has left `requests`.
-    fn release(&mut self, r: &RequestState) {
-        if !r.started {
-            self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
-        }
-        for seq_id in &r.seq_ids {
-            if self.seqs.remove(seq_id).is_some() {
-                self.scheduler.abort(*seq_id);
-                self.runner.remove_seq(*seq_id);
-            }
-        }
-    }
-
+    /// Ends a request with an error and frees its blocks.
     fn fail_request(&mut self, id: RequestId, kind: EngineErrorKind, message: String) {
-        if let Some(r) = self.requests.remove(&id) {
-            self.release(&r);
-            let label = match kind {
-                EngineErrorKind::InvalidRequest => "invalid_request",
-                EngineErrorKind::Unavailable => "unavailable",
-                EngineErrorKind::Internal => "internal",
-            };
-            self.metrics
-                .request_errors_total
-                .with_label_values(&[label])
-                .inc();
-            let _ = r.events.try_send(StreamEvent::Error { kind, message });
-        }
+        let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+        self.table.fail(scheduler, runner, id, kind, message);
     }
 
-    fn fail_all(&mut self, message: &str, kind: EngineErrorKind) {
-        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
-        for id in ids {
-            self.fail_request(id, kind, message.to_string());
-        }
+    fn update_gauges(&mut self) {
+        let idle = self.is_idle();
+        self.table.update_gauges(&self.scheduler, idle);
     }
 
     /// Runs one step, catching a panic inside it. Returns whether the step completed.
@@ -404,45 +228,42 @@ impl<B: Backend> EngineLoop<B> {
                 self.shared
                     .failed_steps_in_a_row
                     .fetch_add(1, Ordering::AcqRel);
-                let mut ids = std::mem::take(&mut self.step_request_ids);
-                // Steps still in flight cannot be trusted after a panic in the runner: their
-                // requests end too, and the ranks are drained of them.
-                while let Some(f) = self.in_flight.pop_front() {
-                    ids.extend(self.plan_request_ids(&f.plan));
-                    let _ = panic::catch_unwind(AssertUnwindSafe(|| {
-                        self.runner.collect(&f.plan, f.submitted)
-                    }));
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                if ids.is_empty() {
-                    // The panic came before the plan named its requests (in the scheduler):
-                    // nothing tells which request caused it, so all of them end.
-                    ids = self.requests.keys().copied().collect();
-                }
-                for id in ids {
-                    self.fail_request(
-                        id,
-                        EngineErrorKind::Internal,
-                        format!("internal error: the engine step failed ({what})"),
-                    );
-                }
+                self.fail_panicked_step(&what);
                 self.update_gauges();
                 false
             }
         }
     }
 
-    /// The requests with a sequence in `plan`.
-    fn plan_request_ids(&self, plan: &StepPlan) -> Vec<RequestId> {
-        let mut ids: Vec<RequestId> = plan
-            .seqs
-            .iter()
-            .filter_map(|s| self.seqs.get(&s.seq_id).map(|s| s.request))
-            .collect();
+    /// After a panic: ends the requests of the step (and of the steps still in flight) with
+    /// an internal error.
+    fn fail_panicked_step(&mut self, what: &str) {
+        let message = format!("internal error: the engine step failed ({what})");
+        let mut ids = std::mem::take(&mut self.step_request_ids);
+        // Steps still in flight cannot be trusted after a panic in the runner: their
+        // requests end too, and the ranks are drained of them.
+        while let Some(f) = self.in_flight.pop_front() {
+            self.table.extend_request_ids(&f.plan, &mut ids);
+            let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+                self.runner.collect(&f.plan, f.submitted)
+            }));
+        }
         ids.sort_unstable();
         ids.dedup();
-        ids
+        let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+        if ids.is_empty() {
+            // The panic came before the plan named its requests (in the scheduler): nothing
+            // tells which request caused it, so all of them end.
+            self.table
+                .fail_all(scheduler, runner, EngineErrorKind::Internal, &message);
+        }
+        for &id in &ids {
+            let kind = EngineErrorKind::Internal;
+            self.table
+                .fail(scheduler, runner, id, kind, message.clone());
+        }
+        ids.clear();
+        self.step_request_ids = ids;
     }
 
     /// Schedules and submits steps until the pipeline is full or nothing more can run.
@@ -459,11 +280,10 @@ impl<B: Backend> EngineLoop<B> {
     fn plan_step(&mut self) -> Option<(StepPlan, Instant)> {
         let scheduled_at = Instant::now();
         let plan = self.scheduler.schedule();
-        let ids = self.plan_request_ids(&plan);
-        self.step_request_ids.extend(ids);
+        self.table
+            .extend_request_ids(&plan, &mut self.step_request_ids);
         for &seq_id in &plan.too_long_seq_ids {
-            if let Some(s) = self.seqs.get(&seq_id) {
-                let id = s.request;
+            if let Some(id) = self.table.request_of(seq_id) {
                 self.fail_request(
                     id,
                     EngineErrorKind::InvalidRequest,
@@ -477,7 +297,7 @@ impl<B: Backend> EngineLoop<B> {
         if plan.seqs.is_empty() {
             return None;
         }
-        self.mark_started(&plan);
+        self.table.mark_started(&plan);
         Some((plan, scheduled_at))
     }
 
@@ -537,9 +357,9 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     /// Waits for a step in flight and samples it.
-    fn collect_step(&mut self, f: InFlightStep) -> (StepPlan, super::runner::StepOutput, Instant) {
-        let ids = self.plan_request_ids(&f.plan);
-        self.step_request_ids.extend(ids);
+    fn collect_step(&mut self, f: InFlightStep) -> (StepPlan, StepOutput, Instant) {
+        self.table
+            .extend_request_ids(&f.plan, &mut self.step_request_ids);
         let InFlightStep {
             plan,
             submitted,
@@ -556,249 +376,87 @@ impl<B: Backend> EngineLoop<B> {
         (plan, output, step_start)
     }
 
-    /// Commits a collected step and sends its outputs.
-    fn commit_step(
-        &mut self,
-        plan: &StepPlan,
-        output: super::runner::StepOutput,
-        step_start: Instant,
-    ) {
-        let mut good = Vec::with_capacity(output.sampled.len());
+    /// Commits a collected step and sends its outputs. A sequence the engine no longer holds
+    /// (finished at the step before, in the overlapped loop; aborted; failed) is skipped: its
+    /// token is dropped.
+    fn commit_step(&mut self, plan: &StepPlan, output: StepOutput, step_start: Instant) {
+        let mut sampled = std::mem::take(&mut self.sampled);
         for (seq_id, result) in output.sampled {
             match result {
-                Ok(t) => good.push((seq_id, t)),
+                Ok(t) => sampled.push((seq_id, t)),
                 Err(e) => {
-                    if let Some(s) = self.seqs.get(&seq_id) {
-                        let id = s.request;
+                    if let Some(id) = self.table.request_of(seq_id) {
                         self.fail_request(id, EngineErrorKind::Internal, e.to_string());
                     }
                 }
             }
         }
-        good.retain(|(seq_id, _)| self.seqs.contains_key(seq_id));
-        let ids: Vec<(SeqId, u32)> = good.iter().map(|(s, t)| (*s, t.token_id)).collect();
-        if let Err(e) = self.scheduler.commit(plan, &ids) {
+        sampled.retain(|(seq_id, _)| self.table.holds(*seq_id));
+        self.sampled_ids.clear();
+        self.sampled_ids
+            .extend(sampled.iter().map(|(s, t)| (*s, t.token_id)));
+        if let Err(e) = self.scheduler.commit(plan, &self.sampled_ids) {
             // A bookkeeping bug, not a client's doing: fail the step's requests, keep serving.
             tracing::error!("commit failed: {e}");
-            let reqs: Vec<RequestId> = plan
-                .seqs
-                .iter()
-                .filter_map(|s| self.seqs.get(&s.seq_id).map(|s| s.request))
-                .collect();
-            for id in reqs {
+            let mut ids = Vec::new();
+            self.table.extend_request_ids(plan, &mut ids);
+            for id in ids {
                 self.fail_request(
                     id,
                     EngineErrorKind::Internal,
                     format!("internal error: {e}"),
                 );
             }
-            return;
-        }
-        let now = Instant::now();
-        for (seq_id, token) in good {
-            self.on_token(seq_id, token, now);
-        }
-        self.update_gauges();
-        self.metrics
-            .step_seconds
-            .observe(step_start.elapsed().as_secs_f64());
-    }
-
-    fn mark_started(&mut self, plan: &StepPlan) {
-        for s in &plan.seqs {
-            let Some(seq) = self.seqs.get(&s.seq_id) else {
-                continue;
-            };
-            if let Some(r) = self.requests.get_mut(&seq.request) {
-                if !r.started {
-                    r.started = true;
-                    self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
-                    self.metrics
-                        .request_queue_time_seconds
-                        .observe(r.request.arrival.elapsed().as_secs_f64());
-                }
+            sampled.clear();
+        } else {
+            let now = Instant::now();
+            for (seq_id, token) in sampled.drain(..) {
+                self.on_token(seq_id, token, now);
             }
+            self.update_gauges();
+            self.metrics
+                .step_seconds
+                .observe(step_start.elapsed().as_secs_f64());
         }
+        self.sampled = sampled;
     }
 
+    /// Counts a sampled token (request table), runs the output stage on it (`output.rs`) and
+    /// applies its decision: sends the events, finishes the sequence or fails the request.
     fn on_token(&mut self, seq_id: SeqId, token: SampledToken, now: Instant) {
-        let Some(seq) = self.seqs.get_mut(&seq_id) else {
-            return;
-        };
-        let Some(req) = self.requests.get_mut(&seq.request) else {
+        let Some((seq, req)) = self.table.count_token(seq_id, now) else {
             return;
         };
         let request_id = seq.request;
-        seq.num_generated += 1;
-        req.completion_tokens += 1;
-        self.metrics.generation_tokens_total.inc();
-        match seq.last_token_at {
-            Some(t) => self
-                .metrics
-                .inter_token_latency_seconds
-                .observe((now - t).as_secs_f64()),
-            None if req.first_token_at.is_none() => {
-                req.first_token_at = Some(now);
-                self.metrics
-                    .time_to_first_token_seconds
-                    .observe((now - req.request.arrival).as_secs_f64());
+        let decision = seq.output.decide(
+            &self.tokenizer,
+            &req.request,
+            self.info.max_model_len,
+            token,
+        );
+        match decision {
+            OutputDecision::Continue { token } => {
+                // A client that is gone is aborted at the next intake.
+                let _ = req.events.try_send(token);
             }
-            None => {}
-        }
-        seq.last_token_at = Some(now);
-        let r = &req.request;
-        let id = token.token_id;
-        let is_stop_token = r.stop_token_ids.contains(&id);
-        let is_eos = !r.ignore_eos && self.tokenizer.is_eos(id);
-        let (text, outcome) = if is_stop_token || is_eos {
-            let reason = is_stop_token.then_some(StopReason::Token(id));
-            (
-                String::new(),
-                SeqOutcome::Finished(FinishReason::Stop, reason),
-            )
-        } else {
-            if let Some(message) = seq.fault.and_then(|f| f.output_error(seq.num_generated)) {
-                self.fail_request(request_id, EngineErrorKind::Internal, message);
-                return;
-            }
-            match seq.output.push(&self.tokenizer, id) {
-                Ok((text, Some(stop))) => (
-                    text,
-                    SeqOutcome::Finished(FinishReason::Stop, Some(StopReason::Text(stop))),
-                ),
-                Ok((text, None)) => {
-                    let at_limit = seq.num_generated >= r.max_tokens
-                        || r.prompt_token_ids.len() + seq.num_generated >= self.info.max_model_len;
-                    let outcome = if at_limit {
-                        SeqOutcome::Finished(FinishReason::Length, None)
-                    } else {
-                        SeqOutcome::Continue
-                    };
-                    (text, outcome)
-                }
-                Err(e) => {
-                    let msg = format!("detokenization failed: {e}");
-                    self.fail_request(request_id, EngineErrorKind::Internal, msg);
-                    return;
-                }
-            }
-        };
-        let logprobs = if r.sampling.logprobs.is_some() {
-            vec![TokenLogprob {
-                token_id: id,
-                logprob: token.logprob,
-                top: token.top_logprobs,
-            }]
-        } else {
-            Vec::new()
-        };
-        let index = seq.index;
-        let finished = matches!(outcome, SeqOutcome::Finished(..));
-        let mut events = vec![StreamEvent::Token {
-            index,
-            text,
-            token_ids: vec![id],
-            logprobs,
-        }];
-        if let SeqOutcome::Finished(reason, stop_reason) = outcome {
-            // Text held back (bytes of a character, a possible stop string) is released now,
-            // except after a stop string, which ends the text where it matched.
-            if !matches!(stop_reason, Some(StopReason::Text(_))) {
-                match seq.output.finish(&self.tokenizer) {
-                    Ok(rest) if !rest.is_empty() => {
-                        if let Some(StreamEvent::Token { text, .. }) = events.last_mut() {
-                            text.push_str(&rest);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let msg = format!("detokenization failed: {e}");
-                        self.fail_request(request_id, EngineErrorKind::Internal, msg);
-                        return;
-                    }
-                }
-            }
-            self.metrics
-                .request_success_total
-                .with_label_values(&[reason.as_str()])
-                .inc();
-            events.push(StreamEvent::SeqFinished {
-                index,
+            OutputDecision::Finish {
+                token,
+                finished,
                 reason,
-                stop_reason,
-            });
-        }
-        for ev in events {
-            if req.events.try_send(ev).is_err() {
-                // The client is gone; the next intake aborts the request.
-                break;
+            } => {
+                self.metrics
+                    .request_success_total
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                if req.events.try_send(token).is_ok() {
+                    let _ = req.events.try_send(finished);
+                }
+                let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+                self.table.finish_seq(scheduler, runner, seq_id);
+            }
+            OutputDecision::Fail { message } => {
+                self.fail_request(request_id, EngineErrorKind::Internal, message);
             }
         }
-        if finished {
-            self.finish_seq(seq_id);
-        }
-    }
-
-    fn finish_seq(&mut self, seq_id: SeqId) {
-        let Some(seq) = self.seqs.remove(&seq_id) else {
-            return;
-        };
-        let stats = self.scheduler.finish(seq_id);
-        self.runner.remove_seq(seq_id);
-        let Some(req) = self.requests.get_mut(&seq.request) else {
-            return;
-        };
-        if seq.index == 0 {
-            req.cached_tokens = stats.map_or(0, |s| s.cached_tokens);
-        }
-        req.live_seqs -= 1;
-        if req.live_seqs > 0 {
-            return;
-        }
-        let Some(req) = self.requests.remove(&seq.request) else {
-            return;
-        };
-        let usage = Usage {
-            prompt_tokens: req.request.prompt_token_ids.len(),
-            completion_tokens: req.completion_tokens,
-            cached_tokens: req.cached_tokens,
-        };
-        let m = &self.metrics;
-        m.e2e_request_latency_seconds
-            .observe(req.request.arrival.elapsed().as_secs_f64());
-        m.request_prompt_tokens.observe(usage.prompt_tokens as f64);
-        m.request_generation_tokens
-            .observe(usage.completion_tokens as f64);
-        let _ = req.events.try_send(StreamEvent::Done { usage });
-    }
-
-    fn update_gauges(&mut self) {
-        if self.is_idle() && !self.idle_checked {
-            self.idle_checked = true;
-            self.check_idle_accounting();
-        }
-        let m = &self.metrics;
-        let running = self.requests.values().filter(|r| r.started).count();
-        m.num_requests_running.set(running as i64);
-        m.num_requests_waiting
-            .set(self.shared.num_waiting.load(Ordering::Acquire) as i64);
-        m.kv_cache_usage_perc.set(self.scheduler.kv_usage());
-        let prefix = self.scheduler.prefix_cache_stats();
-        let (q, h) = (prefix.num_query_tokens, prefix.num_hit_tokens);
-        m.prefix_cache_queries_total
-            .inc_by(q.saturating_sub(self.exported_prefix.0));
-        m.prefix_cache_hits_total
-            .inc_by(h.saturating_sub(self.exported_prefix.1));
-        self.exported_prefix = (q, h);
-        let c = self.scheduler.counters();
-        m.num_preemptions_total.inc_by(
-            c.num_preemptions_total
-                .saturating_sub(self.exported_counters.0),
-        );
-        m.prompt_tokens_computed_total.inc_by(
-            c.num_computed_prompt_tokens_total
-                .saturating_sub(self.exported_counters.1),
-        );
-        self.exported_counters = (c.num_preemptions_total, c.num_computed_prompt_tokens_total);
     }
 }

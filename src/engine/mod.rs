@@ -12,6 +12,10 @@
 //! ```
 //! The async world talks to it only through channels (`EngineHandle`). When the loop goes
 //! idle it checks the KV-cache accounting: every block free again.
+//!
+//! The loop is `engine_loop.rs`; the requests and sequences it holds, `request_table.rs`; the
+//! output stage (a decision per sampled token, applied by the loop), `output.rs` with
+//! `stop_strings.rs`; the model side of a step, `runner.rs` (and `forward_worker.rs`).
 
 mod engine_loop;
 pub mod fault;
@@ -20,7 +24,9 @@ pub mod handle;
 pub mod metrics;
 mod output;
 pub mod request;
+mod request_table;
 mod runner;
+mod stop_strings;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;

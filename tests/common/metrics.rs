@@ -23,7 +23,7 @@ pub fn metric(text: &str, name: &str) -> f64 {
 pub const IDLE_WITHIN: Duration = Duration::from_secs(120);
 
 /// Whether the metrics show nothing running and nothing waiting. The engine publishes these
-/// gauges as zero only after its idle accounting check has run (`EngineLoop::update_gauges`),
+/// gauges as zero only after its idle accounting check has run (`RequestTable::update_gauges`),
 /// so once this holds, `kv_accounting_errors_total` includes that check.
 pub fn idle(text: &str) -> bool {
     metric(text, "sluice:num_requests_running") == 0.0
