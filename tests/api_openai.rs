@@ -163,13 +163,7 @@ async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
     let longest = fixtures.iter().max_by_key(|f| f.prompt_ids.len()).unwrap();
     let body = serde_json::json!({"model": "smol", "prompt": longest.prompt_ids,
                                   "max_tokens": 1, "temperature": 0});
-    let resp: serde_json::Value = post(&url, &body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp = api_support::post_json(&url, &body).await;
     let cached = &resp["usage"]["prompt_tokens_details"]["cached_tokens"];
     assert!(cached.is_null() || cached == 0, "{resp}");
     let text = api_support::metrics(&server).await;

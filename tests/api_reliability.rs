@@ -283,12 +283,7 @@ async fn a_server_started_without_the_flag_ignores_fault_markers() {
         let resp = post(&chat, &body).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{kind}");
     }
-    let health = client()
-        .get(format!("{}/health", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(api_support::health_status(&server).await, 200);
     let text = api_support::metrics(&server).await;
     assert_eq!(metric(&text, "sluice:request_errors_total"), 0.0, "{text}");
     api_support::assert_idle_without_leaks(&server).await;
@@ -301,15 +296,7 @@ async fn a_server_started_without_the_flag_ignores_fault_markers() {
 async fn health_reports_a_panicking_or_silent_engine() {
     let server = Server::start(&["--enable-fault-injection", "--health-max-silence", "1"]);
     let url = format!("{}/v1/completions", server.url);
-    let health = || async {
-        client()
-            .get(format!("{}/health", server.url))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let health = || api_support::health_status(&server);
     let ask = |prompt: &str| post(&url, &json!({"prompt": prompt, "max_tokens": 3})).send();
     for i in 0..3 {
         assert_eq!(health().await, 200, "before panic {i}");

@@ -16,28 +16,6 @@ const BLOCK_SIZE: usize = 16;
 const NEAR_TIE: f32 = 0.2;
 
 /// Runs `ids` as one prefill of a fresh sequence and returns the logits of every position.
-fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = model
-        .kv_cache(ids.len().div_ceil(BLOCK_SIZE), BLOCK_SIZE)
-        .unwrap();
-    let n = ids.len();
-    let batch = ForwardBatch {
-        token_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as u32).collect(),
-        seqs: vec![BatchSeq {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
-            prompt_len: n,
-        }],
-        logits_rows: (0..n as u32).collect(),
-    };
-    let logits = model.forward(&batch, &mut kv);
-    let vocab = model.config.vocab_size;
-    logits.chunks_exact(vocab).map(|r| r.to_vec()).collect()
-}
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -141,7 +119,7 @@ fn ggml_numerics_teacher_forced_equals_llama_cpp() {
     const NORMALIZER_OFF: f64 = 5e-4;
     let mut model = common::default_model_with(CpuNumerics::Ggml);
     let tf = common::teacher_forced_fixture();
-    let logits = all_logits(&mut model, &tf.ids);
+    let logits = common::all_logits(&mut model, &tf.ids);
     let (mut worst_gap, mut worst_offset) = (0.0f64, 0.0f64);
     for p in &tf.positions {
         let row = &logits[p.pos - 1];
@@ -245,7 +223,7 @@ fn fast_numerics_greedy_parts_from_llama_cpp_only_at_near_ties() {
 fn fast_numerics_teacher_forced_top1_agrees_with_llama_cpp() {
     let mut model = common::default_model();
     let tf = common::teacher_forced_fixture();
-    let logits = all_logits(&mut model, &tf.ids);
+    let logits = common::all_logits(&mut model, &tf.ids);
     let mut agree = 0;
     let mut misses = String::new();
     for p in &tf.positions {

@@ -26,7 +26,6 @@ use sluice::gguf::GgufFile;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::WeightDType;
 use sluice::kernels::host::{HostTensor, WeightBytes};
-use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
@@ -35,7 +34,6 @@ use sluice::model::ModelError;
 use sluice::tokenizer::Tokenizer;
 
 const TOLERANCE: f32 = 0.05;
-const BLOCK_SIZE: usize = 16;
 /// Bump when the writer below changes, so stale directories are not reused.
 const FORMAT: u32 = 1;
 
@@ -242,28 +240,6 @@ fn hf_dir(dtype: Dtype) -> PathBuf {
     dir
 }
 
-fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
-    let n = ids.len();
-    let mut kv = model.kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE).unwrap();
-    let batch = ForwardBatch {
-        token_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as u32).collect(),
-        seqs: vec![BatchSeq {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
-            prompt_len: n,
-        }],
-        logits_rows: (0..n as u32).collect(),
-    };
-    let logits = model.forward(&batch, &mut kv);
-    logits
-        .chunks_exact(model.config.vocab_size)
-        .map(<[f32]>::to_vec)
-        .collect()
-}
 
 fn top2(row: &[f32]) -> (usize, f32) {
     let mut order: Vec<usize> = (0..row.len()).collect();
@@ -289,7 +265,7 @@ fn check(dtype: Dtype) {
     let mut gguf = Llama::load(gguf_config, &reference, CpuBackend::new(2)).unwrap();
 
     let ids = common::teacher_forced_fixture().ids;
-    let (a, b) = (all_logits(&mut hf, &ids), all_logits(&mut gguf, &ids));
+    let (a, b) = (common::all_logits(&mut hf, &ids), common::all_logits(&mut gguf, &ids));
     let mut worst = 0.0f32;
     for (pos, (x, y)) in a.iter().zip(&b).enumerate() {
         let diff = x

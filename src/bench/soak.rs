@@ -3,7 +3,8 @@
 //!
 //! Workers loop until the deadline, each turn picking one action: a short non-streaming
 //! request, a stream read to its end, a stream dropped after a few chunks (a disconnect), a
-//! bad request, a burst over the waiting cap, or (with `--faults`, against a server started with `--enable-fault-injection`) a
+//! bad request, a burst over the waiting cap, or (with `--faults`, against a server started
+//! with `--enable-fault-injection`) a
 //! request with an injected fault. At the end, once the server is idle:
 //!
 //! * no 5xx except the injected faults' (and no transport error but the disconnects we made);
@@ -40,7 +41,8 @@ pub struct SoakArgs {
     /// The server's process id, to sample its RSS from /proc.
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Also send requests with injected faults (the server must be a test build).
+    /// Also send requests with injected faults (the server must run with
+    /// `--enable-fault-injection`).
     #[arg(long)]
     pub faults: bool,
     /// Most RSS growth allowed after warm-up, in MiB.

@@ -173,6 +173,28 @@ pub fn post(url: &str, body: &serde_json::Value) -> reqwest::RequestBuilder {
         .body(body.to_string())
 }
 
+/// POSTs `body` (with the test API key) and returns the JSON answer, whatever its status.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    post(url, body)
+        .send()
+        .await
+        .expect("a response")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
+/// `GET /health`'s status code.
+pub async fn health_status(server: &Server) -> u16 {
+    client()
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .expect("GET /health")
+        .status()
+        .as_u16()
+}
+
 pub async fn metrics(server: &Server) -> String {
     client()
         .get(format!("{}/metrics", server.url))

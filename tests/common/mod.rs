@@ -38,6 +38,32 @@ pub fn assert_idle_without_leaks(engine: &sluice::engine::EngineHandle) {
     assert_no_leaks(&text);
 }
 
+/// The logits of every position of `ids`, prefilled as one sequence in one step.
+pub fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    use sluice::kernels::{BatchSeq, ForwardBatch};
+    const BLOCK_SIZE: usize = 16;
+    let n = ids.len();
+    let mut kv = model.kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE).unwrap();
+    let batch = ForwardBatch {
+        token_ids: ids.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).collect(),
+        seqs: vec![BatchSeq {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
+            prompt_len: n,
+        }],
+        logits_rows: (0..n as u32).collect(),
+    };
+    let logits = model.forward(&batch, &mut kv);
+    logits
+        .chunks_exact(model.config.vocab_size)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
