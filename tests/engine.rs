@@ -131,14 +131,17 @@ fn shared_prefix_is_computed_once() {
     assert_eq!(hits, cached as f64);
 }
 
+/// 16 sequences of 120 prompt and 120 generated tokens want 3,840 slots; the tight cache has
+/// 1,024, so sequences are preempted and recomputed again and again (the suite runs this in
+/// the release and the debug-assertion builds, so it is sized to take seconds, not minutes).
 #[test]
 fn preemption_under_pressure_keeps_greedy_tokens() {
-    let prompts: Vec<Vec<u32>> = (0..32).map(|i| prompt(200, i)).collect();
+    let prompts: Vec<Vec<u32>> = (0..16).map(|i| prompt(120, i)).collect();
     let roomy = start(1024, 2048, false);
-    let expected = run_together(&roomy, &prompts, 200);
+    let expected = run_together(&roomy, &prompts, 120);
     drop(roomy);
     let tight = start(64, 2048, false);
-    let got = run_together(&tight, &prompts, 200);
+    let got = run_together(&tight, &prompts, 120);
     for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
         assert_eq!(e, g, "request {i} changed under KV-cache pressure");
     }
@@ -148,7 +151,7 @@ fn preemption_under_pressure_keeps_greedy_tokens() {
 
 /// Seeded sampling on the host: a request draws the same tokens alone and in a batch with
 /// other sampled and greedy requests (each sequence has its own generator from its seed), and
-/// with `n = 2` its second sequence draws other tokens from the same seed.
+/// another seed draws other tokens (the seed is honoured at all).
 #[test]
 fn seeded_sampling_is_the_same_alone_and_in_a_batch() {
     use sluice::sampling::SamplingParams;

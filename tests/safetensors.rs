@@ -240,7 +240,6 @@ fn hf_dir(dtype: Dtype) -> PathBuf {
     dir
 }
 
-
 fn top2(row: &[f32]) -> (usize, f32) {
     let mut order: Vec<usize> = (0..row.len()).collect();
     order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
@@ -265,7 +264,10 @@ fn check(dtype: Dtype) {
     let mut gguf = Llama::load(gguf_config, &reference, CpuBackend::new(2)).unwrap();
 
     let ids = common::teacher_forced_fixture().ids;
-    let (a, b) = (common::all_logits(&mut hf, &ids), common::all_logits(&mut gguf, &ids));
+    let (a, b) = (
+        common::all_logits(&mut hf, &ids),
+        common::all_logits(&mut gguf, &ids),
+    );
     let mut worst = 0.0f32;
     for (pos, (x, y)) in a.iter().zip(&b).enumerate() {
         let diff = x
