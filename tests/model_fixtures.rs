@@ -15,8 +15,6 @@ const BLOCK_SIZE: usize = 16;
 /// differences of this size are expected).
 const NEAR_TIE: f32 = 0.2;
 
-/// Runs `ids` as one prefill of a fresh sequence and returns the logits of every position.
-
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
