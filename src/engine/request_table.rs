@@ -188,8 +188,8 @@ impl RequestTable {
             .faults
             .and_then(|f| f.find_in_prompt(&self.tokenizer, &request.prompt_token_ids));
         for (index, &seq_id) in seq_ids.iter().enumerate() {
-            if let Some(f) = fault.filter(|f| f.fault.is_runner()) {
-                runner.add_fault(seq_id, f.fault, f.after_tokens);
+            if let Some((c, f)) = fault.and_then(|f| Some((f.fault.corruption()?, f))) {
+                runner.corrupt(seq_id, c, f.after_tokens);
             }
             let mut sampler = SequenceSampler::new(
                 request.sampling.clone(),

@@ -17,7 +17,7 @@ use super::forward_worker::{ForwardWorker, Reply};
 use crate::kernels::sampling::SampledRow;
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
 use crate::model::rank_group::RankGroup;
-use crate::sampling::{SampleError, SampledToken, SequenceSampler, StepSampler};
+use crate::sampling::{Corruption, SampleError, SampledToken, SequenceSampler, StepSampler};
 use crate::scheduler::{SeqId, StepPlan};
 
 /// What a step's forward pass returned.
@@ -104,11 +104,9 @@ impl<B: Backend> ModelRunner<B> {
         self.last_sampled.remove(&seq_id);
     }
 
-    /// Test-only: `fault` fires at the sequence's draw after `after` draws.
-    pub fn add_fault(&mut self, seq_id: SeqId, fault: super::fault::Fault, after: usize) {
-        if let Some(c) = fault.corruption() {
-            self.sampling.corrupt(seq_id, c, after);
-        }
+    /// Test-only: `corruption` fires at the sequence's draw after `after` draws.
+    pub fn corrupt(&mut self, seq_id: SeqId, corruption: Corruption, after: usize) {
+        self.sampling.corrupt(seq_id, corruption, after);
     }
 
     fn build_batch(&mut self, plan: &StepPlan, block_size: usize) {
