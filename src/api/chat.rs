@@ -21,6 +21,7 @@ use super::openai_types::{
 };
 use super::prompt;
 use super::sse::{self, ChunkStream};
+use super::structured;
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
@@ -61,7 +62,7 @@ pub async fn prepare(
     let arrival = std::time::Instant::now();
     validation::check_model(req.common.model.as_deref(), &state.model_name)?;
     let info = &state.engine.info;
-    let params = validation::validate_chat(&req, info)?;
+    let mut params = validation::validate_chat(&req, info)?;
     let messages = prompt::chat_messages(&req.messages)?;
     if let Some(faults) = info.faults {
         messages.iter().for_each(|m| faults.in_handler(&m.content));
@@ -83,6 +84,8 @@ pub async fn prepare(
         info.faults,
     )
     .await?;
+    params.constraint =
+        structured::compile(&state.constraints, params.constraint_request.as_ref()).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = validation::build(
         &params,

@@ -21,6 +21,7 @@ use super::openai_types::{
 };
 use super::prompt;
 use super::sse::{self, ChunkStream};
+use super::structured;
 use super::validation::{self, ValidatedParams, COMPLETIONS_DEFAULT_MAX_TOKENS};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
@@ -65,7 +66,7 @@ pub async fn prepare(
     let arrival = std::time::Instant::now();
     validation::check_model(req.common.model.as_deref(), &state.model_name)?;
     let info = &state.engine.info;
-    let params = validation::validate_completion(&req, info)?;
+    let mut params = validation::validate_completion(&req, info)?;
     let add_special = req.common.add_special_tokens.unwrap_or(true);
     let prompts =
         prompt::tokenize_prompts(state.tokenizer.clone(), req.prompt, add_special).await?;
@@ -85,6 +86,8 @@ pub async fn prepare(
             ),
         ));
     }
+    params.constraint =
+        structured::compile(&state.constraints, params.constraint_request.as_ref()).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let requests = prompts
         .iter()

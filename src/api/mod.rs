@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod prompt;
 pub mod server;
 pub mod sse;
+pub mod structured;
 pub mod validation;
 pub mod websocket;
 
@@ -43,6 +44,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 pub use errors::ApiError;
 
 use crate::engine::EngineHandle;
+use crate::sampling::ConstraintCompiler;
 use crate::tokenizer::Tokenizer;
 
 /// How the server behaves, from `sluice serve`'s flags.
@@ -87,6 +89,9 @@ pub struct AppState {
     /// Samples gauges registered on the engine's metrics registry that are read rather than
     /// kept (a GPU's utilisation, memory and power), run by `/metrics` before it renders.
     pub sample_gauges: Option<GaugeSampler>,
+    /// Compiles structured-output constraints for the served model (its token trie is built
+    /// at the first one).
+    pub constraints: Arc<ConstraintCompiler>,
 }
 
 /// A blocking call that refreshes sampled gauges (`AppState::sample_gauges`).
@@ -101,6 +106,7 @@ impl AppState {
     ) -> Self {
         Self {
             engine,
+            constraints: Arc::new(ConstraintCompiler::new(tokenizer.clone())),
             tokenizer,
             model_name,
             created: generation::unix_now(),

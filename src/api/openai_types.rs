@@ -60,6 +60,12 @@ pub struct CommonParams {
     #[serde(default)]
     pub return_token_ids: bool,
     pub add_special_tokens: Option<bool>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ..}` (`api/structured.rs`).
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    /// vLLM's `{json | regex | choice | grammar | json_object}` (`api/structured.rs`).
+    #[schema(value_type = Option<Object>)]
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]

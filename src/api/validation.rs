@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use super::errors::ApiError;
 use super::openai_types::{ChatCompletionRequest, CommonParams, CompletionRequest};
+use super::structured::{self, RequestedConstraint};
 use crate::engine::{EngineInfo, GenerateRequest};
-use crate::sampling::SamplingParams;
+use crate::sampling::{Constraint, SamplingParams};
 
 /// Most alternatives per token (vLLM's `max_logprobs`).
 pub const MAX_LOGPROBS: i64 = 20;
@@ -36,6 +37,10 @@ pub struct ValidatedParams {
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// What the output must match (`response_format`, `structured_outputs`).
+    pub constraint_request: Option<RequestedConstraint>,
+    /// The request's constraint once compiled (`structured::compile`, in the handler).
+    pub constraint: Option<Constraint>,
 }
 
 /// Refuses a `model` other than the served one (absent means the served one, as in vLLM).
@@ -258,6 +263,8 @@ pub fn validate_params(
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         return_token_ids: c.return_token_ids,
+        constraint_request: structured::requested(c)?,
+        constraint: None,
     })
 }
 
@@ -376,6 +383,7 @@ pub fn build(
         request_id,
         prompt_token_ids,
         sampling: params.sampling.clone(),
+        constraint: params.constraint.clone(),
         n: params.n,
         max_tokens,
         min_tokens: params.min_tokens.min(max_tokens),

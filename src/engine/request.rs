@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::sampling::SamplingParams;
+use crate::sampling::{Constraint, SamplingParams};
 
 /// A request the API has validated and tokenized: everything downstream trusts it.
 #[derive(Debug, Clone)]
@@ -13,6 +13,9 @@ pub struct GenerateRequest {
     pub prompt_token_ids: Vec<u32>,
     /// Sampling of every sequence; with a seed, sequence `i` uses stream `i` of it.
     pub sampling: SamplingParams,
+    /// The grammar every sequence's output must match, compiled by the API (each sequence
+    /// gets its own clone of it).
+    pub constraint: Option<Constraint>,
     /// Sequences to generate (OpenAI `n`).
     pub n: usize,
     /// Most generated tokens per sequence.
@@ -39,6 +42,7 @@ impl GenerateRequest {
             request_id: String::new(),
             prompt_token_ids,
             sampling: SamplingParams::greedy(),
+            constraint: None,
             n: 1,
             max_tokens,
             min_tokens: 0,

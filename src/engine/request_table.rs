@@ -199,6 +199,9 @@ impl RequestTable {
             if request.min_tokens > 0 {
                 sampler.suppress_until(stop_ids.clone(), request.min_tokens);
             }
+            if let Some(constraint) = &request.constraint {
+                sampler.constrain(constraint.clone());
+            }
             runner.add_seq(seq_id, sampler);
             let output_fault = fault.filter(|f| !f.fault.is_runner());
             self.seqs.insert(

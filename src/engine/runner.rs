@@ -189,7 +189,8 @@ impl<B: Backend> ModelRunner<B> {
             }
             .map_err(failed);
         }
-        let rows = self.sampling.device_rows(sampled_seqs(plan));
+        let vocab = self.vocab_size();
+        let rows = self.sampling.device_rows(sampled_seqs(plan), vocab);
         match &mut self.model {
             Model::Inline(m) => m.collect_sampled(rows).map(Collected::Sampled),
             Model::Worker(w) => w.collect(Some(rows)).map(Collected::from),

@@ -110,7 +110,10 @@ fn greedy_rows_match_the_host_sampler() {
         for (ci, p) in cases.iter().enumerate() {
             let h = History::new(seed);
             let raw = logits(seed);
-            let want = h.sampler(p.clone()).sample(&mut raw.clone(), &mut scratch);
+            let want = h
+                .sampler(p.clone())
+                .sample(&mut raw.clone(), &mut scratch)
+                .unwrap();
             let got = sample_row(&raw, &batch_of(p, &h), 0);
             let ctx = format!("seed {seed} case {ci}");
             assert_eq!(got.token_id, want.token_id, "{ctx}");
@@ -147,6 +150,7 @@ fn check_distribution(p: &SamplingParams, seed: u64) {
         let t = h
             .sampler(params)
             .sample(&mut raw.clone(), &mut scratch)
+            .unwrap()
             .token_id;
         assert!(probs[t as usize] > 0.0, "{p:?}: host drew {t}, cut here");
         host[t as usize] += 1;

@@ -7,6 +7,15 @@
 //! On a backend that samples on the device, a sampler only describes its row
 //! (`SequenceSampler::device_row`) and `observe`s the id that comes back; the draw is the
 //! device's counter-based one (`kernels::sampling`).
+//!
+//! A sequence under a grammar (`Constraint`) checks the draw first: the unconstrained token
+//! is kept when the grammar allows it (most tokens inside a string or a number), and only on
+//! a rejection is the grammar's mask computed, the row masked (-inf) and drawn again, from
+//! the same generator (so a seed still replays). llama.cpp and mistral.rs do the same; a
+//! mask per token measured slower (`docs/benchmarks.md`). A complete grammar forces EOS.
+//! Logprobs stay those of the raw logits (before the mask), as vLLM's default reports them.
+//! On the device, the row carries the grammar's forbidden ids as `-inf` bias instead (a mask
+//! every step: the device's draw cannot be checked and redrawn).
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -14,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::constraint::{Constraint, ConstraintError};
 use super::params::{SampledToken, SamplingParams};
 use crate::kernels::cpu::ops::{self, softmax_weights};
 use crate::kernels::sampling::{PenaltyToken, SamplingBatch};
@@ -37,6 +47,8 @@ pub struct SequenceSampler {
     /// tokens under `min_tokens`).
     suppressed: Vec<u32>,
     suppress_until: usize,
+    /// The grammar the output must match, if any.
+    constraint: Option<Constraint>,
 }
 
 impl SequenceSampler {
@@ -69,7 +81,25 @@ impl SequenceSampler {
             num_generated: 0,
             suppressed: Vec::new(),
             suppress_until: 0,
+            constraint: None,
         }
+    }
+
+    /// Constrains every token drawn from now on to `constraint`'s grammar.
+    pub fn constrain(&mut self, constraint: Constraint) {
+        self.constraint = Some(constraint);
+    }
+
+    /// Records a token the device drew (`device_row`'s mask allowed it): the penalties see
+    /// it, the grammar consumes it.
+    pub fn observe_drawn(&mut self, token: u32) -> Result<(), ConstraintError> {
+        if let Some(c) = &mut self.constraint {
+            if !c.is_complete() {
+                c.commit(token)?;
+            }
+        }
+        self.observe(token);
+        Ok(())
     }
 
     /// Forbids `ids` until `min_tokens` tokens have been generated.
@@ -89,7 +119,13 @@ impl SequenceSampler {
     /// at once, the logit bias and, under `min_tokens`, the suppressed ids as `-inf`. The
     /// device's draw is not this sampler's generator: a seed gives other tokens than on the
     /// host (the same distribution). Call `observe` with the sampled token.
-    pub fn device_row(&self, out: &mut SamplingBatch) {
+    /// Under a grammar, the ids it forbids next (of `row_len`) are `-inf` bias too.
+    pub fn device_row(&mut self, out: &mut SamplingBatch, row_len: usize) {
+        // A failed mask leaves the row free; `observe_drawn` then fails the sequence.
+        let forbidden = match &mut self.constraint {
+            Some(c) => c.forbidden(row_len).unwrap_or_default(),
+            None => Vec::new(),
+        };
         let p = &self.params;
         let row = p.device_row(self.device_seed, self.num_generated as u64);
         let counts = &self.output_counts;
@@ -118,12 +154,18 @@ impl SequenceSampler {
             .then_some(self.suppressed.iter().map(|&t| (t, f32::NEG_INFINITY)))
             .into_iter()
             .flatten();
-        let bias = p.logit_bias.iter().copied().chain(suppressed);
+        let masked = forbidden.into_iter().map(|t| (t, f32::NEG_INFINITY));
+        let bias = p.logit_bias.iter().copied().chain(suppressed).chain(masked);
         out.push_row(row, outputs.chain(prompt_only), bias);
     }
 
     /// Samples the next token from `logits` (one row, modified in place), and records it.
-    pub fn sample(&mut self, logits: &mut [f32], scratch: &mut SamplingScratch) -> SampledToken {
+    /// Fails only when the sequence's grammar does.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        scratch: &mut SamplingScratch,
+    ) -> Result<SampledToken, ConstraintError> {
         // Logprobs describe the model's own distribution, so take them before any processor.
         let logprobs = self.params.logprobs.map(|k| {
             let (lse, top) = top_logprobs(logits, k);
@@ -132,21 +174,67 @@ impl SequenceSampler {
             (lse, top)
         });
         self.apply_processors(logits);
-        let token_id = if self.params.is_greedy() {
-            argmax(logits)
-        } else {
-            self.sample_random(logits, scratch)
+        let token_id = match self.constraint.take() {
+            None => self.draw(logits, scratch),
+            Some(mut c) => {
+                let drawn = self.draw_constrained(&mut c, logits, scratch);
+                self.constraint = Some(c);
+                drawn?
+            }
         };
         let (logprob, top) = match logprobs {
             Some((lse, top)) => (scratch.raw[token_id as usize] - lse, top),
             None => (0.0, Vec::new()),
         };
         self.observe(token_id);
-        SampledToken {
+        Ok(SampledToken {
             token_id,
             logprob,
             top_logprobs: top,
+        })
+    }
+
+    fn draw(&mut self, logits: &mut [f32], scratch: &mut SamplingScratch) -> u32 {
+        if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_random(logits, scratch)
         }
+    }
+
+    /// The draw under a grammar: check first, mask and redraw on a rejection, and commit the
+    /// token to the grammar. Where the processors left no allowed token a finite logit (EOS
+    /// under `min_tokens`, say), the grammar wins: its first allowed id.
+    fn draw_constrained(
+        &mut self,
+        c: &mut Constraint,
+        logits: &mut [f32],
+        s: &mut SamplingScratch,
+    ) -> Result<u32, ConstraintError> {
+        if c.is_complete() {
+            return Ok(c.eos_token_id());
+        }
+        // A random draw overwrites the row with weights: keep the processed logits to redraw.
+        let greedy = self.params.is_greedy();
+        if !greedy {
+            s.processed.clear();
+            s.processed.extend_from_slice(logits);
+        }
+        let first = self.draw(logits, s);
+        if c.try_commit(first)? {
+            return Ok(first);
+        }
+        if !greedy {
+            logits.copy_from_slice(&s.processed);
+        }
+        let fallback = c.mask_row(logits)?;
+        let token_id = if ops::max(logits) == f32::NEG_INFINITY {
+            fallback
+        } else {
+            self.draw(logits, s)
+        };
+        c.commit(token_id)?;
+        Ok(token_id)
     }
 
     fn apply_processors(&self, logits: &mut [f32]) {
@@ -341,6 +429,8 @@ pub struct SamplingScratch {
     raw: Vec<f32>,
     /// Per-chunk weight sums of a draw.
     chunk_sums: Vec<f32>,
+    /// The processed row of a constrained draw, to redraw from after a rejection.
+    processed: Vec<f32>,
 }
 
 /// Log-sum-exp of the row and its `k` best tokens as `(id, logprob)`.

@@ -70,7 +70,9 @@ fn greedy_takes_the_max_and_reports_logprobs() {
         &[],
         0,
     );
-    let out = s.sample(&mut logits(), &mut SamplingScratch::default());
+    let out = s
+        .sample(&mut logits(), &mut SamplingScratch::default())
+        .unwrap();
     assert_eq!(out.token_id, 1);
     assert_eq!(
         out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(),
@@ -91,7 +93,7 @@ fn same_seed_same_tokens() {
         let mut s = SequenceSampler::new(params.clone(), &[], 0);
         let mut scratch = SamplingScratch::default();
         (0..50)
-            .map(|_| s.sample(&mut logits(), &mut scratch).token_id)
+            .map(|_| s.sample(&mut logits(), &mut scratch).unwrap().token_id)
             .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
@@ -111,7 +113,7 @@ fn top_k_and_min_p_and_bias_restrict_the_choice() {
         0,
     );
     for _ in 0..100 {
-        let t = s.sample(&mut logits(), &mut scratch).token_id;
+        let t = s.sample(&mut logits(), &mut scratch).unwrap().token_id;
         assert!(t == 1 || t == 4);
     }
     let mut s = SequenceSampler::new(
@@ -124,7 +126,7 @@ fn top_k_and_min_p_and_bias_restrict_the_choice() {
         0,
     );
     for _ in 0..100 {
-        assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
+        assert_eq!(s.sample(&mut logits(), &mut scratch).unwrap().token_id, 1);
     }
     let mut s = SequenceSampler::new(
         SamplingParams {
@@ -134,7 +136,7 @@ fn top_k_and_min_p_and_bias_restrict_the_choice() {
         &[],
         0,
     );
-    assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 3);
+    assert_eq!(s.sample(&mut logits(), &mut scratch).unwrap().token_id, 3);
 }
 
 #[test]
@@ -148,9 +150,9 @@ fn penalties_push_repeated_tokens_down() {
         &[],
         0,
     );
-    assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 1);
+    assert_eq!(s.sample(&mut logits(), &mut scratch).unwrap().token_id, 1);
     // 3.0 - 2.0 = 1.0 < 2.5: token 4 wins next.
-    assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
+    assert_eq!(s.sample(&mut logits(), &mut scratch).unwrap().token_id, 4);
     let mut s = SequenceSampler::new(
         SamplingParams {
             repetition_penalty: 2.0,
@@ -160,7 +162,7 @@ fn penalties_push_repeated_tokens_down() {
         0,
     );
     // 3.0 / 2 = 1.5 < 2.5.
-    assert_eq!(s.sample(&mut logits(), &mut scratch).token_id, 4);
+    assert_eq!(s.sample(&mut logits(), &mut scratch).unwrap().token_id, 4);
 }
 
 #[test]
@@ -184,10 +186,10 @@ fn a_device_row_describes_the_same_processors() {
     let mut scratch = SamplingScratch::default();
     for step in 0..8 {
         let mut batch = SamplingBatch::default();
-        host.device_row(&mut batch);
+        host.device_row(&mut batch, 0);
         assert_eq!(batch.rows[0].counter, step);
         let device = sampling_reference::sample_rows(&raw, raw.len(), &batch);
-        let want = host.sample(&mut raw.clone(), &mut scratch);
+        let want = host.sample(&mut raw.clone(), &mut scratch).unwrap();
         assert_eq!(device[0].token_id, want.token_id, "step {step}");
         assert!((device[0].logprob - want.logprob).abs() < 1e-5);
         assert_eq!(device[0].top_logprobs.len(), 2);
@@ -198,7 +200,7 @@ fn a_device_row_describes_the_same_processors() {
     let mut plain = SequenceSampler::new(SamplingParams::greedy(), &[1, 2], 0);
     plain.observe(7);
     let mut batch = SamplingBatch::default();
-    plain.device_row(&mut batch);
+    plain.device_row(&mut batch, 0);
     assert!(batch.penalty_ids.is_empty());
 }
 
@@ -210,7 +212,7 @@ fn device_seeds_replay_and_differ_per_stream() {
     };
     let seed = |stream| {
         let mut b = SamplingBatch::default();
-        SequenceSampler::new(p.clone(), &[], stream).device_row(&mut b);
+        SequenceSampler::new(p.clone(), &[], stream).device_row(&mut b, 0);
         b.rows[0].seed
     };
     assert_eq!(seed(0), seed(0));

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::constraint::ConstraintError;
 use super::host::{SamplingScratch, SequenceSampler};
 use super::params::SampledToken;
 use crate::kernels::cpu::ops::all_below_inf;
@@ -32,6 +33,8 @@ pub enum SampleError {
     TooFewRows,
     #[error("the sampler did not run")]
     NotRun,
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
 }
 
 /// Test-only corruption of a sequence's draw, which the engine's fault injection arms
@@ -98,12 +101,16 @@ impl StepSampler {
     }
 
     /// The device rows of `seqs`, in order: each sequence's parameters, penalty tokens and
-    /// bias (`SequenceSampler::device_row`).
-    pub fn device_rows(&mut self, seqs: impl Iterator<Item = SeqKey>) -> &SamplingBatch {
+    /// bias (`SequenceSampler::device_row`; `vocab`: the logits row's length).
+    pub fn device_rows(
+        &mut self,
+        seqs: impl Iterator<Item = SeqKey>,
+        vocab: usize,
+    ) -> &SamplingBatch {
         self.rows.clear();
         for seq in seqs {
-            match self.samplers.get(&seq) {
-                Some(sampler) => sampler.device_row(&mut self.rows),
+            match self.samplers.get_mut(&seq) {
+                Some(sampler) => sampler.device_row(&mut self.rows, vocab),
                 // A placeholder row keeps the others aligned; `take_device` fails this one.
                 None => self.rows.push(SampleRow::default(), &[], &[]),
             }
@@ -136,14 +143,14 @@ impl StepSampler {
                 Some(_) if token_id as usize >= vocab => {
                     Err(SampleError::OutsideVocabulary(token_id))
                 }
-                Some(sampler) => {
-                    sampler.observe(token_id);
-                    Ok(SampledToken {
+                Some(sampler) => sampler
+                    .observe_drawn(token_id)
+                    .map(|()| SampledToken {
                         token_id,
                         logprob: row.logprob,
                         top_logprobs: row.top_logprobs,
                     })
-                }
+                    .map_err(SampleError::from),
             };
             sampled.push((seq, result));
         }
@@ -230,7 +237,13 @@ impl SampleJob<'_> {
             self.result = Some(Err(SampleError::NonFiniteLogits));
             return;
         }
-        let mut t = self.sampler.sample(self.row, &mut self.scratch);
+        let mut t = match self.sampler.sample(self.row, &mut self.scratch) {
+            Ok(t) => t,
+            Err(e) => {
+                self.result = Some(Err(e.into()));
+                return;
+            }
+        };
         if self.corruption == Some(Corruption::TokenOutsideVocabulary) {
             t.token_id = vocab as u32;
         }

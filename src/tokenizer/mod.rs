@@ -346,6 +346,28 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// The bytes `id` adds to generated text, as a grammar matcher reads them (`None` for a
+    /// control token, which is not text). Byte-level vocabularies read the byte table;
+    /// SentencePiece-style ones spell a space `▁` and a raw byte `<0xAB>` (byte fallback).
+    pub fn text_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if self.is_special(id) {
+            return None;
+        }
+        if let Some(table) = &self.token_bytes {
+            return Some(table.get(id).to_vec());
+        }
+        let token = self.tokens.get(id as usize)?;
+        let byte = token
+            .strip_prefix("<0x")
+            .and_then(|t| t.strip_suffix('>'))
+            .filter(|hex| hex.len() == 2)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        Some(match byte {
+            Some(b) => vec![b],
+            None => token.replace('\u{2581}', " ").into_bytes(),
+        })
+    }
+
     /// The per-id byte table, for byte-level vocabularies.
     pub(crate) fn byte_table(&self) -> Option<&TokenBytes> {
         self.token_bytes.as_ref()
