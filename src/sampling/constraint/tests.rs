@@ -161,3 +161,31 @@ fn seeded_constrained_draws_replay_and_stay_in_the_language() {
     assert_eq!(text.len(), 3, "{text:?}");
     assert!(text.chars().all(|c| c.is_ascii_digit()), "{text:?}");
 }
+
+#[test]
+fn a_device_row_carries_the_mask_and_the_drawn_token_advances_the_grammar() {
+    use crate::kernels::sampling::SamplingBatch;
+    use crate::kernels::sampling_reference;
+    let tok = tokenizer();
+    let vocab = tok.vocab_size();
+    let spec = ConstraintSpec::Choice(vec!["yes".into(), "no".into()]);
+    let mut sampler = SequenceSampler::new(SamplingParams::greedy(), &[], 0);
+    sampler.constrain(compiler().compile(&spec).expect("compiles"));
+    let (hello, no) = (ids("hello")[0], ids("no")[0]);
+    let mut raw = vec![0.0f32; vocab];
+    raw[hello as usize] = 10.0;
+    raw[no as usize] = 5.0;
+    let mut draw = |sampler: &mut SequenceSampler| {
+        let mut batch = SamplingBatch::default();
+        sampler.device_row(&mut batch, vocab);
+        let token = sampling_reference::sample_rows(&raw, vocab, &batch)[0].token_id;
+        sampler.observe_drawn(token).expect("the grammar allows it");
+        token
+    };
+    assert_eq!(draw(&mut sampler), no);
+    assert!(tok.is_eos(draw(&mut sampler)));
+    // A token the mask did not allow fails the sequence rather than corrupting the grammar.
+    let mut other = SequenceSampler::new(SamplingParams::greedy(), &[], 0);
+    other.constrain(compiler().compile(&spec).expect("compiles"));
+    assert!(other.observe_drawn(hello).is_err());
+}
