@@ -395,11 +395,13 @@ impl RequestTable {
             self.check_idle_accounting(scheduler);
         }
         let m = &self.metrics;
+        // The KV usage before the request counts: whoever reads zero requests then also
+        // reads the usage of that moment (the leak checks rely on it).
+        m.kv_cache_usage_perc.set(scheduler.kv_usage());
         let running = self.requests.values().filter(|r| r.started).count();
-        m.num_requests_running.set(running as i64);
         m.num_requests_waiting
             .set(self.shared.num_waiting.load(Ordering::Acquire) as i64);
-        m.kv_cache_usage_perc.set(scheduler.kv_usage());
+        m.num_requests_running.set(running as i64);
         let prefix = scheduler.prefix_cache_stats();
         let (q, h) = (prefix.num_query_tokens, prefix.num_hit_tokens);
         m.prefix_cache_queries_total
