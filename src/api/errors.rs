@@ -9,7 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::engine::{EngineErrorKind, SubmitError};
+use crate::engine::{EngineErrorKind, RequestError, SubmitError};
 use crate::tokenizer::TokenizerError;
 
 /// Seconds a client should wait after a 429 before retrying.
@@ -131,10 +131,14 @@ impl ApiError {
     pub fn in_stream_json(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.object() })
     }
+}
 
-    /// An engine error event turned into an API error.
-    pub fn from_engine(kind: EngineErrorKind, message: String) -> Self {
-        match kind {
+/// The one place an engine error becomes an OpenAI error: its kind decides the status and
+/// type, its own words the message.
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let message = e.to_string();
+        match e.kind() {
             EngineErrorKind::InvalidRequest => Self::InvalidRequest {
                 message,
                 param: None,
@@ -245,9 +249,29 @@ mod tests {
 
     #[test]
     fn engine_invalid_request_is_a_400_not_a_500() {
-        let e = ApiError::from_engine(EngineErrorKind::InvalidRequest, "too long".into());
+        let e = ApiError::from(RequestError::OutgrewCache {
+            kv_cache_tokens: 64,
+        });
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let v = e.in_stream_json();
-        assert_eq!(v["error"]["message"], "too long");
+        let want = "the request needs more KV cache than the server has (64 tokens)";
+        assert_eq!(v["error"]["message"], want);
+    }
+
+    #[test]
+    fn engine_errors_keep_their_cause_to_the_edge() {
+        use crate::engine::StepError;
+        use crate::model::ModelError;
+        use crate::parallel::CommError;
+        let peer_gone = ModelError::from(CommError::PeerGone { rank: 1 });
+        let e = ApiError::from(RequestError::Step(StepError::from(peer_gone)));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let m = e.object().message;
+        assert!(
+            m.contains("forward pass failed") && m.contains("rank 1"),
+            "{m}"
+        );
+        let e = ApiError::from(RequestError::ShuttingDown);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

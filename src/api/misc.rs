@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,19 +17,32 @@ use super::{prompt, validation};
 use super::{AppState, JsonBody};
 use crate::tokenizer::ChatTemplateOptions;
 
+fn model_card(state: &AppState) -> ModelCard {
+    ModelCard {
+        id: state.model_name.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "sluice",
+        root: state.model_name.clone(),
+        parent: None,
+        max_model_len: state.engine.info.max_model_len,
+    }
+}
+
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "sluice",
-            root: state.model_name.clone(),
-            parent: None,
-            max_model_len: state.engine.info.max_model_len,
-        }],
+        data: vec![model_card(&state)],
     })
+}
+
+/// `GET /v1/models/{id}`: the served model's card, or OpenAI's `model_not_found` 404.
+pub async fn model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    validation::check_model(Some(&id), &state.model_name)?;
+    Ok(Json(model_card(&state)))
 }
 
 pub async fn tokenize(

@@ -139,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/models", get(misc::models))
+        .route("/v1/models/{*id}", get(misc::model))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/v1/ws", get(websocket::handler))

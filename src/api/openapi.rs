@@ -44,6 +44,12 @@ fn detokenize() {}
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, description = "The served model")))]
 fn models() {}
 
+#[utoipa::path(get, path = "/v1/models/{id}",
+    params(("id" = String, Path, description = "A served model's id")),
+    responses((status = 200, description = "The model's card"),
+              (status = 404, description = "No model of that id is served")))]
+fn model() {}
+
 #[utoipa::path(get, path = "/health",
     responses((status = 200, description = "The engine makes progress"),
               (status = 503, description = "Draining, or the engine cannot make progress")))]
@@ -64,6 +70,7 @@ fn metrics() {}
         tokenize,
         detokenize,
         models,
+        model,
         health,
         metrics
     ),

@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// 0 picks a free port (the printed address tells which).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model name clients use (default: the model file's name).
+    /// The model name clients use (default: `smollm2` for the default model, else the
+    /// model file's (or directory's) name without `.gguf`).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` (except on /health and /metrics).

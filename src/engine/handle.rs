@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::metrics::EngineMetrics;
 use super::request::{GenerateRequest, StreamEvent};
+use super::request_error::RequestError;
 
 pub type RequestId = u64;
 
@@ -186,10 +187,7 @@ impl RequestStream {
     }
 
     fn on_event(&mut self, ev: Result<StreamEvent, flume::RecvError>) -> Option<StreamEvent> {
-        let ev = ev.unwrap_or_else(|_| StreamEvent::Error {
-            kind: super::request::EngineErrorKind::Unavailable,
-            message: "the engine stopped before the request finished".into(),
-        });
+        let ev = ev.unwrap_or(StreamEvent::Error(RequestError::EngineStopped));
         if ev.is_terminal() {
             self.finished = true;
         }

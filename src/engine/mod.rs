@@ -24,6 +24,7 @@ pub mod handle;
 pub mod metrics;
 mod output;
 pub mod request;
+mod request_error;
 mod request_table;
 mod runner;
 mod stop_strings;
@@ -32,9 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
-pub use request::{
-    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
-};
+pub use request::{FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage};
+pub use request_error::{EngineErrorKind, RequestError, StepError};
 
 use crate::kernels::Backend;
 use crate::kv_cache::CacheConfig;

@@ -28,7 +28,8 @@ use super::fault::FaultInjection;
 use super::handle::{RequestId, Shared};
 use super::metrics::EngineMetrics;
 use super::output::SeqOutput;
-use super::request::{EngineErrorKind, GenerateRequest, StreamEvent, Usage};
+use super::request::{GenerateRequest, StreamEvent, Usage};
+use super::request_error::RequestError;
 use super::runner::ModelRunner;
 use crate::kernels::Backend;
 use crate::sampling::SequenceSampler;
@@ -113,14 +114,9 @@ impl RequestTable {
 
     /// Ends a request that never entered the table (the engine is shutting down, or the
     /// scheduler refused it) with `Error`.
-    pub fn refuse(
-        &self,
-        events: &flume::Sender<StreamEvent>,
-        kind: EngineErrorKind,
-        message: String,
-    ) {
+    pub fn refuse(&self, events: &flume::Sender<StreamEvent>, error: RequestError) {
         self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
-        let _ = events.try_send(StreamEvent::Error { kind, message });
+        let _ = events.try_send(StreamEvent::Error(error));
     }
 
     /// Takes in a request: its `n` sequences join the scheduler (as one group), the runner
@@ -146,11 +142,12 @@ impl RequestTable {
             &seq_ids[1..],
         );
         if let Err(e) = added {
+            let error = RequestError::Refused(e);
             self.metrics
                 .request_errors_total
-                .with_label_values(&["invalid_request"])
+                .with_label_values(&[error.kind().as_str()])
                 .inc();
-            self.refuse(&events, EngineErrorKind::InvalidRequest, e.to_string());
+            self.refuse(&events, error);
             return;
         }
         self.add_seqs(runner, id, &request, &seq_ids);
@@ -317,21 +314,15 @@ impl RequestTable {
         scheduler: &mut Scheduler,
         runner: &mut ModelRunner<B>,
         id: RequestId,
-        kind: EngineErrorKind,
-        message: String,
+        error: RequestError,
     ) {
         if let Some(r) = self.requests.remove(&id) {
             self.release(scheduler, runner, &r);
-            let label = match kind {
-                EngineErrorKind::InvalidRequest => "invalid_request",
-                EngineErrorKind::Unavailable => "unavailable",
-                EngineErrorKind::Internal => "internal",
-            };
             self.metrics
                 .request_errors_total
-                .with_label_values(&[label])
+                .with_label_values(&[error.kind().as_str()])
                 .inc();
-            let _ = r.events.try_send(StreamEvent::Error { kind, message });
+            let _ = r.events.try_send(StreamEvent::Error(error));
         }
     }
 
@@ -340,12 +331,11 @@ impl RequestTable {
         &mut self,
         scheduler: &mut Scheduler,
         runner: &mut ModelRunner<B>,
-        kind: EngineErrorKind,
-        message: &str,
+        error: RequestError,
     ) {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
-            self.fail(scheduler, runner, id, kind, message.to_string());
+            self.fail(scheduler, runner, id, error.clone());
         }
     }
 
@@ -398,11 +388,13 @@ impl RequestTable {
             self.check_idle_accounting(scheduler);
         }
         let m = &self.metrics;
+        // The KV usage before the request counts: whoever reads zero requests then also
+        // reads the usage of that moment (the leak checks rely on it).
+        m.kv_cache_usage_perc.set(scheduler.kv_usage());
         let running = self.requests.values().filter(|r| r.started).count();
-        m.num_requests_running.set(running as i64);
         m.num_requests_waiting
             .set(self.shared.num_waiting.load(Ordering::Acquire) as i64);
-        m.kv_cache_usage_perc.set(scheduler.kv_usage());
+        m.num_requests_running.set(running as i64);
         let prefix = scheduler.prefix_cache_stats();
         let (q, h) = (prefix.num_query_tokens, prefix.num_hit_tokens);
         m.prefix_cache_queries_total
