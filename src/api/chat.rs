@@ -4,7 +4,8 @@
 //! Chunk order per request, as vLLM sends it: for each choice a first chunk with the role and
 //! empty content; token chunks with `delta.content`; a last chunk per choice with
 //! `finish_reason` and `stop_reason`; with `stream_options.include_usage`, one more chunk with
-//! `choices: []` and `usage`.
+//! `choices: []` and `usage`. With tools offered, a choice's text is held back to its end and
+//! then sent as content or as calls (`tools/stream.rs`).
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -21,7 +22,8 @@ use super::openai_types::{
 };
 use super::prompt;
 use super::sse::{self, ChunkStream};
-use super::structured;
+use super::structured::{self, RequestedConstraint};
+use super::tools::{self, ChoiceOutput, HeldChoices, ToolFormat, ToolRequest};
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
@@ -33,6 +35,8 @@ pub struct PreparedChat {
     params: ValidatedParams,
     prompt_token_ids: Vec<u32>,
     events: ChoiceStream,
+    /// The tools offered, and how the model writes calls.
+    tools: Option<(ToolRequest, ToolFormat)>,
 }
 
 impl PreparedChat {
@@ -63,7 +67,22 @@ pub async fn prepare(
     validation::check_model(req.common.model.as_deref(), &state.model_name)?;
     let info = &state.engine.info;
     let mut params = validation::validate_chat(&req, info)?;
-    let messages = prompt::chat_messages(&req.messages)?;
+    let tool_request = tools::validate(&req)?;
+    if tool_request.as_ref().is_some_and(ToolRequest::is_forced)
+        && params.constraint_request.is_some()
+    {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "a forced tool call cannot be combined with response_format or structured_outputs",
+        ));
+    }
+    let tool_format = ToolFormat::for_template(state.tokenizer.chat_template());
+    let mut messages = prompt::chat_messages(&req.messages)?;
+    tools::render_history(&mut messages, tool_format);
+    let mut chat_template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(t) = &tool_request {
+        t.offer(tool_format, &mut messages, &mut chat_template_kwargs);
+    }
     if let Some(faults) = info.faults {
         messages.iter().for_each(|m| faults.in_handler(&m.content));
     }
@@ -72,7 +91,7 @@ pub async fn prepare(
             .add_generation_prompt
             .unwrap_or(!req.continue_final_message),
         continue_final_message: req.continue_final_message,
-        chat_template_kwargs: req.chat_template_kwargs.clone().unwrap_or_default(),
+        chat_template_kwargs,
     };
     // The template writes the special tokens itself (vLLM's default for chat).
     let add_special = req.common.add_special_tokens.unwrap_or(false);
@@ -86,6 +105,18 @@ pub async fn prepare(
     .await?;
     params.constraint =
         structured::compile(&state.constraints, params.constraint_request.as_ref()).await?;
+    if let Some(t) = &tool_request {
+        // Compiled for `auto` too, so a tool whose schema does not compile is refused
+        // whatever the choice; only a forced call keeps it.
+        let grammar = RequestedConstraint {
+            spec: t.grammar(tool_format),
+            param: "tools",
+        };
+        let compiled = structured::compile(&state.constraints, Some(&grammar)).await?;
+        if t.is_forced() {
+            params.constraint = compiled;
+        }
+    }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = validation::build(
         &params,
@@ -108,6 +139,7 @@ pub async fn prepare(
         params,
         prompt_token_ids,
         events,
+        tools: tool_request.map(|t| (t, tool_format)),
     })
 }
 
@@ -144,7 +176,9 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
         params,
         prompt_token_ids,
         mut events,
+        tools,
     } = p;
+    let mut held = HeldChoices::new(params.n);
     let want_logprobs = params.sampling.logprobs.is_some();
     let chunk = move |choices: Vec<ChatChunkChoice>,
                       usage: Option<UsageInfo>,
@@ -167,7 +201,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
             yield chunk(
                 vec![ChatChunkChoice {
                     index,
-                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
                     logprobs: None,
                     finish_reason: None,
                     stop_reason: None,
@@ -184,6 +218,10 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                     return;
                 }
                 StreamEvent::Token { index: choice, text, token_ids, logprobs } => {
+                    if tools.is_some() {
+                        held.hold(choice, &text, &token_ids, logprobs);
+                        continue;
+                    }
                     // Text held back (a partial character or stop string) sends nothing,
                     // unless the client wants every token's ids or logprobs.
                     if text.is_empty() && !want_logprobs && !params.return_token_ids {
@@ -195,7 +233,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                     yield chunk(
                         vec![ChatChunkChoice {
                             index: choice,
-                            delta: ChatDelta { role: None, content: Some(text) },
+                            delta: ChatDelta { role: None, content: Some(text), tool_calls: None },
                             logprobs,
                             finish_reason: None,
                             stop_reason: None,
@@ -206,12 +244,53 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                     );
                 }
                 StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
+                    let mut finish_reason = reason.as_str();
+                    let mut last_content = Some(String::new());
+                    if let Some((t, format)) = &tools {
+                        let h = held.take(choice);
+                        let out = t.finish(*format, h.text, Some(finish_reason));
+                        if out.content.is_some() || want_logprobs || params.return_token_ids {
+                            let logprobs = want_logprobs.then(|| ChatLogprobs {
+                                content: logprob_entries(&tokenizer, &h.logprobs),
+                            });
+                            yield chunk(
+                                vec![ChatChunkChoice {
+                                    index: choice,
+                                    delta: ChatDelta { role: None, content: out.content, tool_calls: None },
+                                    logprobs,
+                                    finish_reason: None,
+                                    stop_reason: None,
+                                    token_ids: params.return_token_ids.then_some(h.token_ids),
+                                }],
+                                None,
+                                None,
+                            );
+                        }
+                        for deltas in tools::call_deltas(&out.tool_calls) {
+                            yield chunk(
+                                vec![ChatChunkChoice {
+                                    index: choice,
+                                    delta: ChatDelta { role: None, content: None, tool_calls: Some(deltas) },
+                                    logprobs: None,
+                                    finish_reason: None,
+                                    stop_reason: None,
+                                    token_ids: None,
+                                }],
+                                None,
+                                None,
+                            );
+                        }
+                        if !out.tool_calls.is_empty() {
+                            last_content = None;
+                        }
+                        finish_reason = out.finish_reason.unwrap_or(finish_reason);
+                    }
                     yield chunk(
                         vec![ChatChunkChoice {
                             index: choice,
-                            delta: ChatDelta { role: None, content: Some(String::new()) },
+                            delta: ChatDelta { role: None, content: last_content, tool_calls: None },
                             logprobs: None,
-                            finish_reason: Some(reason.as_str()),
+                            finish_reason: Some(finish_reason),
                             stop_reason: Some(stop_reason_json(&stop_reason)),
                             token_ids: None,
                         }],
@@ -238,6 +317,7 @@ pub async fn collect(p: PreparedChat) -> Result<ChatCompletionResponse, ApiError
         params,
         prompt_token_ids,
         events,
+        tools,
     } = p;
     let mut acc: Vec<ChoiceAcc<Vec<ChatLogprobEntry>>> =
         (0..params.n).map(|_| ChoiceAcc::default()).collect();
@@ -255,18 +335,29 @@ pub async fn collect(p: PreparedChat) -> Result<ChatCompletionResponse, ApiError
         choices: acc
             .into_iter()
             .enumerate()
-            .map(|(index, a)| ChatChoice {
-                index,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: a.text,
-                },
-                logprobs: want_logprobs.then_some(ChatLogprobs {
-                    content: a.logprobs,
-                }),
-                finish_reason: a.finish_reason,
-                stop_reason: a.stop_reason,
-                token_ids: params.return_token_ids.then_some(a.token_ids),
+            .map(|(index, a)| {
+                let out = match &tools {
+                    Some((t, format)) => t.finish(*format, a.text, a.finish_reason),
+                    None => ChoiceOutput {
+                        content: Some(a.text),
+                        tool_calls: Vec::new(),
+                        finish_reason: a.finish_reason,
+                    },
+                };
+                ChatChoice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: out.content,
+                        tool_calls: out.tool_calls,
+                    },
+                    logprobs: want_logprobs.then_some(ChatLogprobs {
+                        content: a.logprobs,
+                    }),
+                    finish_reason: out.finish_reason,
+                    stop_reason: a.stop_reason,
+                    token_ids: params.return_token_ids.then_some(a.token_ids),
+                }
             })
             .collect(),
         usage,

@@ -24,6 +24,7 @@ pub mod prompt;
 pub mod server;
 pub mod sse;
 pub mod structured;
+pub mod tools;
 pub mod validation;
 pub mod websocket;
 
