@@ -135,7 +135,11 @@ pub fn venv_python() -> PathBuf {
 /// Runs `tests/python/<script>` against the server at `url` (served under the default model's name, `smollm2`); panics with
 /// its output when it fails.
 pub fn run_python(script: &str, url: &str, env: &[(&str, &str)]) -> String {
-    let python = venv_python();
+    run_python_with(&venv_python(), script, url, env)
+}
+
+/// `run_python` with another interpreter (a venv with other packages).
+pub fn run_python_with(python: &Path, script: &str, url: &str, env: &[(&str, &str)]) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
