@@ -123,8 +123,9 @@ async fn refusals(server: &Server) {
 }
 
 /// The SSE stream's tool-call deltas put together as the SDKs do: per index, the first
-/// delta's id and name, then the arguments appended.
-async fn streamed_calls(server: &Server, extra: Value) -> (Vec<Value>, String) {
+/// delta's id and name, then the arguments appended; with the finish reason, the number of
+/// argument fragments and the content.
+async fn streamed_calls(server: &Server, extra: Value) -> (Vec<Value>, String, usize, String) {
     let mut req = body(extra);
     req["stream"] = json!(true);
     let text = post(&format!("{}/v1/chat/completions", server.url), &req)
@@ -136,6 +137,8 @@ async fn streamed_calls(server: &Server, extra: Value) -> (Vec<Value>, String) {
         .expect("the stream");
     let mut calls: Vec<Value> = Vec::new();
     let mut finish = String::new();
+    let mut fragments = 0;
+    let mut content = String::new();
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
@@ -164,6 +167,7 @@ async fn streamed_calls(server: &Server, extra: Value) -> (Vec<Value>, String) {
                     "function": {"name": d["function"]["name"], "arguments": ""}}));
             } else {
                 assert!(d.get("id").is_none() && d["function"].get("name").is_none());
+                fragments += 1;
                 let args = &mut calls[i]["function"]["arguments"];
                 *args = json!(format!(
                     "{}{}",
@@ -172,12 +176,13 @@ async fn streamed_calls(server: &Server, extra: Value) -> (Vec<Value>, String) {
                 ));
             }
         }
-        assert!(
-            choice["delta"]["content"].as_str().unwrap_or("").is_empty(),
-            "no call text as content: {chunk}"
-        );
+        content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
     }
-    (calls, finish)
+    assert!(
+        calls.is_empty() || content.is_empty(),
+        "no call text as content: {content}"
+    );
+    (calls, finish, fragments, content)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,6 +218,14 @@ async fn tool_calls_through_the_server() {
 
     // Auto: either calls or content, well-formed either way.
     let r = chat(&server, json!({"tool_choice": "auto"})).await;
+    // Streamed, the same answer: held back to its end, then calls or content.
+    let (auto_streamed, auto_finish, _, auto_content) =
+        streamed_calls(&server, json!({"tool_choice": "auto"})).await;
+    assert_eq!(auto_finish, r["choices"][0]["finish_reason"], "{r}");
+    assert_eq!(auto_streamed.is_empty(), auto_finish != "tool_calls");
+    if auto_streamed.is_empty() {
+        assert_eq!(auto_content, r["choices"][0]["message"]["content"], "{r}");
+    }
     let c = &r["choices"][0];
     if c["finish_reason"] == "tool_calls" {
         calls_of(c);
@@ -228,9 +241,12 @@ async fn tool_calls_through_the_server() {
     assert!(c["message"].get("tool_calls").is_none(), "{c}");
     assert_ne!(c["finish_reason"], "tool_calls");
 
-    // Streamed: the deltas add up to the non-streamed greedy call.
-    let (streamed, finish) = streamed_calls(&server, json!({"tool_choice": "required"})).await;
+    // Streamed: the arguments come in fragments as they are generated, and the deltas add
+    // up to the non-streamed greedy call.
+    let (streamed, finish, fragments, _) =
+        streamed_calls(&server, json!({"tool_choice": "required"})).await;
     assert_eq!(finish, "tool_calls");
+    assert!(fragments > 3, "{fragments} argument fragments");
     let streamed: Vec<(String, Value)> = streamed.iter().map(checked_call).collect();
     assert_eq!(streamed, required);
 

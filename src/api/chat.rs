@@ -4,8 +4,8 @@
 //! Chunk order per request, as vLLM sends it: for each choice a first chunk with the role and
 //! empty content; token chunks with `delta.content`; a last chunk per choice with
 //! `finish_reason` and `stop_reason`; with `stream_options.include_usage`, one more chunk with
-//! `choices: []` and `usage`. With tools offered, a choice's text is held back to its end and
-//! then sent as content or as calls (`tools/stream.rs`).
+//! `choices: []` and `usage`. With tools offered, a forced call streams as call deltas and an
+//! `auto` choice is held back to its end, then sent as content or calls (`tools/stream.rs`).
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -18,12 +18,13 @@ use super::generation::{
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatLogprobEntry, ChatLogprobs, ChatTopLogprob, UsageInfo,
+    ChatCompletionResponse, ChatDelta, ChatLogprobEntry, ChatLogprobs, ChatTopLogprob,
+    ToolCallDelta, UsageInfo,
 };
 use super::prompt;
 use super::sse::{self, ChunkStream};
 use super::structured::{self, RequestedConstraint};
-use super::tools::{self, ChoiceOutput, HeldChoices, ToolFormat, ToolRequest};
+use super::tools::{self, ChoiceOutput, ToolFormat, ToolRequest, ToolStream};
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
@@ -178,7 +179,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
         mut events,
         tools,
     } = p;
-    let mut held = HeldChoices::new(params.n);
+    let mut tool_stream = tools.map(|(t, format)| ToolStream::new(t, format, params.n));
     let want_logprobs = params.sampling.logprobs.is_some();
     let chunk = move |choices: Vec<ChatChunkChoice>,
                       usage: Option<UsageInfo>,
@@ -218,8 +219,10 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                     return;
                 }
                 StreamEvent::Token { index: choice, text, token_ids, logprobs } => {
-                    if tools.is_some() {
-                        held.hold(choice, &text, &token_ids, logprobs);
+                    if let Some(ts) = tool_stream.as_mut() {
+                        for deltas in ts.token(choice, &text, &token_ids, logprobs) {
+                            yield chunk(vec![tool_call_choice(choice, deltas)], None, None);
+                        }
                         continue;
                     }
                     // Text held back (a partial character or stop string) sends nothing,
@@ -246,44 +249,32 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                 StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
                     let mut finish_reason = reason.as_str();
                     let mut last_content = Some(String::new());
-                    if let Some((t, format)) = &tools {
-                        let h = held.take(choice);
-                        let out = t.finish(*format, h.text, Some(finish_reason));
-                        if out.content.is_some() || want_logprobs || params.return_token_ids {
+                    if let Some(ts) = tool_stream.as_mut() {
+                        let f = ts.finish(choice, finish_reason);
+                        if f.content.is_some() || want_logprobs || params.return_token_ids {
                             let logprobs = want_logprobs.then(|| ChatLogprobs {
-                                content: logprob_entries(&tokenizer, &h.logprobs),
+                                content: logprob_entries(&tokenizer, &f.logprobs),
                             });
                             yield chunk(
                                 vec![ChatChunkChoice {
                                     index: choice,
-                                    delta: ChatDelta { role: None, content: out.content, tool_calls: None },
+                                    delta: ChatDelta { role: None, content: f.content, tool_calls: None },
                                     logprobs,
                                     finish_reason: None,
                                     stop_reason: None,
-                                    token_ids: params.return_token_ids.then_some(h.token_ids),
+                                    token_ids: params.return_token_ids.then_some(f.token_ids),
                                 }],
                                 None,
                                 None,
                             );
                         }
-                        for deltas in tools::call_deltas(&out.tool_calls) {
-                            yield chunk(
-                                vec![ChatChunkChoice {
-                                    index: choice,
-                                    delta: ChatDelta { role: None, content: None, tool_calls: Some(deltas) },
-                                    logprobs: None,
-                                    finish_reason: None,
-                                    stop_reason: None,
-                                    token_ids: None,
-                                }],
-                                None,
-                                None,
-                            );
+                        for deltas in f.deltas {
+                            yield chunk(vec![tool_call_choice(choice, deltas)], None, None);
                         }
-                        if !out.tool_calls.is_empty() {
+                        if f.called {
                             last_content = None;
                         }
-                        finish_reason = out.finish_reason.unwrap_or(finish_reason);
+                        finish_reason = f.finish_reason;
                     }
                     yield chunk(
                         vec![ChatChunkChoice {
@@ -308,6 +299,22 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
             }
         }
     })
+}
+
+/// A chunk's choice carrying call deltas.
+fn tool_call_choice(index: usize, deltas: Vec<ToolCallDelta>) -> ChatChunkChoice {
+    ChatChunkChoice {
+        index,
+        delta: ChatDelta {
+            role: None,
+            content: None,
+            tool_calls: Some(deltas),
+        },
+        logprobs: None,
+        finish_reason: None,
+        stop_reason: None,
+        token_ids: None,
+    }
 }
 
 /// The whole response, once every choice has finished.

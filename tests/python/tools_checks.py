@@ -92,6 +92,7 @@ def streamed_matches(expected):
         kinds = [event.type for event in stream]
         final = stream.get_final_completion()
     check("stream events", "tool_calls.function.arguments.done" in kinds, kinds)
+    check("arguments streamed in fragments", kinds.count("tool_calls.function.arguments.delta") > 3, kinds)
     c = final.choices[0]
     check("stream finish_reason", c.finish_reason == "tool_calls", c)
     got = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]

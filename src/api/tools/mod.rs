@@ -19,6 +19,7 @@ mod generic;
 mod grammar;
 mod hermes;
 mod history;
+mod incremental;
 mod parse;
 mod prompt;
 mod stream;
@@ -26,7 +27,7 @@ mod validate;
 
 pub use history::render_history;
 pub use parse::{ChoiceOutput, ParsedCall, ParsedOutput, ToolCallParser};
-pub use stream::{call_deltas, Held, HeldChoices};
+pub use stream::{Finished, ToolStream};
 pub use validate::validate;
 
 use serde_json::Value;
@@ -137,9 +138,8 @@ impl ToolRequest {
 impl ParsedCall {
     /// The call as OpenAI sends it: an id `call_` + 24 alphanumerics, arguments as a string.
     pub fn into_tool_call(self) -> ToolCall {
-        let id = uuid::Uuid::new_v4().simple().to_string();
         ToolCall {
-            id: format!("call_{}", &id[..24]),
+            id: new_call_id(),
             kind: "function",
             function: FunctionCall {
                 name: self.name,
@@ -147,6 +147,12 @@ impl ParsedCall {
             },
         }
     }
+}
+
+/// A fresh call id: `call_` + 24 alphanumerics, as OpenAI's.
+pub fn new_call_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("call_{}", &id[..24])
 }
 
 #[cfg(test)]

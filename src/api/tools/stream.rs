@@ -1,81 +1,104 @@
-//! Streaming with tools offered: a choice's text is held back until it finishes, when its
-//! parse decides whether the client gets content or calls (an `auto` answer may be either,
-//! and a call's text must not reach the client as content). The calls then go out as
-//! OpenAI's deltas: per call, one with its `index`, `id`, `type`, `function.name` and empty
-//! `arguments`, then its arguments.
+//! Streaming with tools offered. A forced call (`required`, a named tool) streams as it is
+//! generated (`incremental.rs`): per call, a delta with its `index`, `id`, `type`,
+//! `function.name` and empty `arguments` once the name is out, then argument fragments. With
+//! `auto`, a choice's text is held back until it ends, when its parse decides whether the
+//! client gets content or calls (a call's text must not reach the client as content).
 
-use crate::api::openai_types::{FunctionDelta, ToolCall, ToolCallDelta};
+use super::incremental::CallStreamer;
+use super::{ToolFormat, ToolRequest};
+use crate::api::openai_types::ToolCallDelta;
 use crate::engine::TokenLogprob;
 
 /// What a choice generated so far.
 #[derive(Debug, Default)]
-pub struct Held {
-    pub text: String,
+struct Held {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+/// A finished choice, as the stream's last chunks carry it.
+#[derive(Debug)]
+pub struct Finished {
+    /// Text to send as content (`None`: none).
+    pub content: Option<String>,
+    /// Held token ids and logprobs, sent with the content chunk.
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
+    /// One list per chunk.
+    pub deltas: Vec<Vec<ToolCallDelta>>,
+    /// Whether the choice sent calls (then the last chunk has no content).
+    pub called: bool,
+    pub finish_reason: &'static str,
 }
 
-/// Every choice's held output.
-#[derive(Debug, Default)]
-pub struct HeldChoices {
+/// Every choice's held output and streamed calls.
+pub struct ToolStream {
+    request: ToolRequest,
+    format: ToolFormat,
     held: Vec<Held>,
+    calls: Vec<CallStreamer>,
 }
 
-impl HeldChoices {
-    pub fn new(n: usize) -> Self {
+impl ToolStream {
+    pub fn new(request: ToolRequest, format: ToolFormat, n: usize) -> Self {
         Self {
+            request,
+            format,
             held: (0..n).map(|_| Held::default()).collect(),
+            calls: (0..n).map(|_| CallStreamer::default()).collect(),
         }
     }
 
-    pub fn hold(
+    /// Holds a token's output; returns the call deltas it completes (forced calls only).
+    pub fn token(
         &mut self,
         index: usize,
         text: &str,
         token_ids: &[u32],
         logprobs: Vec<TokenLogprob>,
-    ) {
-        if let Some(h) = self.held.get_mut(index) {
-            h.text.push_str(text);
-            h.token_ids.extend_from_slice(token_ids);
-            h.logprobs.extend(logprobs);
+    ) -> Vec<Vec<ToolCallDelta>> {
+        let (Some(h), Some(calls)) = (self.held.get_mut(index), self.calls.get_mut(index)) else {
+            return Vec::new();
+        };
+        h.text.push_str(text);
+        h.token_ids.extend_from_slice(token_ids);
+        h.logprobs.extend(logprobs);
+        if self.request.is_forced() && !text.is_empty() {
+            calls.advance(&h.text, self.format)
+        } else {
+            Vec::new()
         }
     }
 
-    /// The choice's output, leaving nothing held.
-    pub fn take(&mut self, index: usize) -> Held {
-        self.held
+    /// The choice's end: its parse, and what is left to send.
+    pub fn finish(&mut self, index: usize, reason: &'static str) -> Finished {
+        let h = self
+            .held
             .get_mut(index)
             .map(std::mem::take)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut out = self.request.finish(self.format, h.text, Some(reason));
+        let calls = self.calls.get_mut(index);
+        let started = calls.as_ref().is_some_and(|c| c.started());
+        let deltas = match calls {
+            Some(c) => c.finish(&mut out.tool_calls),
+            None => Vec::new(),
+        };
+        let called = started || !out.tool_calls.is_empty();
+        Finished {
+            // Calls already streamed are not repeated as content, even when the whole did
+            // not parse (cut by `length`).
+            content: if called && out.tool_calls.is_empty() {
+                None
+            } else {
+                out.content
+            },
+            token_ids: h.token_ids,
+            logprobs: h.logprobs,
+            deltas,
+            called,
+            finish_reason: out.finish_reason.unwrap_or(reason),
+        }
     }
-}
-
-/// The deltas of a choice's calls, one list per chunk.
-pub fn call_deltas(calls: &[ToolCall]) -> Vec<Vec<ToolCallDelta>> {
-    calls
-        .iter()
-        .enumerate()
-        .flat_map(|(index, call)| {
-            let head = ToolCallDelta {
-                index,
-                id: Some(call.id.clone()),
-                kind: Some("function"),
-                function: FunctionDelta {
-                    name: Some(call.function.name.clone()),
-                    arguments: String::new(),
-                },
-            };
-            let args = ToolCallDelta {
-                index,
-                id: None,
-                kind: None,
-                function: FunctionDelta {
-                    name: None,
-                    arguments: call.function.arguments.clone(),
-                },
-            };
-            [vec![head], vec![args]]
-        })
-        .collect()
 }

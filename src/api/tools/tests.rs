@@ -285,3 +285,62 @@ fn the_format_follows_the_template() {
         ToolFormat::Hermes
     );
 }
+
+#[test]
+fn forced_calls_stream_as_they_are_generated() {
+    use super::incremental::{scan, CallStreamer, PartialCall};
+    let text = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par is\"{", "unit": "c"}}, {"name": "get_time", "arguments": {"zone": "utc"}}]}"#;
+    assert_eq!(
+        scan(text, ToolFormat::Generic),
+        vec![
+            PartialCall {
+                name: Some("get_weather".into()),
+                arguments: r#"{"city":"Par is\"{","unit":"c"}"#.into()
+            },
+            PartialCall {
+                name: Some("get_time".into()),
+                arguments: r#"{"zone":"utc"}"#.into()
+            },
+        ]
+    );
+    let t = validate(&request(
+        json!({"tools": weather(), "tool_choice": "required"}),
+    ))
+    .expect("valid")
+    .expect("tools");
+    for (format, text) in [
+        (ToolFormat::Generic, text.to_string()),
+        (
+            ToolFormat::Hermes,
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \
+             \"unit\": \"f\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \
+             \"arguments\": {\"zone\": \"cet\"}}\n</tool_call>"
+                .to_string(),
+        ),
+    ] {
+        // Fed a few characters at a time, as tokens come.
+        let mut streamer = CallStreamer::default();
+        let mut deltas = Vec::new();
+        let chars: Vec<char> = text.chars().collect();
+        for end in (3..=chars.len()).step_by(3).chain([chars.len()]) {
+            let so_far: String = chars[..end].iter().collect();
+            deltas.extend(streamer.advance(&so_far, format).into_iter().flatten());
+        }
+        let mut calls = t.finish(format, text.clone(), Some("stop")).tool_calls;
+        deltas.extend(streamer.finish(&mut calls).into_iter().flatten());
+        assert!(deltas.len() > 6, "arguments come in fragments: {deltas:?}");
+        for (i, call) in calls.iter().enumerate() {
+            let mine: Vec<_> = deltas.iter().filter(|d| d.index == i).collect();
+            assert_eq!(mine[0].id.as_deref(), Some(call.id.as_str()), "{format:?}");
+            assert_eq!(
+                mine[0].function.name.as_deref(),
+                Some(call.function.name.as_str())
+            );
+            assert!(mine[1..]
+                .iter()
+                .all(|d| d.id.is_none() && d.function.name.is_none()));
+            let args: String = mine.iter().map(|d| d.function.arguments.as_str()).collect();
+            assert_eq!(args, call.function.arguments, "{format:?}");
+        }
+    }
+}
