@@ -90,7 +90,8 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
         (json!({"stop_token_ids": [-1]}), "stop_token_ids"),
         // A field sluice does not honour is refused by name, never ignored.
         (json!({"echo": true}), "echo"),
-        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
+        (json!({"tool_choice": "always"}), "tool_choice"),
         (json!({"no_such_field": 1}), "no_such_field"),
     ];
     for (extra, param) in cases {

@@ -68,15 +68,7 @@ pub async fn prepare(
     validation::check_model(req.common.model.as_deref(), &state.model_name)?;
     let info = &state.engine.info;
     let mut params = validation::validate_chat(&req, info)?;
-    let tool_request = tools::validate(&req)?;
-    if tool_request.as_ref().is_some_and(ToolRequest::is_forced)
-        && params.constraint_request.is_some()
-    {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "a forced tool call cannot be combined with response_format or structured_outputs",
-        ));
-    }
+    let tool_request = params.tools.take();
     let tool_format = ToolFormat::for_template(state.tokenizer.chat_template());
     let mut messages = prompt::chat_messages(&req.messages)?;
     tools::render_history(&mut messages, tool_format);

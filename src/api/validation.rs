@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::errors::ApiError;
 use super::openai_types::{ChatCompletionRequest, CommonParams, CompletionRequest};
 use super::structured::{self, RequestedConstraint};
+use super::tools::{self, ToolRequest};
 use crate::engine::{EngineInfo, GenerateRequest};
 use crate::sampling::{Constraint, SamplingParams};
 
@@ -41,6 +42,8 @@ pub struct ValidatedParams {
     pub constraint_request: Option<RequestedConstraint>,
     /// The request's constraint once compiled (`structured::compile`, in the handler).
     pub constraint: Option<Constraint>,
+    /// The tools offered (chat only; `None` for `tool_choice: none`).
+    pub tools: Option<ToolRequest>,
 }
 
 /// Refuses a `model` other than the served one (absent means the served one, as in vLLM).
@@ -265,6 +268,7 @@ pub fn validate_params(
         return_token_ids: c.return_token_ids,
         constraint_request: structured::requested(c)?,
         constraint: None,
+        tools: None,
     })
 }
 
@@ -353,7 +357,17 @@ pub fn validate_chat(
             "continue_final_message and add_generation_prompt cannot both be true",
         ));
     }
-    validate_params(&req.common, max_tokens, logprobs, info)
+    let mut params = validate_params(&req.common, max_tokens, logprobs, info)?;
+    params.tools = tools::validate(req)?;
+    if params.tools.as_ref().is_some_and(ToolRequest::is_forced)
+        && params.constraint_request.is_some()
+    {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "a forced tool call cannot be combined with response_format or structured_outputs",
+        ));
+    }
+    Ok(params)
 }
 
 /// One engine request for one prompt: length checks against the context and the KV cache.

@@ -156,11 +156,13 @@ fn fields_not_honoured_are_refused_by_name() {
         let req: ChatCompletionRequest = serde_json::from_value(v).unwrap();
         validate_chat(&req, &info()).err().and_then(param_of)
     };
+    // `tools` and `tool_choice` are served, and `true` is not a valid value of either.
     for field in [
         "echo",
         "tools",
         "tool_choice",
         "functions",
+        "function_call",
         "best_of",
         "modalities",
     ] {
