@@ -257,6 +257,33 @@ async fn tool_calls_through_the_server() {
             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"c\"}"}}]},
         {"role": "tool", "tool_call_id": "call_abc", "content": "18 C and sunny"}
     ], "tool_choice": "none", "max_tokens": 8});
+    // As rendered (`/tokenize` renders as chat does): the call as the envelope in the
+    // assistant's turn, the result as a user turn.
+    let ids = post_json(
+        &format!("{}/tokenize", server.url),
+        &json!({"messages": history["messages"]}),
+    )
+    .await;
+    let text = post_json(
+        &format!("{}/detokenize", server.url),
+        &json!({"tokens": ids["tokens"]}),
+    )
+    .await;
+    let text = text["prompt"].as_str().expect("the rendered prompt");
+    assert!(
+        text.contains(
+            "<|im_start|>assistant\n{\"tool_calls\": [{\"name\": \"get_weather\", \
+             \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}]}<|im_end|>"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "<|im_start|>user\n{\"tool_result\": {\"tool_call_id\": \"call_abc\", \
+             \"content\": \"18 C and sunny\"}}<|im_end|>"
+        ),
+        "{text}"
+    );
     let r = chat(&server, history).await;
     let c = &r["choices"][0];
     assert!(

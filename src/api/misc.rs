@@ -13,6 +13,7 @@ use super::generation::token_text;
 use super::openai_types::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
+use super::tools::{self, ToolFormat};
 use super::{prompt, validation};
 use super::{AppState, JsonBody};
 use crate::tokenizer::ChatTemplateOptions;
@@ -58,7 +59,10 @@ pub async fn tokenize(
             prompt::blocking(move || Ok(tok.encode(&prompt, add_special)?)).await?
         }
         (None, Some(messages)) => {
-            let messages = prompt::chat_messages(&messages)?;
+            let mut messages = prompt::chat_messages(&messages)?;
+            // Earlier calls and tool results render as in chat.
+            let format = ToolFormat::for_template(tokenizer.chat_template());
+            tools::render_history(&mut messages, format);
             let opts = ChatTemplateOptions {
                 add_generation_prompt: req
                     .add_generation_prompt
