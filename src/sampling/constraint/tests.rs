@@ -175,7 +175,7 @@ fn a_device_row_carries_the_mask_and_the_drawn_token_advances_the_grammar() {
     let mut raw = vec![0.0f32; vocab];
     raw[hello as usize] = 10.0;
     raw[no as usize] = 5.0;
-    let mut draw = |sampler: &mut SequenceSampler| {
+    let draw = |sampler: &mut SequenceSampler| {
         let mut batch = SamplingBatch::default();
         sampler.device_row(&mut batch, vocab);
         let token = sampling_reference::sample_rows(&raw, vocab, &batch)[0].token_id;
