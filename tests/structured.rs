@@ -184,6 +184,17 @@ async fn structured_outputs_through_the_server() {
             "{err}"
         );
     }
+    // A pathological schema is refused by llguidance's limits, quickly, as a 400.
+    let huge: Vec<String> = (0..100_000).map(|i| format!("value{i}")).collect();
+    let started = std::time::Instant::now();
+    let r = chat(
+        &server,
+        json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "huge", "schema": {"enum": huge}}}}),
+    )
+    .await;
+    assert_eq!(r["error"]["param"], "response_format", "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     // A schema, greedy: valid and finished with `stop`.
     let r = chat(
         &server,
