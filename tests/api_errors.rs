@@ -36,7 +36,7 @@ async fn expect_error(
 
 fn chat_body(extra: Value) -> Value {
     let mut body = json!({
-        "model": "smol",
+        "model": "smollm2",
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 1,
     });
@@ -88,13 +88,17 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
         ),
         (json!({"logit_bias": {"999999": 1}}), "logit_bias"),
         (json!({"stop_token_ids": [-1]}), "stop_token_ids"),
+        // A field sluice does not honour is refused by name, never ignored.
+        (json!({"echo": true}), "echo"),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (json!({"no_such_field": 1}), "no_such_field"),
     ];
     for (extra, param) in cases {
         let what = format!("chat with {extra}");
         expect_error(post(&chat, &chat_body(extra)), 400, Some(param), &what).await;
     }
     // The context is 1024 tokens: a longer prompt, then prompt + max_tokens over it.
-    let long = json!({"model": "smol", "prompt": vec![504; 1100], "max_tokens": 1});
+    let long = json!({"model": "smollm2", "prompt": vec![504; 1100], "max_tokens": 1});
     expect_error(
         post(&completions, &long),
         400,
@@ -102,12 +106,21 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
         "prompt too long",
     )
     .await;
-    let over = json!({"model": "smol", "prompt": vec![504; 1000], "max_tokens": 100});
+    let over = json!({"model": "smollm2", "prompt": vec![504; 1000], "max_tokens": 100});
     expect_error(
         post(&completions, &over),
         400,
         Some("max_tokens"),
         "over the context",
+    )
+    .await;
+
+    let best_of = json!({"prompt": "Hi", "max_tokens": 1, "best_of": 2});
+    expect_error(
+        post(&completions, &best_of),
+        400,
+        Some("best_of"),
+        "best_of > n",
     )
     .await;
 
@@ -120,6 +133,30 @@ async fn every_refusal_is_an_openai_error_with_its_status() {
     )
     .await;
     assert_eq!(body["error"]["code"], "model_not_found");
+    let body = expect_error(
+        client()
+            .get(format!("{}/v1/models/gpt-17", server.url))
+            .bearer_auth(API_KEY),
+        404,
+        Some("model"),
+        "unknown model card",
+    )
+    .await;
+    assert_eq!(body["error"]["code"], "model_not_found");
+    let card: Value = client()
+        .get(format!("{}/v1/models/smollm2", server.url))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("the served model's card")
+        .json()
+        .await
+        .expect("a JSON card");
+    assert_eq!(
+        (card["id"].as_str(), card["object"].as_str()),
+        (Some("smollm2"), Some("model"))
+    );
     expect_error(
         client().get(format!("{}/v1/nothing", server.url)),
         404,

@@ -73,7 +73,7 @@ async fn openai_sdk_and_greedy_chat_match_generate() {
     let url = format!("{}/v1/chat/completions", server.url);
     let requests = fixtures.iter().map(|f| {
         let body = serde_json::json!({
-            "model": "smol", "messages": f.messages, "max_tokens": GREEDY_TOKENS,
+            "model": "smollm2", "messages": f.messages, "max_tokens": GREEDY_TOKENS,
             "temperature": 0, "return_token_ids": true,
         });
         let req = post(&url, &body);
@@ -133,7 +133,7 @@ async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
     let url = format!("{}/v1/completions", server.url);
     let requests = fixtures.iter().map(|f| {
         let body = serde_json::json!({
-            "model": "smol", "prompt": f.prompt_ids, "max_tokens": f.greedy_ids.len(),
+            "model": "smollm2", "prompt": f.prompt_ids, "max_tokens": f.greedy_ids.len(),
             "temperature": 0, "return_token_ids": true,
         });
         let req = post(&url, &body);
@@ -161,7 +161,7 @@ async fn ggml_numerics_serve_llama_cpp_greedy_tokens() {
     // `serve` turns prefix caching off under ggml numerics: the longest prompt again (35 full
     // blocks, all of them cached under the default numerics) hits nothing.
     let longest = fixtures.iter().max_by_key(|f| f.prompt_ids.len()).unwrap();
-    let body = serde_json::json!({"model": "smol", "prompt": longest.prompt_ids,
+    let body = serde_json::json!({"model": "smollm2", "prompt": longest.prompt_ids,
                                   "max_tokens": 1, "temperature": 0});
     let resp = api_support::post_json(&url, &body).await;
     let cached = &resp["usage"]["prompt_tokens_details"]["cached_tokens"];

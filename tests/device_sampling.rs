@@ -77,7 +77,7 @@ fn collect(mut stream: engine::RequestStream) -> Vec<Choice> {
             }
             Some(StreamEvent::SeqFinished { .. }) => {}
             Some(StreamEvent::Done { .. }) => return choices,
-            Some(StreamEvent::Error { message, .. }) => panic!("request failed: {message}"),
+            Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),
         }
     }
@@ -185,7 +185,7 @@ fn non_finite_logits_end_only_their_request() {
         let mut bad_stream = streams.next().unwrap();
         let failed = loop {
             match bad_stream.next_blocking() {
-                Some(StreamEvent::Error { message, .. }) => break message,
+                Some(StreamEvent::Error(e)) => break e.to_string(),
                 Some(StreamEvent::Done { .. }) | None => {
                     panic!("{poison}: the request did not fail")
                 }

@@ -60,7 +60,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
             Some(StreamEvent::Token { token_ids, .. }) => tokens.extend(token_ids),
             Some(StreamEvent::SeqFinished { .. }) => {}
             Some(StreamEvent::Done { usage }) => return Outcome { tokens, usage },
-            Some(StreamEvent::Error { message, .. }) => panic!("request failed: {message}"),
+            Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),
         }
     }

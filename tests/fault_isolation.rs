@@ -66,10 +66,10 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
                     error: None,
                 }
             }
-            Some(StreamEvent::Error { kind, message }) => {
+            Some(StreamEvent::Error(e)) => {
                 return Outcome {
                     tokens,
-                    error: Some((kind, message)),
+                    error: Some((e.kind(), e.to_string())),
                 }
             }
             None => panic!("stream ended without a terminal event"),

@@ -86,7 +86,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
                     completion_tokens: usage.completion_tokens,
                 }
             }
-            Some(StreamEvent::Error { message, .. }) => panic!("request failed: {message}"),
+            Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),
         }
     }

@@ -12,7 +12,7 @@ use sluice::cli::cpu_ranks::load_cpu_ranks;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::{BatchSeq, ForwardBatch};
 use sluice::model::config::ModelConfig;
-use sluice::model::rank_group::RankGroup;
+use sluice::model::rank_group::{RankGroup, StepInput};
 use sluice::parallel::{ParallelConfig, TpMode};
 
 const BLOCK_SIZE: usize = 16;
@@ -244,11 +244,14 @@ fn pipeline_keeps_two_micro_batches_in_flight() {
     let (a, b): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| i % 2 == 0);
     for _ in 0..4 {
         // Both micro-batches are submitted before either is collected.
-        g.submit(&seqs.batch(&a), &[]).unwrap();
-        g.submit(&seqs.batch(&b), &[]).unwrap();
+        g.submit(&StepInput::shared(seqs.batch(&a), vec![]))
+            .unwrap();
+        g.submit(&StepInput::shared(seqs.batch(&b), vec![]))
+            .unwrap();
         assert_eq!(g.num_in_flight(), 2);
         assert!(
-            g.submit(&seqs.batch(&a), &[]).is_err(),
+            g.submit(&StepInput::shared(seqs.batch(&a), vec![]))
+                .is_err(),
             "a third is refused"
         );
         let la = g.collect().unwrap();

@@ -220,8 +220,8 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
         }
         while let Some(ev) = events.next().await {
             match ev {
-                StreamEvent::Error { kind, message } => {
-                    yield Err(ApiError::from_engine(kind, message));
+                StreamEvent::Error(e) => {
+                    yield Err(e.into());
                     return;
                 }
                 StreamEvent::Token { index: choice, text, token_ids, logprobs } => {

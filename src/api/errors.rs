@@ -9,11 +9,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::engine::{EngineErrorKind, SubmitError};
+use crate::engine::{EngineErrorKind, RequestError, SubmitError};
 use crate::tokenizer::TokenizerError;
-
-/// Seconds a client should wait after a 429 before retrying.
-const RETRY_AFTER_SECS: u64 = 1;
 
 /// Longest error message sent, in bytes: messages quote client input (serde quotes a wrong
 /// value whole), and an error response stays small whatever was sent.
@@ -131,10 +128,14 @@ impl ApiError {
     pub fn in_stream_json(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.object() })
     }
+}
 
-    /// An engine error event turned into an API error.
-    pub fn from_engine(kind: EngineErrorKind, message: String) -> Self {
-        match kind {
+/// The one place an engine error becomes an OpenAI error: its kind decides the status and
+/// type, its own words the message.
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let message = e.to_string();
+        match e.kind() {
             EngineErrorKind::InvalidRequest => Self::InvalidRequest {
                 message,
                 param: None,
@@ -198,9 +199,12 @@ impl IntoResponse for ApiError {
             error: self.object(),
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::Overloaded(_)) {
+        if let Self::Overloaded(SubmitError::Overloaded {
+            retry_after_secs, ..
+        }) = self
+        {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         if matches!(self, Self::Unauthorized(_)) {
             resp.headers_mut()
@@ -219,11 +223,12 @@ mod tests {
         let e: ApiError = SubmitError::Overloaded {
             waiting: 3,
             limit: 3,
+            retry_after_secs: 7,
         }
         .into();
         let resp = e.into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
     }
 
     #[test]
@@ -245,9 +250,29 @@ mod tests {
 
     #[test]
     fn engine_invalid_request_is_a_400_not_a_500() {
-        let e = ApiError::from_engine(EngineErrorKind::InvalidRequest, "too long".into());
+        let e = ApiError::from(RequestError::OutgrewCache {
+            kv_cache_tokens: 64,
+        });
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let v = e.in_stream_json();
-        assert_eq!(v["error"]["message"], "too long");
+        let want = "the request needs more KV cache than the server has (64 tokens)";
+        assert_eq!(v["error"]["message"], want);
+    }
+
+    #[test]
+    fn engine_errors_keep_their_cause_to_the_edge() {
+        use crate::engine::StepError;
+        use crate::model::ModelError;
+        use crate::parallel::CommError;
+        let peer_gone = ModelError::from(CommError::PeerGone { rank: 1 });
+        let e = ApiError::from(RequestError::Step(StepError::from(peer_gone)));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let m = e.object().message;
+        assert!(
+            m.contains("forward pass failed") && m.contains("rank 1"),
+            "{m}"
+        );
+        let e = ApiError::from(RequestError::ShuttingDown);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 
 use super::errors::ApiError;
 use crate::engine::{
-    EngineErrorKind, EngineHandle, GenerateRequest, RequestStream, StopReason, StreamEvent,
+    EngineHandle, GenerateRequest, RequestError, RequestStream, StopReason, StreamEvent,
     TokenLogprob, Usage,
 };
 use crate::tokenizer::Tokenizer;
@@ -66,9 +66,7 @@ pub async fn collect_choices<L>(
                 }
             }
             StreamEvent::Done { usage } => return Ok(usage),
-            StreamEvent::Error { kind, message } => {
-                return Err(ApiError::from_engine(kind, message))
-            }
+            StreamEvent::Error(e) => return Err(e.into()),
         }
     }
     Err(ApiError::Internal("the request ended without usage".into()))
@@ -120,7 +118,7 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
                         return;
                     }
                 }
-                StreamEvent::Error { .. } => {
+                StreamEvent::Error(_) => {
                     yield ev;
                     return;
                 }
@@ -128,10 +126,7 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
         }
         // Every engine stream ends with a terminal event, so this is not reached; if it were,
         // the client still gets an error rather than a silent end.
-        yield StreamEvent::Error {
-            kind: EngineErrorKind::Internal,
-            message: "internal error: the request ended without a result".into(),
-        };
+        yield StreamEvent::Error(RequestError::NoResult);
     })
 }
 

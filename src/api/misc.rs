@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,19 +17,32 @@ use super::{prompt, validation};
 use super::{AppState, JsonBody};
 use crate::tokenizer::ChatTemplateOptions;
 
+fn model_card(state: &AppState) -> ModelCard {
+    ModelCard {
+        id: state.model_name.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "sluice",
+        root: state.model_name.clone(),
+        parent: None,
+        max_model_len: state.engine.info.max_model_len,
+    }
+}
+
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "sluice",
-            root: state.model_name.clone(),
-            parent: None,
-            max_model_len: state.engine.info.max_model_len,
-        }],
+        data: vec![model_card(&state)],
     })
+}
+
+/// `GET /v1/models/{id}`: the served model's card, or OpenAI's `model_not_found` 404.
+pub async fn model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    validation::check_model(Some(&id), &state.model_name)?;
+    Ok(Json(model_card(&state)))
 }
 
 pub async fn tokenize(
@@ -106,12 +119,29 @@ pub async fn detokenize(
 }
 
 /// 200 while the engine loop is alive and the server is not draining, 503 otherwise.
+/// `/health` and `/health/ready`: 200 while the server takes work (the model is loaded, as
+/// it is before the server listens; not draining; the engine made progress within
+/// `--health-max-silence` and its steps are not all failing), else 503.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let draining = state.shutting_down.load(Ordering::Acquire);
-    if !draining && state.engine.is_healthy(state.config.health_max_silence) {
+    if state.shutting_down.load(Ordering::Acquire) {
+        return ApiError::Unavailable("the server is shutting down".into()).into_response();
+    }
+    if state.engine.is_healthy(state.config.health_max_silence) {
         StatusCode::OK.into_response()
     } else {
-        ApiError::Unavailable("the engine is not running".into()).into_response()
+        let why = "the engine is not making progress (stopped, wedged or failing every step)";
+        ApiError::Unavailable(why.into()).into_response()
+    }
+}
+
+/// `/health/live`: 200 while the process serves and its engine thread runs (even wedged or
+/// draining: a restart would not help a drain, and readiness already takes the server out of
+/// rotation); 503 once the engine thread has ended, when only a restart helps.
+pub async fn live(State(state): State<AppState>) -> Response {
+    if state.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::Unavailable("the engine thread has stopped".into()).into_response()
     }
 }
 
@@ -125,7 +155,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.engine.metrics.render(),
+        super::metrics::exposition(
+            &state.engine.metrics,
+            &state.engine.info,
+            &state.model_name,
+            state.config.metric_names,
+        ),
     )
         .into_response()
 }

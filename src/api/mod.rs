@@ -4,7 +4,8 @@
 //! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
 //! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
-//! GET  /health, /metrics, /openapi.json        never behind the API key
+//! GET  /health, /health/live, /health/ready,
+//!      /metrics, /openapi.json                 never behind the API key
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
 //! methods, the framework's own rejections and handler panics included), whose message is at
@@ -17,6 +18,7 @@ pub mod chat;
 pub mod completions;
 pub mod errors;
 pub mod generation;
+pub mod metrics;
 pub mod misc;
 pub mod openai_types;
 pub mod openapi;
@@ -58,6 +60,8 @@ pub struct ServerConfig {
     pub health_max_silence: Duration,
     /// Header-read (and idle keep-alive) and body-read bounds.
     pub timeouts: server::HttpTimeouts,
+    /// The names `/metrics` shows (`metrics.rs`).
+    pub metric_names: metrics::MetricNames,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +71,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             health_max_silence: Duration::from_secs(60),
             timeouts: server::HttpTimeouts::default(),
+            metric_names: metrics::MetricNames::default(),
         }
     }
 }
@@ -139,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/models", get(misc::models))
+        .route("/v1/models/{*id}", get(misc::model))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/v1/ws", get(websocket::handler))
@@ -148,6 +154,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(misc::health))
+        .route("/health/ready", get(misc::health))
+        .route("/health/live", get(misc::live))
         .route("/metrics", get(misc::metrics))
         .route("/openapi.json", get(openapi::handler))
         .merge(protected)

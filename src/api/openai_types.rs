@@ -1,7 +1,8 @@
 //! The wire types of the OpenAI-compatible endpoints, as vLLM speaks them.
 //!
-//! Requests: every field optional unless OpenAI requires it, unknown fields accepted and
-//! ignored (serde's default), vLLM's extra sampling fields alongside OpenAI's. Responses:
+//! Requests: every field optional unless OpenAI requires it, vLLM's extra sampling fields
+//! alongside OpenAI's. A field that none of these takes lands in `unknown` and is refused by
+//! name (`validation::refuse_unknown`), except OpenAI's informational ones. Responses:
 //! the shapes the official SDKs parse, plus vLLM's `stop_reason`, `token_ids` and
 //! `prompt_token_ids`.
 
@@ -94,6 +95,12 @@ pub struct CompletionRequest {
     /// Alternatives per token (0 to 20): the chosen token's logprob and this many more.
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,
+    /// Candidates to draw per choice, of which the best is returned: only `n` (no extra
+    /// candidates) is served.
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: Map<String, Value>,
 }
 
 /// One chat message as clients send it; `content` may be text, null or a list of parts.
@@ -136,6 +143,9 @@ pub struct ChatCompletionRequest {
     pub continue_final_message: bool,
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: Map<String, Value>,
 }
 
 // ---------------------------------------------------------------------------------------------

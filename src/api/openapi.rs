@@ -44,10 +44,26 @@ fn detokenize() {}
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, description = "The served model")))]
 fn models() {}
 
+#[utoipa::path(get, path = "/v1/models/{id}",
+    params(("id" = String, Path, description = "A served model's id")),
+    responses((status = 200, description = "The model's card"),
+              (status = 404, description = "No model of that id is served")))]
+fn model() {}
+
 #[utoipa::path(get, path = "/health",
     responses((status = 200, description = "The engine makes progress"),
               (status = 503, description = "Draining, or the engine cannot make progress")))]
 fn health() {}
+
+#[utoipa::path(get, path = "/health/ready",
+    responses((status = 200, description = "Takes work: loaded, not draining, making progress"),
+              (status = 503, description = "Draining, or the engine cannot make progress")))]
+fn ready() {}
+
+#[utoipa::path(get, path = "/health/live",
+    responses((status = 200, description = "The process and its engine thread run"),
+              (status = 503, description = "The engine thread has stopped: restart")))]
+fn live() {}
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text")))]
 fn metrics() {}
@@ -64,7 +80,10 @@ fn metrics() {}
         tokenize,
         detokenize,
         models,
+        model,
         health,
+        ready,
+        live,
         metrics
     ),
     components(schemas(

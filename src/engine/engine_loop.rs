@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::handle::{now_millis, EngineCommand, EngineInfo, RequestId, Shared};
 use super::metrics::EngineMetrics;
 use super::output::OutputDecision;
-use super::request::EngineErrorKind;
+use super::request_error::RequestError;
 use super::request_table::RequestTable;
 use super::runner::{ModelRunner, StepOutput};
 use crate::kernels::Backend;
@@ -64,7 +64,7 @@ pub(crate) struct EngineLoop<B: Backend> {
 /// A step whose forward pass is running (or done) in the runner's ranks.
 struct InFlightStep {
     plan: StepPlan,
-    submitted: Result<(), super::runner::StepError>,
+    submitted: Result<(), super::request_error::StepError>,
     scheduled_at: Instant,
     submitted_at: Instant,
 }
@@ -125,9 +125,8 @@ impl<B: Backend> EngineLoop<B> {
                 }
                 if Instant::now() >= deadline {
                     let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
-                    let kind = EngineErrorKind::Unavailable;
                     self.table
-                        .fail_all(scheduler, runner, kind, "the server is shutting down");
+                        .fail_all(scheduler, runner, RequestError::ShuttingDown);
                     break;
                 }
             }
@@ -148,6 +147,11 @@ impl<B: Backend> EngineLoop<B> {
     fn intake(&mut self) -> bool {
         if self.is_idle() {
             self.update_gauges();
+            // Waiting for work is progress: an engine back here after a failed step (whose
+            // panic message may take a while to print) is not silent.
+            self.shared
+                .last_progress_ms
+                .store(now_millis(), Ordering::Release);
             loop {
                 match self.commands.recv_timeout(IDLE_HEARTBEAT) {
                     Ok(cmd) => {
@@ -178,9 +182,7 @@ impl<B: Backend> EngineLoop<B> {
         let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
         match cmd {
             EngineCommand::Add { events, .. } if self.shutdown_deadline.is_some() => {
-                let message = "the server is shutting down".into();
-                self.table
-                    .refuse(&events, EngineErrorKind::Unavailable, message);
+                self.table.refuse(&events, RequestError::ShuttingDown);
             }
             EngineCommand::Add {
                 id,
@@ -195,9 +197,9 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     /// Ends a request with an error and frees its blocks.
-    fn fail_request(&mut self, id: RequestId, kind: EngineErrorKind, message: String) {
+    fn fail_request(&mut self, id: RequestId, error: RequestError) {
         let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
-        self.table.fail(scheduler, runner, id, kind, message);
+        self.table.fail(scheduler, runner, id, error);
     }
 
     fn update_gauges(&mut self) {
@@ -238,7 +240,7 @@ impl<B: Backend> EngineLoop<B> {
     /// After a panic: ends the requests of the step (and of the steps still in flight) with
     /// an internal error.
     fn fail_panicked_step(&mut self, what: &str) {
-        let message = format!("internal error: the engine step failed ({what})");
+        let error = RequestError::StepPanicked(what.to_string());
         let mut ids = std::mem::take(&mut self.step_request_ids);
         // Steps still in flight cannot be trusted after a panic in the runner: their
         // requests end too, and the ranks are drained of them.
@@ -254,13 +256,10 @@ impl<B: Backend> EngineLoop<B> {
         if ids.is_empty() {
             // The panic came before the plan named its requests (in the scheduler): nothing
             // tells which request caused it, so all of them end.
-            self.table
-                .fail_all(scheduler, runner, EngineErrorKind::Internal, &message);
+            self.table.fail_all(scheduler, runner, error.clone());
         }
         for &id in &ids {
-            let kind = EngineErrorKind::Internal;
-            self.table
-                .fail(scheduler, runner, id, kind, message.clone());
+            self.table.fail(scheduler, runner, id, error.clone());
         }
         ids.clear();
         self.step_request_ids = ids;
@@ -284,14 +283,8 @@ impl<B: Backend> EngineLoop<B> {
             .extend_request_ids(&plan, &mut self.step_request_ids);
         for &seq_id in &plan.too_long_seq_ids {
             if let Some(id) = self.table.request_of(seq_id) {
-                self.fail_request(
-                    id,
-                    EngineErrorKind::InvalidRequest,
-                    format!(
-                        "the request needs more KV cache than the server has ({} tokens)",
-                        self.info.kv_cache_tokens
-                    ),
-                );
+                let kv_cache_tokens = self.info.kv_cache_tokens;
+                self.fail_request(id, RequestError::OutgrewCache { kv_cache_tokens });
             }
         }
         if plan.seqs.is_empty() {
@@ -301,10 +294,10 @@ impl<B: Backend> EngineLoop<B> {
         Some((plan, scheduled_at))
     }
 
-    fn submit_step(&mut self, plan: StepPlan, scheduled_at: Instant) {
+    fn submit_step(&mut self, mut plan: StepPlan, scheduled_at: Instant) {
         let block_size = self.scheduler.kv_cache().block_size();
         let submitted_at = Instant::now();
-        let submitted = self.runner.submit(&plan, block_size);
+        let submitted = self.runner.submit(&mut plan, block_size);
         self.in_flight.push_back(InFlightStep {
             plan,
             submitted,
@@ -386,7 +379,7 @@ impl<B: Backend> EngineLoop<B> {
                 Ok(t) => sampled.push((seq_id, t)),
                 Err(e) => {
                     if let Some(id) = self.table.request_of(seq_id) {
-                        self.fail_request(id, EngineErrorKind::Internal, e.to_string());
+                        self.fail_request(id, RequestError::Step(e));
                     }
                 }
             }
@@ -401,11 +394,7 @@ impl<B: Backend> EngineLoop<B> {
             let mut ids = Vec::new();
             self.table.extend_request_ids(plan, &mut ids);
             for id in ids {
-                self.fail_request(
-                    id,
-                    EngineErrorKind::Internal,
-                    format!("internal error: {e}"),
-                );
+                self.fail_request(id, RequestError::Commit(e.clone()));
             }
             sampled.clear();
         } else {
@@ -417,6 +406,9 @@ impl<B: Backend> EngineLoop<B> {
             self.metrics
                 .step_seconds
                 .observe(step_start.elapsed().as_secs_f64());
+            self.metrics
+                .iteration_tokens_total
+                .observe(plan.num_batched_tokens as f64);
         }
         self.sampled = sampled;
     }
@@ -455,7 +447,7 @@ impl<B: Backend> EngineLoop<B> {
                 self.table.finish_seq(scheduler, runner, seq_id);
             }
             OutputDecision::Fail { message } => {
-                self.fail_request(request_id, EngineErrorKind::Internal, message);
+                self.fail_request(request_id, RequestError::Output(message));
             }
         }
     }

@@ -9,16 +9,15 @@
 use std::collections::VecDeque;
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+
 use crate::kernels::sampling::{SampledRow, SamplingBatch};
-use crate::kernels::{Backend, ForwardBatch};
-use crate::model::rank_group::RankGroup;
+use crate::kernels::Backend;
+use crate::model::rank_group::{RankGroup, StepInput};
 use crate::model::ModelError;
 
 enum Request {
-    Submit {
-        batch: ForwardBatch,
-        block_copies: Vec<(u32, u32)>,
-    },
+    Submit(Arc<StepInput>),
     /// Collect the oldest step: sample it with these rows on the device, or return logits.
     Collect(Option<SamplingBatch>),
 }
@@ -30,7 +29,7 @@ pub(crate) enum Reply {
 
 pub(crate) struct ForwardWorker {
     tx: Option<flume::Sender<Request>>,
-    rx: flume::Receiver<Result<Reply, String>>,
+    rx: flume::Receiver<Result<Reply, ModelError>>,
     handle: Option<JoinHandle<()>>,
     pub vocab_size: usize,
     pub samples_on_device: bool,
@@ -66,22 +65,15 @@ impl ForwardWorker {
         }
     }
 
-    pub fn submit(
-        &self,
-        batch: &ForwardBatch,
-        block_copies: &[(u32, u32)],
-    ) -> Result<(), ModelError> {
-        self.send(Request::Submit {
-            batch: batch.clone(),
-            block_copies: block_copies.to_vec(),
-        })
+    pub fn submit(&self, step: &Arc<StepInput>) -> Result<(), ModelError> {
+        self.send(Request::Submit(step.clone()))
     }
 
     /// The oldest step's logits, or its rows sampled on the device when `rows` is given.
     pub fn collect(&self, rows: Option<&SamplingBatch>) -> Result<Reply, ModelError> {
         self.send(Request::Collect(rows.cloned()))?;
         match self.rx.recv() {
-            Ok(r) => r.map_err(ModelError::Parallel),
+            Ok(r) => r,
             Err(_) => Err(ModelError::Parallel(
                 "the forward worker has stopped".into(),
             )),
@@ -92,28 +84,24 @@ impl ForwardWorker {
 fn serve<B: Backend>(
     mut model: RankGroup<B>,
     requests: flume::Receiver<Request>,
-    replies: flume::Sender<Result<Reply, String>>,
+    replies: flume::Sender<Result<Reply, ModelError>>,
 ) {
     // Submission errors wait for their step's collect.
-    let mut submitted: VecDeque<Result<(), String>> = VecDeque::new();
+    let mut submitted: VecDeque<Result<(), ModelError>> = VecDeque::new();
     while let Ok(r) = requests.recv() {
         match r {
-            Request::Submit {
-                batch,
-                block_copies,
-            } => {
-                let done = model.submit(&batch, &block_copies);
-                submitted.push_back(done.map_err(|e| e.to_string()));
+            Request::Submit(step) => {
+                let done = model.submit(&step);
+                submitted.push_back(done);
             }
             Request::Collect(rows) => {
                 let reply = match submitted.pop_front() {
-                    None => Err("no step in flight".to_string()),
+                    None => Err(ModelError::Parallel("no step in flight".into())),
                     Some(Err(e)) => Err(e),
                     Some(Ok(())) => match rows {
                         Some(rows) => model.collect_sampled(&rows).map(Reply::Sampled),
                         None => model.collect().map(Reply::Logits),
-                    }
-                    .map_err(|e| e.to_string()),
+                    },
                 };
                 if replies.send(reply).is_err() {
                     break;

@@ -24,6 +24,7 @@ pub mod handle;
 pub mod metrics;
 mod output;
 pub mod request;
+mod request_error;
 mod request_table;
 mod runner;
 mod stop_strings;
@@ -32,9 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
-pub use request::{
-    EngineErrorKind, FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage,
-};
+pub use request::{FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage};
+pub use request_error::{EngineErrorKind, RequestError, StepError};
 
 use crate::kernels::Backend;
 use crate::kv_cache::CacheConfig;
@@ -121,14 +121,18 @@ pub fn spawn_with<B: Backend>(
         max_model_len: config.max_model_len,
         vocab_size: model.lead().config.vocab_size,
         kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
+        block_size: config.cache.block_size,
+        prefix_caching: config.cache.enable_prefix_caching,
         max_num_seqs: config.scheduler.max_num_seqs,
         max_waiting: config.max_waiting,
         faults: options.faults,
     });
-    let metrics = Arc::new(metrics::EngineMetrics::new());
+    let metrics = Arc::new(metrics::EngineMetrics::new(config.max_model_len));
     let shared = Arc::new(handle::Shared {
         next_id: AtomicU64::new(1),
         num_waiting: AtomicUsize::new(0),
+        free_seq_slots: AtomicUsize::new(config.scheduler.max_num_seqs),
+        drain_per_sec: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
         last_progress_ms: AtomicU64::new(handle::now_millis()),
         failed_steps_in_a_row: AtomicU32::new(0),

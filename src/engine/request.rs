@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::request_error::RequestError;
 use crate::sampling::{Constraint, SamplingParams};
 
 /// A request the API has validated and tokenized: everything downstream trusts it.
@@ -106,17 +107,6 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
-/// The kind of an error that ends a request, for the API's status code and metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineErrorKind {
-    /// The request cannot be served as asked (too long for the KV cache, ...): a 400.
-    InvalidRequest,
-    /// The engine is shutting down or stopped.
-    Unavailable,
-    /// Something failed inside the engine: a 500, never caused by the client.
-    Internal,
-}
-
 /// One event of a request's stream. Every stream ends with exactly one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
@@ -138,14 +128,11 @@ pub enum StreamEvent {
     /// The request is complete.
     Done { usage: Usage },
     /// The request failed; nothing follows.
-    Error {
-        kind: EngineErrorKind,
-        message: String,
-    },
+    Error(RequestError),
 }
 
 impl StreamEvent {
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Done { .. } | Self::Error { .. })
+        matches!(self, Self::Done { .. } | Self::Error(_))
     }
 }

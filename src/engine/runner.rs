@@ -12,12 +12,14 @@
 //! parallelism the group broadcasts the batch to its ranks and returns the gathered logits.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::forward_worker::{ForwardWorker, Reply};
+use super::request_error::StepError;
 use crate::kernels::sampling::SampledRow;
-use crate::kernels::{Backend, BatchSeq, ForwardBatch};
-use crate::model::rank_group::RankGroup;
-use crate::sampling::{Corruption, SampleError, SampledToken, SequenceSampler, StepSampler};
+use crate::kernels::{Backend, BatchSeq};
+use crate::model::rank_group::{RankGroup, StepInput};
+use crate::sampling::{Corruption, SampledToken, SequenceSampler, StepSampler};
 use crate::scheduler::{SeqId, StepPlan};
 
 /// What a step's forward pass returned.
@@ -37,16 +39,6 @@ impl From<Reply> for Collected {
     }
 }
 
-/// Why a sequence got no token from a step.
-#[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum StepError {
-    /// The forward pass failed (every sequence of the step gets this).
-    #[error("the forward pass failed: {0}")]
-    Forward(String),
-    #[error(transparent)]
-    Sample(#[from] SampleError),
-}
-
 /// What one step produced, per sampled sequence.
 pub(crate) struct StepOutput {
     pub sampled: Vec<(SeqId, Result<SampledToken, StepError>)>,
@@ -64,7 +56,8 @@ pub(crate) struct ModelRunner<B: Backend> {
     /// Each sequence's last sampled id: the input of its run-ahead decode (overlapped loop).
     last_sampled: HashMap<SeqId, u32>,
     sampling: StepSampler,
-    batch: ForwardBatch,
+    /// The step being built; its buffers are reused once every rank has let go of the last.
+    step: Arc<StepInput>,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -84,7 +77,7 @@ impl<B: Backend> ModelRunner<B> {
             model,
             last_sampled: HashMap::new(),
             sampling: StepSampler::default(),
-            batch: ForwardBatch::default(),
+            step: Arc::default(),
         }
     }
 
@@ -109,14 +102,24 @@ impl<B: Backend> ModelRunner<B> {
         self.sampling.corrupt(seq_id, corruption, after);
     }
 
-    fn build_batch(&mut self, plan: &StepPlan, block_size: usize) {
-        let b = &mut self.batch;
+    /// Builds the step's input from `plan`, taking its block tables and block copies (the
+    /// plan keeps what `commit` reads): the scheduler built them, and they are not copied.
+    fn build_step(&mut self, plan: &mut StepPlan, block_size: usize) {
+        if Arc::strong_count(&self.step) > 1 {
+            // A rank still holds the last step (a pipeline in flight): start a fresh one.
+            self.step = Arc::default();
+        }
+        // One owner: no copy.
+        let step = Arc::make_mut(&mut self.step);
+        step.block_copies.clear();
+        step.block_copies.append(&mut plan.block_copies);
+        let b = &mut step.batch;
         b.token_ids.clear();
         b.positions.clear();
         b.slot_mapping.clear();
         b.logits_rows.clear();
         b.seqs.clear();
-        for s in &plan.seqs {
+        for s in &mut plan.seqs {
             let query_start = b.token_ids.len();
             if s.run_ahead {
                 // The token its previous step sampled. None only if that step failed for the
@@ -143,7 +146,7 @@ impl<B: Backend> ModelRunner<B> {
                 query_start,
                 query_len: s.end - s.start,
                 context_len: s.end,
-                block_table: s.block_table.clone(),
+                block_table: std::mem::take(&mut s.block_table),
                 prompt_len: s.num_prompt_tokens,
             });
         }
@@ -159,13 +162,13 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     /// Starts `plan` on every rank (with more than one stage, returns before it is done).
-    pub fn submit(&mut self, plan: &StepPlan, block_size: usize) -> Result<(), StepError> {
-        self.build_batch(plan, block_size);
+    pub fn submit(&mut self, plan: &mut StepPlan, block_size: usize) -> Result<(), StepError> {
+        self.build_step(plan, block_size);
         let submitted = match &mut self.model {
-            Model::Inline(m) => m.submit(&self.batch, &plan.block_copies),
-            Model::Worker(w) => w.submit(&self.batch, &plan.block_copies),
+            Model::Inline(m) => m.submit(&self.step),
+            Model::Worker(w) => w.submit(&self.step),
         };
-        submitted.map_err(|e| StepError::Forward(e.to_string()))
+        submitted.map_err(StepError::from)
     }
 
     /// Waits for the oldest submitted step (`submitted` is what `submit` returned for it).
@@ -177,7 +180,6 @@ impl<B: Backend> ModelRunner<B> {
         submitted: Result<(), StepError>,
     ) -> Result<Collected, StepError> {
         submitted?;
-        let failed = |e: crate::model::ModelError| StepError::Forward(e.to_string());
         let on_device = match &self.model {
             Model::Inline(m) => m.samples_on_device(),
             Model::Worker(w) => w.samples_on_device,
@@ -187,7 +189,7 @@ impl<B: Backend> ModelRunner<B> {
                 Model::Inline(m) => m.collect().map(Collected::Logits),
                 Model::Worker(w) => w.collect(None).map(Collected::from),
             }
-            .map_err(failed);
+            .map_err(StepError::from);
         }
         let vocab = self.vocab_size();
         let rows = self.sampling.device_rows(sampled_seqs(plan), vocab);
@@ -195,7 +197,7 @@ impl<B: Backend> ModelRunner<B> {
             Model::Inline(m) => m.collect_sampled(rows).map(Collected::Sampled),
             Model::Worker(w) => w.collect(Some(rows)).map(Collected::from),
         }
-        .map_err(failed)
+        .map_err(StepError::from)
     }
 
     /// A token for each sequence `plan` asks to sample, from what its step returned (or

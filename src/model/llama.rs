@@ -210,18 +210,17 @@ fn row_parallel_matmul<B: Backend>(
     out: &mut B::Tensor,
     scratch: &mut B::Tensor,
 ) -> Result<(), ModelError> {
-    let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
     match gather {
         None => be.matmul(x, w, None, out),
         Some(false) => {
             be.matmul(x, w, None, out);
-            comm.all_reduce_sum(be, out).map_err(comm_err)?;
+            comm.all_reduce_sum(be, out)?;
         }
         Some(true) => {
-            comm.all_gather_cols(be, x, scratch).map_err(comm_err)?;
+            comm.all_gather_cols(be, x, scratch)?;
             be.matmul(scratch, w, None, out);
             std::mem::swap(scratch, out);
-            comm.all_gather_cols(be, scratch, out).map_err(comm_err)?;
+            comm.all_gather_cols(be, scratch, out)?;
         }
     }
     Ok(())
@@ -337,7 +336,7 @@ impl<B: Backend> Llama<B> {
                 num_kv_heads: self.shard.kv_heads.len(),
                 head_dim: self.config.head_dim,
             })
-            .map_err(|e| ModelError::Invalid(e.to_string()))
+            .map_err(ModelError::Kernel)
     }
 
     /// Runs the batch and returns the logits of its `logits_rows`, `[rows, vocab]` row-major.
@@ -385,7 +384,6 @@ impl<B: Backend> Llama<B> {
         kv: &mut B::KvCache,
     ) -> Result<(), ModelError> {
         self.logits_at = LogitsAt::Nowhere;
-        let comm_err = |e: crate::parallel::CommError| ModelError::Parallel(e.to_string());
         let be = &self.backend;
         let comm = &mut self.comm;
         let eps = self.config.rms_norm_eps;
@@ -414,13 +412,13 @@ impl<B: Backend> Llama<B> {
             Some(embed) => {
                 be.embed(embed, &step, &mut b.residual);
                 if split_vocab {
-                    comm.all_reduce_sum(be, &mut b.residual).map_err(comm_err)?;
+                    comm.all_reduce_sum(be, &mut b.residual)?;
                 }
                 true
             }
             None => {
-                comm.recv_prev(be, &mut b.residual).map_err(comm_err)?;
-                comm.recv_prev(be, &mut b.delta).map_err(comm_err)?;
+                comm.recv_prev(be, &mut b.residual)?;
+                comm.recv_prev(be, &mut b.delta)?;
                 false
             }
         };
@@ -451,8 +449,8 @@ impl<B: Backend> Llama<B> {
             row_parallel_matmul(be, comm, gather, &b.act, &layer.down, &mut b.delta, g)?;
         }
         let Some((norm, lm_head)) = &self.head else {
-            comm.send_next(be, &b.residual).map_err(comm_err)?;
-            comm.send_next(be, &b.delta).map_err(comm_err)?;
+            comm.send_next(be, &b.residual)?;
+            comm.send_next(be, &b.delta)?;
             return Ok(());
         };
         if batch.logits_rows.is_empty() {
@@ -468,7 +466,7 @@ impl<B: Backend> Llama<B> {
             self.logits_at = LogitsAt::Logits;
             return Ok(());
         }
-        comm.all_gather_cols(be, &b.logits, g).map_err(comm_err)?;
+        comm.all_gather_cols(be, &b.logits, g)?;
         self.logits_at = LogitsAt::Gathered;
         Ok(())
     }

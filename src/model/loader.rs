@@ -35,7 +35,7 @@ pub struct OpenedModel {
     pub config: ModelConfig,
     pub weights: Box<dyn WeightSource>,
     pub tokenizer_source: TokenizerSource,
-    /// A name for logs and `/v1/models`: the file or directory name.
+    /// A name for logs and `/v1/models`: the file or directory name, without `.gguf`.
     pub name: String,
 }
 
@@ -55,7 +55,7 @@ pub fn open(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
         std::fs::metadata(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
+        |n| n.to_string_lossy().trim_end_matches(".gguf").to_string(),
     );
     let format = match spec.load_format {
         LoadFormat::Auto if meta.is_dir() => LoadFormat::Safetensors,

@@ -8,6 +8,8 @@ pub mod shard;
 pub mod weights;
 
 use crate::gguf::GgufError;
+use crate::kernels::KernelError;
+use crate::parallel::CommError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -20,6 +22,13 @@ pub enum ModelError {
     #[error("{0}")]
     Unsupported(String),
     /// A rank's communicator failed (a peer is gone, or the transport broke).
+    #[error("tensor/pipeline parallel group: {0}")]
+    Comm(#[from] CommError),
+    /// A kernel refused its work (a device out of memory, a shape it cannot take).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The rank group or the forward worker cannot run the step (a thread stopped, an
+    /// earlier step broke the group, a call out of order).
     #[error("tensor/pipeline parallel group: {0}")]
     Parallel(String),
 }

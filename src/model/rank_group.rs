@@ -44,10 +44,22 @@ impl<B: Backend> From<Llama<B>> for ModelRanks<B> {
     }
 }
 
-/// One step as every rank sees it.
-struct StepInput {
-    batch: ForwardBatch,
-    block_copies: Vec<(u32, u32)>,
+/// One step as every rank sees it: the runner builds it once from the plan, and the rank
+/// threads (and the forward worker) share it by `Arc`; nobody copies it.
+#[derive(Debug, Default, Clone)]
+pub struct StepInput {
+    pub batch: ForwardBatch,
+    /// Copy block `src` to block `dst` (all layers, K and V) before the forward pass.
+    pub block_copies: Vec<(u32, u32)>,
+}
+
+impl StepInput {
+    pub fn shared(batch: ForwardBatch, block_copies: Vec<(u32, u32)>) -> Arc<Self> {
+        Arc::new(Self {
+            batch,
+            block_copies,
+        })
+    }
 }
 
 struct Worker {
@@ -55,7 +67,7 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
-type LogitsResult = Result<Vec<f32>, String>;
+type LogitsResult = Result<Vec<f32>, ModelError>;
 
 /// A step the lead ran itself (one stage): its logits on the host, or left on the device in
 /// the lead's buffers (a group of one rank whose backend samples: see `samples_on_device`).
@@ -157,12 +169,8 @@ impl<B: Backend> RankGroup<B> {
         e
     }
 
-    /// Starts one step on every rank: copies KV blocks `(src, dst)` first, then runs `batch`.
-    pub fn submit(
-        &mut self,
-        batch: &ForwardBatch,
-        block_copies: &[(u32, u32)],
-    ) -> Result<(), ModelError> {
+    /// Starts one step on every rank: copies its KV blocks first, then runs its batch.
+    pub fn submit(&mut self, step: &Arc<StepInput>) -> Result<(), ModelError> {
         if self.broken {
             return Err(broken_error());
         }
@@ -173,14 +181,10 @@ impl<B: Backend> RankGroup<B> {
             )));
         }
         if !self.workers.is_empty() {
-            let input = Arc::new(StepInput {
-                batch: batch.clone(),
-                block_copies: block_copies.to_vec(),
-            });
             for w in &self.workers {
                 let sent =
                     w.tx.as_ref()
-                        .is_some_and(|tx| tx.send(input.clone()).is_ok());
+                        .is_some_and(|tx| tx.send(step.clone()).is_ok());
                 if !sent {
                     let e = ModelError::Parallel("a rank thread has stopped".into());
                     return Err(self.fail(e));
@@ -189,7 +193,8 @@ impl<B: Backend> RankGroup<B> {
         }
         // Marked broken until the lead's part is done: if it panics, the group stays broken.
         self.broken = true;
-        self.lead.copy_blocks(&mut self.lead_kv, block_copies);
+        let batch = &step.batch;
+        self.lead.copy_blocks(&mut self.lead_kv, &step.block_copies);
         let ran = if self.samples_on_device() {
             let ran = self.lead.forward_logits(batch, &mut self.lead_kv);
             ran.map(|()| Some(Ready::OnDevice))
@@ -227,7 +232,7 @@ impl<B: Backend> RankGroup<B> {
             },
             Some(rx) => match rx.recv() {
                 Ok(Ok(logits)) => Ok(logits),
-                Ok(Err(e)) => Err(ModelError::Parallel(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(ModelError::Parallel(
                     "the last pipeline stage has stopped".into(),
                 )),
@@ -250,7 +255,7 @@ impl<B: Backend> RankGroup<B> {
                     .lead
                     .backend()
                     .sample(t, rows)
-                    .map_err(|e| ModelError::Invalid(format!("sampling: {e}"))),
+                    .map_err(ModelError::Kernel),
                 None => Err(ModelError::Invalid(format!(
                     "{} sampling rows, but the step produced no logits",
                     rows.len()
@@ -264,13 +269,14 @@ impl<B: Backend> RankGroup<B> {
         got.map_err(|e| self.fail(e))
     }
 
-    /// `submit` then `collect`: one whole step.
+    /// `submit` then `collect`: one whole step (tests and benches; the runner shares its
+    /// `StepInput` instead of copying a batch into one).
     pub fn run(
         &mut self,
         batch: &ForwardBatch,
         block_copies: &[(u32, u32)],
     ) -> Result<Vec<f32>, ModelError> {
-        self.submit(batch, block_copies)?;
+        self.submit(&StepInput::shared(batch.clone(), block_copies.to_vec()))?;
         self.collect()
     }
 }
@@ -294,7 +300,7 @@ fn rank_loop<B: Backend>(
             Err(e) => {
                 tracing::error!("rank {}: {e}", model.shard().rank);
                 if let Some(tx) = &logits_tx {
-                    let _ = tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(e));
                 }
                 model.abort();
                 break;

@@ -48,7 +48,6 @@ impl Server {
             ("--threads", "2"),
             ("--kv-cache-memory", "134217728"),
             ("--max-model-len", "1024"),
-            ("--served-model-name", "smol"),
         ] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
@@ -75,7 +74,7 @@ impl Server {
         let mut server = Server {
             child: Some(child),
             url: String::new(),
-            model: "smol".into(),
+            model: sluice::assets::SERVED_NAME.into(),
         };
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(url) => server.url = url,
@@ -133,7 +132,7 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
-/// Runs `tests/python/<script>` against the server at `url` (served as `smol`); panics with
+/// Runs `tests/python/<script>` against the server at `url` (served under the default model's name, `smollm2`); panics with
 /// its output when it fails.
 pub fn run_python(script: &str, url: &str, env: &[(&str, &str)]) -> String {
     let python = venv_python();
@@ -143,7 +142,7 @@ pub fn run_python(script: &str, url: &str, env: &[(&str, &str)]) -> String {
     let out = Command::new(python)
         .arg(&path)
         .env("SLUICE_URL", url)
-        .env("SLUICE_MODEL", "smol")
+        .env("SLUICE_MODEL", sluice::assets::SERVED_NAME)
         .env("SLUICE_API_KEY", API_KEY)
         .envs(env.iter().copied())
         .output()
@@ -186,11 +185,16 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value
 
 /// `GET /health`'s status code.
 pub async fn health_status(server: &Server) -> u16 {
+    probe_status(server, "/health").await
+}
+
+/// The status code of a probe (`/health`, `/health/live`, `/health/ready`).
+pub async fn probe_status(server: &Server, path: &str) -> u16 {
     client()
-        .get(format!("{}/health", server.url))
+        .get(format!("{}{path}", server.url))
         .send()
         .await
-        .expect("GET /health")
+        .expect("GET a probe")
         .status()
         .as_u16()
 }

@@ -162,6 +162,16 @@ def vllm_extras():
     check("choice token_ids", isinstance(ids, list) and len(ids) == 3, r.choices[0])
 
 
+def model_card():
+    card = client.models.retrieve(MODEL)
+    check("models retrieve", card.id == MODEL and card.object == "model", card)
+    try:
+        client.models.retrieve("no-such-model")
+        check("unknown model card refused", False)
+    except openai.NotFoundError as e:
+        check("unknown model card is 404", e.status_code == 404, e)
+
+
 def errors():
     try:
         OpenAI(base_url=URL, api_key="wrong", max_retries=0).models.list()
@@ -178,9 +188,15 @@ def errors():
         check("negative temperature refused", False)
     except openai.BadRequestError as e:
         check("negative temperature is 400", e.status_code == 400 and e.body.get("param") == "temperature", e.body)
+    try:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, extra_body={"echo": True})
+        check("a field not honoured is refused", False)
+    except openai.BadRequestError as e:
+        check("a field not honoured is a 400 naming it", e.body.get("param") == "echo", e.body)
 
 
 models()
+model_card()
 text = chat()
 chat_stream(text)
 chat_n2_and_logprobs()
