@@ -142,6 +142,8 @@ pub fn request_json(data: &[u8]) {
         max_model_len: 1024,
         vocab_size: 49152,
         kv_cache_tokens: 4096,
+        block_size: 16,
+        prefix_caching: true,
         max_num_seqs: 8,
         max_waiting: 8,
         faults: None,

@@ -55,6 +55,13 @@ async fn slow_clients_are_cut_off_and_rejections_are_openai_json() {
         "--max-body-bytes",
         "65536",
     ]);
+    // A connection that never sends a byte (before hyper's own header timer exists).
+    let (took, text) =
+        tokio::task::block_in_place(|| until_closed(&server, b"", Duration::from_secs(5)));
+    assert!(
+        took < Duration::from_secs(3) && text.is_empty(),
+        "silent: {took:?} {text}"
+    );
     // A half-sent request head.
     let (took, _) = tokio::task::block_in_place(|| {
         until_closed(
@@ -289,9 +296,10 @@ async fn a_server_started_without_the_flag_ignores_fault_markers() {
     api_support::assert_idle_without_leaks(&server).await;
 }
 
-/// `/health` turns 503 after three steps in a row panic (and back to 200 after one that
-/// completes), and while the engine is silent for longer than `--health-max-silence` (a
-/// step that stalls).
+/// `/health` (and `/health/ready`) turns 503 after three steps in a row panic (and back to
+/// 200 after one that completes), and while the engine is silent for longer than
+/// `--health-max-silence` (a step that stalls); `/health/live` stays 200 throughout, since
+/// the engine thread runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_a_panicking_or_silent_engine() {
     let server = Server::start(&["--enable-fault-injection", "--health-max-silence", "1"]);
@@ -303,6 +311,13 @@ async fn health_reports_a_panicking_or_silent_engine() {
         assert_eq!(ask("Hi sluice-fault:panic@0").await.unwrap().status(), 500);
     }
     assert_eq!(health().await, 503, "after three panicking steps");
+    let probe = |path| api_support::probe_status(&server, path);
+    assert_eq!(
+        probe("/health/ready").await,
+        503,
+        "ready after three panics"
+    );
+    assert_eq!(probe("/health/live").await, 200, "live after three panics");
     assert_eq!(ask("Hello").await.unwrap().status(), 200);
     assert_eq!(health().await, 200, "after a step that completed");
     // A step that stalls for 5 s: the engine is silent past the 1 s limit meanwhile.
@@ -315,6 +330,28 @@ async fn health_reports_a_panicking_or_silent_engine() {
     assert!(saw_503, "a stalled engine must not look healthy");
     assert_eq!(stalled.await.unwrap().unwrap().status(), 200);
     assert_eq!(health().await, 200, "after the stall");
+    assert_eq!(probe("/health/ready").await, 200, "ready after the stall");
+    api_support::assert_idle_without_leaks(&server).await;
+}
+
+/// `--max-waiting` counts only requests that cannot start at the next step: a burst that
+/// the running batch takes whole is admitted whole, however small the waiting cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_fits_the_running_batch_is_admitted_whole() {
+    let server = Server::start(&["--max-num-seqs", "16", "--max-waiting", "4"]);
+    let url = format!("{}/v1/completions", server.url);
+    let burst = (0..16).map(|i| {
+        let req = post(
+            &url,
+            &json!({"prompt": [504, 3575, 282, i], "max_tokens": 2}),
+        );
+        tokio::spawn(async move { req.send().await.expect("burst request").status() })
+    });
+    let statuses = futures::future::join_all(burst).await;
+    let admitted = statuses
+        .iter()
+        .filter(|s| s.as_ref().unwrap().as_u16() == 200);
+    assert_eq!(admitted.count(), 16, "{statuses:?}");
     api_support::assert_idle_without_leaks(&server).await;
 }
 
@@ -351,7 +388,11 @@ async fn a_burst_of_ten_times_the_cap_admits_exactly_the_cap() {
         match resp.status().as_u16() {
             200 => admitted.push(resp),
             429 => {
-                assert!(resp.headers().contains_key("retry-after"));
+                let retry = resp.headers().get("retry-after").map(|v| v.to_str());
+                let secs: u64 = retry
+                    .and_then(|v| v.ok()?.parse().ok())
+                    .expect("a Retry-After in seconds");
+                assert!((1..=60).contains(&secs), "Retry-After {secs}");
                 refusal_times.push(took);
             }
             s => panic!("unexpected status {s}"),

@@ -199,3 +199,93 @@ fn device_sampling_under_the_overlap_matches_the_plain_loop() {
     assert_eq!(run(&overlapped, &requests), want);
     common::assert_idle_without_leaks(&overlapped);
 }
+
+/// Each sequence's (ids, text) of a request, by index (an `n > 1` request's sequences
+/// interleave differently when preemption pauses one of them).
+fn run_by_seq(engine: &EngineHandle, requests: &[GenerateRequest]) -> Vec<Vec<(Vec<u32>, String)>> {
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| (r.n, engine.submit(r.clone()).unwrap()))
+        .collect();
+    streams
+        .into_iter()
+        .map(|(n, mut stream)| {
+            let mut seqs = vec![(Vec::new(), String::new()); n];
+            loop {
+                match stream.next_blocking() {
+                    Some(StreamEvent::Token {
+                        index,
+                        token_ids,
+                        text,
+                        ..
+                    }) => {
+                        seqs[index].0.extend(token_ids);
+                        seqs[index].1.push_str(&text);
+                    }
+                    Some(StreamEvent::SeqFinished { .. }) => {}
+                    Some(StreamEvent::Done { .. }) => return seqs,
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Constrained sequences finish a step early (the grammar forces EOS): their run-ahead token
+/// is dropped without reaching the matcher, and preemption keeps the matcher with the
+/// generated tokens. Host and device sampling, each against its own plain loop.
+#[test]
+fn constrained_outputs_under_the_overlap_and_preemption_match_the_plain_loop() {
+    use device_sampling::DeviceSampling;
+    use sluice::sampling::{ConstraintCompiler, ConstraintSpec};
+    let f = common::default_gguf();
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&f).unwrap());
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "word": {"type": "string", "maxLength": 8},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["word", "n", "ok"],
+        "additionalProperties": false
+    });
+    let constraint = ConstraintCompiler::new(tokenizer)
+        .compile(&ConstraintSpec::JsonSchema(schema))
+        .unwrap();
+    // Outputs are at most ~25 tokens (the schema's bounds); 9 sequences of 140 tokens need
+    // twice the 40 blocks of the tight engine.
+    let requests: Vec<GenerateRequest> = (0..6)
+        .map(|i| {
+            let mut r = GenerateRequest::greedy(prompt(100, i), 40);
+            r.constraint = Some(constraint.clone());
+            if i % 2 == 1 {
+                r.n = 2;
+                r.sampling.temperature = 0.9;
+                r.sampling.seed = Some(i as u64);
+                r.sampling.frequency_penalty = 0.5;
+            }
+            r
+        })
+        .collect();
+    let check = |outcomes: &[Vec<(Vec<u32>, String)>]| {
+        for (_, text) in outcomes.iter().flatten() {
+            let v: serde_json::Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+            assert!(v["ok"].is_boolean() && v["n"].as_u64().is_some_and(|n| n <= 99));
+        }
+    };
+    let want = run_by_seq(&cpu(1024, StepOverlap::Off), &requests);
+    check(&want);
+    let tight = cpu(40, StepOverlap::OnWorkerThread);
+    assert_eq!(run_by_seq(&tight, &requests), want);
+    assert!(common::engine_metric(&tight, "sluice:num_preemptions_total") > 0.0);
+    common::assert_idle_without_leaks(&tight);
+    let device = |overlap| start(DeviceSampling(CpuBackend::new(2)), 256, overlap);
+    let want = run_by_seq(&device(StepOverlap::Off), &requests);
+    check(&want);
+    assert_eq!(
+        run_by_seq(&device(StepOverlap::OnWorkerThread), &requests),
+        want
+    );
+}

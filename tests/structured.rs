@@ -5,13 +5,16 @@
 //! schemas validated by Python's `jsonschema`.
 
 mod api_support;
-mod common;
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sluice::engine::{self, EngineConfig, GenerateRequest, StreamEvent};
+use sluice::gguf::GgufFile;
+use sluice::kernels::cpu::CpuBackend;
 use sluice::kv_cache::CacheConfig;
+use sluice::model::config::ModelConfig;
+use sluice::model::llama::Llama;
 use sluice::sampling::{ConstraintCompiler, ConstraintSpec};
 use sluice::scheduler::SchedulerConfig;
 use sluice::tokenizer::Tokenizer;
@@ -53,7 +56,12 @@ fn assert_person(text: &str) {
 
 #[test]
 fn greedy_constrained_output_is_batch_invariant_and_valid() {
-    let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).expect("tokenizer"));
+    // (`tests/common` is not loaded here: `api_support` already loads its metrics module.)
+    let path = sluice::assets::default_model_path().expect("the default model");
+    let gguf = GgufFile::open(&path).expect("opening the default model");
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf).expect("tokenizer"));
+    let model_config = ModelConfig::from_gguf(&gguf).expect("model config");
+    let model = Llama::load(model_config, &gguf, CpuBackend::new(2)).expect("the model");
     let config = EngineConfig {
         scheduler: SchedulerConfig::default(),
         cache: CacheConfig {
@@ -64,7 +72,7 @@ fn greedy_constrained_output_is_batch_invariant_and_valid() {
         max_model_len: 2048,
         max_waiting: 0,
     };
-    let engine = engine::spawn(common::default_model(), tokenizer.clone(), config).expect("engine");
+    let engine = engine::spawn(model, tokenizer.clone(), config).expect("engine");
     let constraint = ConstraintCompiler::new(tokenizer.clone())
         .compile(&ConstraintSpec::JsonSchema(person_schema()))
         .expect("the schema compiles");
@@ -176,6 +184,17 @@ async fn structured_outputs_through_the_server() {
             "{err}"
         );
     }
+    // A pathological schema is refused by llguidance's limits, quickly, as a 400.
+    let huge: Vec<String> = (0..100_000).map(|i| format!("value{i}")).collect();
+    let started = std::time::Instant::now();
+    let r = chat(
+        &server,
+        json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "huge", "schema": {"enum": huge}}}}),
+    )
+    .await;
+    assert_eq!(r["error"]["param"], "response_format", "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     // A schema, greedy: valid and finished with `stop`.
     let r = chat(
         &server,

@@ -12,9 +12,6 @@ use serde::Serialize;
 use crate::engine::{EngineErrorKind, RequestError, SubmitError};
 use crate::tokenizer::TokenizerError;
 
-/// Seconds a client should wait after a 429 before retrying.
-const RETRY_AFTER_SECS: u64 = 1;
-
 /// Longest error message sent, in bytes: messages quote client input (serde quotes a wrong
 /// value whole), and an error response stays small whatever was sent.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
@@ -202,9 +199,12 @@ impl IntoResponse for ApiError {
             error: self.object(),
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::Overloaded(_)) {
+        if let Self::Overloaded(SubmitError::Overloaded {
+            retry_after_secs, ..
+        }) = self
+        {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         if matches!(self, Self::Unauthorized(_)) {
             resp.headers_mut()
@@ -223,11 +223,12 @@ mod tests {
         let e: ApiError = SubmitError::Overloaded {
             waiting: 3,
             limit: 3,
+            retry_after_secs: 7,
         }
         .into();
         let resp = e.into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
     }
 
     #[test]

@@ -123,12 +123,29 @@ pub async fn detokenize(
 }
 
 /// 200 while the engine loop is alive and the server is not draining, 503 otherwise.
+/// `/health` and `/health/ready`: 200 while the server takes work (the model is loaded, as
+/// it is before the server listens; not draining; the engine made progress within
+/// `--health-max-silence` and its steps are not all failing), else 503.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let draining = state.shutting_down.load(Ordering::Acquire);
-    if !draining && state.engine.is_healthy(state.config.health_max_silence) {
+    if state.shutting_down.load(Ordering::Acquire) {
+        return ApiError::Unavailable("the server is shutting down".into()).into_response();
+    }
+    if state.engine.is_healthy(state.config.health_max_silence) {
         StatusCode::OK.into_response()
     } else {
-        ApiError::Unavailable("the engine is not running".into()).into_response()
+        let why = "the engine is not making progress (stopped, wedged or failing every step)";
+        ApiError::Unavailable(why.into()).into_response()
+    }
+}
+
+/// `/health/live`: 200 while the process serves and its engine thread runs (even wedged or
+/// draining: a restart would not help a drain, and readiness already takes the server out of
+/// rotation); 503 once the engine thread has ended, when only a restart helps.
+pub async fn live(State(state): State<AppState>) -> Response {
+    if state.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::Unavailable("the engine thread has stopped".into()).into_response()
     }
 }
 
@@ -142,7 +159,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.engine.metrics.render(),
+        super::metrics::exposition(
+            &state.engine.metrics,
+            &state.engine.info,
+            &state.model_name,
+            state.config.metric_names,
+        ),
     )
         .into_response()
 }

@@ -4,7 +4,8 @@
 //! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
 //! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
-//! GET  /health, /metrics, /openapi.json        never behind the API key
+//! GET  /health, /health/live, /health/ready,
+//!      /metrics, /openapi.json                 never behind the API key
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
 //! methods, the framework's own rejections and handler panics included), whose message is at
@@ -17,6 +18,7 @@ pub mod chat;
 pub mod completions;
 pub mod errors;
 pub mod generation;
+pub mod metrics;
 pub mod misc;
 pub mod openai_types;
 pub mod openapi;
@@ -59,6 +61,8 @@ pub struct ServerConfig {
     pub health_max_silence: Duration,
     /// Header-read (and idle keep-alive) and body-read bounds.
     pub timeouts: server::HttpTimeouts,
+    /// The names `/metrics` shows (`metrics.rs`).
+    pub metric_names: metrics::MetricNames,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             health_max_silence: Duration::from_secs(60),
             timeouts: server::HttpTimeouts::default(),
+            metric_names: metrics::MetricNames::default(),
         }
     }
 }
@@ -150,6 +155,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(misc::health))
+        .route("/health/ready", get(misc::health))
+        .route("/health/live", get(misc::live))
         .route("/metrics", get(misc::metrics))
         .route("/openapi.json", get(openapi::handler))
         .merge(protected)

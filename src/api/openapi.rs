@@ -55,6 +55,16 @@ fn model() {}
               (status = 503, description = "Draining, or the engine cannot make progress")))]
 fn health() {}
 
+#[utoipa::path(get, path = "/health/ready",
+    responses((status = 200, description = "Takes work: loaded, not draining, making progress"),
+              (status = 503, description = "Draining, or the engine cannot make progress")))]
+fn ready() {}
+
+#[utoipa::path(get, path = "/health/live",
+    responses((status = 200, description = "The process and its engine thread run"),
+              (status = 503, description = "The engine thread has stopped: restart")))]
+fn live() {}
+
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text")))]
 fn metrics() {}
 
@@ -72,6 +82,8 @@ fn metrics() {}
         models,
         model,
         health,
+        ready,
+        live,
         metrics
     ),
     components(schemas(

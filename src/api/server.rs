@@ -4,7 +4,9 @@
 //! * Header-read timeout (hyper's, per connection): a request head not complete within
 //!   `header_read_timeout` closes the connection. hyper starts that timer whenever the
 //!   connection waits for a head, so an idle keep-alive connection is closed after the same
-//!   bound.
+//!   bound. hyper's HTTP/1-or-2 detection reads the first bytes before that timer exists,
+//!   so a connection that sends nothing at all is closed here, by the same bound on its
+//!   first byte (else each such connection would hold a file descriptor forever).
 //! * Body-read timeout: `JsonBody` reads the whole body within `body_read_timeout` or answers
 //!   408 (a trickling body cannot hold a connection longer).
 //! * Graceful shutdown: when `shutdown` resolves, the listener closes, every connection is
@@ -76,6 +78,13 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            let first_byte = tokio::time::timeout(timeouts.header_read, stream.peek(&mut first));
+            if !matches!(first_byte.await, Ok(Ok(n)) if n > 0) {
+                // Silent past the bound, closed by the peer, or failed: nothing to serve.
+                drop(close_rx);
+                return;
+            }
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {

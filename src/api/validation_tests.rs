@@ -6,6 +6,8 @@ fn info() -> EngineInfo {
         max_model_len: 100,
         vocab_size: 1000,
         kv_cache_tokens: 10_000,
+        block_size: 16,
+        prefix_caching: true,
         max_num_seqs: 8,
         max_waiting: 0,
         faults: None,

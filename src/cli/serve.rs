@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// this many seconds (a wedged step).
     #[arg(long, default_value_t = 60.0)]
     pub health_max_silence: f64,
+    /// The names `/metrics` shows: vLLM's (what the inference gateway and vLLM dashboards
+    /// read), sluice's, or both.
+    #[arg(long, value_enum, default_value_t = api::metrics::MetricNames::Both)]
+    pub metrics_names: api::metrics::MetricNames,
 }
 
 fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
@@ -131,6 +135,7 @@ fn serve_model<B: Backend>(
             max_body_bytes: args.max_body_bytes,
             timeouts,
             health_max_silence: Duration::from_secs_f64(args.health_max_silence),
+            metric_names: args.metrics_names,
         },
     )
     .with_gauge_sampler(

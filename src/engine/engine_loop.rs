@@ -406,6 +406,9 @@ impl<B: Backend> EngineLoop<B> {
             self.metrics
                 .step_seconds
                 .observe(step_start.elapsed().as_secs_f64());
+            self.metrics
+                .iteration_tokens_total
+                .observe(plan.num_batched_tokens as f64);
         }
         self.sampled = sampled;
     }

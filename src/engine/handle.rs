@@ -35,6 +35,9 @@ pub struct EngineInfo {
     pub vocab_size: usize,
     /// Tokens the whole KV cache holds; a sequence longer than this can never run.
     pub kv_cache_tokens: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    pub prefix_caching: bool,
     pub max_num_seqs: usize,
     /// Most requests waiting to start before new ones are refused (0: no limit).
     pub max_waiting: usize,
@@ -47,7 +50,12 @@ pub enum SubmitError {
     #[error(
         "the server is at capacity: {waiting} requests are waiting (limit {limit}); retry later"
     )]
-    Overloaded { waiting: usize, limit: usize },
+    Overloaded {
+        waiting: usize,
+        limit: usize,
+        /// When a retry is likely to be admitted, from the queue's drain rate.
+        retry_after_secs: u64,
+    },
     #[error("the engine is not running")]
     Stopped,
 }
@@ -56,6 +64,14 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// Requests submitted and not yet scheduled for the first time (admission control).
     pub num_waiting: AtomicUsize,
+    /// Sequences the running batch can still take (`max_num_seqs` less those running): that
+    /// many waiting requests start at the next step, so they do not count against
+    /// `max_waiting`. Lowered as requests start (before `num_waiting` is), set exactly after
+    /// each step.
+    pub free_seq_slots: AtomicUsize,
+    /// Requests the engine starts per second, recently (`f64` bits): the queue's drain rate,
+    /// from which a refusal's `Retry-After` is derived.
+    pub drain_per_sec: AtomicU64,
     /// Set once the engine loop has exited.
     pub stopped: AtomicBool,
     /// Unix millis of the last completed step or idle wake-up (liveness).
@@ -78,8 +94,9 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Queues a request and returns its event stream. Refused at once when `max_waiting`
-    /// requests are already waiting (the count is reserved atomically, so a burst admits
-    /// exactly the limit).
+    /// requests already wait beyond what the running batch takes at its next step (the
+    /// count is reserved atomically, so a burst against an idle engine admits exactly the
+    /// free sequence slots plus the limit).
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, SubmitError> {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Err(SubmitError::Stopped);
@@ -89,11 +106,12 @@ impl EngineHandle {
             self.shared
                 .num_waiting
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                    (limit == 0 || w < limit).then_some(w + 1)
+                    let free = self.shared.free_seq_slots.load(Ordering::Acquire);
+                    (limit == 0 || w < limit + free).then_some(w + 1)
                 });
         if let Err(waiting) = reserved {
             self.metrics.requests_rejected.inc();
-            return Err(SubmitError::Overloaded { waiting, limit });
+            return Err(self.overloaded(waiting));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Events of one request are bounded by its tokens: a token and a finish per generated
@@ -110,10 +128,7 @@ impl EngineHandle {
             return Err(if self.commands.is_disconnected() {
                 SubmitError::Stopped
             } else {
-                SubmitError::Overloaded {
-                    waiting: self.shared.num_waiting.load(Ordering::Acquire),
-                    limit,
-                }
+                self.overloaded(self.shared.num_waiting.load(Ordering::Acquire))
             });
         }
         Ok(RequestStream {
@@ -129,10 +144,29 @@ impl EngineHandle {
         let _ = self.commands.try_send(EngineCommand::Shutdown { deadline });
     }
 
+    /// The refusal of a request that found `waiting` ahead of it: retry once the queue has
+    /// drained that far at its recent rate (1 to 60 s; 1 s before any rate is known).
+    fn overloaded(&self, waiting: usize) -> SubmitError {
+        let free = self.shared.free_seq_slots.load(Ordering::Acquire);
+        let ahead = (waiting + 1).saturating_sub(free) as f64;
+        let rate = f64::from_bits(self.shared.drain_per_sec.load(Ordering::Acquire));
+        let secs = if rate > 0.0 { ahead / rate } else { 1.0 };
+        SubmitError::Overloaded {
+            waiting,
+            limit: self.info.max_waiting,
+            retry_after_secs: secs.ceil().clamp(1.0, 60.0) as u64,
+        }
+    }
+
+    /// Whether the engine thread still runs its loop (it may be wedged: see `is_healthy`).
+    pub fn is_alive(&self) -> bool {
+        !self.shared.stopped.load(Ordering::Acquire) && !self.commands.is_disconnected()
+    }
+
     /// Whether the loop is alive and made progress within `max_silence`: it completed a step
     /// or woke idle recently, and its steps are not all panicking.
     pub fn is_healthy(&self, max_silence: std::time::Duration) -> bool {
-        if self.shared.stopped.load(Ordering::Acquire) || self.commands.is_disconnected() {
+        if !self.is_alive() {
             return false;
         }
         if self.shared.failed_steps_in_a_row.load(Ordering::Acquire) >= MAX_FAILED_STEPS_IN_A_ROW {

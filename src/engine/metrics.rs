@@ -1,5 +1,6 @@
-//! The engine's Prometheus metrics, named as vLLM names them with a `sluice:` prefix so that
-//! dashboards port over. Each engine has its own registry; `/metrics` renders it.
+//! The engine's Prometheus metrics, named as vLLM names them with a `sluice:` prefix, with
+//! vLLM's buckets, so that `/metrics` can also show them under vLLM's exact names
+//! (`api::metrics`). Each engine has its own registry.
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -28,6 +29,17 @@ pub struct EngineMetrics {
     pub request_queue_time_seconds: Histogram,
     pub request_prompt_tokens: Histogram,
     pub request_generation_tokens: Histogram,
+    /// From the first step that ran the request to its end, its first token, and from its
+    /// first token to its end (vLLM's inference, prefill and decode times).
+    pub request_inference_time_seconds: Histogram,
+    pub request_prefill_time_seconds: Histogram,
+    pub request_decode_time_seconds: Histogram,
+    /// The longest choice of a finished request, in generated tokens.
+    pub request_max_num_generation_tokens: Histogram,
+    pub request_params_n: Histogram,
+    pub request_params_max_tokens: Histogram,
+    /// Tokens computed per engine step.
+    pub iteration_tokens_total: Histogram,
     /// Whole engine step (plan, forward pass, sampling, output).
     pub step_seconds: Histogram,
     /// The forward pass of a step (submission to logits; sampling is not in it).
@@ -36,21 +48,50 @@ pub struct EngineMetrics {
     pub kv_accounting_errors_total: IntCounter,
 }
 
+/// vLLM's time-to-first-token buckets (and sluice's engine-step timings).
 fn latency_buckets() -> Vec<f64> {
     vec![
         0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+    ]
+}
+
+/// vLLM's inter-token latency buckets.
+fn token_latency_buckets() -> Vec<f64> {
+    vec![
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
         20.0, 40.0, 80.0,
     ]
 }
 
-fn token_buckets() -> Vec<f64> {
+/// vLLM's buckets of whole-request times (end to end, queue, prefill, decode).
+fn request_latency_buckets() -> Vec<f64> {
     vec![
-        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+        0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+        240.0, 480.0, 960.0, 1920.0, 7680.0,
     ]
 }
 
+/// vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to `max`.
+fn buckets_1_2_5(max: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut scale = 1usize;
+    'grow: loop {
+        for m in [1, 2, 5] {
+            let v = m * scale;
+            if v > max {
+                break 'grow;
+            }
+            out.push(v as f64);
+        }
+        scale = scale.saturating_mul(10);
+    }
+    out
+}
+
 impl EngineMetrics {
-    pub fn new() -> Self {
+    /// `max_model_len` bounds the token-count buckets, as in vLLM.
+    pub fn new(max_model_len: usize) -> Self {
         let registry = Registry::new();
         macro_rules! reg {
             ($m:expr) => {{
@@ -124,27 +165,65 @@ impl EngineMetrics {
             inter_token_latency_seconds: reg!(hist(
                 "sluice:inter_token_latency_seconds",
                 "Time between two generated tokens of a sequence.",
-                latency_buckets()
+                token_latency_buckets()
             )),
             e2e_request_latency_seconds: reg!(hist(
                 "sluice:e2e_request_latency_seconds",
                 "Time from arrival to the last token.",
-                latency_buckets()
+                request_latency_buckets()
             )),
             request_queue_time_seconds: reg!(hist(
                 "sluice:request_queue_time_seconds",
                 "Time from arrival to the first step that ran the request.",
-                latency_buckets()
+                request_latency_buckets()
             )),
             request_prompt_tokens: reg!(hist(
                 "sluice:request_prompt_tokens",
                 "Prompt length of finished requests.",
-                token_buckets()
+                buckets_1_2_5(max_model_len)
             )),
             request_generation_tokens: reg!(hist(
                 "sluice:request_generation_tokens",
                 "Generated tokens of finished requests.",
-                token_buckets()
+                buckets_1_2_5(max_model_len)
+            )),
+            request_inference_time_seconds: reg!(hist(
+                "sluice:request_inference_time_seconds",
+                "Time from the first step that ran the request to its end.",
+                request_latency_buckets()
+            )),
+            request_prefill_time_seconds: reg!(hist(
+                "sluice:request_prefill_time_seconds",
+                "Time from the first step that ran the request to its first token.",
+                request_latency_buckets()
+            )),
+            request_decode_time_seconds: reg!(hist(
+                "sluice:request_decode_time_seconds",
+                "Time from the request's first token to its end.",
+                request_latency_buckets()
+            )),
+            request_max_num_generation_tokens: reg!(hist(
+                "sluice:request_max_num_generation_tokens",
+                "Generated tokens of the longest choice of a finished request.",
+                buckets_1_2_5(max_model_len)
+            )),
+            request_params_n: reg!(hist(
+                "sluice:request_params_n",
+                "The n of requests.",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0]
+            )),
+            request_params_max_tokens: reg!(hist(
+                "sluice:request_params_max_tokens",
+                "The max_tokens of requests (as validated: what the context left).",
+                buckets_1_2_5(max_model_len)
+            )),
+            iteration_tokens_total: reg!(hist(
+                "sluice:iteration_tokens_total",
+                "Tokens computed per engine step.",
+                vec![
+                    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+                    8192.0, 16384.0
+                ]
             )),
             step_seconds: reg!(hist(
                 "sluice:engine_step_seconds",
@@ -173,8 +252,17 @@ impl EngineMetrics {
     }
 }
 
-impl Default for EngineMetrics {
-    fn default() -> Self {
-        Self::new()
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_buckets_are_vllms_1_2_5_series_up_to_the_context() {
+        assert_eq!(
+            super::buckets_1_2_5(999),
+            [1., 2., 5., 10., 20., 50., 100., 200., 500.]
+        );
+        assert_eq!(
+            super::buckets_1_2_5(2000),
+            [1., 2., 5., 10., 20., 50., 100., 200., 500., 1000., 2000.]
+        );
     }
 }

@@ -121,14 +121,18 @@ pub fn spawn_with<B: Backend>(
         max_model_len: config.max_model_len,
         vocab_size: model.lead().config.vocab_size,
         kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
+        block_size: config.cache.block_size,
+        prefix_caching: config.cache.enable_prefix_caching,
         max_num_seqs: config.scheduler.max_num_seqs,
         max_waiting: config.max_waiting,
         faults: options.faults,
     });
-    let metrics = Arc::new(metrics::EngineMetrics::new());
+    let metrics = Arc::new(metrics::EngineMetrics::new(config.max_model_len));
     let shared = Arc::new(handle::Shared {
         next_id: AtomicU64::new(1),
         num_waiting: AtomicUsize::new(0),
+        free_seq_slots: AtomicUsize::new(config.scheduler.max_num_seqs),
+        drain_per_sec: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
         last_progress_ms: AtomicU64::new(handle::now_millis()),
         failed_steps_in_a_row: AtomicU32::new(0),

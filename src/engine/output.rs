@@ -84,6 +84,11 @@ impl SeqOutput {
         self.index
     }
 
+    /// Tokens this choice has generated so far.
+    pub fn num_generated(&self) -> usize {
+        self.num_generated
+    }
+
     /// The output stage for `token`, the next token of this sequence of `request`.
     pub fn decide(
         &mut self,

@@ -44,7 +44,11 @@ pub(super) struct RequestState {
     live_seqs: usize,
     /// Scheduled at least once (no longer counted as waiting).
     started: bool,
+    /// When the first step that ran it was planned.
+    started_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    /// The most tokens one of its finished choices generated.
+    max_choice_tokens: usize,
     completion_tokens: usize,
     cached_tokens: usize,
 }
@@ -67,6 +71,8 @@ pub(super) struct RequestTable {
     faults: Option<FaultInjection>,
     /// Prefix-cache counters already exported to metrics.
     exported_prefix: (u64, u64),
+    /// The queue's drain rate: requests started since `drain_window.0`, and when it began.
+    drain_window: (Instant, u64),
     exported_counters: (u64, u64),
     /// The accounting was checked since the engine last went idle.
     idle_checked: bool,
@@ -88,6 +94,7 @@ impl RequestTable {
             metrics,
             faults,
             exported_prefix: (0, 0),
+            drain_window: (Instant::now(), 0),
             exported_counters: (0, 0),
             idle_checked: false,
         }
@@ -151,9 +158,12 @@ impl RequestTable {
             return;
         }
         self.add_seqs(runner, id, &request, &seq_ids);
-        self.metrics
-            .prompt_tokens_total
+        let m = &self.metrics;
+        m.prompt_tokens_total
             .inc_by(request.prompt_token_ids.len() as u64);
+        m.request_params_n.observe(seq_ids.len() as f64);
+        m.request_params_max_tokens
+            .observe(request.max_tokens as f64);
         self.requests.insert(
             id,
             RequestState {
@@ -162,7 +172,9 @@ impl RequestTable {
                 live_seqs: seq_ids.len(),
                 seq_ids,
                 started: false,
+                started_at: None,
                 first_token_at: None,
+                max_choice_tokens: 0,
                 completion_tokens: 0,
                 cached_tokens: 0,
             },
@@ -221,6 +233,16 @@ impl RequestTable {
             if let Some(r) = self.requests.get_mut(&seq.request) {
                 if !r.started {
                     r.started = true;
+                    r.started_at = Some(Instant::now());
+                    self.drain_window.1 += 1;
+                    // Slots first: admission never sees the request gone from the queue
+                    // while its slot still looks free.
+                    let n = r.seq_ids.len();
+                    let _ = self.shared.free_seq_slots.fetch_update(
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                        |f| Some(f.saturating_sub(n)),
+                    );
                     self.shared.num_waiting.fetch_sub(1, Ordering::AcqRel);
                     self.metrics
                         .request_queue_time_seconds
@@ -358,6 +380,7 @@ impl RequestTable {
         if seq.output.index() == 0 {
             req.cached_tokens = stats.map_or(0, |s| s.cached_tokens);
         }
+        req.max_choice_tokens = req.max_choice_tokens.max(seq.output.num_generated());
         req.live_seqs -= 1;
         if req.live_seqs > 0 {
             return;
@@ -371,11 +394,23 @@ impl RequestTable {
             cached_tokens: req.cached_tokens,
         };
         let m = &self.metrics;
+        let now = Instant::now();
         m.e2e_request_latency_seconds
-            .observe(req.request.arrival.elapsed().as_secs_f64());
+            .observe((now - req.request.arrival).as_secs_f64());
         m.request_prompt_tokens.observe(usage.prompt_tokens as f64);
         m.request_generation_tokens
             .observe(usage.completion_tokens as f64);
+        m.request_max_num_generation_tokens
+            .observe(req.max_choice_tokens as f64);
+        if let Some(started) = req.started_at {
+            m.request_inference_time_seconds
+                .observe((now - started).as_secs_f64());
+            let first = req.first_token_at.unwrap_or(now);
+            m.request_prefill_time_seconds
+                .observe(first.saturating_duration_since(started).as_secs_f64());
+            m.request_decode_time_seconds
+                .observe((now - first).as_secs_f64());
+        }
         let _ = req.events.try_send(StreamEvent::Done { usage });
     }
 
@@ -387,6 +422,7 @@ impl RequestTable {
             self.idle_checked = true;
             self.check_idle_accounting(scheduler);
         }
+        self.publish_admission(scheduler);
         let m = &self.metrics;
         // The KV usage before the request counts: whoever reads zero requests then also
         // reads the usage of that moment (the leak checks rely on it).
@@ -412,6 +448,33 @@ impl RequestTable {
                 .saturating_sub(self.exported_counters.1),
         );
         self.exported_counters = (c.num_preemptions_total, c.num_computed_prompt_tokens_total);
+    }
+
+    /// What `EngineHandle::submit` admits by: the sequence slots free in the running batch,
+    /// and (about once a second while requests wait) the queue's drain rate, smoothed.
+    fn publish_admission(&mut self, scheduler: &Scheduler) {
+        let max_seqs = scheduler.config().max_num_seqs;
+        let free = max_seqs.saturating_sub(scheduler.num_running());
+        self.shared.free_seq_slots.store(free, Ordering::Release);
+        let (since, started) = self.drain_window;
+        let elapsed = since.elapsed().as_secs_f64();
+        if elapsed < 1.0 {
+            return;
+        }
+        let waiting = self.shared.num_waiting.load(Ordering::Acquire);
+        if waiting > 0 || started > 0 {
+            let now = started as f64 / elapsed;
+            let old = f64::from_bits(self.shared.drain_per_sec.load(Ordering::Acquire));
+            let rate = if old > 0.0 {
+                0.5 * old + 0.5 * now
+            } else {
+                now
+            };
+            self.shared
+                .drain_per_sec
+                .store(rate.to_bits(), Ordering::Release);
+        }
+        self.drain_window = (Instant::now(), 0);
     }
 
     /// The accounting check whenever the engine goes idle: every block must be free. A panic

@@ -189,11 +189,16 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value
 
 /// `GET /health`'s status code.
 pub async fn health_status(server: &Server) -> u16 {
+    probe_status(server, "/health").await
+}
+
+/// The status code of a probe (`/health`, `/health/live`, `/health/ready`).
+pub async fn probe_status(server: &Server, path: &str) -> u16 {
     client()
-        .get(format!("{}/health", server.url))
+        .get(format!("{}{path}", server.url))
         .send()
         .await
-        .expect("GET /health")
+        .expect("GET a probe")
         .status()
         .as_u16()
 }

@@ -4,18 +4,41 @@
 
 use std::time::Duration;
 
-/// The value of a metric in Prometheus text: an unlabelled one's value, or the sum over a
-/// labelled one's series; 0 when absent. Read as `f64`, since gauges such as
-/// `kv_cache_usage_perc` are fractions.
-pub fn metric(text: &str, name: &str) -> f64 {
+/// The value of a metric in Prometheus text: the sum over its series, or over those whose
+/// labels include every label of a selector such as `name{finished_reason="abort"}` (series
+/// carry other labels too, `model_name` at least); 0 when absent. Read as `f64`, since gauges
+/// such as `kv_cache_usage_perc` are fractions.
+pub fn metric(text: &str, selector: &str) -> f64 {
+    let (name, wanted) = match selector.split_once('{') {
+        Some((name, labels)) => (name, labels.trim_end_matches('}')),
+        None => (selector, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = match series.strip_prefix(name)? {
+                "" => "",
+                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
+            };
+            let have: Vec<&str> = labels.split(',').collect();
+            wanted
+                .iter()
+                .all(|w| have.contains(w))
+                .then(|| value.parse::<f64>().ok())?
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[test]
+fn metric_selectors_match_label_subsets() {
+    let text = "# TYPE x counter\nx_total{model_name=\"m\",reason=\"abort\"} 2\n\
+                x_total{model_name=\"m\",reason=\"stop\"} 3\nx_total_more 7\ny 1.5\n";
+    assert_eq!(metric(text, "x_total"), 5.0);
+    assert_eq!(metric(text, "x_total{reason=\"abort\"}"), 2.0);
+    assert_eq!(metric(text, "y"), 1.5);
+    assert_eq!(metric(text, "z"), 0.0);
 }
 
 /// How long a leak check waits for the engine to go idle: far above any test's work, so only

@@ -66,7 +66,12 @@ impl ConstraintSpec {
     }
 }
 
-fn with_json_style(mut schema: Value) -> Value {
+fn with_json_style(schema: Value) -> Value {
+    // `true` (any JSON) as the object form, so that it takes the style too.
+    let mut schema = match schema {
+        Value::Bool(true) => json!({}),
+        s => s,
+    };
     if let Some(obj) = schema.as_object_mut() {
         obj.entry("x-guidance").or_insert_with(
             || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),

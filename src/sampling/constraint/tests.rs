@@ -88,6 +88,16 @@ fn a_schema_constraint_accepts_its_language_and_masks_the_rest() {
 }
 
 #[test]
+fn any_json_is_written_compactly_too() {
+    let mut c = compiler()
+        .compile(&ConstraintSpec::JsonSchema(json!(true)))
+        .expect("compiles");
+    // `[` then a newline would be free whitespace: refused.
+    assert!(c.try_commit(ids("[")[0]).expect("no error"));
+    assert!(!c.try_commit(ids("\n")[0]).expect("no error"));
+}
+
+#[test]
 fn specs_that_do_not_compile_name_the_problem() {
     let bad = [
         ConstraintSpec::JsonSchema(json!({"type": "objekt"})),

@@ -1,0 +1,174 @@
+//! `/metrics`: the engine's registry in Prometheus text, every series labelled with the
+//! served `model_name`, under sluice's names, vLLM's, or both (`--metrics-names`).
+//!
+//! vLLM's names are what the tools an operator already runs read: the Gateway API Inference
+//! Extension's endpoint picker (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
+//! `vllm:cache_config_info`, ...) and the community dashboards. The engine records each
+//! quantity once, with vLLM's buckets; the vLLM family is the same data renamed at render
+//! time, with vLLM's `engine` label, so both sets cost nothing on the hot path.
+
+use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::engine::metrics::EngineMetrics;
+use crate::engine::EngineInfo;
+
+/// Which names `/metrics` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricNames {
+    /// `sluice:*` only.
+    Sluice,
+    /// vLLM's names only (`vllm:*`), for tools that read nothing else.
+    Vllm,
+    /// Both: dashboards and the inference gateway read `vllm:*`, sluice's own alerts and
+    /// tests `sluice:*`; the cost is a second copy of the text.
+    #[default]
+    Both,
+}
+
+/// sluice's name and vLLM's, for each metric vLLM exports with the same meaning, type, unit
+/// and buckets (vLLM V1, `vllm/v1/metrics/loggers.py`).
+pub const VLLM_NAMES: [(&str, &str); 22] = [
+    ("sluice:num_requests_running", "vllm:num_requests_running"),
+    ("sluice:num_requests_waiting", "vllm:num_requests_waiting"),
+    ("sluice:kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    (
+        "sluice:prefix_cache_queries_total",
+        "vllm:prefix_cache_queries_total",
+    ),
+    (
+        "sluice:prefix_cache_hits_total",
+        "vllm:prefix_cache_hits_total",
+    ),
+    ("sluice:num_preemptions_total", "vllm:num_preemptions_total"),
+    ("sluice:prompt_tokens_total", "vllm:prompt_tokens_total"),
+    (
+        "sluice:generation_tokens_total",
+        "vllm:generation_tokens_total",
+    ),
+    ("sluice:request_success_total", "vllm:request_success_total"),
+    ("sluice:request_prompt_tokens", "vllm:request_prompt_tokens"),
+    (
+        "sluice:request_generation_tokens",
+        "vllm:request_generation_tokens",
+    ),
+    (
+        "sluice:iteration_tokens_total",
+        "vllm:iteration_tokens_total",
+    ),
+    (
+        "sluice:request_max_num_generation_tokens",
+        "vllm:request_max_num_generation_tokens",
+    ),
+    ("sluice:request_params_n", "vllm:request_params_n"),
+    (
+        "sluice:request_params_max_tokens",
+        "vllm:request_params_max_tokens",
+    ),
+    (
+        "sluice:time_to_first_token_seconds",
+        "vllm:time_to_first_token_seconds",
+    ),
+    (
+        "sluice:inter_token_latency_seconds",
+        "vllm:inter_token_latency_seconds",
+    ),
+    (
+        "sluice:e2e_request_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ),
+    (
+        "sluice:request_queue_time_seconds",
+        "vllm:request_queue_time_seconds",
+    ),
+    (
+        "sluice:request_inference_time_seconds",
+        "vllm:request_inference_time_seconds",
+    ),
+    (
+        "sluice:request_prefill_time_seconds",
+        "vllm:request_prefill_time_seconds",
+    ),
+    (
+        "sluice:request_decode_time_seconds",
+        "vllm:request_decode_time_seconds",
+    ),
+];
+
+fn vllm_name(sluice_name: &str) -> Option<&'static str> {
+    VLLM_NAMES
+        .iter()
+        .find(|(s, _)| *s == sluice_name)
+        .map(|(_, v)| *v)
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+/// Puts `extra` labels first on every series of `family`.
+fn with_labels(mut family: MetricFamily, extra: &[LabelPair]) -> MetricFamily {
+    for m in family.mut_metric() {
+        let mut labels = extra.to_vec();
+        labels.extend(m.take_label());
+        m.set_label(labels);
+    }
+    family
+}
+
+/// vLLM's `cache_config_info`: a gauge at 1 whose labels describe the KV cache (the
+/// inference gateway reads `block_size` and `num_gpu_blocks` from it).
+fn cache_config_info(info: &EngineInfo, model_name: &str) -> MetricFamily {
+    let num_blocks = info.kv_cache_tokens / info.block_size.max(1);
+    let mut gauge = Gauge::default();
+    gauge.set_value(1.0);
+    let mut metric = Metric::from_gauge(gauge);
+    metric.set_label(vec![
+        label("block_size", &info.block_size.to_string()),
+        label("cache_dtype", "auto"),
+        label("enable_prefix_caching", &info.prefix_caching.to_string()),
+        label("engine", "0"),
+        label("model_name", model_name),
+        label("num_gpu_blocks", &num_blocks.to_string()),
+    ]);
+    let mut family = MetricFamily::default();
+    family.set_name("vllm:cache_config_info".into());
+    family.set_help("Information of the LLMEngine CacheConfig".into());
+    family.set_field_type(MetricType::GAUGE);
+    family.set_metric(vec![metric]);
+    family
+}
+
+/// The Prometheus text of `metrics` as `/metrics` serves it.
+pub fn exposition(
+    metrics: &EngineMetrics,
+    info: &EngineInfo,
+    model_name: &str,
+    names: MetricNames,
+) -> String {
+    let model = [label("model_name", model_name)];
+    let vllm_labels = [label("engine", "0"), label("model_name", model_name)];
+    let mut families = Vec::new();
+    for family in metrics.registry.gather() {
+        if names != MetricNames::Sluice {
+            if let Some(vllm) = vllm_name(family.name()) {
+                let mut renamed = family.clone();
+                renamed.set_name(vllm.to_string());
+                families.push(with_labels(renamed, &vllm_labels));
+            }
+        }
+        if names != MetricNames::Vllm {
+            families.push(with_labels(family, &model));
+        }
+    }
+    if names != MetricNames::Sluice {
+        families.push(cache_config_info(info, model_name));
+    }
+    let mut buf = Vec::new();
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    let _ = TextEncoder::new().encode(&families, &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
