@@ -1,6 +1,8 @@
-"""Tool calls with `langchain-openai` against `sluice serve`: `bind_tools` with the tool
-forced (an `AIMessage` whose `tool_calls` hold valid arguments), `auto` (well-formed either
-way), streamed chunks added up into the same call, and the tool's result sent back.
+"""Tool calls and structured output with `langchain-openai` against `sluice serve`:
+`bind_tools` with the tool forced (an `AIMessage` whose `tool_calls` hold valid arguments),
+`auto` (well-formed either way), streamed chunks added up into the same call, the tool's
+result sent back, and `with_structured_output` by `json_schema` (a pydantic model) and by
+`json_mode` (a JSON object).
 
 Run by tests/tools.rs in its own venv, with SLUICE_URL, SLUICE_MODEL and SLUICE_API_KEY set.
 """
@@ -11,6 +13,7 @@ import sys
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 llm = ChatOpenAI(
     base_url=os.environ["SLUICE_URL"] + "/v1",
@@ -71,4 +74,18 @@ answer = llm.bind_tools([get_time]).invoke(
     QUESTION + [msg, ToolMessage(content="12:00", tool_call_id=calls[0]["id"])]
 )
 check("answer after the tool result", answer.content is not None, answer)
+
+
+class Time(BaseModel):
+    zone: str
+    hour: int
+
+
+ask = "What time is it in utc? Answer with the zone and the hour."
+parsed = llm.with_structured_output(Time, method="json_schema", strict=True).invoke(ask)
+check("with_structured_output json_schema", isinstance(parsed, Time), parsed)
+as_json = llm.with_structured_output(None, method="json_mode").invoke(
+    "Reply with a JSON object with keys zone and hour: " + ask
+)
+check("with_structured_output json_mode", isinstance(as_json, dict), as_json)
 print("all langchain checks passed")
