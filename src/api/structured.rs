@@ -113,9 +113,19 @@ fn response_format(v: &Value) -> Result<Option<RequestedConstraint>, ApiError> {
 }
 
 /// `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar`, `json_object`.
+/// vLLM's other options are refused by name, except `disable_any_whitespace: true`, which is
+/// what sluice always does (JSON is written compactly).
 fn structured_outputs(v: &Value) -> Result<RequestedConstraint, ApiError> {
     const PARAM: &str = "structured_outputs";
     let obj = object(PARAM, v)?;
+    let honoured = |k: &str, v: &Value| {
+        CHOOSERS.contains(&k) || (k == "disable_any_whitespace" && *v == Value::Bool(true))
+    };
+    if let Some((k, _)) = obj.iter().find(|(k, v)| !honoured(k, v)) {
+        let field = format!("{PARAM}.{k}");
+        let message = format!("{field} is not supported by this server (with this value)");
+        return Err(ApiError::invalid(field, message));
+    }
     let set: Vec<&str> = CHOOSERS
         .into_iter()
         .filter(|k| {
@@ -265,6 +275,17 @@ mod tests {
             "structured_outputs",
         );
         fails(json!({"structured_outputs": {}}), "structured_outputs");
+        // Options sluice does not honour are refused by name, never ignored.
+        fails(
+            json!({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}),
+            "structured_outputs.whitespace_pattern",
+        );
+        fails(
+            json!({"structured_outputs": {"regex": "a", "disable_any_whitespace": false}}),
+            "structured_outputs.disable_any_whitespace",
+        );
+        let compact = json!({"structured_outputs": {"regex": "a", "disable_any_whitespace": true}});
+        assert!(requested(&params(compact)).is_ok());
         fails(
             json!({"structured_outputs": {"choice": []}}),
             "structured_outputs.choice",
