@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod parallel;
+pub mod registry;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;

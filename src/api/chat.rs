@@ -14,7 +14,7 @@ use futures::StreamExt;
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceAcc, ChoiceStream, ResponseMeta,
+    ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -65,11 +65,11 @@ pub async fn prepare(
     req: ChatCompletionRequest,
 ) -> Result<PreparedChat, ApiError> {
     let arrival = std::time::Instant::now();
-    validation::check_model(req.common.model.as_deref(), &state.model_name)?;
-    let info = &state.engine.info;
+    let served = state.route(req.common.model.as_deref()).await?;
+    let info = &served.engine.info;
     let mut params = validation::validate_chat(&req, info)?;
     let tool_request = params.tools.take();
-    let tool_format = ToolFormat::for_template(state.tokenizer.chat_template());
+    let tool_format = ToolFormat::for_template(served.tokenizer.chat_template());
     let mut messages = prompt::chat_messages(&req.messages)?;
     tools::render_history(&mut messages, tool_format);
     let mut chat_template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
@@ -89,7 +89,7 @@ pub async fn prepare(
     // The template writes the special tokens itself (vLLM's default for chat).
     let add_special = req.common.add_special_tokens.unwrap_or(false);
     let prompt_token_ids = prompt::tokenize_chat(
-        state.tokenizer.clone(),
+        served.tokenizer.clone(),
         messages,
         opts,
         add_special,
@@ -97,7 +97,7 @@ pub async fn prepare(
     )
     .await?;
     params.constraint =
-        structured::compile(&state.constraints, params.constraint_request.as_ref()).await?;
+        structured::compile(&served.constraints, params.constraint_request.as_ref()).await?;
     if let Some(t) = &tool_request {
         // Compiled for `auto` too, so a tool whose schema does not compile is refused
         // whatever the choice; only a forced call keeps it.
@@ -105,7 +105,7 @@ pub async fn prepare(
             spec: t.grammar(tool_format),
             param: "tools",
         };
-        let compiled = structured::compile(&state.constraints, Some(&grammar)).await?;
+        let compiled = structured::compile(&served.constraints, Some(&grammar)).await?;
         if t.is_forced() {
             params.constraint = compiled;
         }
@@ -120,15 +120,10 @@ pub async fn prepare(
         id.clone(),
         arrival,
     )?;
-    let streams = submit_all(&state.engine, vec![request])?;
+    let streams = submit_all(&served.engine, vec![request])?;
     let events = choice_events(streams, params.n);
     Ok(PreparedChat {
-        meta: ResponseMeta {
-            id,
-            created: unix_now(),
-            model: state.model_name.clone(),
-            tokenizer: state.tokenizer.clone(),
-        },
+        meta: ResponseMeta::new(id, served),
         params,
         prompt_token_ids,
         events,

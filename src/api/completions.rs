@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    unix_now, ChoiceAcc, ChoiceStream, ResponseMeta,
+    ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -64,12 +64,12 @@ pub async fn prepare(
     req: CompletionRequest,
 ) -> Result<PreparedCompletion, ApiError> {
     let arrival = std::time::Instant::now();
-    validation::check_model(req.common.model.as_deref(), &state.model_name)?;
-    let info = &state.engine.info;
+    let served = state.route(req.common.model.as_deref()).await?;
+    let info = &served.engine.info;
     let mut params = validation::validate_completion(&req, info)?;
     let add_special = req.common.add_special_tokens.unwrap_or(true);
     let prompts =
-        prompt::tokenize_prompts(state.tokenizer.clone(), req.prompt, add_special).await?;
+        prompt::tokenize_prompts(served.tokenizer.clone(), req.prompt, add_special).await?;
     if prompts.is_empty() {
         return Err(ApiError::invalid(
             "prompt",
@@ -87,7 +87,7 @@ pub async fn prepare(
         ));
     }
     params.constraint =
-        structured::compile(&state.constraints, params.constraint_request.as_ref()).await?;
+        structured::compile(&served.constraints, params.constraint_request.as_ref()).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let requests = prompts
         .iter()
@@ -104,15 +104,10 @@ pub async fn prepare(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let streams = submit_all(&state.engine, requests)?;
+    let streams = submit_all(&served.engine, requests)?;
     let events = choice_events(streams, params.n);
     Ok(PreparedCompletion {
-        meta: ResponseMeta {
-            id,
-            created: unix_now(),
-            model: state.model_name.clone(),
-            tokenizer: state.tokenizer.clone(),
-        },
+        meta: ResponseMeta::new(id, served),
         params,
         echo: req.echo,
         prompts,

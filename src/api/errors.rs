@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::engine::{EngineErrorKind, RequestError, SubmitError};
+use crate::registry::RegistryError;
 use crate::tokenizer::TokenizerError;
 
 /// Longest error message sent, in bytes: messages quote client input (serde quotes a wrong
@@ -47,6 +48,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The model registry's refusals (`registry/error.rs`), and the admin API's.
+    #[error(transparent)]
+    Registry(RegistryError),
 }
 
 /// The OpenAI error object.
@@ -85,6 +89,18 @@ impl ApiError {
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Registry(e) => match e {
+                RegistryError::UnknownModel(_)
+                | RegistryError::NotLoaded(_)
+                | RegistryError::VersionNotServing { .. } => StatusCode::NOT_FOUND,
+                RegistryError::LoadFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                RegistryError::OverBudget { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                RegistryError::NoIdleModel { .. } | RegistryError::ShuttingDown => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                RegistryError::Conflict(_) => StatusCode::CONFLICT,
+                RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+            },
         }
     }
 
@@ -115,6 +131,25 @@ impl ApiError {
             Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Self::Unavailable(_) => ("service_unavailable", Some("service_unavailable"), None),
             Self::Internal(_) => ("server_error", Some("internal_error"), None),
+            Self::Registry(e) => match e {
+                RegistryError::UnknownModel(_) | RegistryError::VersionNotServing { .. } => (
+                    "invalid_request_error",
+                    Some("model_not_found"),
+                    Some("model".to_string()),
+                ),
+                RegistryError::NotLoaded(_) => (
+                    "invalid_request_error",
+                    Some("model_not_loaded"),
+                    Some("model".to_string()),
+                ),
+                RegistryError::NoIdleModel { .. } | RegistryError::ShuttingDown => {
+                    ("service_unavailable", Some(e.kind()), None)
+                }
+                RegistryError::LoadFailed { .. } | RegistryError::OverBudget { .. } => {
+                    ("server_error", Some(e.kind()), None)
+                }
+                _ => ("invalid_request_error", Some(e.kind()), None),
+            },
         };
         ErrorObject {
             message: truncate(self.to_string()),
@@ -157,6 +192,15 @@ fn truncate(mut message: String) -> String {
         message.push_str("… (truncated)");
     }
     message
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownModel(m) => Self::ModelNotFound(m),
+            e => Self::Registry(e),
+        }
+    }
 }
 
 impl From<SubmitError> for ApiError {
@@ -205,6 +249,10 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let Self::Registry(RegistryError::NoIdleModel { .. }) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
         if matches!(self, Self::Unauthorized(_)) {
             resp.headers_mut()

@@ -165,6 +165,21 @@ pub fn unix_now() -> u64 {
 pub struct ResponseMeta {
     pub id: String,
     pub created: u64,
+    /// The model's name, as `/v1/models` lists it.
     pub model: String,
     pub tokenizer: Arc<Tokenizer>,
+    /// The version the request runs on, kept loaded until the response has ended.
+    pub served: crate::registry::Lease,
+}
+
+impl ResponseMeta {
+    pub fn new(id: String, served: crate::registry::Lease) -> Self {
+        Self {
+            id,
+            created: unix_now(),
+            model: served.name.clone(),
+            tokenizer: served.tokenizer.clone(),
+            served,
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! `/metrics`: the engine's registry in Prometheus text, every series labelled with the
-//! served `model_name`, under sluice's names, vLLM's, or both (`--metrics-names`).
+//! `/metrics`: every engine's registry in Prometheus text, every series labelled with its
+//! `model_name` and `version`, under sluice's names, vLLM's, or both (`--metrics-names`).
 //!
 //! vLLM's names are what the tools an operator already runs read: the Gateway API Inference
 //! Extension's endpoint picker (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
@@ -10,8 +10,10 @@
 use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 
-use crate::engine::metrics::EngineMetrics;
+use std::sync::Arc;
+
 use crate::engine::EngineInfo;
+use crate::registry::ServedModel;
 
 /// Which names `/metrics` shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -121,7 +123,7 @@ fn with_labels(mut family: MetricFamily, extra: &[LabelPair]) -> MetricFamily {
 
 /// vLLM's `cache_config_info`: a gauge at 1 whose labels describe the KV cache (the
 /// inference gateway reads `block_size` and `num_gpu_blocks` from it).
-fn cache_config_info(info: &EngineInfo, model_name: &str) -> MetricFamily {
+fn cache_config_info(info: &EngineInfo, engine: &str, model: &[LabelPair]) -> MetricFamily {
     let num_blocks = info.kv_cache_tokens / info.block_size.max(1);
     let mut gauge = Gauge::default();
     gauge.set_value(1.0);
@@ -130,9 +132,10 @@ fn cache_config_info(info: &EngineInfo, model_name: &str) -> MetricFamily {
         label("block_size", &info.block_size.to_string()),
         label("cache_dtype", "auto"),
         label("enable_prefix_caching", &info.prefix_caching.to_string()),
-        label("engine", "0"),
-        label("model_name", model_name),
+        label("engine", engine),
+        model[0].clone(),
         label("num_gpu_blocks", &num_blocks.to_string()),
+        model[1].clone(),
     ]);
     let mut family = MetricFamily::default();
     family.set_name("vllm:cache_config_info".into());
@@ -142,30 +145,40 @@ fn cache_config_info(info: &EngineInfo, model_name: &str) -> MetricFamily {
     family
 }
 
-/// The Prometheus text of `metrics` as `/metrics` serves it.
-pub fn exposition(
-    metrics: &EngineMetrics,
-    info: &EngineInfo,
-    model_name: &str,
-    names: MetricNames,
-) -> String {
-    let model = [label("model_name", model_name)];
-    let vllm_labels = [label("engine", "0"), label("model_name", model_name)];
-    let mut families = Vec::new();
-    for family in metrics.registry.gather() {
-        if names != MetricNames::Sluice {
-            if let Some(vllm) = vllm_name(family.name()) {
-                let mut renamed = family.clone();
-                renamed.set_name(vllm.to_string());
-                families.push(with_labels(renamed, &vllm_labels));
+/// The Prometheus text `/metrics` serves: every loaded version's engine (serving or
+/// draining), each series labelled with its `model_name` and `version`, the families of
+/// several engines merged under one header each.
+pub fn exposition(engines: &[Arc<ServedModel>], names: MetricNames) -> String {
+    let mut families: Vec<MetricFamily> = Vec::new();
+    let mut add =
+        |family: MetricFamily| match families.iter_mut().find(|f| f.name() == family.name()) {
+            Some(f) => f.mut_metric().extend(family.get_metric().iter().cloned()),
+            None => families.push(family),
+        };
+    for (i, served) in engines.iter().enumerate() {
+        let (model, version) = (served.name.as_str(), served.version.as_str());
+        let labels = [label("model_name", model), label("version", version)];
+        let engine = i.to_string();
+        let vllm_labels = [
+            label("engine", &engine),
+            labels[0].clone(),
+            labels[1].clone(),
+        ];
+        for family in served.engine.metrics.registry.gather() {
+            if names != MetricNames::Sluice {
+                if let Some(vllm) = vllm_name(family.name()) {
+                    let mut renamed = family.clone();
+                    renamed.set_name(vllm.to_string());
+                    add(with_labels(renamed, &vllm_labels));
+                }
+            }
+            if names != MetricNames::Vllm {
+                add(with_labels(family, &labels));
             }
         }
-        if names != MetricNames::Vllm {
-            families.push(with_labels(family, &model));
+        if names != MetricNames::Sluice {
+            add(cache_config_info(&served.engine.info, &engine, &labels));
         }
-    }
-    if names != MetricNames::Sluice {
-        families.push(cache_config_info(info, model_name));
     }
     let mut buf = Vec::new();
     // Encoding into a Vec cannot fail for well-formed metric families.

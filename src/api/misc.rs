@@ -13,45 +13,57 @@ use super::generation::token_text;
 use super::openai_types::{
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
+use super::prompt;
 use super::tools::{self, ToolFormat};
-use super::{prompt, validation};
 use super::{AppState, JsonBody};
+use crate::registry::ModelStatus;
 use crate::tokenizer::ChatTemplateOptions;
 
-fn model_card(state: &AppState) -> ModelCard {
+fn model_card(m: ModelStatus) -> ModelCard {
     ModelCard {
-        id: state.model_name.clone(),
+        id: m.name.clone(),
         object: "model",
-        created: state.created,
+        created: m.created,
         owned_by: "sluice",
-        root: state.model_name.clone(),
+        root: m.name,
         parent: None,
-        max_model_len: state.engine.info.max_model_len,
+        max_model_len: m.max_model_len,
+        state: m.state,
+        live_version: m.live_version,
+        versions: m.versions,
     }
 }
 
+/// `GET /v1/models`: every model, with its versions and their states.
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![model_card(&state)],
+        data: state.models.status().into_iter().map(model_card).collect(),
     })
 }
 
-/// `GET /v1/models/{id}`: the served model's card, or OpenAI's `model_not_found` 404.
+/// `GET /v1/models/{id}`: a model's card (`id` may pin a version: `name@version`), or
+/// OpenAI's `model_not_found` 404.
 pub async fn model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    validation::check_model(Some(&id), &state.model_name)?;
-    Ok(Json(model_card(&state)))
+    let name = id.split_once('@').map_or(id.as_str(), |(n, _)| n);
+    let status = state.models.model_status(name)?;
+    if let Some((_, v)) = id.split_once('@') {
+        if !status.versions.iter().any(|s| s.version == v) {
+            return Err(ApiError::ModelNotFound(id));
+        }
+    }
+    Ok(Json(model_card(status)))
 }
 
 pub async fn tokenize(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    validation::check_model(req.model.as_deref(), &state.model_name)?;
-    let tokenizer = state.tokenizer.clone();
+    let served = state.route(req.model.as_deref()).await?;
+    let tokenizer = served.tokenizer.clone();
     let tokens = match (req.prompt, req.messages) {
         (Some(prompt), None) => {
             let add_special = req.add_special_tokens.unwrap_or(true);
@@ -88,7 +100,7 @@ pub async fn tokenize(
     });
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
-        max_model_len: state.engine.info.max_model_len,
+        max_model_len: served.engine.info.max_model_len,
         tokens,
         token_strs,
     }))
@@ -98,8 +110,8 @@ pub async fn detokenize(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    validation::check_model(req.model.as_deref(), &state.model_name)?;
-    let vocab_size = state.tokenizer.vocab_size();
+    let served = state.route(req.model.as_deref()).await?;
+    let vocab_size = served.tokenizer.vocab_size();
     let ids = req
         .tokens
         .iter()
@@ -117,7 +129,7 @@ pub async fn detokenize(
                 })
         })
         .collect::<Result<Vec<u32>, _>>()?;
-    let tokenizer = state.tokenizer.clone();
+    let tokenizer = served.tokenizer.clone();
     let prompt = prompt::blocking(move || Ok(tokenizer.decode(&ids, false)?)).await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
@@ -130,10 +142,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
     if state.shutting_down.load(Ordering::Acquire) {
         return ApiError::Unavailable("the server is shutting down".into()).into_response();
     }
-    if state.engine.is_healthy(state.config.health_max_silence) {
+    if state.models.is_healthy(state.config.health_max_silence) {
         StatusCode::OK.into_response()
     } else {
-        let why = "the engine is not making progress (stopped, wedged or failing every step)";
+        let why = "no model serves, or an engine is not making progress (stopped, wedged or \
+                   failing every step)";
         ApiError::Unavailable(why.into()).into_response()
     }
 }
@@ -142,29 +155,29 @@ pub async fn health(State(state): State<AppState>) -> Response {
 /// draining: a restart would not help a drain, and readiness already takes the server out of
 /// rotation); 503 once the engine thread has ended, when only a restart helps.
 pub async fn live(State(state): State<AppState>) -> Response {
-    if state.engine.is_alive() {
+    if state.models.is_alive() {
         StatusCode::OK.into_response()
     } else {
-        ApiError::Unavailable("the engine thread has stopped".into()).into_response()
+        ApiError::Unavailable("an engine thread has stopped".into()).into_response()
     }
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    if let Some(sample) = state.sample_gauges.clone() {
+    let engines = state.models.engines();
+    let samplers: Vec<_> = engines
+        .iter()
+        .filter_map(|m| m.sample_gauges.clone())
+        .collect();
+    if !samplers.is_empty() {
         // NVML calls block for a moment: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || sample()).await;
+        let _ = tokio::task::spawn_blocking(move || samplers.iter().for_each(|s| s())).await;
     }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::exposition(
-            &state.engine.metrics,
-            &state.engine.info,
-            &state.model_name,
-            state.config.metric_names,
-        ),
+        super::metrics::exposition(&engines, state.config.metric_names),
     )
         .into_response()
 }

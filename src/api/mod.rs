@@ -14,6 +14,7 @@
 //! header-read and body-read timeouts (`server.rs`); the API holds no serving state, only the
 //! `EngineHandle`.
 
+pub mod admin;
 pub mod chat;
 pub mod completions;
 pub mod errors;
@@ -46,15 +47,15 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 pub use errors::ApiError;
 
-use crate::engine::EngineHandle;
-use crate::sampling::ConstraintCompiler;
-use crate::tokenizer::Tokenizer;
+use crate::registry::{Lease, ModelRegistry};
 
 /// How the server behaves, from `sluice serve`'s flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Required as `Authorization: Bearer <key>` on everything but `/health` and `/metrics`.
     pub api_key: Option<String>,
+    /// Required on `/admin/*` (which is off without it); the user key does not open it.
+    pub admin_api_key: Option<String>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// `/health` answers 503 when the engine loop made no progress for this long.
@@ -69,6 +70,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             api_key: None,
+            admin_api_key: None,
             max_body_bytes: 4 << 20,
             health_max_silence: Duration::from_secs(60),
             timeouts: server::HttpTimeouts::default(),
@@ -80,11 +82,9 @@ impl Default for ServerConfig {
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: EngineHandle,
-    pub tokenizer: Arc<Tokenizer>,
-    /// The name clients use in `model` (`--served-model-name`).
-    pub model_name: String,
-    /// Unix seconds when the server started (`/v1/models`' `created`).
+    /// Every served model and version; requests take a `Lease` on the one they run on.
+    pub models: Arc<ModelRegistry>,
+    /// Unix seconds when the server started.
     pub created: u64,
     pub config: Arc<ServerConfig>,
     /// Set when shutdown began: new generation requests get 503, `/health` too.
@@ -92,42 +92,23 @@ pub struct AppState {
     /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
     /// waits for this to reach zero.
     pub open_sockets: Arc<AtomicUsize>,
-    /// Samples gauges registered on the engine's metrics registry that are read rather than
-    /// kept (a GPU's utilisation, memory and power), run by `/metrics` before it renders.
-    pub sample_gauges: Option<GaugeSampler>,
-    /// Compiles structured-output constraints for the served model (its token trie is built
-    /// at the first one).
-    pub constraints: Arc<ConstraintCompiler>,
 }
 
-/// A blocking call that refreshes sampled gauges (`AppState::sample_gauges`).
-pub type GaugeSampler = Arc<dyn Fn() + Send + Sync>;
-
 impl AppState {
-    pub fn new(
-        engine: EngineHandle,
-        tokenizer: Arc<Tokenizer>,
-        model_name: String,
-        config: ServerConfig,
-    ) -> Self {
+    pub fn new(models: Arc<ModelRegistry>, config: ServerConfig) -> Self {
         Self {
-            engine,
-            constraints: Arc::new(ConstraintCompiler::new(tokenizer.clone())),
-            tokenizer,
-            model_name,
+            models,
             created: generation::unix_now(),
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
             open_sockets: Arc::new(AtomicUsize::new(0)),
-            sample_gauges: None,
         }
     }
 
-    /// Runs `sample` (which refreshes gauges on the engine's metrics registry) on each
-    /// `/metrics`.
-    pub fn with_gauge_sampler(mut self, sample: Option<GaugeSampler>) -> Self {
-        self.sample_gauges = sample;
-        self
+    /// The version a request for `model` runs on (`name`, `name@version`, none: the default
+    /// model), held until the lease drops.
+    pub async fn route(&self, model: Option<&str>) -> Result<Lease, ApiError> {
+        Ok(self.models.route(model).await?)
     }
 
     /// Refuses new work while draining.
@@ -160,6 +141,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(misc::metrics))
         .route("/openapi.json", get(openapi::handler))
         .merge(protected)
+        .nest("/admin", admin::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -229,17 +211,20 @@ async fn require_api_key(
     next: Next,
 ) -> Result<Response, ApiError> {
     if let Some(key) = &state.config.api_key {
-        match bearer(request.headers()) {
-            Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => {}
-            Some(_) => return Err(ApiError::Unauthorized("Incorrect API key provided.".into())),
-            None => {
-                return Err(ApiError::Unauthorized(
-                    "Missing API key: send `Authorization: Bearer <key>`.".into(),
-                ))
-            }
-        }
+        check_bearer(request.headers(), key)?;
     }
     Ok(next.run(request).await)
+}
+
+/// `Authorization: Bearer <key>` with exactly `key` (compared in constant time).
+fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
+    match bearer(headers) {
+        Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("Incorrect API key provided.".into())),
+        None => Err(ApiError::Unauthorized(
+            "Missing API key: send `Authorization: Bearer <key>`.".into(),
+        )),
+    }
 }
 
 /// A JSON body: content type checked (415), size bounded (413), malformed JSON and wrong

@@ -377,7 +377,12 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     pub root: String,
     pub parent: Option<String>,
-    pub max_model_len: usize,
+    /// The live version's context (absent while it is not loaded).
+    pub max_model_len: Option<usize>,
+    /// The registry's view (sluice's extension): `loading`, `ready`, `failed`, `unloaded`.
+    pub state: crate::registry::VersionState,
+    pub live_version: String,
+    pub versions: Vec<crate::registry::VersionStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]

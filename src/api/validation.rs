@@ -46,14 +46,6 @@ pub struct ValidatedParams {
     pub tools: Option<ToolRequest>,
 }
 
-/// Refuses a `model` other than the served one (absent means the served one, as in vLLM).
-pub fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
-    match model {
-        Some(m) if !m.is_empty() && m != served => Err(ApiError::ModelNotFound(m.to_string())),
-        _ => Ok(()),
-    }
-}
-
 fn finite(param: &str, v: f64) -> Result<f64, ApiError> {
     if v.is_finite() {
         Ok(v)

@@ -78,7 +78,7 @@ impl EngineArgs {
 }
 
 /// Bytes of memory available to new allocations (Linux `MemAvailable`), if known.
-fn available_memory() -> Option<u64> {
+pub(super) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

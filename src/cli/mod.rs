@@ -5,6 +5,7 @@ pub mod engine_args;
 pub mod generate;
 pub mod model_args;
 pub mod serve;
+pub mod serve_models;
 
 use std::process::ExitCode;
 
@@ -22,7 +23,7 @@ pub enum Command {
     /// Generate a continuation of one prompt.
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible API (HTTP, SSE, WebSocket).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Benchmarks against any OpenAI-compatible server.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -37,7 +38,7 @@ pub fn main(cli: Cli) -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Bench(cmd) => crate::bench::run(cmd),
     };
     match result {

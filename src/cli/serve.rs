@@ -1,5 +1,5 @@
-//! `sluice serve`: load the model, start the engine, serve the OpenAI-compatible API until
-//! SIGINT or SIGTERM.
+//! `sluice serve`: load the models (`serve_models.rs`), start their engines, serve the
+//! OpenAI-compatible API until SIGINT or SIGTERM.
 //!
 //! Start-up prints exactly one line on stdout, `sluice listening on http://ADDR:PORT`, once
 //! the socket is bound and the engine runs (tests and scripts wait for it). Shutdown: stop
@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::engine_args::EngineArgs;
-use super::model_args::{Loaded, ModelArgs, WithLoaded};
+use super::model_args::ModelArgs;
+use super::serve_models::{self, RegistryArgs, VersionFlags};
 use crate::api::{self, AppState, ServerConfig};
-use crate::kernels::cpu::CpuNumerics;
-use crate::kernels::Backend;
 
 /// Extra time, past the shutdown timeout, for the last events to reach their clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -27,13 +26,15 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (the printed address tells which).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model name clients use (default: `smollm2` for the default model, else the
-    /// model file's (or directory's) name without `.gguf`).
+    /// The model name clients use, for a single `--model` given without a name (default:
+    /// `smollm2` for the default model, else the file's or directory's name without `.gguf`).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` (except on /health and /metrics).
@@ -71,8 +72,8 @@ fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let timeout = seconds("shutdown-timeout", args.shutdown_timeout, 0.0)?;
-    // Checked here, before the model loads; `serve_model` reads the flags again.
-    seconds("health-max-silence", args.health_max_silence, 0.001)?;
+    let health_max_silence = seconds("health-max-silence", args.health_max_silence, 0.001)?;
+    seconds("warm-up-timeout", args.registry.warm_up_timeout, 0.001)?;
     if args.engine.enable_fault_injection {
         crate::engine::fault::FaultInjection::enable().context("--enable-fault-injection")?;
     }
@@ -80,73 +81,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
     };
-    args.model.clone().load_and(Serve {
-        args,
-        timeout,
-        timeouts,
-    })
-}
-
-/// `serve` on whichever backend the device selected.
-struct Serve {
-    args: ServeArgs,
-    timeout: Duration,
-    timeouts: api::server::HttpTimeouts,
-}
-
-impl WithLoaded for Serve {
-    type Output = ();
-    fn run<B: Backend>(self, loaded: Loaded<B>) -> anyhow::Result<()> {
-        let Serve {
-            args,
-            timeout,
-            timeouts,
-        } = self;
-        serve_model(args, timeout, timeouts, loaded)
-    }
-}
-
-fn serve_model<B: Backend>(
-    args: ServeArgs,
-    timeout: Duration,
-    timeouts: api::server::HttpTimeouts,
-    loaded: Loaded<B>,
-) -> anyhow::Result<()> {
-    let mut engine_config = args.engine.engine_config(&loaded.model.config)?;
-    if args.model.cpu_numerics == CpuNumerics::Ggml && engine_config.cache.enable_prefix_caching {
-        // llama.cpp attends from a prompt token with one of two kernels, chosen by its
-        // prompt's length; a prefix cached by another prompt may have taken the other.
-        engine_config.cache.enable_prefix_caching = false;
-        tracing::info!("--cpu-numerics ggml: prefix caching off (see docs/ARCHITECTURE.md)");
-    }
-    let name = args.served_model_name.clone().unwrap_or(loaded.name);
-    let tokenizer = loaded.tokenizer;
-    let options = args.engine.engine_options(loaded.device)?;
-    let engine =
-        crate::engine::spawn_with(loaded.model, tokenizer.clone(), engine_config, options)?;
-    // A GPU's utilisation, memory and power, sampled when `/metrics` is scraped.
-    let gauges = crate::kernels::device_gauges(loaded.device, &engine.metrics.registry);
+    let base = VersionFlags {
+        model: args.model.clone(),
+        engine: args.engine.clone(),
+    };
+    // What followed `serve` on the command line: every version loads with its model and
+    // engine flags.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .skip_while(|a| a != "serve")
+        .skip(1)
+        .collect();
+    let models =
+        serve_models::registry(base, &argv, &args.registry, args.served_model_name.clone())?;
     let state = AppState::new(
-        engine,
-        tokenizer,
-        name,
+        models.clone(),
         ServerConfig {
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            admin_api_key: args
+                .registry
+                .admin_api_key
+                .clone()
+                .filter(|k| !k.is_empty()),
             max_body_bytes: args.max_body_bytes,
             timeouts,
-            health_max_silence: Duration::from_secs_f64(args.health_max_silence),
+            health_max_silence,
             metric_names: args.metrics_names,
         },
-    )
-    .with_gauge_sampler(
-        gauges.map(|g| -> api::GaugeSampler { std::sync::Arc::new(move || g.update()) }),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
+    let result = runtime.block_on(async {
+        models.start().await.context("loading the models")?;
+        serve(state, &args.host, args.port, timeout).await
+    });
     // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
@@ -176,7 +147,7 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
     state
         .shutting_down
         .store(true, std::sync::atomic::Ordering::Release);
-    state.engine.shutdown(Instant::now() + timeout);
+    state.models.shutdown(Instant::now() + timeout);
     let _ = stop_tx.send(());
     let deadline = tokio::time::Instant::now() + timeout + SHUTDOWN_GRACE;
     match tokio::time::timeout_at(deadline, server).await {

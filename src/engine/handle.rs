@@ -220,6 +220,21 @@ impl RequestStream {
         self.on_event(ev)
     }
 
+    /// `next_blocking` bounded by `timeout`: `None` when nothing came in time (the request
+    /// goes on until the stream is dropped) or the stream had ended.
+    pub fn next_timeout(&mut self, timeout: std::time::Duration) -> Option<StreamEvent> {
+        if self.finished {
+            return None;
+        }
+        match self.events.recv_timeout(timeout) {
+            Ok(ev) => self.on_event(Ok(ev)),
+            Err(flume::RecvTimeoutError::Timeout) => None,
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                self.on_event(Err(flume::RecvError::Disconnected))
+            }
+        }
+    }
+
     fn on_event(&mut self, ev: Result<StreamEvent, flume::RecvError>) -> Option<StreamEvent> {
         let ev = ev.unwrap_or(StreamEvent::Error(RequestError::EngineStopped));
         if ev.is_terminal() {

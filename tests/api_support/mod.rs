@@ -37,9 +37,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server with the default model on 127.0.0.1, port 0, small KV cache and
-    /// context, plus `extra` flags (which replace a default of the same flag); waits for the
-    /// "listening" line.
+    /// Starts the server with the default model (unless `extra` names models) on 127.0.0.1,
+    /// port 0, small KV cache and context, plus `extra` flags (which replace a default of the
+    /// same flag); waits for the "listening" line.
     pub fn start(extra: &[&str]) -> Server {
         let model = sluice::assets::default_model_path().expect("the default model");
         let mut cmd = Command::new(sluice_bin());
@@ -53,9 +53,11 @@ impl Server {
                 cmd.args([flag, value]);
             }
         }
-        cmd.arg("--model")
-            .arg(&model)
-            .args(extra)
+        // Tests that name their models (`--model NAME=PATH`, `--models FILE`) get only those.
+        if !extra.iter().any(|a| *a == "--model" || *a == "--models") {
+            cmd.arg("--model").arg(&model);
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
