@@ -389,3 +389,68 @@ async fn models_max_unloads_the_least_recently_used_and_the_budget_refuses() {
     assert!(msg.contains("MiB") && msg.contains("budget"), "{msg}");
     assert_eq!(complete(&small, "smollm2", 2).await.0, 200);
 }
+
+/// The socket is bound before the models load: `/health/live` answers 200 and
+/// `/health/ready` 503 meanwhile, and a request that arrives then waits for its model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_the_models_load() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let m = default_model();
+    let specs: Vec<String> = (0..4).map(|i| format!("m{i}={m}")).collect();
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--kv-cache-memory", "33554432", "--max-model-len", "512"])
+        .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", "warn");
+    for s in &specs {
+        cmd.args(["--model", s]);
+    }
+    let mut child = cmd.spawn().expect("sluice serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let status = |path: &'static str| {
+        let url = url.clone();
+        async move {
+            match client().get(format!("{url}{path}")).send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut saw_loading = false;
+    let mut waited_request = None;
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
+        let (live, ready) = (status("/health/live").await, status("/health/ready").await);
+        if live == 200 && ready == 503 && !saw_loading {
+            saw_loading = true;
+            // The last model loads last: this request waits for it.
+            let url = url.clone();
+            waited_request = Some(tokio::spawn(async move {
+                client()
+                    .post(format!("{url}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .body(r#"{"model":"m3","prompt":"Hi","max_tokens":2}"#)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        saw_loading,
+        "never saw live 200 with ready 503 during the load"
+    );
+    let waited = waited_request.unwrap().await.unwrap().expect("a response");
+    assert_eq!(waited, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,8 +1,10 @@
 //! `sluice serve`: load the models (`serve_models.rs`), start their engines, serve the
 //! OpenAI-compatible API until SIGINT or SIGTERM.
 //!
-//! Start-up prints exactly one line on stdout, `sluice listening on http://ADDR:PORT`, once
-//! the socket is bound and the engine runs (tests and scripts wait for it). Shutdown: stop
+//! Start-up binds the socket first, so probes answer while the models load (`/health/live`
+//! 200, `/health/ready` 503), then prints exactly one line on stdout,
+//! `sluice listening on http://ADDR:PORT`, once every model serves (tests and scripts wait
+//! for it). Shutdown: stop
 //! accepting, refuse new requests with 503, let in-flight ones finish until
 //! `--shutdown-timeout` (then the engine ends them with an error and streams end with an
 //! error event), exit 0 within the timeout plus `SHUTDOWN_GRACE`.
@@ -114,10 +116,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(async {
-        models.start().await.context("loading the models")?;
-        serve(state, &args.host, args.port, timeout).await
-    });
+    let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
     // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
@@ -128,17 +127,29 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
         .await
         .with_context(|| format!("binding {host}:{port}"))?;
     let addr = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "sluice listening on http://{addr}")?;
-        out.flush()?;
-    }
+    let plan = state.models.plan_start()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(state.clone());
     let timeouts = state.config.timeouts;
     let server = tokio::spawn(api::server::serve(listener, app, timeouts, async move {
         let _ = stop_rx.await;
     }));
+    // Probes answer while the models load (live 200, ready 503), and requests for a model
+    // wait for its load; the address is printed once every model serves.
+    let loaded = tokio::select! {
+        loaded = state.models.start(plan) => loaded.context("loading the models"),
+        signal = wait_for_signal() => Err(anyhow::anyhow!("{}: stopped while loading the models", signal?)),
+    };
+    if let Err(e) = loaded {
+        state.models.shutdown(Instant::now());
+        let _ = stop_tx.send(());
+        return Err(e);
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "sluice listening on http://{addr}")?;
+        out.flush()?;
+    }
     let signal = wait_for_signal().await?;
     tracing::info!(
         "{signal}: shutting down, in-flight requests have {:.0?} to finish",

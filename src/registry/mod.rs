@@ -30,6 +30,7 @@ pub use config::{
 };
 pub use error::RegistryError;
 pub use ops::Activation;
+pub use persist::StartPlan;
 pub use served::{Budget, GaugeSampler, Lease, MemoryCharge, ServedModel};
 pub use state::{
     ModelLoader, ModelRegistry, ModelStatus, RegistryOptions, VersionState, VersionStatus,

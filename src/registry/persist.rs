@@ -11,8 +11,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::ops::Activation;
-use super::state::{Entry, Inner};
+use super::state::{Entry, Inner, Slot};
 use super::{ModelConfig, ModelRegistry, ModelSource, RegistryError};
+
+/// The versions `start` loads, per model (the live one first), from `plan_start`.
+pub struct StartPlan(Vec<(String, Vec<String>, String)>);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedState {
@@ -55,23 +58,38 @@ impl ModelRegistry {
         }
     }
 
-    /// Loads what should serve: what the state file says was loaded (its live versions, its
+    /// What serves at start-up: what the state file says was loaded (its live versions, its
     /// rollback targets and splits), else each configured model's live version and the
-    /// versions its split names. Within `--models-max`, in configuration order; a live
-    /// version that fails to load fails the start.
-    pub async fn start(self: &Arc<Self>) -> Result<(), RegistryError> {
-        let plan = self.restore()?;
-        let max = self.options.models_max;
-        let mut loaded = 0;
-        for (name, versions, live) in plan {
-            if versions.is_empty() {
-                continue;
+    /// versions its split names; within `--models-max`, in configuration order. Marks them
+    /// `loading` at once, so requests that arrive before `start` loads them wait instead of
+    /// getting a 404.
+    pub fn plan_start(&self) -> Result<StartPlan, RegistryError> {
+        let max = match self.options.models_max {
+            0 => usize::MAX,
+            m => m,
+        };
+        let mut plan = self.restore()?;
+        plan.retain(|(_, versions, _)| !versions.is_empty());
+        for (name, _, _) in plan.iter().skip(max) {
+            tracing::info!("{name}: not loaded at start (--models-max {max})");
+        }
+        plan.truncate(max);
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for (name, versions, _) in &plan {
+            if let Some(e) = inner.models.get_mut(name) {
+                for v in versions {
+                    e.slots.insert(v.clone(), Slot::Loading);
+                }
             }
-            loaded += 1;
-            if max != 0 && loaded > max {
-                tracing::info!("{name}: not loaded at start (--models-max {max})");
-                continue;
-            }
+        }
+        self.publish(inner);
+        Ok(StartPlan(plan))
+    }
+
+    /// Loads `plan`; a live version that fails to load fails the start.
+    pub async fn start(self: &Arc<Self>, plan: StartPlan) -> Result<(), RegistryError> {
+        for (name, versions, live) in plan.0 {
             for v in versions {
                 match self.load_version(&name, &v, None, Activation::Keep).await {
                     Ok(_) => {}
@@ -81,6 +99,9 @@ impl ModelRegistry {
             }
         }
         self.save();
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
         Ok(())
     }
 

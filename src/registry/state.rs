@@ -158,6 +158,8 @@ pub struct ModelRegistry {
     /// Bumped on every change; routing waits on it while a model loads.
     pub(super) changed: tokio::sync::watch::Sender<u64>,
     pub(super) shutting_down: AtomicBool,
+    /// `start` has loaded what serves at start-up (until then the server is not ready).
+    pub(super) started: AtomicBool,
 }
 
 /// A version's state as `/v1/models` and the admin API show it.
@@ -227,6 +229,7 @@ impl ModelRegistry {
             load_lock: tokio::sync::Mutex::new(()),
             changed: tokio::sync::watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
+            started: AtomicBool::new(false),
         })
     }
 
@@ -363,10 +366,12 @@ impl ModelRegistry {
         out
     }
 
-    /// Ready when every model that should serve has a healthy live version.
+    /// Ready once the start-up loads are done, while some model serves and every loaded
+    /// engine makes progress.
     pub fn is_healthy(&self, max_silence: Duration) -> bool {
         let table = self.table.load();
-        !table.models.is_empty()
+        self.started.load(Ordering::Acquire)
+            && !table.models.is_empty()
             && self
                 .engines()
                 .iter()
