@@ -60,6 +60,47 @@ pub struct ServeArgs {
     /// read), sluice's, or both.
     #[arg(long, value_enum, default_value_t = api::metrics::MetricNames::Both)]
     pub metrics_names: api::metrics::MetricNames,
+    #[command(flatten)]
+    pub jobs: JobsArgs,
+}
+
+/// The Files, Batch and async APIs (`docs/batch.md`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsArgs {
+    /// Where files, batches and async jobs are kept (SQLite and JSONL files); without it those
+    /// endpoints answer 404. Checked for writing at start-up.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Batch and async requests in the engine at once (they run at the lowest priority).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_concurrency: usize,
+    /// Largest uploaded file in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 200 << 20)]
+    pub max_file_bytes: usize,
+    /// Hosts (`host` or `host:port`, comma-separated) an async job's `webhook_url` may name.
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_allowed_hosts: Vec<String>,
+}
+
+impl JobsArgs {
+    /// Opens the data directory, when given: an unwritable one is an error now.
+    pub fn open(&self) -> anyhow::Result<Option<std::sync::Arc<crate::jobs::JobService>>> {
+        let Some(dir) = &self.data_dir else {
+            return Ok(None);
+        };
+        if self.max_batch_concurrency == 0 {
+            anyhow::bail!("--max-batch-concurrency must be at least 1");
+        }
+        let config = crate::jobs::JobsConfig {
+            data_dir: dir.clone(),
+            max_concurrent: self.max_batch_concurrency,
+            max_file_bytes: self.max_file_bytes,
+            webhook_allowed_hosts: self.webhook_allowed_hosts.clone(),
+        };
+        crate::jobs::JobService::open(config)
+            .map(Some)
+            .with_context(|| format!("--data-dir {}", dir.display()))
+    }
 }
 
 fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
@@ -76,6 +117,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.engine.enable_fault_injection {
         crate::engine::fault::FaultInjection::enable().context("--enable-fault-injection")?;
     }
+    // Before the model loads: an unwritable data directory fails at once.
+    let jobs = args.jobs.open()?;
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
@@ -84,6 +127,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args,
         timeout,
         timeouts,
+        jobs,
     })
 }
 
@@ -92,6 +136,7 @@ struct Serve {
     args: ServeArgs,
     timeout: Duration,
     timeouts: api::server::HttpTimeouts,
+    jobs: Option<std::sync::Arc<crate::jobs::JobService>>,
 }
 
 impl WithLoaded for Serve {
@@ -101,8 +146,9 @@ impl WithLoaded for Serve {
             args,
             timeout,
             timeouts,
+            jobs,
         } = self;
-        serve_model(args, timeout, timeouts, loaded)
+        serve_model(args, timeout, timeouts, jobs, loaded)
     }
 }
 
@@ -110,6 +156,7 @@ fn serve_model<B: Backend>(
     args: ServeArgs,
     timeout: Duration,
     timeouts: api::server::HttpTimeouts,
+    jobs: Option<std::sync::Arc<crate::jobs::JobService>>,
     loaded: Loaded<B>,
 ) -> anyhow::Result<()> {
     let mut engine_config = args.engine.engine_config(&loaded.model.config)?;
@@ -140,13 +187,22 @@ fn serve_model<B: Backend>(
     )
     .with_gauge_sampler(
         gauges.map(|g| -> api::GaugeSampler { std::sync::Arc::new(move || g.update()) }),
-    );
+    )
+    .with_jobs(jobs.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
+    let result = runtime.block_on(async {
+        if let Some(jobs) = &jobs {
+            let executor = std::sync::Arc::new(api::run::ApiExecutor(state.clone()));
+            jobs.start(executor)
+                .await
+                .context("resuming batches and jobs")?;
+        }
+        serve(state, &args.host, args.port, timeout).await
+    });
     // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
