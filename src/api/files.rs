@@ -127,6 +127,7 @@ pub async fn create(
     let row = FileRow {
         id: format!("file-{}", uuid::Uuid::new_v4().simple()),
         object: "file",
+        status: "processed",
         bytes: bytes.len() as u64,
         created_at: unix_now(),
         filename,

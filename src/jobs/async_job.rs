@@ -130,7 +130,7 @@ impl JobService {
             return Ok(None);
         }
         let _permit = tokio::select! {
-            _ = cancel.changed() => return Ok(None),
+            Ok(()) = cancel.changed() => return Ok(None),
             p = self.permits.clone().acquire_owned() => p.map_err(|e| JobError::Internal(e.to_string()))?,
         };
         if !self.store.start_job(id.to_string(), unix_now()).await? {
@@ -159,7 +159,7 @@ impl JobService {
         let mut attempt = 0;
         let outcome = loop {
             let out = tokio::select! {
-                _ = cancel.changed() => return Ok(None),
+                Ok(()) = cancel.changed() => return Ok(None),
                 out = exec.execute(endpoint, body.clone(), JOB_PRIORITY) => out,
             };
             match out {

@@ -241,7 +241,7 @@ impl JobService {
             }
             tokio::select! {
                 biased;
-                _ = cancel.changed() => break Stop::Cancelled,
+                Ok(()) = cancel.changed() => break Stop::Cancelled,
                 _ = tokio::time::sleep_until(deadline) => break Stop::Expired,
                 Some(done) = running.join_next(), if !running.is_empty() => {
                     done.map_err(|e| JobError::Internal(format!("a batch line task failed: {e}")))??;
@@ -306,6 +306,7 @@ impl JobService {
             files.push(FileRow {
                 id: file_id.clone(),
                 object: "file",
+                status: "processed",
                 bytes: len,
                 created_at: now,
                 filename: format!("{}_{suffix}.jsonl", b.id),
@@ -313,17 +314,8 @@ impl JobService {
             });
             ids[slot] = Some(file_id);
         }
-        let [output, errors] = ids;
         self.store
-            .finish_batch(
-                b.id.clone(),
-                files,
-                output,
-                errors,
-                status,
-                time_column,
-                now,
-            )
+            .finish_batch(b.id.clone(), files, ids, (status, time_column), now)
             .await
     }
 }

@@ -1,8 +1,6 @@
 //! The jobs' durable state: one SQLite database (`jobs.db`, WAL, `synchronous=FULL`) under
 //! the data directory. A committed transaction survives SIGKILL and power loss; every state
-//! change of a file, batch, batch line or async job is one transaction.
-//!
-//! Tables: `files` (uploaded and produced JSONL files; their bytes live beside the database),
+//! change of a file, batch, batch line or async job is one transaction. Tables: `files` (uploaded and produced JSONL files; their bytes live beside the database),
 //! `batches` (one row per batch, its timestamps and file ids), `batch_lines` (one row per input
 //! line: `pending`, `done` or `error`, with its output record once finished) and `async_jobs`.
 //! A batch's `request_counts` are counted from its lines, so they cannot drift.
@@ -13,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::JobError;
+
+pub use super::store_jobs::JobRow;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -44,6 +44,8 @@ pub struct FileRow {
     pub created_at: i64,
     pub filename: String,
     pub purpose: String,
+    /// Always `processed`: a file is stored whole or not at all.
+    pub status: &'static str,
 }
 
 /// A batch's row, as stored (the API shapes it).
@@ -99,21 +101,6 @@ pub enum NewLine {
 /// `(total, completed, failed)` of a batch.
 pub type Counts = (u64, u64, u64);
 
-/// An async job's row.
-#[derive(Debug, Clone)]
-pub struct JobRow {
-    pub id: String,
-    pub endpoint: String,
-    pub body: String,
-    pub status: String,
-    pub webhook_url: Option<String>,
-    pub result: Option<String>,
-    pub error: Option<String>,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-}
-
 /// The database; cheap to clone. Calls block (SQLite with fsync): async callers go through
 /// `call`.
 #[derive(Clone)]
@@ -154,21 +141,7 @@ fn file_row(r: &Row) -> rusqlite::Result<FileRow> {
         filename: r.get(2)?,
         bytes: r.get::<_, i64>(3)?.max(0) as u64,
         created_at: r.get(4)?,
-    })
-}
-
-fn job_row(r: &Row) -> rusqlite::Result<JobRow> {
-    Ok(JobRow {
-        id: r.get(0)?,
-        endpoint: r.get(1)?,
-        body: r.get(2)?,
-        status: r.get(3)?,
-        webhook_url: r.get(4)?,
-        result: r.get(5)?,
-        error: r.get(6)?,
-        created_at: r.get(7)?,
-        started_at: r.get(8)?,
-        finished_at: r.get(9)?,
+        status: "processed",
     })
 }
 
@@ -498,10 +471,8 @@ impl Store {
         &self,
         id: String,
         files: Vec<FileRow>,
-        output_file_id: Option<String>,
-        error_file_id: Option<String>,
-        status: &'static str,
-        time_column: &'static str,
+        [output_file_id, error_file_id]: [Option<String>; 2],
+        (status, time_column): (&'static str, &'static str),
         now: i64,
     ) -> Result<(), JobError> {
         self.call(move |c| {
@@ -520,81 +491,6 @@ impl Store {
                 params![id, status, now, output_file_id, error_file_id],
             )?;
             tx.commit()
-        })
-        .await
-    }
-
-    pub async fn insert_job(&self, j: JobRow) -> Result<(), JobError> {
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO async_jobs (id, endpoint, body, status, webhook_url, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    j.id,
-                    j.endpoint,
-                    j.body,
-                    j.status,
-                    j.webhook_url,
-                    j.created_at
-                ],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    pub async fn job(&self, id: String) -> Result<Option<JobRow>, JobError> {
-        self.call(move |c| {
-            c.query_row(
-                "SELECT id, endpoint, body, status, webhook_url, result, error, created_at, \
-                 started_at, finished_at FROM async_jobs WHERE id = ?1",
-                [id],
-                job_row,
-            )
-            .optional()
-        })
-        .await
-    }
-
-    pub async fn unfinished_jobs(&self) -> Result<Vec<String>, JobError> {
-        self.call(|c| {
-            let mut st = c.prepare(
-                "SELECT id FROM async_jobs WHERE status IN ('queued', 'in_progress') ORDER BY rowid",
-            )?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect()
-        })
-        .await
-    }
-
-    pub async fn start_job(&self, id: String, now: i64) -> Result<bool, JobError> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE async_jobs SET status = 'in_progress', started_at = ?2 \
-                 WHERE id = ?1 AND status IN ('queued', 'in_progress')",
-                params![id, now],
-            )
-            .map(|n| n > 0)
-        })
-        .await
-    }
-
-    /// A job's end; only an unfinished job changes. Whether it changed.
-    pub async fn finish_job(
-        &self,
-        id: String,
-        status: &'static str,
-        result: Option<String>,
-        error: Option<String>,
-        now: i64,
-    ) -> Result<bool, JobError> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE async_jobs SET status = ?2, result = ?3, error = ?4, finished_at = ?5 \
-                 WHERE id = ?1 AND status IN ('queued', 'in_progress')",
-                params![id, status, result, error, now],
-            )
-            .map(|n| n > 0)
         })
         .await
     }
