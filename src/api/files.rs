@@ -142,7 +142,7 @@ pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    refuse_unknown_query(&q, &["purpose", "limit", "order", "after"])?;
+    refuse_unknown_query(&q, &["purpose", "limit"])?;
     let limit = limit(&q, 100)?;
     let rows = jobs(&state)?
         .store
