@@ -93,4 +93,9 @@ impl Executor for ApiExecutor {
     fn shutting_down(&self) -> bool {
         self.0.shutting_down.load(Ordering::Acquire)
     }
+
+    fn requests_in_engine(&self) -> usize {
+        let m = &self.0.engine.metrics;
+        usize::try_from(m.num_requests_running.get() + m.num_requests_waiting.get()).unwrap_or(0)
+    }
 }

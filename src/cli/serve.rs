@@ -74,6 +74,10 @@ pub struct JobsArgs {
     /// Batch and async requests in the engine at once (they run at the lowest priority).
     #[arg(long, default_value_t = 8)]
     pub max_batch_concurrency: usize,
+    /// Batch lines in the engine at once while online requests are there too (0 pauses
+    /// batches while online requests are served).
+    #[arg(long, default_value_t = 1)]
+    pub max_batch_concurrency_busy: usize,
     /// Largest uploaded file in bytes; larger ones get 413.
     #[arg(long, default_value_t = 200 << 20)]
     pub max_file_bytes: usize,
@@ -94,6 +98,7 @@ impl JobsArgs {
         let config = crate::jobs::JobsConfig {
             data_dir: dir.clone(),
             max_concurrent: self.max_batch_concurrency,
+            busy_concurrent: self.max_batch_concurrency_busy,
             max_file_bytes: self.max_file_bytes,
             webhook_allowed_hosts: self.webhook_allowed_hosts.clone(),
         };

@@ -1,5 +1,6 @@
 //! A batch's life: `validating` (the input file read, each line checked and stored),
-//! `in_progress` (pending lines run, at most `max_concurrent` at once across all jobs),
+//! `in_progress` (pending lines run, at most `max_concurrent` at once across all jobs, and
+//! `busy_concurrent` while online requests are in the engine),
 //! `finalizing` (the output and error files written), then `completed`; or `cancelling` →
 //! `cancelled`, `expired` when the completion window passes, `failed` when the input cannot
 //! be read. One task drives a batch; it resumes from the stored status after a restart.
@@ -239,6 +240,8 @@ impl JobService {
             if pending.peek().is_none() && running.is_empty() {
                 break Stop::Done;
             }
+            let more = pending.peek().is_some();
+            let admit = more && self.admit_more(&*exec);
             tokio::select! {
                 biased;
                 Ok(()) = cancel.changed() => break Stop::Cancelled,
@@ -246,7 +249,9 @@ impl JobService {
                 Some(done) = running.join_next(), if !running.is_empty() => {
                     done.map_err(|e| JobError::Internal(format!("a batch line task failed: {e}")))??;
                 }
-                permit = self.permits.clone().acquire_owned(), if pending.peek().is_some() => {
+                // Online requests came: look again soon.
+                _ = tokio::time::sleep(Duration::from_millis(50)), if more && !admit => {}
+                permit = self.permits.clone().acquire_owned(), if admit => {
                     let permit = permit.map_err(|e| JobError::Internal(e.to_string()))?;
                     let Some(line) = pending.next() else { continue };
                     let (exec, store, id) = (exec.clone(), self.store.clone(), b.id.clone());

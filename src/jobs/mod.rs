@@ -80,6 +80,10 @@ pub trait Executor: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
     /// True once the server began shutting down: results are not recorded from then on.
     fn shutting_down(&self) -> bool;
+    /// Requests in the engine now (running or waiting), the jobs' own included.
+    fn requests_in_engine(&self) -> usize {
+        0
+    }
 }
 
 /// The scheduler serves lower priorities first and preempts the highest: jobs take the
@@ -92,6 +96,9 @@ pub struct JobsConfig {
     pub data_dir: PathBuf,
     /// Batch and async requests in the engine at once.
     pub max_concurrent: usize,
+    /// Batch lines in the engine at once while online requests are there too (new lines wait
+    /// until fewer run; 0 pauses the batch while online requests are served).
+    pub busy_concurrent: usize,
     /// Largest uploaded file.
     pub max_file_bytes: usize,
     /// Hosts a webhook may be sent to.
@@ -188,8 +195,64 @@ impl JobService {
         }
     }
 
+    /// Whether another batch line may start: always under `max_concurrent` (the permits);
+    /// under `busy_concurrent` while online requests are in the engine.
+    fn admit_more(&self, exec: &dyn Executor) -> bool {
+        let ours = self.config.max_concurrent.max(1) - self.permits.available_permits();
+        let online = exec.requests_in_engine().saturating_sub(ours);
+        online == 0 || ours < self.config.busy_concurrent
+    }
+
     /// Backoff of the `attempt`th retry of a refused request.
     fn retry_delay(attempt: u32) -> Duration {
         Duration::from_millis(50u64 << attempt.min(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Busy(usize);
+
+    impl Executor for Busy {
+        fn execute(
+            &self,
+            _: Endpoint,
+            _: Value,
+            _: i32,
+        ) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
+            Box::pin(async { Ok(Value::Null) })
+        }
+        fn shutting_down(&self) -> bool {
+            false
+        }
+        fn requests_in_engine(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn batch_lines_yield_to_online_requests() {
+        let dir = std::env::temp_dir().join(format!("sluice-jobs-admit-{}", std::process::id()));
+        let jobs = JobService::open(JobsConfig {
+            data_dir: dir.clone(),
+            max_concurrent: 4,
+            busy_concurrent: 1,
+            max_file_bytes: 1 << 20,
+            webhook_allowed_hosts: Vec::new(),
+        })
+        .unwrap();
+        assert!(jobs.admit_more(&Busy(0)));
+        let one = jobs.permits.clone().try_acquire_owned().unwrap();
+        // One batch line in the engine, alone: more may start; with an online request, not.
+        assert!(jobs.admit_more(&Busy(1)));
+        assert!(!jobs.admit_more(&Busy(2)));
+        drop(one);
+        assert!(
+            jobs.admit_more(&Busy(3)),
+            "none of ours runs: one may start"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
