@@ -7,7 +7,7 @@ set -euo pipefail
 LINES=${1:-2000}
 ROUNDS=${2:-2}
 shift 2 || true
-OUT=${OUT:-results/batch}
+OUT=${OUT:-target/bench-batch}
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
 source "$(dirname "$0")/serve_bg.sh" --data-dir "$DATA" "$@"
