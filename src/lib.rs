@@ -15,6 +15,7 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod gguf;
+pub mod jobs;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

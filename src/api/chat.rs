@@ -64,10 +64,23 @@ pub async fn prepare(
     state: &AppState,
     req: ChatCompletionRequest,
 ) -> Result<PreparedChat, ApiError> {
+    prepare_at(state, req, None).await
+}
+
+/// `prepare`, at `priority` instead of the request's own when given (batch and async jobs
+/// run at the lowest: `api/run.rs`).
+pub async fn prepare_at(
+    state: &AppState,
+    req: ChatCompletionRequest,
+    priority: Option<i32>,
+) -> Result<PreparedChat, ApiError> {
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
     let info = &served.engine.info;
     let mut params = validation::validate_chat(&req, info)?;
+    if let Some(p) = priority {
+        params.priority = p;
+    }
     let tool_request = params.tools.take();
     let tool_format = ToolFormat::for_template(served.tokenizer.chat_template());
     let mut messages = prompt::chat_messages(&req.messages)?;

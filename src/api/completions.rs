@@ -63,10 +63,23 @@ pub async fn prepare(
     state: &AppState,
     req: CompletionRequest,
 ) -> Result<PreparedCompletion, ApiError> {
+    prepare_at(state, req, None).await
+}
+
+/// `prepare`, at `priority` instead of the request's own when given (batch and async jobs
+/// run at the lowest: `api/run.rs`).
+pub async fn prepare_at(
+    state: &AppState,
+    req: CompletionRequest,
+    priority: Option<i32>,
+) -> Result<PreparedCompletion, ApiError> {
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
     let info = &served.engine.info;
     let mut params = validation::validate_completion(&req, info)?;
+    if let Some(p) = priority {
+        params.priority = p;
+    }
     let add_special = req.common.add_special_tokens.unwrap_or(true);
     let prompts =
         prompt::tokenize_prompts(served.tokenizer.clone(), req.prompt, add_special).await?;

@@ -165,6 +165,13 @@ impl ApiError {
     }
 }
 
+/// A job store failure is the server's own (the disk, the database).
+impl From<crate::jobs::JobError> for ApiError {
+    fn from(e: crate::jobs::JobError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
 /// The one place an engine error becomes an OpenAI error: its kind decides the status and
 /// type, its own words the message.
 impl From<RequestError> for ApiError {

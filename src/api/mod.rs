@@ -4,6 +4,10 @@
 //! POST /v1/chat/completions, /v1/completions   JSON or SSE          (chat.rs, completions.rs)
 //! GET  /v1/ws                                  WebSocket streaming  (websocket.rs)
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
+//! /v1/files[/{id}[/content]], /v1/batches[/{id}[/cancel]],
+//! /v1/async/{chat/completions,completions,jobs/{id}[/cancel]}  with `--data-dir`
+//!                                              (files.rs, batches.rs; the work in jobs/,
+//!                                              run through run.rs as the handlers run it)
 //! GET  /health, /health/live, /health/ready,
 //!      /metrics, /openapi.json                 never behind the API key
 //! ```
@@ -15,15 +19,18 @@
 //! `EngineHandle`.
 
 pub mod admin;
+pub mod batches;
 pub mod chat;
 pub mod completions;
 pub mod errors;
+pub mod files;
 pub mod generation;
 pub mod metrics;
 pub mod misc;
 pub mod openai_types;
 pub mod openapi;
 pub mod prompt;
+pub mod run;
 pub mod server;
 pub mod sse;
 pub mod structured;
@@ -35,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::middleware::{self, Next};
@@ -92,6 +100,8 @@ pub struct AppState {
     /// Open WebSocket sessions: upgraded connections are no longer hyper's, so shutdown
     /// waits for this to reach zero.
     pub open_sockets: Arc<AtomicUsize>,
+    /// Files, batches and async jobs (`--data-dir`); `None`: those endpoints answer 404.
+    pub jobs: Option<Arc<crate::jobs::JobService>>,
 }
 
 impl AppState {
@@ -102,7 +112,14 @@ impl AppState {
             config: Arc::new(config),
             shutting_down: Arc::new(AtomicBool::new(false)),
             open_sockets: Arc::new(AtomicUsize::new(0)),
+            jobs: None,
         }
+    }
+
+    /// Serves the Files, Batch and async APIs from `jobs`.
+    pub fn with_jobs(mut self, jobs: Option<Arc<crate::jobs::JobService>>) -> Self {
+        self.jobs = jobs;
+        self
     }
 
     /// The version a request for `model` runs on (`name`, `name@version`, none: the default
@@ -130,6 +147,22 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/v1/ws", get(websocket::handler))
+        .route(
+            "/v1/files",
+            // The upload's own limit is `--max-file-bytes` (files.rs).
+            post(files::create)
+                .get(files::list)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/async/chat/completions", post(batches::async_chat))
+        .route("/v1/async/completions", post(batches::async_completions))
+        .route("/v1/async/jobs/{id}", get(batches::job))
+        .route("/v1/async/jobs/{id}/cancel", post(batches::cancel_job))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

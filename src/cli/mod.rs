@@ -1,5 +1,6 @@
 //! The `sluice` command line: subcommands and their arguments.
 
+pub mod batch;
 pub mod cpu_ranks;
 pub mod engine_args;
 pub mod generate;
@@ -27,6 +28,9 @@ pub enum Command {
     /// Benchmarks against any OpenAI-compatible server.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Batch files without a server (`batch run`, vLLM's `run-batch` format).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -40,6 +44,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Bench(cmd) => crate::bench::run(cmd),
+        Command::Batch(cmd) => batch::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,6 +63,52 @@ pub struct ServeArgs {
     /// read), sluice's, or both.
     #[arg(long, value_enum, default_value_t = api::metrics::MetricNames::Both)]
     pub metrics_names: api::metrics::MetricNames,
+    #[command(flatten)]
+    pub jobs: JobsArgs,
+}
+
+/// The Files, Batch and async APIs (`docs/batch.md`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsArgs {
+    /// Where files, batches and async jobs are kept (SQLite and JSONL files); without it those
+    /// endpoints answer 404. Checked for writing at start-up.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Batch and async requests in the engine at once (they run at the lowest priority).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_concurrency: usize,
+    /// Batch lines in the engine at once while online requests are there too (0 pauses
+    /// batches while online requests are served).
+    #[arg(long, default_value_t = 1)]
+    pub max_batch_concurrency_busy: usize,
+    /// Largest uploaded file in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 200 << 20)]
+    pub max_file_bytes: usize,
+    /// Hosts (`host` or `host:port`, comma-separated) an async job's `webhook_url` may name.
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_allowed_hosts: Vec<String>,
+}
+
+impl JobsArgs {
+    /// Opens the data directory, when given: an unwritable one is an error now.
+    pub fn open(&self) -> anyhow::Result<Option<std::sync::Arc<crate::jobs::JobService>>> {
+        let Some(dir) = &self.data_dir else {
+            return Ok(None);
+        };
+        if self.max_batch_concurrency == 0 {
+            anyhow::bail!("--max-batch-concurrency must be at least 1");
+        }
+        let config = crate::jobs::JobsConfig {
+            data_dir: dir.clone(),
+            max_concurrent: self.max_batch_concurrency,
+            busy_concurrent: self.max_batch_concurrency_busy,
+            max_file_bytes: self.max_file_bytes,
+            webhook_allowed_hosts: self.webhook_allowed_hosts.clone(),
+        };
+        crate::jobs::JobService::open(config)
+            .map(Some)
+            .with_context(|| format!("--data-dir {}", dir.display()))
+    }
 }
 
 fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
@@ -79,6 +125,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.engine.enable_fault_injection {
         crate::engine::fault::FaultInjection::enable().context("--enable-fault-injection")?;
     }
+    // Before the model loads: an unwritable data directory fails at once.
+    let jobs = args.jobs.open()?;
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
@@ -89,11 +137,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // What followed `serve` on the command line: every version loads with its model and
     // engine flags.
-    let argv: Vec<String> = std::env::args_os()
-        .map(|a| a.to_string_lossy().into_owned())
-        .skip_while(|a| a != "serve")
-        .skip(1)
-        .collect();
+    let argv = serve_models::command_args("serve");
     let models =
         serve_models::registry(base, &argv, &args.registry, args.served_model_name.clone())?;
     let state = AppState::new(
@@ -110,19 +154,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             health_max_silence,
             metric_names: args.metrics_names,
         },
-    );
+    )
+    .with_jobs(jobs.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(state, &args.host, args.port, timeout));
+    let result = runtime.block_on(serve(state, &args.host, args.port, timeout, jobs));
     // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
 }
 
-async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+async fn serve(
+    state: AppState,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    jobs: Option<std::sync::Arc<crate::jobs::JobService>>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("binding {host}:{port}"))?;
@@ -139,6 +190,16 @@ async fn serve(state: AppState, host: &str, port: u16, timeout: Duration) -> any
     let loaded = tokio::select! {
         loaded = state.models.start(plan) => loaded.context("loading the models"),
         signal = wait_for_signal() => Err(anyhow::anyhow!("{}: stopped while loading the models", signal?)),
+    };
+    // Batches and jobs resume once their models serve.
+    let loaded = match (loaded, &jobs) {
+        (Ok(()), Some(jobs)) => {
+            let executor = std::sync::Arc::new(api::run::ApiExecutor(state.clone()));
+            jobs.start(executor)
+                .await
+                .context("resuming batches and jobs")
+        }
+        (loaded, _) => loaded,
     };
     if let Err(e) = loaded {
         state.models.shutdown(Instant::now());

@@ -52,6 +52,32 @@ pub struct RegistryArgs {
     pub warm_up_timeout: f64,
 }
 
+impl Default for RegistryArgs {
+    /// One model, no admin API, no state file (`sluice batch run`).
+    fn default() -> Self {
+        Self {
+            models: None,
+            admin_api_key: None,
+            models_max: 0,
+            autoload: false,
+            memory_budget: None,
+            unload_previous: false,
+            registry_state: None,
+            warm_up_timeout: 60.0,
+        }
+    }
+}
+
+/// The command line after the subcommand word `after` (`serve`, `run`): the flags every
+/// version loads with are taken from it.
+pub fn command_args(after: &str) -> Vec<String> {
+    std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .skip_while(|a| a != after)
+        .skip(1)
+        .collect()
+}
+
 /// A version's flags: the server's own, then the version's `args` (a flag given in both
 /// takes the version's value).
 #[derive(Debug, Clone, Parser)]

@@ -1,0 +1,52 @@
+"""The Files and Batch APIs through the official `openai` SDK, unchanged: upload, create,
+retrieve until done, read the output, list, cancel. Answers must equal the online ones."""
+import io
+import json
+import os
+import time
+
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["SLUICE_URL"] + "/v1", api_key=os.environ["SLUICE_API_KEY"])
+model = os.environ["SLUICE_MODEL"]
+
+
+def body(topic):
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write about {topic}."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+
+
+topics = ["tea", "snow", "maps"]
+lines = [
+    json.dumps({"custom_id": t, "method": "POST", "url": "/v1/chat/completions", "body": body(t)})
+    for t in topics
+]
+f = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+assert f.purpose == "batch" and f.bytes > 0, f
+assert client.files.retrieve(f.id).id == f.id
+batch = client.batches.create(
+    input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+)
+deadline = time.time() + 60
+while batch.status not in ("completed", "failed", "cancelled", "expired"):
+    assert time.time() < deadline, batch
+    time.sleep(0.1)
+    batch = client.batches.retrieve(batch.id)
+assert batch.status == "completed", batch
+assert batch.request_counts.total == 3 and batch.request_counts.completed == 3, batch
+records = [json.loads(l) for l in client.files.content(batch.output_file_id).text.splitlines()]
+assert sorted(r["custom_id"] for r in records) == sorted(topics), records
+for r in records:
+    online = client.chat.completions.create(**body(r["custom_id"]))
+    got = r["response"]["body"]["choices"][0]["message"]["content"]
+    assert got == online.choices[0].message.content, (got, online)
+listed = client.batches.list(limit=10)
+assert any(b.id == batch.id for b in listed.data), listed
+cancelled = client.batches.cancel(batch.id)
+assert cancelled.status == "completed", cancelled  # a finished batch stays finished
+client.files.delete(f.id)
+print("batch checks passed")
