@@ -18,6 +18,7 @@
 //! header-read and body-read timeouts (`server.rs`); the API holds no serving state, only the
 //! `EngineHandle`.
 
+pub mod access_log;
 pub mod admin;
 pub mod batches;
 pub mod chat;
@@ -180,6 +181,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(middleware::map_response(openai_shaped))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(access_log::request_id_and_access_log))
 }
 
 /// A handler that panicked answers 500 (the connection and the server go on).
