@@ -105,7 +105,7 @@ impl EngineMetrics {
         let hist = |name: &str, help: &str, buckets: Vec<f64>| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         };
-        Self {
+        let metrics = Self {
             num_requests_running: reg!(IntGauge::new(
                 "sluice:num_requests_running",
                 "Requests with sequences in the running batch."
@@ -240,7 +240,28 @@ impl EngineMetrics {
                 "KV-cache accounting violations found when the engine went idle."
             )),
             registry,
+        };
+        // Every label value exported from the start at 0, so `rate()` and alerts see a
+        // series before the first error (a counter that appears at 1 loses its first rise).
+        for kind in [
+            super::EngineErrorKind::InvalidRequest,
+            super::EngineErrorKind::Unavailable,
+            super::EngineErrorKind::Internal,
+        ] {
+            metrics
+                .request_errors_total
+                .with_label_values(&[kind.as_str()]);
         }
+        for reason in [
+            super::FinishReason::Stop,
+            super::FinishReason::Length,
+            super::FinishReason::Abort,
+        ] {
+            metrics
+                .request_success_total
+                .with_label_values(&[reason.as_str()]);
+        }
+        metrics
     }
 
     /// The Prometheus text exposition of every metric.
