@@ -45,6 +45,13 @@ impl PreparedCompletion {
     fn num_choices(&self) -> usize {
         self.prompts.len() * self.params.n
     }
+
+    /// The choices' events and how many choices there are, for a front that shapes its own
+    /// responses (gRPC, which refuses `echo` and `logprobs` before `prepare`).
+    pub fn into_events(self) -> (ChoiceStream, usize) {
+        let num_choices = self.num_choices();
+        (self.events, num_choices)
+    }
 }
 
 pub async fn handler(

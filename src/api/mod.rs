@@ -6,6 +6,8 @@
 //! GET  /v1/models, POST /tokenize, /detokenize                      (misc.rs)
 //! GET  /health, /health/live, /health/ready,
 //!      /metrics, /openapi.json                 never behind the API key
+//! content-type application/grpc (HTTP/2)       inference.GRPCInferenceService,
+//!                                              grpc.health.v1.Health          (grpc/)
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
 //! methods, the framework's own rejections and handler panics included), whose message is at
@@ -18,6 +20,7 @@ pub mod chat;
 pub mod completions;
 pub mod errors;
 pub mod generation;
+pub mod grpc;
 pub mod metrics;
 pub mod misc;
 pub mod openai_types;
@@ -42,6 +45,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use errors::ApiError;
@@ -139,8 +143,23 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole API: gRPC requests (`application/grpc`, HTTP/2) go to `grpc::router`, the
+/// rest to the HTTP routes.
 pub fn router(state: AppState) -> Router {
+    let grpc = grpc::router(state.clone());
+    let http = http_router(state);
+    Router::new().fallback_service(tower::service_fn(move |req: Request| {
+        let routes = if grpc::is_grpc(req.headers()) {
+            grpc.clone()
+        } else {
+            http.clone()
+        };
+        routes.oneshot(req)
+    }))
+}
+
+/// The OpenAI-compatible HTTP routes.
+fn http_router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
@@ -228,8 +247,14 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(key) = &state.config.api_key {
-        match bearer(request.headers()) {
+    check_api_key(&state.config, request.headers())?;
+    Ok(next.run(request).await)
+}
+
+/// The API key, when the server has one: `Authorization: Bearer <key>` (gRPC metadata too).
+pub(crate) fn check_api_key(config: &ServerConfig, headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some(key) = &config.api_key {
+        match bearer(headers) {
             Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => {}
             Some(_) => return Err(ApiError::Unauthorized("Incorrect API key provided.".into())),
             None => {
@@ -239,7 +264,7 @@ async fn require_api_key(
             }
         }
     }
-    Ok(next.run(request).await)
+    Ok(())
 }
 
 /// A JSON body: content type checked (415), size bounded (413), malformed JSON and wrong
