@@ -55,6 +55,9 @@ const ALLOWED: &[(&str, &str)] = &[
 /// Options whose value is a JSON object, sent as a string.
 const JSON_VALUED: &[&str] = &["logit_bias", "response_format", "structured_outputs"];
 
+/// Most elements an input tensor may declare.
+const MAX_ELEMENTS: i64 = 1 << 20;
+
 /// Options that may hold several values.
 const LISTS: &[&str] = &["stop", "stop_token_ids"];
 
@@ -239,13 +242,17 @@ fn prompt_texts(values: Vec<Value>) -> Result<Vec<Value>, ApiError> {
 /// A tensor's elements as JSON values, from its typed contents or its raw bytes.
 fn tensor_values(t: &InferInputTensor, raw: Option<Vec<u8>>) -> Result<Vec<Value>, ApiError> {
     let name = t.name.as_str();
-    let count: i64 = t.shape.iter().product();
-    if t.shape.iter().any(|&d| d < 0) || count > 1 << 20 {
-        return Err(ApiError::invalid(
-            name,
-            format!("input `{name}` has an invalid shape {:?}", t.shape),
-        ));
-    }
+    let count = t
+        .shape
+        .iter()
+        .try_fold(1i64, |n, &d| if d < 0 { None } else { n.checked_mul(d) })
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                name,
+                format!("input `{name}` has an invalid shape {:?}", t.shape),
+            )
+        })?;
     let bad = |m: String| ApiError::invalid(name, format!("input `{name}`: {m}"));
     let values = match raw {
         Some(raw) => raw_values(&t.datatype, &raw).map_err(bad)?,
@@ -298,7 +305,7 @@ fn raw_values(datatype: &str, raw: &[u8]) -> Result<Vec<Value>, String> {
         raw: &[u8],
         f: impl Fn([u8; N]) -> Value,
     ) -> Result<Vec<Value>, String> {
-        if raw.len() % N != 0 {
+        if !raw.len().is_multiple_of(N) {
             return Err(format!(
                 "{} raw bytes are not a whole number of {N}-byte elements",
                 raw.len()

@@ -116,6 +116,9 @@ fn what_cannot_be_served_is_refused_by_name() {
     let mut req = request(vec![raw_input(TEXT_INPUT, "BYTES", vec![1])]);
     req.raw_input_contents = vec![vec![1, 0, 0, 0, 0xff]];
     refuse(req, "UTF-8");
+    let mut req = request(vec![raw_input(TEXT_INPUT, "BYTES", vec![i64::MAX, 4])]);
+    req.raw_input_contents = vec![raw_bytes(&["x".into()])];
+    refuse(req, "shape");
     let mut req = request(vec![raw_input(TEXT_INPUT, "BYTES", vec![-1])]);
     req.raw_input_contents = vec![raw_bytes(&["x".into()])];
     refuse(req, "shape");
