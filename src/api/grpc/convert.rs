@@ -113,9 +113,10 @@ pub fn infer_input(req: ModelInferRequest) -> Result<InferInput, ApiError> {
         if input.name == TEXT_INPUT {
             prompts = Some(prompt_texts(values)?);
         } else {
+            let is_list = field_of(&input.name).is_some_and(|f| LISTS.contains(&f));
             let value = match values.len() {
-                1 if !LISTS.contains(&input.name.as_str()) => values.into_iter().next(),
-                _ if LISTS.contains(&input.name.as_str()) => Some(Value::Array(values)),
+                _ if is_list => Some(Value::Array(values)),
+                1 => values.into_iter().next(),
                 n => {
                     return Err(ApiError::invalid(
                         input.name.clone(),
@@ -186,7 +187,7 @@ fn option(
             }
         }
         _ => {
-            let Some(&(_, field)) = ALLOWED.iter().find(|(n, _)| *n == name) else {
+            let Some(field) = field_of(name) else {
                 return Err(ApiError::invalid(
                     name,
                     format!("`{name}` is not an input or parameter this server takes"),
@@ -201,6 +202,11 @@ fn option(
         }
     }
     Ok(())
+}
+
+/// The `/v1/completions` field a gRPC option name sets.
+fn field_of(name: &str) -> Option<&'static str> {
+    ALLOWED.iter().find(|(n, _)| *n == name).map(|&(_, f)| f)
 }
 
 /// A JSON object option, which gRPC carries as a string.
