@@ -45,6 +45,20 @@ impl PreparedCompletion {
     fn num_choices(&self) -> usize {
         self.prompts.len() * self.params.n
     }
+
+    /// The choices' events and how many choices there are, for a front that shapes its own
+    /// responses (gRPC, which refuses `echo` and `logprobs` before `prepare`).
+    /// The stream of events, the number of choices, and the lease that keeps the version
+    /// loaded until the caller drops it.
+    pub fn into_events(self) -> (ChoiceStream, usize, crate::registry::Lease) {
+        let num_choices = self.num_choices();
+        (self.events, num_choices, self.meta.served)
+    }
+
+    /// The model version the request runs on.
+    pub fn served(&self) -> &crate::registry::Lease {
+        &self.meta.served
+    }
 }
 
 pub async fn handler(

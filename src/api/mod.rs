@@ -10,6 +10,8 @@
 //!                                              run through run.rs as the handlers run it)
 //! GET  /health, /health/live, /health/ready,
 //!      /metrics, /openapi.json                 never behind the API key
+//! content-type application/grpc (HTTP/2)       inference.GRPCInferenceService,
+//!                                              grpc.health.v1.Health          (grpc/)
 //! ```
 //! Invariants: every request ends in a response or an OpenAI-shaped error (unknown routes and
 //! methods, the framework's own rejections and handler panics included), whose message is at
@@ -26,6 +28,7 @@ pub mod completions;
 pub mod errors;
 pub mod files;
 pub mod generation;
+pub mod grpc;
 pub mod metrics;
 pub mod misc;
 pub mod openai_types;
@@ -52,6 +55,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use errors::ApiError;
@@ -138,8 +142,23 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole API: gRPC requests (`application/grpc`, HTTP/2) go to `grpc::router`, the
+/// rest to the HTTP routes.
 pub fn router(state: AppState) -> Router {
+    let grpc = grpc::router(state.clone());
+    let http = http_router(state);
+    Router::new().fallback_service(tower::service_fn(move |req: Request| {
+        let routes = if grpc::is_grpc(req.headers()) {
+            grpc.clone()
+        } else {
+            http.clone()
+        };
+        routes.oneshot(req)
+    }))
+}
+
+/// The OpenAI-compatible HTTP routes.
+fn http_router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
@@ -245,10 +264,16 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(key) = &state.config.api_key {
-        check_bearer(request.headers(), key)?;
-    }
+    check_api_key(&state.config, request.headers())?;
     Ok(next.run(request).await)
+}
+
+/// The API key, when the server has one: `Authorization: Bearer <key>` (gRPC metadata too).
+pub(crate) fn check_api_key(config: &ServerConfig, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &config.api_key {
+        Some(key) => check_bearer(headers, key),
+        None => Ok(()),
+    }
 }
 
 /// `Authorization: Bearer <key>` with exactly `key` (compared in constant time).

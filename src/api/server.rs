@@ -55,6 +55,14 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read)
         .keep_alive(true);
+    // HTTP/2 cleartext beside HTTP/1.1 (prior knowledge, as gRPC clients speak it): the gRPC
+    // front (api/grpc/) and any HTTP/2 client. Idle connections are pinged, and closed when
+    // the peer stops answering.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(timeouts.header_read))
+        .keep_alive_timeout(Duration::from_secs(20));
     // Each connection task holds a receiver; `closed()` resolves when all are gone.
     let (close_tx, close_rx) = watch::channel(());
     let (stop_tx, stop_rx) = watch::channel(false);

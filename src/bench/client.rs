@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::grpc::GrpcDriver;
 use super::sse::{parse_chunk, ChunkInfo, SseEvent, SseLines, Usage};
 use super::ws::WsDriver;
 use super::BenchError;
@@ -193,6 +194,7 @@ impl StreamTracker {
 pub enum Driver {
     Http(HttpDriver),
     Ws(WsDriver),
+    Grpc(GrpcDriver),
 }
 
 impl Driver {
@@ -201,6 +203,7 @@ impl Driver {
         match self {
             Driver::Http(d) => d.send(body, origin).await,
             Driver::Ws(d) => d.send(body, origin).await,
+            Driver::Grpc(d) => d.send(body, origin).await,
         }
     }
 }

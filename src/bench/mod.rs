@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod compare;
+pub mod grpc;
 pub mod mock;
 pub mod report;
 pub mod runner;
@@ -82,6 +83,9 @@ pub enum Transport {
     Http,
     /// sluice's WebSocket endpoint, several requests multiplexed on each socket
     Ws,
+    /// gRPC (`inference.GRPCInferenceService/ModelStreamInfer`, one call per request), the
+    /// calls multiplexed as HTTP/2 streams on each connection
+    Grpc,
 }
 
 /// Where prompts come from.
@@ -116,7 +120,8 @@ pub struct ServeArgs {
     /// WebSocket path on the server (with --transport ws).
     #[arg(long, default_value = "/v1/ws")]
     pub ws_path: String,
-    /// In-flight requests per WebSocket; sockets = ceil(concurrency / this).
+    /// In-flight requests per WebSocket or gRPC connection; connections =
+    /// ceil(concurrency / this).
     #[arg(long, default_value_t = 16)]
     pub ws_streams_per_socket: usize,
 

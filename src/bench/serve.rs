@@ -6,6 +6,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::client::{Driver, HttpDriver};
+use super::grpc::GrpcDriver;
 use super::report::{self, BenchResult, Slo};
 use super::runner::{run_load_until, LoadShape, RunPlan, StopAt};
 use super::sysinfo;
@@ -223,6 +224,18 @@ async fn connect(args: &ServeArgs, in_flight: usize) -> Result<Driver, BenchErro
             )
             .await?;
             Ok(Driver::Ws(driver))
+        }
+        Transport::Grpc => {
+            if args.endpoint != Endpoint::Completions {
+                return Err(BenchError::Args(
+                    "--transport grpc sends text prompts: use --endpoint completions".into(),
+                ));
+            }
+            let per_connection = args.ws_streams_per_socket.max(1);
+            let connections = in_flight.div_ceil(per_connection);
+            let driver =
+                GrpcDriver::connect(root, args.api_key.as_deref(), connections, timeout).await?;
+            Ok(Driver::Grpc(driver))
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// 0 picks a free port (the printed address tells which).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Also serve on this port (gRPC is always served on `--port` too, as HTTP/2 beside
+    /// HTTP/1.1; this port serves the same API, for clients or meshes that want gRPC apart).
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
     /// The model name clients use, for a single `--model` given without a name (default:
     /// `smollm2` for the default model, else the file's or directory's name without `.gguf`).
     #[arg(long)]
@@ -161,7 +165,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("sluice-api")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(state, &args.host, args.port, timeout, jobs));
+    let result = runtime.block_on(serve(
+        state,
+        &args.host,
+        (args.port, args.grpc_port),
+        timeout,
+        jobs,
+    ));
     // Tasks still open (a WebSocket whose client does not read) are dropped, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
@@ -170,7 +180,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(
     state: AppState,
     host: &str,
-    port: u16,
+    (port, grpc_port): (u16, Option<u16>),
     timeout: Duration,
     jobs: Option<std::sync::Arc<crate::jobs::JobService>>,
 ) -> anyhow::Result<()> {
@@ -178,13 +188,31 @@ async fn serve(
         .await
         .with_context(|| format!("binding {host}:{port}"))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match grpc_port {
+        Some(p) => Some(
+            tokio::net::TcpListener::bind((host, p))
+                .await
+                .with_context(|| format!("binding {host}:{p} (--grpc-port)"))?,
+        ),
+        None => None,
+    };
     let plan = state.models.plan_start()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(state.clone());
     let timeouts = state.config.timeouts;
-    let server = tokio::spawn(api::server::serve(listener, app, timeouts, async move {
-        let _ = stop_rx.await;
-    }));
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let grpc_server = grpc_listener.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("gRPC (and the HTTP API) also on {a} (--grpc-port)");
+        }
+        tokio::spawn(api::server::serve(l, app.clone(), timeouts, stopped()))
+    });
+    let server = tokio::spawn(api::server::serve(listener, app, timeouts, stopped()));
     // Probes answer while the models load (live 200, ready 503), and requests for a model
     // wait for its load; the address is printed once every model serves.
     let loaded = tokio::select! {
@@ -203,7 +231,7 @@ async fn serve(
     };
     if let Err(e) = loaded {
         state.models.shutdown(Instant::now());
-        let _ = stop_tx.send(());
+        let _ = stop_tx.send(true);
         return Err(e);
     }
     {
@@ -220,8 +248,15 @@ async fn serve(
         .shutting_down
         .store(true, std::sync::atomic::Ordering::Release);
     state.models.shutdown(Instant::now() + timeout);
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + timeout + SHUTDOWN_GRACE;
+    let server = async move {
+        let main = server.await;
+        if let Some(g) = grpc_server {
+            g.await?;
+        }
+        main
+    };
     match tokio::time::timeout_at(deadline, server).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("server task failed: {e}"),

@@ -8,7 +8,7 @@ pub fn cache_dir() -> PathBuf {
     sluice::assets::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
 }
 
-/// `<cache>/<name>` with `requirement` pip-installed. A marker names the requirement, so a
+/// `<cache>/<name>` with `requirement` pip-installed (several, separated by spaces). A marker names the requirement, so a
 /// change of pin replaces an older environment; concurrent creators each build a temporary
 /// venv and rename it into place, and the loser removes its own.
 pub fn pip_venv(name: &str, requirement: &str) -> PathBuf {
@@ -31,7 +31,7 @@ pub fn pip_venv(name: &str, requirement: &str) -> PathBuf {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .arg(requirement),
+            .args(requirement.split_whitespace()),
     );
     std::fs::write(tmp.join(&marker_name), b"").expect("writing the venv marker");
     if venv.exists() && !marker.exists() {
