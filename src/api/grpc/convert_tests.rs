@@ -102,9 +102,11 @@ fn what_cannot_be_served_is_refused_by_name() {
         param(ParameterChoice::StringParam("many".into())),
     );
     refuse(req, "max_tokens");
+    // A version pins it, as `name@version` (the registry says whether it serves).
     let mut req = request(vec![bytes_input(TEXT_INPUT, &["x"])]);
     req.model_version = "7".into();
-    refuse(req, "version");
+    let pinned = infer_input(req).unwrap().request;
+    assert_eq!(pinned.common.model.as_deref(), Some("smollm2@7"));
     // A shape that does not match the data.
     let mut t = bytes_input(TEXT_INPUT, &["x"]);
     t.shape = vec![3];
