@@ -31,6 +31,9 @@ pub struct HttpTimeouts {
     pub header_read: Duration,
     /// A request body must arrive whole within this.
     pub body_read: Duration,
+    /// Most connections open at once on one listening port (0: no limit); one more is
+    /// answered 503 with `Retry-After` and closed.
+    pub max_connections: usize,
 }
 
 impl Default for HttpTimeouts {
@@ -38,8 +41,24 @@ impl Default for HttpTimeouts {
         Self {
             header_read: Duration::from_secs(30),
             body_read: Duration::from_secs(30),
+            max_connections: 0,
         }
     }
+}
+
+/// What a connection past `--max-connections` is told before it is closed: a whole HTTP/1.1
+/// response with the OpenAI error object, so a client sees why and when to come back.
+fn too_many_connections() -> Vec<u8> {
+    let why = "too many connections: the server's --max-connections is reached; retry shortly";
+    let body = super::ApiError::Unavailable(why.into())
+        .in_stream_json()
+        .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains the connections.
@@ -66,6 +85,8 @@ pub async fn serve(
     // Each connection task holds a receiver; `closed()` resolves when all are gone.
     let (close_tx, close_rx) = watch::channel(());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = (timeouts.max_connections > 0)
+        .then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections)));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -81,6 +102,15 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Held for the connection's life.
+        let slot = match slots.as_ref().map(|s| s.clone().try_acquire_owned()) {
+            Some(Err(_)) => {
+                tokio::spawn(refuse(stream));
+                continue;
+            }
+            Some(Ok(permit)) => Some(permit),
+            None => None,
+        };
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
@@ -93,6 +123,7 @@ pub async fn serve(
                 drop(close_rx);
                 return;
             }
+            let _slot = slot;
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -112,4 +143,15 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     drop(close_rx);
     close_tx.closed().await;
+}
+
+/// Answers a connection past the limit and closes it (bounded: a peer that does not read
+/// cannot hold the task).
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        stream.write_all(&too_many_connections()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }

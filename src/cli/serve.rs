@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// connection stays open.
     #[arg(long, default_value_t = 30.0)]
     pub header_read_timeout: f64,
+    /// Most connections open at once per listening port; one more is answered 503 with
+    /// `Retry-After: 1` and closed (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
     /// Seconds a client has to send a whole request body (408 past it).
     #[arg(long, default_value_t = 30.0)]
     pub body_read_timeout: f64,
@@ -134,6 +138,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
+        max_connections: args.max_connections,
     };
     let base = VersionFlags {
         model: args.model.clone(),
