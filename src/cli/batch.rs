@@ -120,45 +120,15 @@ impl std::fmt::Display for Summary {
 
 async fn run_lines(state: &AppState, input: &[u8], args: &BatchRunArgs) -> anyhow::Result<Summary> {
     let start = Instant::now();
-    let texts: Vec<(usize, &[u8])> = input
-        .split(|&c| c == b'\n')
-        .enumerate()
-        .map(|(i, l)| (i + 1, l))
-        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
-        .collect();
-    let bar = Arc::new(indicatif::ProgressBar::new(texts.len() as u64));
+    let parsed = lines::parse_file(input, None);
+    let bar = Arc::new(indicatif::ProgressBar::new(parsed.len() as u64));
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{bar:40} {pos}/{len} lines, {elapsed} elapsed, eta {eta}",
     ) {
         bar.set_style(style);
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut parsed = Vec::with_capacity(texts.len());
-    for (line_no, raw) in texts {
-        let line = std::str::from_utf8(raw)
-            .map_err(|e| lines::LineError {
-                line_no,
-                custom_id: None,
-                code: "invalid_json_line",
-                message: format!("not UTF-8: {e}"),
-            })
-            .and_then(|t| lines::parse_line(line_no, t, None))
-            .and_then(|l| {
-                if seen.insert(l.custom_id.clone()) {
-                    Ok(l)
-                } else {
-                    Err(lines::LineError {
-                        line_no,
-                        custom_id: Some(l.custom_id.clone()),
-                        code: "duplicate_custom_id",
-                        message: format!("custom_id `{}` was used by an earlier line", l.custom_id),
-                    })
-                }
-            });
-        parsed.push(line);
-    }
     let records: Vec<(bool, Value)> = futures::stream::iter(parsed)
-        .map(|line| {
+        .map(|(_, line)| {
             let bar = bar.clone();
             async move {
                 let out = match line {

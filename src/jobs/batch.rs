@@ -172,32 +172,8 @@ impl JobService {
                 .await;
         };
         let endpoint = Endpoint::from_url(&b.endpoint);
-        let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for (i, raw) in bytes.split(|&c| c == b'\n').enumerate() {
-            let line_no = i + 1;
-            let parsed = match std::str::from_utf8(raw) {
-                Ok(t) if t.trim().is_empty() => continue,
-                Ok(t) => lines::parse_line(line_no, t, endpoint),
-                Err(e) => Err(lines::LineError {
-                    line_no,
-                    custom_id: None,
-                    code: "invalid_json_line",
-                    message: format!("not UTF-8: {e}"),
-                }),
-            };
-            let parsed = parsed.and_then(|l| {
-                if seen.insert(l.custom_id.clone()) {
-                    Ok(l)
-                } else {
-                    Err(lines::LineError {
-                        line_no,
-                        custom_id: Some(l.custom_id.clone()),
-                        code: "duplicate_custom_id",
-                        message: format!("custom_id `{}` was used by an earlier line", l.custom_id),
-                    })
-                }
-            });
+        for (line_no, parsed) in lines::parse_file(&bytes, endpoint) {
             out.push(match parsed {
                 Ok(l) => NewLine::Pending(PendingLine {
                     line_no: line_no as i64,

@@ -58,6 +58,44 @@ struct RawLine {
 
 /// Reads line `line_no` (1-based). `batch_endpoint`, when the batch names one, is the only
 /// url allowed.
+/// Every non-blank line of an input file with its number: parsed, or why it cannot run (not
+/// UTF-8, malformed, a `custom_id` an earlier line used). Shared by batches and
+/// `sluice batch run`.
+pub fn parse_file(
+    bytes: &[u8],
+    batch_endpoint: Option<Endpoint>,
+) -> Vec<(usize, Result<InputLine, LineError>)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, raw) in bytes.split(|&c| c == b'\n').enumerate() {
+        let line_no = i + 1;
+        let parsed = match std::str::from_utf8(raw) {
+            Ok(t) if t.trim().is_empty() => continue,
+            Ok(t) => parse_line(line_no, t, batch_endpoint),
+            Err(e) => Err(LineError {
+                line_no,
+                custom_id: None,
+                code: "invalid_json_line",
+                message: format!("not UTF-8: {e}"),
+            }),
+        };
+        let parsed = parsed.and_then(|l| {
+            if seen.insert(l.custom_id.clone()) {
+                Ok(l)
+            } else {
+                Err(LineError {
+                    line_no,
+                    custom_id: Some(l.custom_id.clone()),
+                    code: "duplicate_custom_id",
+                    message: format!("custom_id `{}` was used by an earlier line", l.custom_id),
+                })
+            }
+        });
+        out.push((line_no, parsed));
+    }
+    out
+}
+
 pub fn parse_line(
     line_no: usize,
     text: &str,
