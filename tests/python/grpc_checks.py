@@ -99,6 +99,10 @@ expect_error("NOT_FOUND", client.infer, MODEL, [text_input(PROMPT)], headers=AUT
 client.load_model(MODEL, headers=ADMIN)
 check(client.is_model_ready(MODEL, headers=AUTH), "ready after load")
 check(client.is_model_ready(MODEL, "1", headers=AUTH), "version 1 ready after load")
+# Options the repository does not honour are refused by name, never ignored.
+expect_error("INVALID_ARGUMENT", client.load_model, MODEL, headers=ADMIN, config="{}", contains="config")
+expect_error("NOT_FOUND", client.get_model_metadata, MODEL, "9", headers=AUTH)
+check(client.get_model_metadata(MODEL, "1", headers=AUTH, as_json=True)["versions"] == ["1"], "metadata of version 1")
 print("metadata ok")
 
 # The API key applies to the inference service, not to health.

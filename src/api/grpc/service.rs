@@ -245,14 +245,24 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let model = served(&self.state, &request.get_ref().name)?;
+        let r = request.get_ref();
+        let model = served(&self.state, &r.name)?;
+        // A `version` asks about that one: it must be loaded.
+        let versions: Vec<String> = model
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Ready)
+            .filter(|v| r.version.is_empty() || v.version == r.version)
+            .map(|v| v.version.clone())
+            .collect();
+        if versions.is_empty() && !r.version.is_empty() {
+            return Err(Status::not_found(format!(
+                "`{}` has no loaded version `{}`",
+                model.name, r.version
+            )));
+        }
         Ok(Response::new(ModelMetadataResponse {
-            versions: model
-                .versions
-                .iter()
-                .filter(|v| v.state == VersionState::Ready)
-                .map(|v| v.version.clone())
-                .collect(),
+            versions,
             name: model.name,
             platform: "sluice".into(),
             inputs: vec![
@@ -381,7 +391,9 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let name = &request.get_ref().model_name;
+        let r = request.get_ref();
+        refuse_repository_options(&r.repository_name, &r.parameters)?;
+        let name = &r.model_name;
         let live = served(&self.state, name)?.live_version;
         self.state
             .models
@@ -396,10 +408,34 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let r = request.get_ref();
+        refuse_repository_options(&r.repository_name, &r.parameters)?;
         self.state
             .models
-            .unload_model(&request.get_ref().model_name)
+            .unload_model(&r.model_name)
             .map_err(ApiError::from)?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
+}
+
+/// Triton's repository options that sluice does not honour (a named repository, a config or
+/// files sent with the load) are refused by name rather than ignored.
+fn refuse_repository_options<V>(
+    repository: &str,
+    parameters: &std::collections::HashMap<String, V>,
+) -> Result<(), Status> {
+    if !repository.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "repository_name `{repository}`: sluice has one repository, its registry; send it empty"
+        )));
+    }
+    // `unload_dependents` (tritonclient always sends it) has nothing to act on: a sluice
+    // model has no dependents (no ensembles), so either value is honoured.
+    if let Some(k) = parameters.keys().find(|k| *k != "unload_dependents") {
+        return Err(Status::invalid_argument(format!(
+            "parameters: `{k}` is not supported (versions and their sources are the admin API's, \
+             docs/models.md)"
+        )));
+    }
+    Ok(())
 }
