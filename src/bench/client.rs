@@ -247,14 +247,7 @@ impl HttpDriver {
 
     pub async fn send(&self, body: &str, origin: Instant) -> RequestRecord {
         let mut tracker = StreamTracker::start(origin);
-        let result = match tokio::time::timeout(self.timeout, self.stream(body, &mut tracker)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(RequestError::new(
-                ErrorKind::Timeout,
-                format!("no [DONE] after {:?}", self.timeout),
-            )),
-        };
+        let result = within(self.timeout, "[DONE]", self.stream(body, &mut tracker)).await;
         tracker.finish(Instant::now(), result)
     }
 
@@ -333,4 +326,20 @@ async fn read_error_body(resp: reqwest::Response) -> String {
         Ok(v) if v.get("error").is_some() => super::sse::error_message(&v["error"]),
         _ => String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// `stream` bounded by `timeout`: past it, a timeout error saying what never came.
+pub(super) async fn within(
+    timeout: Duration,
+    awaited: &str,
+    stream: impl std::future::Future<Output = Result<(), RequestError>>,
+) -> Result<(), RequestError> {
+    tokio::time::timeout(timeout, stream)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RequestError::new(
+                ErrorKind::Timeout,
+                format!("no {awaited} after {timeout:?}"),
+            ))
+        })
 }

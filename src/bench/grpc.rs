@@ -71,14 +71,12 @@ impl GrpcDriver {
 
     pub async fn send(&self, body: &str, origin: Instant) -> RequestRecord {
         let mut tracker = StreamTracker::start(origin);
-        let result = match tokio::time::timeout(self.timeout, self.stream(body, &mut tracker)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(RequestError::new(
-                ErrorKind::Timeout,
-                format!("no final response after {:?}", self.timeout),
-            )),
-        };
+        let result = super::client::within(
+            self.timeout,
+            "final response",
+            self.stream(body, &mut tracker),
+        )
+        .await;
         tracker.finish(Instant::now(), result)
     }
 

@@ -124,12 +124,11 @@ impl ServedModel {
             .map_err(|e| format!("warm-up: tokenizing: {e}"))?;
         let mut request = GenerateRequest::greedy(ids, 2);
         request.request_id = format!("warmup-{}", self.id());
-        let stream = self
+        let mut stream = self
             .engine
             .submit(request)
             .map_err(|e| format!("warm-up: {e}"))?;
         let deadline = Instant::now() + timeout;
-        let mut stream = stream;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match stream.next_timeout(left) {
