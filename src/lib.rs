@@ -23,4 +23,5 @@ pub mod parallel;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;
+pub mod telemetry;
 pub mod tokenizer;

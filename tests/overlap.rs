@@ -79,7 +79,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
                 text.push_str(&t);
             }
             Some(StreamEvent::SeqFinished { .. }) => {}
-            Some(StreamEvent::Done { usage }) => {
+            Some(StreamEvent::Done { usage, .. }) => {
                 return Outcome {
                     ids,
                     text,

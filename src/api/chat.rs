@@ -14,7 +14,7 @@ use futures::StreamExt;
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    ChoiceAcc, ChoiceStream, ResponseMeta,
+    trace_failure, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -28,6 +28,7 @@ use super::tools::{self, ChoiceOutput, ToolFormat, ToolRequest, ToolStream};
 use super::validation::{self, ValidatedParams};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
+use crate::telemetry::{Operation, RequestTrace};
 use crate::tokenizer::{ChatTemplateOptions, Tokenizer};
 
 /// A validated, submitted chat request.
@@ -74,8 +75,27 @@ pub async fn prepare_at(
     req: ChatCompletionRequest,
     priority: Option<i32>,
 ) -> Result<PreparedChat, ApiError> {
+    let mut trace = Some(RequestTrace::start(Operation::Chat));
+    let prepared = prepare_traced(state, req, priority, &mut trace).await;
+    // A refusal before the engine took the request still ends its span, with the error.
+    if let (Err(e), Some(t)) = (&prepared, trace) {
+        trace_failure(t, e);
+    }
+    prepared
+}
+
+/// `prepare_at`; `trace` is taken when the request is submitted.
+async fn prepare_traced(
+    state: &AppState,
+    req: ChatCompletionRequest,
+    priority: Option<i32>,
+    trace: &mut Option<RequestTrace>,
+) -> Result<PreparedChat, ApiError> {
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
+    if let Some(t) = trace {
+        t.model(Operation::Chat, &served.name, &served.version);
+    }
     let info = &served.engine.info;
     let mut params = validation::validate_chat(&req, info)?;
     if let Some(p) = priority {
@@ -133,8 +153,11 @@ pub async fn prepare_at(
         id.clone(),
         arrival,
     )?;
+    if let Some(t) = trace {
+        t.request(&id, &request, 1);
+    }
     let streams = submit_all(&served.engine, vec![request])?;
-    let events = choice_events(streams, params.n);
+    let events = choice_events(streams, params.n, RequestTrace::taken(trace));
     Ok(PreparedChat {
         meta: ResponseMeta::new(id, served),
         params,
@@ -289,7 +312,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                         None,
                     );
                 }
-                StreamEvent::Done { usage: u } => {
+                StreamEvent::Done { usage: u, .. } => {
                     if params.include_usage {
                         let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens);
                         yield chunk(Vec::new(), Some(usage), None);

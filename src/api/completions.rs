@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    ChoiceAcc, ChoiceStream, ResponseMeta,
+    trace_failure, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -25,6 +25,7 @@ use super::structured;
 use super::validation::{self, ValidatedParams, COMPLETIONS_DEFAULT_MAX_TOKENS};
 use super::{AppState, JsonBody};
 use crate::engine::{StreamEvent, TokenLogprob};
+use crate::telemetry::{Operation, RequestTrace};
 use crate::tokenizer::Tokenizer;
 
 /// A validated, submitted completions request.
@@ -87,8 +88,27 @@ pub async fn prepare_at(
     req: CompletionRequest,
     priority: Option<i32>,
 ) -> Result<PreparedCompletion, ApiError> {
+    let mut trace = Some(RequestTrace::start(Operation::TextCompletion));
+    let prepared = prepare_traced(state, req, priority, &mut trace).await;
+    // A refusal before the engine took the request still ends its span, with the error.
+    if let (Err(e), Some(t)) = (&prepared, trace) {
+        trace_failure(t, e);
+    }
+    prepared
+}
+
+/// `prepare_at`; `trace` is taken when the request is submitted.
+async fn prepare_traced(
+    state: &AppState,
+    req: CompletionRequest,
+    priority: Option<i32>,
+    trace: &mut Option<RequestTrace>,
+) -> Result<PreparedCompletion, ApiError> {
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
+    if let Some(t) = trace {
+        t.model(Operation::TextCompletion, &served.name, &served.version);
+    }
     let info = &served.engine.info;
     let mut params = validation::validate_completion(&req, info)?;
     if let Some(p) = priority {
@@ -131,8 +151,11 @@ pub async fn prepare_at(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let (Some(t), Some(first)) = (&trace, requests.first()) {
+        t.request(&id, first, requests.len());
+    }
     let streams = submit_all(&served.engine, requests)?;
-    let events = choice_events(streams, params.n);
+    let events = choice_events(streams, params.n, RequestTrace::taken(trace));
     Ok(PreparedCompletion {
         meta: ResponseMeta::new(id, served),
         params,
@@ -281,7 +304,7 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
                         prompt_token_ids: None,
                     }], None);
                 }
-                StreamEvent::Done { usage: u } => {
+                StreamEvent::Done { usage: u, .. } => {
                     if params.include_usage {
                         yield chunk(Vec::new(), Some(UsageInfo::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)));
                     }

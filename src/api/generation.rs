@@ -13,9 +13,10 @@ use futures::{Stream, StreamExt};
 
 use super::errors::ApiError;
 use crate::engine::{
-    EngineHandle, GenerateRequest, RequestError, RequestStream, StopReason, StreamEvent,
-    TokenLogprob, Usage,
+    EngineHandle, GenerateRequest, RequestError, RequestStream, RequestTimings, StopReason,
+    StreamEvent, TokenLogprob, Usage,
 };
+use crate::telemetry::RequestTrace;
 use crate::tokenizer::Tokenizer;
 
 /// The engine's events of every request behind one response, as one stream: a token or
@@ -65,7 +66,7 @@ pub async fn collect_choices<L>(
                     a.stop_reason = stop_reason_json(&stop_reason);
                 }
             }
-            StreamEvent::Done { usage } => return Ok(usage),
+            StreamEvent::Done { usage, .. } => return Ok(usage),
             StreamEvent::Error(e) => return Err(e.into()),
         }
     }
@@ -85,8 +86,12 @@ pub fn submit_all(
 }
 
 /// Merges the requests' events into one stream, each event moved, not copied: only its
-/// index is rewritten to the choice index.
-pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
+/// index is rewritten to the choice index. `trace` sees every event and ends with it.
+pub fn choice_events(
+    streams: Vec<RequestStream>,
+    n: usize,
+    mut trace: RequestTrace,
+) -> ChoiceStream {
     let num_requests = streams.len();
     let tagged = streams.into_iter().enumerate().map(|(prompt_index, rs)| {
         futures::stream::unfold(rs, |mut rs| async move {
@@ -99,27 +104,37 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
     let mut merged = futures::stream::select_all(tagged);
     Box::pin(async_stream::stream! {
         let mut usage = Usage::default();
+        let mut timings: Option<RequestTimings> = None;
         let mut num_done = 0;
         while let Some((prompt_index, mut ev)) = merged.next().await {
             let base = prompt_index * n;
             match ev {
-                StreamEvent::Token { ref mut index, .. }
-                | StreamEvent::SeqFinished { ref mut index, .. } => {
+                StreamEvent::Token { ref mut index, .. } => {
                     *index += base;
                     yield ev;
                 }
-                StreamEvent::Done { usage: u } => {
+                StreamEvent::SeqFinished { ref mut index, reason, .. } => {
+                    *index += base;
+                    trace.seq_finished(reason);
+                    yield ev;
+                }
+                StreamEvent::Done { usage: u, timings: t } => {
                     usage.prompt_tokens += u.prompt_tokens;
                     usage.completion_tokens += u.completion_tokens;
                     usage.cached_tokens += u.cached_tokens;
+                    trace.engine_request_done(t);
+                    let t = timings.map_or(t, |m| m.merge(t));
+                    timings = Some(t);
                     num_done += 1;
                     if num_done == num_requests {
-                        yield StreamEvent::Done { usage };
+                        trace.finish(&usage);
+                        yield StreamEvent::Done { usage, timings: t };
                         return;
                     }
                 }
-                StreamEvent::Error(_) => {
-                    yield ev;
+                StreamEvent::Error(e) => {
+                    trace_failure(trace, &ApiError::from(e.clone()));
+                    yield StreamEvent::Error(e);
                     return;
                 }
             }
@@ -128,6 +143,11 @@ pub fn choice_events(streams: Vec<RequestStream>, n: usize) -> ChoiceStream {
         // the client still gets an error rather than a silent end.
         yield StreamEvent::Error(RequestError::NoResult);
     })
+}
+
+/// Ends `trace` with `e`: its status code as `error.type`, its message as the status.
+pub fn trace_failure(trace: RequestTrace, e: &ApiError) {
+    trace.fail(e.status().as_str(), &e.to_string());
 }
 
 /// vLLM's `stop_reason`: the stop token id, the stop string, or null.

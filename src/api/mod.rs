@@ -143,8 +143,10 @@ impl AppState {
 }
 
 /// The whole API: gRPC requests (`application/grpc`, HTTP/2) go to `grpc::router`, the
-/// rest to the HTTP routes.
+/// rest to the HTTP routes. Either runs under the caller's trace context (`traceparent`),
+/// which the request's span takes as its parent (`telemetry/`).
 pub fn router(state: AppState) -> Router {
+    use opentelemetry::context::FutureExt as _;
     let grpc = grpc::router(state.clone());
     let http = http_router(state);
     Router::new().fallback_service(tower::service_fn(move |req: Request| {
@@ -153,7 +155,8 @@ pub fn router(state: AppState) -> Router {
         } else {
             http.clone()
         };
-        routes.oneshot(req)
+        let parent = crate::telemetry::extract_context(req.headers());
+        routes.oneshot(req).with_context(parent)
     }))
 }
 

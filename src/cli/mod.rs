@@ -43,20 +43,18 @@ pub enum Command {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        // One object per line, the event's fields at the top level.
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-    }
+    let traces_endpoint = match &cli.command {
+        Command::Serve(args) => args.otlp_traces_endpoint.clone(),
+        _ => None,
+    };
+    // Held to the end of `main`: dropping it flushes the last spans.
+    let _traces = match init_logs(cli.log_format, traces_endpoint.as_deref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(*args),
@@ -70,4 +68,43 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs on stderr (`RUST_LOG`, default `info`), and request spans to an OTLP collector when
+/// `traces_endpoint` is given.
+fn init_logs(
+    format: LogFormat,
+    traces_endpoint: Option<&str>,
+) -> Result<Option<crate::telemetry::TracesGuard>, crate::telemetry::TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Request spans are for the exporter; log lines would only repeat them.
+    if let Ok(off) = format!("{}=off", crate::telemetry::TARGET).parse() {
+        filter = filter.add_directive(off);
+    }
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
+        // One object per line, the event's fields at the top level.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let (guard, traces) = match traces_endpoint {
+        Some(endpoint) => {
+            let (guard, layer) = crate::telemetry::init_traces(endpoint)?;
+            (Some(guard), Some(layer))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .init();
+    Ok(guard)
 }

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// read), sluice's, or both.
     #[arg(long, value_enum, default_value_t = api::metrics::MetricNames::Both)]
     pub metrics_names: api::metrics::MetricNames,
+    /// Export a trace of every request over OTLP/gRPC to this collector
+    /// (`http://host:4317`); the caller's W3C `traceparent` is honoured (docs/operations.md).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
     #[command(flatten)]
     pub jobs: JobsArgs,
 }

@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
-pub use request::{FinishReason, GenerateRequest, StopReason, StreamEvent, TokenLogprob, Usage};
+pub use request::{
+    FinishReason, GenerateRequest, RequestTimings, StopReason, StreamEvent, TokenLogprob, Usage,
+};
 pub use request_error::{EngineErrorKind, RequestError, StepError};
 
 use crate::kernels::Backend;

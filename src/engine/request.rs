@@ -107,6 +107,40 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
+/// When a finished request reached each stage, for its trace (`telemetry/`): queueing is
+/// `queued..scheduled`, prefill `scheduled..first_token`, decode `first_token..finished`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTimings {
+    /// When the API received it (`GenerateRequest::arrival`).
+    pub arrival: Instant,
+    /// When the engine took it into its queue.
+    pub queued: Instant,
+    /// When a step first ran it; `None` if it never ran.
+    pub scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub finished: Instant,
+}
+
+impl RequestTimings {
+    /// The span of several engine requests behind one response (a completions request with
+    /// several prompts): the earliest start of each stage, the last finish.
+    pub fn merge(self, other: Self) -> Self {
+        fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        Self {
+            arrival: self.arrival.min(other.arrival),
+            queued: self.queued.min(other.queued),
+            scheduled: earliest(self.scheduled, other.scheduled),
+            first_token: earliest(self.first_token, other.first_token),
+            finished: self.finished.max(other.finished),
+        }
+    }
+}
+
 /// One event of a request's stream. Every stream ends with exactly one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
@@ -126,7 +160,10 @@ pub enum StreamEvent {
         stop_reason: Option<StopReason>,
     },
     /// The request is complete.
-    Done { usage: Usage },
+    Done {
+        usage: Usage,
+        timings: RequestTimings,
+    },
     /// The request failed; nothing follows.
     Error(RequestError),
 }

@@ -30,7 +30,7 @@ use super::fault::FaultInjection;
 use super::handle::{RequestId, Shared};
 use super::metrics::EngineMetrics;
 use super::output::SeqOutput;
-use super::request::{GenerateRequest, StreamEvent, Usage};
+use super::request::{GenerateRequest, RequestTimings, StreamEvent, Usage};
 use super::request_error::RequestError;
 use super::runner::ModelRunner;
 use crate::kernels::Backend;
@@ -46,6 +46,8 @@ pub(super) struct RequestState {
     live_seqs: usize,
     /// Scheduled at least once (no longer counted as waiting).
     started: bool,
+    /// When the engine took it in.
+    queued_at: Instant,
     /// When the first step that ran it was planned.
     started_at: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -174,6 +176,7 @@ impl RequestTable {
                 live_seqs: seq_ids.len(),
                 seq_ids,
                 started: false,
+                queued_at: Instant::now(),
                 started_at: None,
                 first_token_at: None,
                 max_choice_tokens: 0,
@@ -413,6 +416,13 @@ impl RequestTable {
             m.request_decode_time_seconds
                 .observe((now - first).as_secs_f64());
         }
-        let _ = req.events.try_send(StreamEvent::Done { usage });
+        let timings = RequestTimings {
+            arrival: req.request.arrival,
+            queued: req.queued_at,
+            scheduled: req.started_at,
+            first_token: req.first_token_at,
+            finished: now,
+        };
+        let _ = req.events.try_send(StreamEvent::Done { usage, timings });
     }
 }

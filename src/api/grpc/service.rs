@@ -169,7 +169,7 @@ fn one_request(
                         *r = reason.as_str();
                     }
                 }
-                StreamEvent::Done { usage } => {
+                StreamEvent::Done { usage, .. } => {
                     // Streaming: the final response carries no text, only the summary.
                     let texts = if stream { vec![String::new(); num_choices] } else { std::mem::take(&mut texts) };
                     let mut resp = convert::text_response(&model, &version, &id, &texts);
