@@ -89,6 +89,22 @@ async fn json_logs_and_request_ids() {
     assert_eq!(a["path"], "/v1/completions");
     assert!(a["duration_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(access(&generated)["status"], 404);
+    // The generation's own summary line: the same id, its model, tokens and latencies.
+    let done = lines
+        .iter()
+        .find(|l| l["target"] == "sluice::request" && l["request_id"] == "client-id-42")
+        .unwrap_or_else(|| panic!("no summary line for client-id-42 in\n{text}"));
+    assert_eq!(done["message"], "request finished");
+    assert_eq!(done["operation"], "text_completion");
+    assert!(
+        done["model"].as_str().unwrap().starts_with("smollm2@"),
+        "{done}"
+    );
+    assert_eq!(done["completion_tokens"], 2);
+    assert!(done["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(done["finish_reasons"], "length");
+    assert!(done["ttft_ms"].as_f64().unwrap() > 0.0);
+    assert!(done["e2e_ms"].as_f64().unwrap() >= done["ttft_ms"].as_f64().unwrap());
     let _ = std::fs::remove_file(log);
 }
 

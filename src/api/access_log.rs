@@ -31,7 +31,10 @@ pub async fn request_id_and_access_log(mut request: Request, next: Next) -> Resp
     request.headers_mut().insert(REQUEST_ID, value.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let mut response = next.run(request).await;
+    // Generation handlers put the id on their summary line (`telemetry::RequestTrace`).
+    let mut response = crate::telemetry::REQUEST_ID
+        .scope(id.clone(), next.run(request))
+        .await;
     response.headers_mut().insert(REQUEST_ID, value);
     let status = response.status().as_u16();
     // Time to the response's head: a stream's own length is in the latency metrics.

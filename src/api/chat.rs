@@ -94,7 +94,7 @@ async fn prepare_traced(
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
     if let Some(t) = trace {
-        t.model(Operation::Chat, &served.name, &served.version);
+        t.model(&served.name, &served.version);
     }
     let info = &served.engine.info;
     let mut params = validation::validate_chat(&req, info)?;

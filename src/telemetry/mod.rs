@@ -22,7 +22,7 @@ use tracing::Subscriber;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
-pub use request_trace::{Operation, RequestTrace};
+pub use request_trace::{Operation, RequestTrace, REQUEST_ID};
 
 /// The `tracing` target of request spans: only these (and warnings) reach the exporter.
 pub const TARGET: &str = "sluice::trace";

@@ -1,4 +1,4 @@
-//! One request's trace: a server span named `{operation} {model}` with the GenAI semantic
+//! One request's trace and its summary log line: a server span named `{operation} {model}` with the GenAI semantic
 //! conventions' attributes (`gen_ai.*`; the latency attributes under vLLM's names, which its
 //! users' dashboards read), and a `queue`, `prefill` and `decode` child per engine request,
 //! timed by the engine.
@@ -27,67 +27,83 @@ impl Operation {
     }
 }
 
-/// The span of one generation request, from its arrival to its end. Inert (every method a
-/// no-op) when traces are off. Dropped before `finish` or `fail` (the client went away),
-/// it ends marked `error.type = cancelled`.
+/// One generation request from its arrival to its end: its span (when traces are on) and its
+/// summary log line (always: target `sluice::request`, with the request id, model, tokens,
+/// finish reasons and latencies). Dropped before `finish` or `fail` (the client went away),
+/// it ends as `cancelled`.
 pub struct RequestTrace(Option<Box<Live>>);
 
 struct Live {
-    span: tracing::Span,
+    /// `None` when traces are off.
+    span: Option<tracing::Span>,
+    operation: Operation,
+    /// The `x-request-id` the response carries (`api/access_log.rs`), when there is one.
+    request_id: Option<String>,
+    model: String,
     finish_reasons: Vec<&'static str>,
     /// Every engine request's timings so far, merged.
     timings: Option<RequestTimings>,
     ended: bool,
 }
 
+tokio::task_local! {
+    /// The id of the HTTP request being handled, set by the access log around the handler.
+    pub static REQUEST_ID: String;
+}
+
 impl RequestTrace {
     /// Opens the span under the current OpenTelemetry context (the caller's `traceparent`,
     /// attached by the API's router).
     pub fn start(operation: Operation) -> Self {
-        if !super::enabled() {
-            return Self(None);
-        }
-        let span = tracing::info_span!(
-            target: super::TARGET,
-            "gen_ai.request",
-            otel.name = operation.as_str(),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-        );
-        // An invalid or absent parent leaves the span a root.
-        let _ = span.set_parent(opentelemetry::Context::current());
-        span.set_attribute("gen_ai.operation.name", operation.as_str());
-        span.set_attribute("gen_ai.provider.name", "sluice");
+        let span = super::enabled().then(|| {
+            let span = tracing::info_span!(
+                target: super::TARGET,
+                "gen_ai.request",
+                otel.name = operation.as_str(),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+            );
+            // An invalid or absent parent leaves the span a root.
+            let _ = span.set_parent(opentelemetry::Context::current());
+            span.set_attribute("gen_ai.operation.name", operation.as_str());
+            span.set_attribute("gen_ai.provider.name", "sluice");
+            span
+        });
         Self(Some(Box::new(Live {
             span,
+            operation,
+            request_id: REQUEST_ID.try_with(String::clone).ok(),
+            model: String::new(),
             finish_reasons: Vec::new(),
             timings: None,
             ended: false,
         })))
     }
 
-    /// The trace in `slot` (left empty), or an inert one.
+    /// The trace in `slot` (left empty), or one that records nothing.
     pub fn taken(slot: &mut Option<Self>) -> Self {
         slot.take().unwrap_or(Self(None))
     }
 
+    fn span(&self) -> Option<&tracing::Span> {
+        self.0.as_ref().and_then(|l| l.span.as_ref())
+    }
+
     /// The model (and version) the request was routed to; names the span.
-    pub fn model(&self, operation: Operation, name: &str, version: &str) {
-        let Some(live) = &self.0 else { return };
-        live.span
-            .record("otel.name", format!("{} {name}", operation.as_str()));
-        live.span
-            .set_attribute("gen_ai.request.model", name.to_string());
-        live.span
-            .set_attribute("gen_ai.response.model", format!("{name}@{version}"));
+    pub fn model(&mut self, name: &str, version: &str) {
+        let Some(live) = &mut self.0 else { return };
+        live.model = format!("{name}@{version}");
+        let Some(span) = &live.span else { return };
+        span.record("otel.name", format!("{} {name}", live.operation.as_str()));
+        span.set_attribute("gen_ai.request.model", name.to_string());
+        span.set_attribute("gen_ai.response.model", live.model.clone());
     }
 
     /// The parameters of a submitted request (the first, when a completions request has
     /// several prompts: they share them) and the response's id.
     pub fn request(&self, response_id: &str, request: &GenerateRequest, num_prompts: usize) {
-        let Some(live) = &self.0 else { return };
-        let span = &live.span;
+        let Some(span) = self.span() else { return };
         let s = &request.sampling;
         span.set_attribute("gen_ai.response.id", response_id.to_string());
         span.set_attribute("gen_ai.request.max_tokens", request.max_tokens as i64);
@@ -127,9 +143,11 @@ impl RequestTrace {
     /// One engine request ended: its queue, prefill and decode become children.
     pub fn engine_request_done(&mut self, t: RequestTimings) {
         let Some(live) = &mut self.0 else { return };
+        live.timings = Some(live.timings.map_or(t, |m| m.merge(t)));
+        let Some(span) = &live.span else { return };
         let clock = Clock::now();
         let tracer = opentelemetry::global::tracer("sluice");
-        let parent = live.span.context();
+        let parent = span.context();
         let first_token = t.first_token.unwrap_or(t.finished);
         let stages = [
             ("queue", Some(t.queued), t.scheduled.unwrap_or(t.finished)),
@@ -145,14 +163,28 @@ impl RequestTrace {
                 .start_with_context(&tracer, &parent);
             child.end_with_timestamp(clock.at(end.max(start)));
         }
-        live.timings = Some(live.timings.map_or(t, |m| m.merge(t)));
     }
 
     /// The request completed: usage, finish reasons and latencies.
     pub fn finish(mut self, usage: &Usage) {
         let Some(live) = &mut self.0 else { return };
         live.ended = true;
-        let span = &live.span;
+        let latencies = live.timings.map(Latencies::of);
+        let reasons = live.finish_reasons.join(",");
+        tracing::info!(
+            target: "sluice::request",
+            request_id = live.request_id.as_deref().unwrap_or(""),
+            operation = live.operation.as_str(),
+            model = %live.model,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            cached_tokens = usage.cached_tokens,
+            finish_reasons = %reasons,
+            ttft_ms = latencies.map_or(0.0, |l| l.ttft * 1e3),
+            e2e_ms = latencies.map_or(0.0, |l| l.e2e * 1e3),
+            "request finished"
+        );
+        let Some(span) = &live.span else { return };
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens as i64);
         span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens as i64);
         span.set_attribute(
@@ -161,38 +193,40 @@ impl RequestTrace {
         );
         let reasons: Vec<String> = live.finish_reasons.iter().map(|r| r.to_string()).collect();
         span.set_attribute("gen_ai.response.finish_reasons", strings(&reasons));
-        if let Some(t) = live.timings {
-            let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
-            let scheduled = t.scheduled.unwrap_or(t.finished);
-            let first = t.first_token.unwrap_or(t.finished);
-            span.set_attribute("gen_ai.latency.time_in_queue", secs(t.queued, scheduled));
-            span.set_attribute("gen_ai.latency.time_to_first_token", secs(t.arrival, first));
-            span.set_attribute(
-                "gen_ai.latency.time_in_model_prefill",
-                secs(scheduled, first),
-            );
-            span.set_attribute(
-                "gen_ai.latency.time_in_model_decode",
-                secs(first, t.finished),
-            );
-            span.set_attribute("gen_ai.latency.e2e", secs(t.arrival, t.finished));
+        if let Some(l) = latencies {
+            span.set_attribute("gen_ai.latency.time_in_queue", l.queue);
+            span.set_attribute("gen_ai.latency.time_to_first_token", l.ttft);
+            span.set_attribute("gen_ai.latency.time_in_model_prefill", l.prefill);
+            span.set_attribute("gen_ai.latency.time_in_model_decode", l.decode);
+            span.set_attribute("gen_ai.latency.e2e", l.e2e);
         }
     }
 
-    /// The request failed with an error of `kind` (the OpenAI error type, or a status).
+    /// The request failed with an error of `kind` (the HTTP status).
     pub fn fail(mut self, kind: &str, message: &str) {
         if let Some(live) = &mut self.0 {
             live.ended = true;
-            live.mark_error(kind, message);
+            live.end_with_error(kind, message);
         }
     }
 }
 
 impl Live {
-    fn mark_error(&self, kind: &str, message: &str) {
-        self.span.set_attribute("error.type", kind.to_string());
-        self.span.record("otel.status_code", "ERROR");
-        self.span.record("otel.status_description", message);
+    fn end_with_error(&self, kind: &str, message: &str) {
+        tracing::info!(
+            target: "sluice::request",
+            request_id = self.request_id.as_deref().unwrap_or(""),
+            operation = self.operation.as_str(),
+            model = %self.model,
+            error = kind,
+            message,
+            "request failed"
+        );
+        if let Some(span) = &self.span {
+            span.set_attribute("error.type", kind.to_string());
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", message);
+        }
     }
 }
 
@@ -200,8 +234,33 @@ impl Drop for RequestTrace {
     fn drop(&mut self) {
         if let Some(live) = &self.0 {
             if !live.ended {
-                live.span.set_attribute("error.type", "cancelled");
+                live.end_with_error("cancelled", "the client went away");
             }
+        }
+    }
+}
+
+/// A finished request's stage times, in seconds.
+#[derive(Clone, Copy)]
+struct Latencies {
+    queue: f64,
+    ttft: f64,
+    prefill: f64,
+    decode: f64,
+    e2e: f64,
+}
+
+impl Latencies {
+    fn of(t: RequestTimings) -> Self {
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        let scheduled = t.scheduled.unwrap_or(t.finished);
+        let first = t.first_token.unwrap_or(t.finished);
+        Self {
+            queue: secs(t.queued, scheduled),
+            ttft: secs(t.arrival, first),
+            prefill: secs(scheduled, first),
+            decode: secs(first, t.finished),
+            e2e: secs(t.arrival, t.finished),
         }
     }
 }
@@ -246,10 +305,10 @@ mod tests {
     }
 
     #[test]
-    fn off_is_inert() {
-        // Traces are off in unit tests: nothing is built, every call is a no-op.
+    fn without_traces_no_span_is_built() {
         let mut t = RequestTrace::start(Operation::Chat);
-        assert!(t.0.is_none());
+        assert!(t.span().is_none());
+        t.model("m", "1");
         t.seq_finished(FinishReason::Stop);
         t.finish(&Usage::default());
     }
