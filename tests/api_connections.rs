@@ -1,5 +1,7 @@
-//! `--max-connections`: connections past the limit get a 503 with `Retry-After` and the
-//! OpenAI error object, then close; once a connection ends, its slot serves again.
+//! The edge. `--max-connections`: connections past the limit get a 503 with `Retry-After` and
+//! the OpenAI error object, then close; once a connection ends, its slot serves again.
+//! `--api-keys-file`: several keys, each with its own requests and tokens per minute, refused
+//! with OpenAI's 429, its `x-ratelimit-*` headers and a retry time the SDK honours.
 
 mod api_support;
 
@@ -50,4 +52,36 @@ fn connections_past_the_limit_are_told_to_retry() {
         assert!(start.elapsed() < Duration::from_secs(10), "{answer}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn per_key_rate_limits_through_the_openai_sdk() {
+    let keys = std::env::temp_dir().join(format!("sluice-keys-{}.toml", std::process::id()));
+    std::fs::write(
+        &keys,
+        r#"
+[[key]]
+name = "two-a-minute"
+key = "key-rpm2"
+requests_per_minute = 2
+
+[[key]]
+name = "thirty-tokens"
+key = "key-tpm30"
+tokens_per_minute = 30
+
+[[key]]
+name = "one-a-second"
+key = "key-rpm60"
+requests_per_minute = 60
+
+[[key]]
+name = "free"
+key = "key-free"
+"#,
+    )
+    .unwrap();
+    let server = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    api_support::run_python("rate_limit_checks.py", &server.url, &[]);
+    let _ = std::fs::remove_file(keys);
 }

@@ -91,6 +91,8 @@ async fn prepare_traced(
     priority: Option<i32>,
     trace: &mut Option<RequestTrace>,
 ) -> Result<PreparedChat, ApiError> {
+    // The key's rate limits, before any work is spent on the request.
+    super::keys::admit_current()?;
     let arrival = std::time::Instant::now();
     let served = state.route(req.common.model.as_deref()).await?;
     if let Some(t) = trace {

@@ -44,6 +44,9 @@ pub enum ApiError {
     Http { status: StatusCode, message: String },
     #[error(transparent)]
     Overloaded(SubmitError),
+    /// The API key's own requests or tokens per minute (`api/keys/`).
+    #[error(transparent)]
+    RateLimited(super::keys::RateLimited),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -86,7 +89,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Http { status, .. } => *status,
-            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(_) | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Registry(e) => match e {
@@ -129,6 +132,8 @@ impl ApiError {
             }
             Self::Http { .. } => ("invalid_request_error", None, None),
             Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
+            // OpenAI's own: the type names the limit.
+            Self::RateLimited(r) => (r.kind.as_str(), Some("rate_limit_exceeded"), None),
             Self::Unavailable(_) => ("service_unavailable", Some("service_unavailable"), None),
             Self::Internal(_) => ("server_error", Some("internal_error"), None),
             Self::Registry(e) => match e {
@@ -166,6 +171,12 @@ impl ApiError {
 }
 
 /// A job store failure is the server's own (the disk, the database).
+impl From<super::keys::RateLimited> for ApiError {
+    fn from(e: super::keys::RateLimited) -> Self {
+        Self::RateLimited(e)
+    }
+}
+
 impl From<crate::jobs::JobError> for ApiError {
     fn from(e: crate::jobs::JobError) -> Self {
         Self::Internal(e.to_string())
@@ -256,6 +267,13 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let Self::RateLimited(r) = &self {
+            // Whole seconds for HTTP's header, milliseconds for the OpenAI SDKs' own.
+            let ms = r.retry_after.as_millis().max(1) as u64;
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            h.insert("retry-after-ms", HeaderValue::from(ms));
         }
         if let Self::Registry(RegistryError::NoIdleModel { .. }) = self {
             resp.headers_mut()

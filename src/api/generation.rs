@@ -102,6 +102,8 @@ pub fn choice_events(
         .boxed()
     });
     let mut merged = futures::stream::select_all(tagged);
+    // Read now: the stream is polled after the handler (and its key's scope) returned.
+    let key = super::keys::current();
     Box::pin(async_stream::stream! {
         let mut usage = Usage::default();
         let mut timings: Option<RequestTimings> = None;
@@ -127,6 +129,9 @@ pub fn choice_events(
                     timings = Some(t);
                     num_done += 1;
                     if num_done == num_requests {
+                        if let Some(k) = &key {
+                            k.charge(usage.prompt_tokens + usage.completion_tokens);
+                        }
                         trace.finish(&usage);
                         yield StreamEvent::Done { usage, timings: t };
                         return;

@@ -29,6 +29,7 @@ pub mod errors;
 pub mod files;
 pub mod generation;
 pub mod grpc;
+pub mod keys;
 pub mod metrics;
 pub mod misc;
 pub mod openai_types;
@@ -65,8 +66,9 @@ use crate::registry::{Lease, ModelRegistry};
 /// How the server behaves, from `sluice serve`'s flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Required as `Authorization: Bearer <key>` on everything but `/health` and `/metrics`.
-    pub api_key: Option<String>,
+    /// Accepted as `Authorization: Bearer <key>` on everything but the probes and `/metrics`
+    /// (`--api-key`, `--api-keys-file`), with their rate limits; none: the API is open.
+    pub keys: Arc<keys::ApiKeys>,
     /// Required on `/admin/*` (which is off without it); the user key does not open it.
     pub admin_api_key: Option<String>,
     /// Largest request body, in bytes.
@@ -82,7 +84,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            api_key: None,
+            keys: Arc::default(),
             admin_api_key: None,
             max_body_bytes: 4 << 20,
             health_max_silence: Duration::from_secs(60),
@@ -262,21 +264,42 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-async fn require_api_key(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    check_api_key(&state.config, request.headers())?;
-    Ok(next.run(request).await)
+/// The key check, and the key's rate-limit headers on every answer (refusals included);
+/// generation requests under it are admitted and charged by `keys::admit_current` and
+/// `generation::choice_events`.
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let key = match check_api_key(&state.config, request.headers()) {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
+    };
+    let mut response = keys::scope(key.clone(), next.run(request)).await;
+    if let Some(k) = key {
+        k.write_headers(response.headers_mut());
+    }
+    response
 }
 
-/// The API key, when the server has one: `Authorization: Bearer <key>` (gRPC metadata too).
-pub(crate) fn check_api_key(config: &ServerConfig, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &config.api_key {
-        Some(key) => check_bearer(headers, key),
-        None => Ok(()),
+/// The key a request was made with, when the server has keys: `Authorization: Bearer <key>`
+/// (gRPC metadata too).
+pub(crate) fn check_api_key(
+    config: &ServerConfig,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<keys::ApiKey>>, ApiError> {
+    if config.keys.is_open() {
+        return Ok(None);
     }
+    match bearer(headers) {
+        Some(given) => config
+            .keys
+            .find(given)
+            .map(Some)
+            .ok_or_else(|| ApiError::Unauthorized("Incorrect API key provided.".into())),
+        None => Err(missing_key()),
+    }
+}
+
+fn missing_key() -> ApiError {
+    ApiError::Unauthorized("Missing API key: send `Authorization: Bearer <key>`.".into())
 }
 
 /// `Authorization: Bearer <key>` with exactly `key` (compared in constant time).
@@ -284,9 +307,7 @@ fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
     match bearer(headers) {
         Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("Incorrect API key provided.".into())),
-        None => Err(ApiError::Unauthorized(
-            "Missing API key: send `Authorization: Bearer <key>`.".into(),
-        )),
+        None => Err(missing_key()),
     }
 }
 

@@ -37,8 +37,10 @@ const OUTGOING_BUFFER: usize = 256;
 const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub async fn handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    // The session outlives this handler: it keeps the key its requests are limited by.
+    let key = super::keys::current();
     ws.max_message_size(state.config.max_body_bytes)
-        .on_upgrade(move |socket| run(socket, state))
+        .on_upgrade(move |socket| super::keys::scope(key, run(socket, state)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,13 +170,17 @@ async fn on_message(
             cancels.insert(key, cancel_tx);
             let request = msg.request.unwrap_or(Value::Null);
             let is_chat = kind == "chat.completions";
-            tasks.spawn(serve_request(
-                state.clone(),
-                msg.id,
-                is_chat,
-                request,
-                tx.clone(),
-                cancel_rx,
+            // Each request runs under the session's key (its rate limits).
+            tasks.spawn(super::keys::scope(
+                super::keys::current(),
+                serve_request(
+                    state.clone(),
+                    msg.id,
+                    is_chat,
+                    request,
+                    tx.clone(),
+                    cancel_rx,
+                ),
             ));
         }
         other => {

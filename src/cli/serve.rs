@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` (except on /health and /metrics).
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// A TOML file of API keys, each named and with optional `requests_per_minute` and
+    /// `tokens_per_minute` (OpenAI's 429 and `x-ratelimit-*` headers; docs/operations.md).
+    /// Accepted beside `--api-key`.
+    #[arg(long)]
+    pub api_keys_file: Option<std::path::PathBuf>,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -137,8 +142,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.engine.enable_fault_injection {
         crate::engine::fault::FaultInjection::enable().context("--enable-fault-injection")?;
     }
-    // Before the model loads: an unwritable data directory fails at once.
+    // Before the model loads: an unwritable data directory or a bad keys file fails at once.
     let jobs = args.jobs.open()?;
+    let keys = api::keys::ApiKeys::load(args.api_key.as_deref(), args.api_keys_file.as_deref())?;
     let timeouts = api::server::HttpTimeouts {
         header_read: seconds("header-read-timeout", args.header_read_timeout, 0.001)?,
         body_read: seconds("body-read-timeout", args.body_read_timeout, 0.001)?,
@@ -156,7 +162,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let state = AppState::new(
         models.clone(),
         ServerConfig {
-            api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            keys: std::sync::Arc::new(keys),
             admin_api_key: args
                 .registry
                 .admin_api_key

@@ -98,7 +98,7 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     let path = request.uri().path();
     let checked = if ADMIN_PATHS.contains(&path) {
         match &state.config.admin_api_key {
-            Some(key) => super::check_bearer(request.headers(), key),
+            Some(key) => super::check_bearer(request.headers(), key).map(|()| None),
             None => {
                 return tonic::Status::permission_denied(
                     "the admin API is off: start the server with --admin-api-key",
@@ -107,14 +107,14 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
             }
         }
     } else if path.starts_with(HEALTH_PATH) {
-        Ok(())
+        Ok(None)
     } else {
         super::check_api_key(&state.config, request.headers())
     };
-    if let Err(e) = checked {
-        return tonic::Status::from(e).into_http();
+    match checked {
+        Ok(key) => super::keys::scope(key, next.run(request)).await,
+        Err(e) => tonic::Status::from(e).into_http(),
     }
-    next.run(request).await
 }
 
 #[cfg(test)]

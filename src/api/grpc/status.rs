@@ -22,7 +22,7 @@ impl From<ApiError> for Status {
             ApiError::RequestTimeout(_) => Code::DeadlineExceeded,
             ApiError::Http { status, .. } if status.is_server_error() => Code::Internal,
             ApiError::Http { .. } => Code::InvalidArgument,
-            ApiError::Overloaded(_) => Code::ResourceExhausted,
+            ApiError::Overloaded(_) | ApiError::RateLimited(_) => Code::ResourceExhausted,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
             ApiError::Registry(r) => match r {
@@ -40,10 +40,14 @@ impl From<ApiError> for Status {
             },
         };
         let mut status = Status::new(code, message);
-        if let ApiError::Overloaded(SubmitError::Overloaded {
-            retry_after_secs, ..
-        }) = e
-        {
+        let retry_after_secs = match e {
+            ApiError::Overloaded(SubmitError::Overloaded {
+                retry_after_secs, ..
+            }) => Some(retry_after_secs),
+            ApiError::RateLimited(r) => Some(r.retry_after.as_secs().max(1)),
+            _ => None,
+        };
+        if let Some(retry_after_secs) = retry_after_secs {
             // `retry-after` as over HTTP, and gRPC's own retry pushback (milliseconds).
             let md = status.metadata_mut();
             md.insert("retry-after", MetadataValue::from(retry_after_secs));
