@@ -9,6 +9,18 @@
 //! the tokenizer and the model) and `assets` (the cache directory and the default model's
 //! fetch, for the CLI, the bench and the NVRTC cache).
 
+/// `assert!` in debug builds and with `--features checked` (CI's engine, scheduler and
+/// KV-cache tests at release speed); nothing in a plain release build. For the serving
+/// invariants whose breach the release build reports and survives instead.
+#[macro_export]
+macro_rules! checked_assert {
+    ($($arg:tt)*) => {
+        if cfg!(any(debug_assertions, feature = "checked")) {
+            assert!($($arg)*);
+        }
+    };
+}
+
 pub mod api;
 pub mod assets;
 pub mod bench;

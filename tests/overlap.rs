@@ -149,9 +149,10 @@ fn batches_stops_and_lengths_match_the_plain_loop() {
 
 #[test]
 fn preemption_and_aborts_under_the_overlap() {
-    let prompts: Vec<GenerateRequest> = (0..16).map(|i| greedy(prompt(100, i), 60)).collect();
+    // 12 x 112 slots wanted, 384 in the tight cache.
+    let prompts: Vec<GenerateRequest> = (0..12).map(|i| greedy(prompt(64, i), 48)).collect();
     let want = run(&cpu(1024, StepOverlap::Off), &prompts);
-    let tight = cpu(48, StepOverlap::OnWorkerThread);
+    let tight = cpu(24, StepOverlap::OnWorkerThread);
     let got = run(&tight, &prompts);
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w, g, "request {i} changed under KV-cache pressure");

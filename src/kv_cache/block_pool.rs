@@ -114,7 +114,7 @@ impl BlockPool {
     pub fn free(&mut self, ids: impl IntoIterator<Item = BlockId>) {
         for id in ids {
             let meta = &mut self.blocks[id as usize];
-            debug_assert!(meta.ref_cnt > 0, "double free of block {id}");
+            crate::checked_assert!(meta.ref_cnt > 0, "double free of block {id}");
             if meta.ref_cnt == 0 {
                 continue;
             }
@@ -250,6 +250,21 @@ mod tests {
 
     fn h(x: u128) -> BlockHash {
         BlockHash(x)
+    }
+
+    /// The double-free check is on where CI runs it (`--features checked`) and in debug
+    /// builds; a plain release build skips the block instead.
+    #[test]
+    #[cfg_attr(
+        any(debug_assertions, feature = "checked"),
+        should_panic(expected = "double free of block 0")
+    )]
+    fn a_double_free_is_caught_where_checked() {
+        let mut pool = BlockPool::new(2);
+        let ids = pool.allocate(1).unwrap();
+        pool.free(ids.clone());
+        pool.free(ids);
+        assert_eq!(pool.num_free_blocks(), 2);
     }
 
     #[test]

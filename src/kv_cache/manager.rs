@@ -153,7 +153,7 @@ impl KvCacheManager {
             ),
             None => {
                 let ids = computed.map_or(&[][..], |c| c.block_ids.as_slice());
-                debug_assert_eq!(ids.len() * bs, num_computed_tokens);
+                crate::checked_assert!(ids.len() * bs == num_computed_tokens);
                 let free = ids.iter().filter(|&&id| self.pool.ref_cnt(id) == 0).count();
                 (ids.len(), free, None)
             }

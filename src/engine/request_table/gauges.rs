@@ -72,12 +72,12 @@ impl RequestTable {
     }
 
     /// The accounting check whenever the engine goes idle: every block must be free. A panic
-    /// in debug builds; an error log and `kv_accounting_errors_total` in release.
+    /// in debug and `checked` builds; an error log and `kv_accounting_errors_total` in release.
     fn check_idle_accounting(&self, scheduler: &Scheduler) {
         if let Err(e) = scheduler.check_invariants() {
             self.metrics.kv_accounting_errors_total.inc();
             tracing::error!("KV-cache accounting is wrong while idle: {e}");
-            debug_assert!(false, "KV-cache accounting is wrong while idle: {e}");
+            crate::checked_assert!(false, "KV-cache accounting is wrong while idle: {e}");
         }
         let kv = scheduler.kv_cache();
         if kv.num_free_blocks() != kv.num_blocks() {
@@ -88,7 +88,7 @@ impl RequestTable {
                 kv.num_blocks()
             );
             tracing::error!("{msg}");
-            debug_assert!(false, "{msg}");
+            crate::checked_assert!(false, "{msg}");
         }
     }
 }
