@@ -147,7 +147,7 @@ fn alert_rules_parse_and_pass_their_unit_tests() {
         ],
         None,
     );
-    assert!(out.contains("7 rules found"), "{out}");
+    assert!(out.contains("10 rules found"), "{out}");
     promtool_ok(
         &[
             "test",

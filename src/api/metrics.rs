@@ -11,6 +11,7 @@ use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::engine::EngineInfo;
 use crate::registry::ServedModel;
@@ -145,10 +146,32 @@ fn cache_config_info(info: &EngineInfo, engine: &str, model: &[LabelPair]) -> Me
     family
 }
 
+/// `sluice:engine_ready`: 1 while a version's engine makes progress (a step completed, or
+/// idle and awake, within `--health-max-silence`: what `/health/ready` asks), 0 when wedged or
+/// stopped; read at scrape time, so an alert sees a wedged engine that no counter would show.
+fn engine_ready(served: &ServedModel, max_silence: Duration, labels: &[LabelPair]) -> MetricFamily {
+    let mut gauge = Gauge::default();
+    gauge.set_value(f64::from(u8::from(served.engine.is_healthy(max_silence))));
+    let mut metric = Metric::from_gauge(gauge);
+    metric.set_label(labels.to_vec());
+    let mut family = MetricFamily::default();
+    family.set_name("sluice:engine_ready".into());
+    family.set_help(
+        "1 when the engine completed a step or idled within --health-max-silence, else 0.".into(),
+    );
+    family.set_field_type(MetricType::GAUGE);
+    family.set_metric(vec![metric]);
+    family
+}
+
 /// The Prometheus text `/metrics` serves: every loaded version's engine (serving or
 /// draining), each series labelled with its `model_name` and `version`, the families of
 /// several engines merged under one header each.
-pub fn exposition(engines: &[Arc<ServedModel>], names: MetricNames) -> String {
+pub fn exposition(
+    engines: &[Arc<ServedModel>],
+    names: MetricNames,
+    max_silence: Duration,
+) -> String {
     let mut families: Vec<MetricFamily> = Vec::new();
     let mut add =
         |family: MetricFamily| match families.iter_mut().find(|f| f.name() == family.name()) {
@@ -178,6 +201,9 @@ pub fn exposition(engines: &[Arc<ServedModel>], names: MetricNames) -> String {
         }
         if names != MetricNames::Sluice {
             add(cache_config_info(&served.engine.info, &engine, &labels));
+        }
+        if names != MetricNames::Vllm {
+            add(engine_ready(served, max_silence, &labels));
         }
     }
     let mut buf = Vec::new();

@@ -177,7 +177,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::exposition(&engines, state.config.metric_names),
+        super::metrics::exposition(
+            &engines,
+            state.config.metric_names,
+            state.config.health_max_silence,
+        ),
     )
         .into_response()
 }
