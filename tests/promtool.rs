@@ -143,7 +143,7 @@ fn alert_rules_parse_and_pass_their_unit_tests() {
         &[
             "check",
             "rules",
-            dir.join("sluice-alerts.yml").to_str().unwrap(),
+            dir.join("alerts.yaml").to_str().unwrap(),
         ],
         None,
     );
@@ -152,7 +152,7 @@ fn alert_rules_parse_and_pass_their_unit_tests() {
         &[
             "test",
             "rules",
-            dir.join("sluice-alerts.test.yml").to_str().unwrap(),
+            dir.join("alerts.test.yaml").to_str().unwrap(),
         ],
         None,
     );
@@ -224,7 +224,7 @@ async fn dashboard_and_rules_name_what_the_server_exports() {
     let _ = std::fs::remove_file(file);
 
     exprs.extend(alert_exprs(
-        &repo().join("deploy/prometheus/sluice-alerts.yml"),
+        &repo().join("deploy/prometheus/alerts.yaml"),
     ));
     for e in &exprs {
         for name in metric_names(e) {
