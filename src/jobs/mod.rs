@@ -20,6 +20,7 @@ pub mod batch;
 pub mod files;
 pub mod lines;
 pub mod store;
+mod store_files;
 mod store_jobs;
 
 use std::collections::HashMap;
