@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod misc;
 pub mod openai_types;
 pub mod openapi;
+mod openapi_jobs;
 pub mod prompt;
 pub mod run;
 pub mod server;
