@@ -5,7 +5,8 @@
 //! api/files.rs, api/batches.rs ──► JobService ──► store.rs (SQLite, WAL)   durable state
 //!                                     │        └► files.rs (fsync + rename)  JSONL bytes
 //!                                     ├► batch.rs: one task per batch, lines through ──┐
-//!                                     └► async_job.rs: one task per job (+ webhook) ───┤
+//!                                     └► async_job.rs: one task per job ───────────────┤
+//!                                        └► webhook.rs: delivery, durable retries
 //!                                                         Executor (api/run.rs) ◄──────┘
 //! ```
 //! The jobs room does not know the API: it runs a request body through an `Executor`, which
@@ -22,6 +23,7 @@ pub mod lines;
 pub mod store;
 mod store_files;
 mod store_jobs;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -164,6 +166,10 @@ impl JobService {
         }
         for id in jobs {
             self.spawn_job(id);
+        }
+        // Webhooks of jobs that finished before a crash, still pending or between retries.
+        for id in self.store.pending_deliveries().await? {
+            self.spawn_delivery(id);
         }
         Ok(())
     }

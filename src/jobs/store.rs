@@ -2,7 +2,8 @@
 //! the data directory. A committed transaction survives SIGKILL and power loss; every state
 //! change of a file, batch, batch line or async job is one transaction. Tables: `files` (uploaded and produced JSONL files; their bytes live beside the database),
 //! `batches` (one row per batch, its timestamps and file ids), `batch_lines` (one row per input
-//! line: `pending`, `done` or `error`, with its output record once finished) and `async_jobs`.
+//! line: `pending`, `done` or `error`, with its output record once finished), `async_jobs` and
+//! `webhooks` (a finished job's delivery state, `webhook.rs`).
 //! A batch's `request_counts` are counted from its lines, so they cannot drift.
 
 use std::path::Path;
@@ -34,6 +35,9 @@ CREATE TABLE IF NOT EXISTS async_jobs (
     id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL,
     webhook_url TEXT, result TEXT, error TEXT, created_at INTEGER NOT NULL,
     started_at INTEGER, finished_at INTEGER);
+CREATE TABLE IF NOT EXISTS webhooks (
+    job_id TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_at_ms INTEGER NOT NULL, last_error TEXT);
 ";
 
 /// A batch's row, as stored (the API shapes it).
