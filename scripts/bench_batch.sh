@@ -2,6 +2,7 @@
 # Online TTFT with and without a batch running (issue 20): 8 concurrent streams, alone and
 # while an N-line batch (lowest priority, --max-batch-concurrency at once) runs on the same
 # server; the arms alternate. Usage: scripts/bench_batch.sh [LINES] [ROUNDS] [extra serve flags]
+# (CONCURRENCY=8 and INPUT_LEN=128 in the environment shape the online load).
 # Prints `sluice bench compare` of the arms and whether the batch finished. Each arm has its own
 # prompts (its own --seed): with the same prompts, every arm after the first would find them in
 # the prefix cache and measure no prefill at all.
@@ -19,7 +20,7 @@ SEED=0
 bench() {
     SEED=$((SEED + 1))
     "$BIN" bench serve --seed "$SEED" --base-url "$SLUICE_URL" --model smol --workload random \
-        --input-len 128 --output-len 32 --concurrency 8 --num-requests 48 \
+        --input-len "${INPUT_LEN:-128}" --output-len 32 --concurrency "${CONCURRENCY:-8}" --num-requests 48 \
         --warmup-requests 4 --no-progress --label "$1" --output "$OUT/$1.json" > /dev/null
 }
 python3 - "$LINES" > "$DATA/in.jsonl" <<'PY'

@@ -90,7 +90,8 @@ pub trait Executor: Send + Sync + 'static {
 }
 
 /// The scheduler serves lower priorities first and preempts the highest: jobs take the
-/// highest there is.
+/// highest there is, which the scheduler also treats as background (`SchedulerConfig::
+/// background_priority`): it yields every step that has an online prefill to compute.
 pub const JOB_PRIORITY: i32 = i32::MAX;
 
 /// `sluice serve`'s jobs flags.
