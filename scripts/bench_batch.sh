@@ -2,7 +2,10 @@
 # Online TTFT with and without a batch running (issue 20): 8 concurrent streams, alone and
 # while an N-line batch (lowest priority, --max-batch-concurrency at once) runs on the same
 # server; the arms alternate. Usage: scripts/bench_batch.sh [LINES] [ROUNDS] [extra serve flags]
-# Prints `sluice bench compare` of the arms and whether the batch finished.
+# (CONCURRENCY=8 and INPUT_LEN=128 in the environment shape the online load).
+# Prints `sluice bench compare` of the arms and whether the batch finished. Each arm has its own
+# prompts (its own --seed): with the same prompts, every arm after the first would find them in
+# the prefix cache and measure no prefill at all.
 set -euo pipefail
 LINES=${1:-2000}
 ROUNDS=${2:-2}
@@ -13,9 +16,11 @@ DATA=$(mktemp -d)
 source "$(dirname "$0")/serve_bg.sh" --data-dir "$DATA" "$@"
 trap 'kill $SLUICE_PID 2>/dev/null; rm -rf "$DATA" "$SERVE_LOG"' EXIT
 BIN=${SLUICE_BIN:-target/release/sluice}
+SEED=0
 bench() {
-    "$BIN" bench serve --base-url "$SLUICE_URL" --model smol --workload random \
-        --input-len 128 --output-len 32 --concurrency 8 --num-requests 48 \
+    SEED=$((SEED + 1))
+    "$BIN" bench serve --seed "$SEED" --base-url "$SLUICE_URL" --model smol --workload random \
+        --input-len "${INPUT_LEN:-128}" --output-len 32 --concurrency "${CONCURRENCY:-8}" --num-requests 48 \
         --warmup-requests 4 --no-progress --label "$1" --output "$OUT/$1.json" > /dev/null
 }
 python3 - "$LINES" > "$DATA/in.jsonl" <<'PY'

@@ -16,7 +16,10 @@ if [ ! -x "$VENV/bin/st" ]; then
 fi
 # A short context keeps generated requests cheap; any max_tokens is still accepted or
 # refused with a 400.
-. scripts/serve_bg.sh --max-model-len 64 --max-num-seqs 8 --max-waiting 64
+# With a data directory, so the Files, Batch and async endpoints are exercised too.
+DATA=$(mktemp -d)
+. scripts/serve_bg.sh --max-model-len 64 --max-num-seqs 8 --max-waiting 64 --data-dir "$DATA"
+trap 'kill $SLUICE_PID 2>/dev/null; rm -rf "$SERVE_LOG" "$DATA"' EXIT
 # schemathesis keeps its example database in the working directory: run it in the cache dir,
 # never in the clone.
 mkdir -p "$VENV/work"

@@ -2,7 +2,8 @@
 //! `--data-dir`: answers equal the same greedy request run online, every `custom_id` is
 //! answered exactly once, bad lines fail alone, SIGKILL mid-batch resumes without rerunning
 //! finished lines, cancel keeps what finished, a finished batch is still listed after a
-//! restart, an unwritable `--data-dir` fails at start-up; and the `openai` SDK end to end.
+//! restart, an unwritable `--data-dir` fails at start-up, a webhook still being retried when
+//! the server is SIGKILLed is delivered after the restart; and the `openai` SDK end to end.
 
 mod api_support;
 mod batch_support;
@@ -229,6 +230,75 @@ async fn sigkill_mid_batch_resumes_and_finished_batches_stay_listed() {
     assert_eq!(list["data"][0]["status"], "completed");
     let (again, _) = records(&server.url, &list["data"][0]).await;
     assert_eq!(again.len(), 8);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_being_retried_is_delivered_after_sigkill() {
+    let dir = data_dir("hook-kill");
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a webhook listener");
+    let hook_addr = hook.local_addr().expect("an address").to_string();
+    // Refuses the first two attempts: the kill lands while the job's webhook is being retried.
+    let attempts = webhook_server(hook, 2);
+    let flags = ["--webhook-allowed-hosts", hook_addr.as_str()];
+    let mut server = start(&dir, &flags);
+    let mut body = chat_body("owls", 4);
+    body["webhook_url"] = json!(format!("http://{hook_addr}/done"));
+    let job = post_json(&format!("{}/v1/async/chat/completions", server.url), &body).await;
+    let job_id = job["id"].as_str().expect("a job id").to_string();
+    let recv = |what: &str| {
+        attempts
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{what}: no webhook delivery: {e}"))
+    };
+    let (first, status) = recv("before the kill");
+    assert_eq!((first["id"].as_str(), status), (Some(job_id.as_str()), 500));
+    let status = Command::new("kill")
+        .args(["-KILL", &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    server.wait_exit(Duration::from_secs(10));
+    let db = || rusqlite::Connection::open(dir.join("jobs.db")).expect("the job database");
+    let state: String = db()
+        .query_row(
+            "SELECT state FROM webhooks WHERE job_id = ?1",
+            [&job_id],
+            |r| r.get(0),
+        )
+        .expect("a delivery row");
+    assert_eq!(state, "pending");
+
+    // After the restart the retries go on (at least once: the attempt the kill cut short may
+    // come again) until one is answered 200.
+    let server = start(&dir, &flags);
+    let delivered = loop {
+        let (hook, status) = recv("after the restart");
+        assert_eq!(hook["id"].as_str(), Some(job_id.as_str()), "{hook}");
+        if status == 200 {
+            break hook;
+        }
+    };
+    assert_eq!(delivered["status"], "completed", "{delivered}");
+    assert_eq!(
+        delivered["result"]["choices"][0]["message"]["content"].as_str(),
+        Some(online(&server.url, &chat_body("owls", 4)).await.as_str())
+    );
+    let start_wait = Instant::now();
+    loop {
+        let state: String = db()
+            .query_row(
+                "SELECT state FROM webhooks WHERE job_id = ?1",
+                [&job_id],
+                |r| r.get(0),
+            )
+            .expect("a delivery row");
+        if state == "delivered" {
+            break;
+        }
+        assert!(start_wait.elapsed() < Duration::from_secs(10), "{state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -1,6 +1,6 @@
 //! A scripted fake runner drives `schedule` / `commit` for many steps with random arrivals,
 //! prompt lengths (sharing prefixes), priorities, group sizes, output lengths and aborts, in
-//! small pools that force preemption. It checks every step's plan against a fake backend that
+//! small pools that force preemption, with and without a background priority. It checks every step's plan against a fake backend that
 //! stores each slot's token id (so wrong block tables, copies or prefix hits are caught), and
 //! at the end that every sequence ended and every block came back.
 
@@ -38,6 +38,9 @@ impl Sim {
             max_num_seqs: rng.random_range(3..10),
             enable_chunked_prefill: rng.random_bool(0.8),
             max_prefill_chunk_tokens: rng.random_range(4..64),
+            // Half the worlds make priority 1 background (yielding to, and preempted by,
+            // the foreground's prefills): it must still finish once arrivals stop.
+            background_priority: rng.random_bool(0.5).then_some(1),
         };
         let cache = CacheConfig {
             block_size: BLOCK_SIZE,

@@ -113,7 +113,7 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     refuse_unknown_query(&q, &["after", "limit"])?;
-    let limit = limit(&q, 20)?;
+    let limit = limit(&q, 20, 100)?;
     let jobs = jobs(&state)?;
     let mut rows = jobs.store.batches(q.get("after").cloned(), limit).await?;
     let has_more = rows.len() > limit;

@@ -1,5 +1,5 @@
 //! OpenAI's Files API, for batch input and output (`purpose: batch`, `batch_output`):
-//! `POST /v1/files` (multipart, as the SDK's `client.files.create` sends it), `GET /v1/files`,
+//! `POST /v1/files` (multipart, as the SDK's `client.files.create` sends it), `GET /v1/files` (a cursor page),
 //! `GET|DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`. A file over
 //! `--max-file-bytes` is a 413; bytes are stored durably (`jobs/files.rs`).
 
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::errors::ApiError;
 use super::AppState;
-use crate::jobs::store::FileRow;
+use crate::jobs::store::{FileOrder, FileRow};
 use crate::jobs::{files::valid_id, unix_now, JobService};
 
 /// The job service, or a 404 saying how to turn it on.
@@ -37,17 +37,29 @@ pub fn refuse_unknown_query(q: &HashMap<String, String>, known: &[&str]) -> Resu
     }
 }
 
-/// `limit` from the query: 1 to 100, `default` when absent.
-pub fn limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
+/// `limit` from the query: 1 to `max`, `default` when absent.
+pub fn limit(q: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, ApiError> {
     match q.get("limit") {
         None => Ok(default),
         Some(v) => v
             .parse::<usize>()
             .ok()
-            .filter(|n| (1..=100).contains(n))
+            .filter(|n| (1..=max).contains(n))
             .ok_or_else(|| {
-                ApiError::invalid("limit", format!("limit must be 1 to 100, got `{v}`"))
+                ApiError::invalid("limit", format!("limit must be 1 to {max}, got `{v}`"))
             }),
+    }
+}
+
+/// `order` from the query: `asc` or `desc` (the default).
+fn order(q: &HashMap<String, String>) -> Result<FileOrder, ApiError> {
+    match q.get("order").map(String::as_str) {
+        None | Some("desc") => Ok(FileOrder::Desc),
+        Some("asc") => Ok(FileOrder::Asc),
+        Some(v) => Err(ApiError::invalid(
+            "order",
+            format!("order must be `asc` or `desc`, got `{v}`"),
+        )),
     }
 }
 
@@ -138,19 +150,38 @@ pub async fn create(
     Ok(Json(row))
 }
 
+/// OpenAI's cursor page: `after` is the last id of the previous page (as the SDK's
+/// `SyncCursorPage` sends it), `limit` 1 to 10,000 (default 10,000), `order` by creation.
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    refuse_unknown_query(&q, &["purpose", "limit"])?;
-    let limit = limit(&q, 100)?;
-    let rows = jobs(&state)?
+    refuse_unknown_query(&q, &["after", "limit", "order", "purpose"])?;
+    let limit = limit(&q, 10_000, 10_000)?;
+    let order = order(&q)?;
+    let after = q.get("after").cloned();
+    let mut rows = jobs(&state)?
         .store
-        .files(q.get("purpose").cloned(), limit)
-        .await?;
-    Ok(Json(
-        json!({"object": "list", "data": rows, "has_more": false}),
-    ))
+        .files(q.get("purpose").cloned(), after.clone(), order, limit)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "after",
+                format!(
+                    "after must be the id of a stored file, got `{}`",
+                    after.unwrap_or_default()
+                ),
+            )
+        })?;
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Json(json!({
+        "object": "list",
+        "data": rows,
+        "first_id": rows.first().map(|f| f.id.clone()),
+        "last_id": rows.last().map(|f| f.id.clone()),
+        "has_more": has_more,
+    })))
 }
 
 pub async fn retrieve(

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod misc;
 pub mod openai_types;
 pub mod openapi;
+mod openapi_jobs;
 pub mod prompt;
 pub mod run;
 pub mod server;

@@ -4,7 +4,8 @@
 //! OpenAI shapes, and errors the OpenAI error object.
 //!
 //! The operations below are documentation stubs (utoipa reads their attributes); the
-//! handlers that serve the paths are in `chat.rs`, `completions.rs` and `misc.rs`.
+//! handlers that serve the paths are in `chat.rs`, `completions.rs` and `misc.rs`; the Files,
+//! Batch and async APIs are described in `openapi_jobs.rs`.
 #![allow(dead_code)]
 
 use axum::response::{IntoResponse, Response};
@@ -102,9 +103,11 @@ fn metrics() {}
 )]
 struct ApiDoc;
 
-/// The document, as JSON.
+/// The document, as JSON: the online API and the jobs' (`openapi_jobs.rs`).
 pub fn document() -> serde_json::Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(super::openapi_jobs::JobsDoc::openapi());
+    serde_json::to_value(doc).unwrap_or_default()
 }
 
 pub async fn handler() -> Response {
@@ -135,5 +138,52 @@ mod tests {
             assert!(common.contains(field), "{field}: {common}");
         }
         assert!(doc["paths"]["/v1/completions"]["post"].is_object());
+    }
+
+    /// Every method and path `http_router` (mod.rs) serves, read from its source, is in the
+    /// document, so a new route without its description fails here. `/v1/ws` (a WebSocket
+    /// upgrade) and `/openapi.json` itself are not OpenAPI operations.
+    #[test]
+    fn every_route_is_documented() {
+        let doc = document();
+        let source = include_str!("mod.rs");
+        let router = &source[source.find("fn http_router").expect("http_router")..];
+        let mut checked = 0;
+        // What follows each `.route(`: the path literal, then the method routers until the
+        // next `.route(`.
+        for route in router.split(".route(").skip(1) {
+            let Some((path, rest)) = route
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|r| r.split_once('"'))
+            else {
+                continue;
+            };
+            if path == "/v1/ws" || path == "/openapi.json" {
+                continue;
+            }
+            let path = path.replace("{*", "{");
+            for method in ["get", "post", "delete"] {
+                let call = format!("{method}(");
+                let served = rest.match_indices(&call).any(|(i, _)| {
+                    !rest[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                if served {
+                    assert!(
+                        doc["paths"][&path][method].is_object(),
+                        "{method} {path} is served but not in /openapi.json"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // 10 online operations and 13 of the jobs' at the time of writing.
+        assert!(checked >= 23, "only {checked} routes found in mod.rs");
+        let batch = doc["components"]["schemas"]["Batch"].to_string();
+        assert!(batch.contains("request_counts"), "{batch}");
+        let list = doc["paths"]["/v1/files"]["get"]["parameters"].to_string();
+        for param in ["after", "limit", "order", "purpose"] {
+            assert!(list.contains(param), "{param}: {list}");
+        }
     }
 }

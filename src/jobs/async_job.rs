@@ -1,18 +1,14 @@
 //! Async single requests: a chat or completion body stored as a job (`queued`), run at the
 //! lowest priority (`in_progress`), its response or error kept (`completed`, `failed`), or
 //! `cancelled`. With a webhook URL (to a host the operator allowed), the finished job is
-//! POSTed there, retried with backoff.
+//! POSTed there, retried with backoff, durably (`webhook.rs`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::store::JobRow;
 use super::{unix_now, Endpoint, Failure, JobError, JobService, JOB_PRIORITY};
-
-/// Attempts to deliver a webhook (the first and its retries).
-const WEBHOOK_ATTEMPTS: u32 = 5;
 
 /// The job object clients read.
 pub fn job_json(j: &JobRow) -> Value {
@@ -103,8 +99,8 @@ impl JobService {
             let mut cancel = this.register(&id);
             match this.drive_job(&id, &mut cancel).await {
                 Ok(Some(job)) => {
-                    if let Some(url) = job.webhook_url.clone() {
-                        deliver_webhook(url, job_json(&job)).await;
+                    if job.webhook_url.is_some() {
+                        this.spawn_delivery(job.id);
                     }
                 }
                 Ok(None) => {}
@@ -187,32 +183,6 @@ impl JobService {
         }
         self.store.job(id.to_string()).await
     }
-}
-
-/// POSTs `payload` to `url`, retrying failures (a refused connection, a non-2xx answer) with
-/// backoff; gives up after `WEBHOOK_ATTEMPTS`.
-async fn deliver_webhook(url: String, payload: Value) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("webhook {url}: no HTTP client: {e}");
-            return;
-        }
-    };
-    for attempt in 0..WEBHOOK_ATTEMPTS {
-        match client.post(&url).json(&payload).send().await {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!("webhook {url}: answered {}", r.status()),
-            Err(e) => tracing::warn!("webhook {url}: {e}"),
-        }
-        if attempt + 1 < WEBHOOK_ATTEMPTS {
-            tokio::time::sleep(Duration::from_millis(500u64 << attempt)).await;
-        }
-    }
-    tracing::warn!("webhook {url}: gave up after {WEBHOOK_ATTEMPTS} attempts");
 }
 
 #[cfg(test)]

@@ -17,14 +17,16 @@ use super::{unix_now, Failure, JobError, JobService, JOB_PRIORITY};
 
 /// The completion window as seconds: `24h`, or for shorter runs `<n>h`, `<n>m`, `<n>s`.
 pub fn parse_window(window: &str) -> Option<i64> {
-    let (num, unit) = window.split_at(window.len().checked_sub(1)?);
-    let n: i64 = num.parse().ok().filter(|n| *n > 0)?;
-    let scale = match unit {
-        "h" => 3600,
-        "m" => 60,
-        "s" => 1,
-        _ => return None,
+    // The unit is the last character, which a client may make multi-byte: strip it as a
+    // char, never split at a byte offset.
+    let (num, scale) = if let Some(num) = window.strip_suffix('h') {
+        (num, 3600)
+    } else if let Some(num) = window.strip_suffix('m') {
+        (num, 60)
+    } else {
+        (window.strip_suffix('s')?, 1)
     };
+    let n: i64 = num.parse().ok().filter(|n| *n > 0)?;
     n.checked_mul(scale)
 }
 
@@ -359,7 +361,18 @@ mod tests {
         assert_eq!(parse_window("24h"), Some(86400));
         assert_eq!(parse_window("90s"), Some(90));
         assert_eq!(parse_window("2m"), Some(120));
-        for bad in ["", "h", "0h", "-1h", "24", "1d", "1.5h"] {
+        for bad in [
+            "",
+            "h",
+            "0h",
+            "-1h",
+            "24",
+            "1d",
+            "1.5h",
+            "\u{2a45f}",
+            "1\u{e9}",
+            "é",
+        ] {
             assert_eq!(parse_window(bad), None, "{bad}");
         }
     }

@@ -5,7 +5,8 @@
 //! api/files.rs, api/batches.rs ──► JobService ──► store.rs (SQLite, WAL)   durable state
 //!                                     │        └► files.rs (fsync + rename)  JSONL bytes
 //!                                     ├► batch.rs: one task per batch, lines through ──┐
-//!                                     └► async_job.rs: one task per job (+ webhook) ───┤
+//!                                     └► async_job.rs: one task per job ───────────────┤
+//!                                        └► webhook.rs: delivery, durable retries
 //!                                                         Executor (api/run.rs) ◄──────┘
 //! ```
 //! The jobs room does not know the API: it runs a request body through an `Executor`, which
@@ -20,7 +21,9 @@ pub mod batch;
 pub mod files;
 pub mod lines;
 pub mod store;
+mod store_files;
 mod store_jobs;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -87,7 +90,8 @@ pub trait Executor: Send + Sync + 'static {
 }
 
 /// The scheduler serves lower priorities first and preempts the highest: jobs take the
-/// highest there is.
+/// highest there is, which the scheduler also treats as background (`SchedulerConfig::
+/// background_priority`): it yields every step that has an online prefill to compute.
 pub const JOB_PRIORITY: i32 = i32::MAX;
 
 /// `sluice serve`'s jobs flags.
@@ -163,6 +167,10 @@ impl JobService {
         }
         for id in jobs {
             self.spawn_job(id);
+        }
+        // Webhooks of jobs that finished before a crash, still pending or between retries.
+        for id in self.store.pending_deliveries().await? {
+            self.spawn_delivery(id);
         }
         Ok(())
     }

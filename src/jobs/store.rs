@@ -2,7 +2,8 @@
 //! the data directory. A committed transaction survives SIGKILL and power loss; every state
 //! change of a file, batch, batch line or async job is one transaction. Tables: `files` (uploaded and produced JSONL files; their bytes live beside the database),
 //! `batches` (one row per batch, its timestamps and file ids), `batch_lines` (one row per input
-//! line: `pending`, `done` or `error`, with its output record once finished) and `async_jobs`.
+//! line: `pending`, `done` or `error`, with its output record once finished), `async_jobs` and
+//! `webhooks` (a finished job's delivery state, `webhook.rs`).
 //! A batch's `request_counts` are counted from its lines, so they cannot drift.
 
 use std::path::Path;
@@ -12,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::JobError;
 
+pub use super::store_files::{FileOrder, FileRow};
 pub use super::store_jobs::JobRow;
 
 const SCHEMA: &str = "
@@ -33,20 +35,10 @@ CREATE TABLE IF NOT EXISTS async_jobs (
     id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, body TEXT NOT NULL, status TEXT NOT NULL,
     webhook_url TEXT, result TEXT, error TEXT, created_at INTEGER NOT NULL,
     started_at INTEGER, finished_at INTEGER);
+CREATE TABLE IF NOT EXISTS webhooks (
+    job_id TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_at_ms INTEGER NOT NULL, last_error TEXT);
 ";
-
-/// A stored file's row.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FileRow {
-    pub id: String,
-    pub object: &'static str,
-    pub bytes: u64,
-    pub created_at: i64,
-    pub filename: String,
-    pub purpose: String,
-    /// Always `processed`: a file is stored whole or not at all.
-    pub status: &'static str,
-}
 
 /// A batch's row, as stored (the API shapes it).
 #[derive(Debug, Clone)]
@@ -133,18 +125,6 @@ fn batch_row(r: &Row) -> rusqlite::Result<BatchRow> {
     })
 }
 
-fn file_row(r: &Row) -> rusqlite::Result<FileRow> {
-    Ok(FileRow {
-        id: r.get(0)?,
-        object: "file",
-        purpose: r.get(1)?,
-        filename: r.get(2)?,
-        bytes: r.get::<_, i64>(3)?.max(0) as u64,
-        created_at: r.get(4)?,
-        status: "processed",
-    })
-}
-
 impl Store {
     /// Opens (creating) `<dir>/jobs.db` in WAL mode and creates the tables.
     pub fn open(dir: &Path) -> Result<Store, JobError> {
@@ -176,55 +156,6 @@ impl Store {
         tokio::task::spawn_blocking(move || store.with(f))
             .await
             .map_err(|e| JobError::Internal(format!("a database task failed: {e}")))?
-    }
-
-    pub async fn insert_file(&self, f: FileRow) -> Result<(), JobError> {
-        self.call(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO files (id, purpose, filename, bytes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![f.id, f.purpose, f.filename, f.bytes as i64, f.created_at],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    pub async fn file(&self, id: String) -> Result<Option<FileRow>, JobError> {
-        self.call(move |c| {
-            c.query_row(
-                "SELECT id, purpose, filename, bytes, created_at FROM files WHERE id = ?1",
-                [id],
-                file_row,
-            )
-            .optional()
-        })
-        .await
-    }
-
-    /// Newest first, optionally of one purpose.
-    pub async fn files(
-        &self,
-        purpose: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<FileRow>, JobError> {
-        self.call(move |c| {
-            let mut st = c.prepare(
-                "SELECT id, purpose, filename, bytes, created_at FROM files \
-                 WHERE ?1 IS NULL OR purpose = ?1 ORDER BY rowid DESC LIMIT ?2",
-            )?;
-            let rows = st.query_map(params![purpose, limit as i64], file_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
-    /// Whether a row was deleted.
-    pub async fn delete_file(&self, id: String) -> Result<bool, JobError> {
-        self.call(move |c| {
-            c.execute("DELETE FROM files WHERE id = ?1", [id])
-                .map(|n| n > 0)
-        })
-        .await
     }
 
     pub async fn insert_batch(&self, b: BatchRow) -> Result<(), JobError> {

@@ -92,7 +92,9 @@ impl Store {
         .await
     }
 
-    /// A job's end; only an unfinished job changes. Whether it changed.
+    /// A job's end; only an unfinished job changes. Whether it changed. A job that completed
+    /// or failed with a webhook gets its delivery row (`webhook.rs`) in the same transaction,
+    /// so a job recorded as finished always has its webhook pending or done.
     pub async fn finish_job(
         &self,
         id: String,
@@ -102,12 +104,22 @@ impl Store {
         now: i64,
     ) -> Result<bool, JobError> {
         self.call(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let changed = tx.execute(
                 "UPDATE async_jobs SET status = ?2, result = ?3, error = ?4, finished_at = ?5 \
                  WHERE id = ?1 AND status IN ('queued', 'in_progress')",
                 params![id, status, result, error, now],
-            )
-            .map(|n| n > 0)
+            )? > 0;
+            if changed {
+                tx.execute(
+                    "INSERT OR IGNORE INTO webhooks (job_id, state, attempts, next_at_ms) \
+                     SELECT id, 'pending', 0, ?2 FROM async_jobs WHERE id = ?1 \
+                     AND webhook_url IS NOT NULL AND status IN ('completed', 'failed')",
+                    params![id, now.saturating_mul(1000)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(changed)
         })
         .await
     }

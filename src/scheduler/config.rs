@@ -14,6 +14,13 @@ pub struct SchedulerConfig {
     /// Largest prefill chunk of one sequence in one step, in tokens, so that several prompts
     /// can share a step. Decodes are scheduled before any prefill in any case.
     pub max_prefill_chunk_tokens: usize,
+    /// Sequences of this priority or lower (numerically at least this) are *background*
+    /// (batch and async jobs run at `i32::MAX`): in a step where a foreground sequence has
+    /// prompt tokens to compute (waiting, or a prefill under way), background sequences get no
+    /// tokens, and a foreground sequence that cannot be admitted for lack of blocks or seats
+    /// preempts background ones. So an arriving online request's prefill runs in a step with
+    /// only foreground work; background work goes on in the steps between. `None`: off.
+    pub background_priority: Option<i32>,
 }
 
 impl Default for SchedulerConfig {
@@ -23,6 +30,7 @@ impl Default for SchedulerConfig {
             max_num_seqs: 256,
             enable_chunked_prefill: true,
             max_prefill_chunk_tokens: 2048,
+            background_priority: Some(i32::MAX),
         }
     }
 }

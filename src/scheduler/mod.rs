@@ -26,6 +26,14 @@
 //! * a sequence that could not fit even in an empty pool is refused by `add` or, if it grows
 //!   that long, reported in `StepPlan::too_long_seq_ids` and dropped: nothing waits forever.
 //!
+//! **Background** (`SchedulerConfig::background_priority`, by default `i32::MAX`, the
+//! priority of batch and async jobs): while a foreground sequence has prompt tokens to
+//! compute, background sequences get no tokens (so an online prefill shares its step with
+//! foreground work only), and a foreground sequence short of blocks or seats preempts the
+//! latest background one. Background work runs in the steps between, so it finishes while
+//! the foreground load leaves steps without prefills; under a continuous stream of arrivals
+//! it waits.
+//!
 //! **Steps in flight** (pipeline parallelism, `set_max_in_flight(m)` with `m > 1`): the engine
 //! may schedule the next step before committing the previous ones. A sequence in a step not
 //! committed yet is *in flight*: later steps skip it, and it is never a preemption victim
@@ -47,6 +55,8 @@
 //! prompt token itself and samples its own first token. The prompt is computed once, plus
 //! one token per member.
 
+#[cfg(test)]
+mod background_tests;
 mod commit;
 pub mod config;
 #[cfg(test)]

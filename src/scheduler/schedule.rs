@@ -31,6 +31,8 @@ struct StepBuilder {
     block_copies: Vec<BlockCopy>,
     preempted_seq_ids: Vec<SeqId>,
     too_long_seq_ids: Vec<SeqId>,
+    /// Background sequences get no tokens in this step (a foreground prefill is pending).
+    background_yields: bool,
 }
 
 impl Scheduler {
@@ -44,6 +46,7 @@ impl Scheduler {
             block_copies: Vec::new(),
             preempted_seq_ids: Vec::new(),
             too_long_seq_ids: Vec::new(),
+            background_yields: self.foreground_prefill_pending(),
         };
         self.schedule_running(&mut step, Pass::Decode);
         self.schedule_running(&mut step, Pass::Prefill);
@@ -62,6 +65,10 @@ impl Scheduler {
                 i += 1;
                 continue;
             };
+            if step.background_yields && self.is_background(seq.key) {
+                i += 1;
+                continue;
+            }
             if pass == Pass::Decode && self.can_run_ahead(seq_id, step.step_id) {
                 self.schedule_run_ahead(step, seq_id);
                 i += 1;
@@ -155,8 +162,16 @@ impl Scheduler {
                 self.waiting.remove(&key);
                 continue;
             };
+            let background = self.is_background(key);
+            if step.background_yields && background {
+                break;
+            }
             let group_size = 1 + seq.fork_children.len();
             if num_seats + group_size > self.config.max_num_seqs {
+                // A foreground sequence takes a background one's seat.
+                if !background && self.preempt_background(step, &mut num_seats) {
+                    continue;
+                }
                 break;
             }
             if seq.min_blocks_needed(self.kv.block_size()) > self.kv.num_blocks() {
@@ -178,6 +193,10 @@ impl Scheduler {
                 .allocate_slots(seq_id, num_computed, num_new, Some(&hits))
                 .is_none()
             {
+                // Or its blocks (the prefix hits are looked up again with the blocks freed).
+                if !background && self.preempt_background(step, &mut num_seats) {
+                    continue;
+                }
                 break;
             }
             self.waiting.remove(&key);
@@ -190,6 +209,47 @@ impl Scheduler {
                 self.fork_children(seq_id);
             }
         }
+    }
+
+    fn is_background(&self, key: SeqKey) -> bool {
+        self.config
+            .background_priority
+            .is_some_and(|p| key.priority >= p)
+    }
+
+    /// Whether a foreground sequence has prompt tokens to compute: one waiting (the first
+    /// waiting is the best), or a running prefill that no step in flight is computing.
+    fn foreground_prefill_pending(&self) -> bool {
+        if self.config.background_priority.is_none() {
+            return false;
+        }
+        let waiting =
+            (self.waiting.first_key_value()).is_some_and(|(k, _)| !self.is_background(*k));
+        waiting
+            || (self.running.iter())
+                .take_while(|(k, _)| !self.is_background(*k))
+                .any(|(_, id)| {
+                    !self.in_flight.contains_key(id)
+                        && self.seqs.get(id).is_some_and(|s| s.num_remaining() > 1)
+                })
+    }
+
+    /// Preempts the last running background sequence that this step has not scheduled and
+    /// no step in flight is writing; whether there was one. Its seats are given back.
+    fn preempt_background(&mut self, step: &mut StepBuilder, num_seats: &mut usize) -> bool {
+        let victim = (0..self.running.len()).rev().find(|&j| {
+            let (key, seq_id) = self.running[j];
+            self.is_background(key)
+                && !self.in_flight.contains_key(&seq_id)
+                && (self.seqs.get(&seq_id)).is_some_and(|s| s.last_scheduled_step != step.step_id)
+        });
+        let Some(j) = victim else {
+            return false;
+        };
+        let seats = (self.seqs.get(&self.running[j].1)).map_or(1, |s| 1 + s.fork_children.len());
+        self.preempt(j, step);
+        *num_seats = num_seats.saturating_sub(seats);
+        true
     }
 
     fn admit(&mut self, key: SeqKey, seq_id: SeqId, num_computed: usize) {

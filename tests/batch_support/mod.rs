@@ -169,41 +169,64 @@ pub fn content(record: &Value) -> &str {
 /// Takes two webhook deliveries: answers the first with a 500, the second with a 200; their
 /// JSON bodies.
 pub fn webhook_receiver(listener: std::net::TcpListener) -> Vec<Value> {
-    use std::io::{Read, Write};
-    let mut bodies = Vec::new();
-    for (i, conn) in listener.incoming().take(2).enumerate() {
-        let mut conn = conn.expect("a webhook connection");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let body = loop {
-            let n = conn.read(&mut chunk).expect("reading the webhook");
-            assert!(n > 0, "the webhook connection closed early");
-            buf.extend_from_slice(&chunk[..n]);
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let attempts = webhook_server(listener, 1);
+    (0..2)
+        .map(|_| attempts.recv().expect("a webhook delivery").0)
+        .collect()
+}
+
+/// Answers webhook deliveries on its own thread, for as long as the test runs: the first
+/// `refuse` with a 500, the rest with a 200. Each delivery's JSON body and the status it got.
+pub fn webhook_server(
+    listener: std::net::TcpListener,
+    refuse: usize,
+) -> std::sync::mpsc::Receiver<(Value, u16)> {
+    use std::io::Write;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let Some(body) = read_request_body(&mut conn) else {
                 continue;
             };
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("a content length");
-            if buf.len() >= end + 4 + len {
-                break buf[end + 4..end + 4 + len].to_vec();
+            let status = if i < refuse { 500 } else { 200 };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let body = serde_json::from_slice(&body).expect("a JSON webhook body");
+            if tx.send((body, status)).is_err() {
+                return;
             }
+        }
+    });
+    rx
+}
+
+/// One HTTP request's body (by its content-length); `None` when the connection closed early.
+fn read_request_body(conn: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
         };
-        bodies.push(serde_json::from_slice(&body).expect("a JSON webhook body"));
-        let status = if i == 0 {
-            "500 Internal Server Error"
-        } else {
-            "200 OK"
-        };
-        let _ = write!(
-            conn,
-            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        );
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content length");
+        if buf.len() >= end + 4 + len {
+            return Some(buf[end + 4..end + 4 + len].to_vec());
+        }
     }
-    bodies
 }
 
 /// Greedy lines long enough that a batch run one at a time takes a few seconds.
