@@ -140,11 +140,7 @@ fn alert_exprs(rules: &Path) -> Vec<String> {
 fn alert_rules_parse_and_pass_their_unit_tests() {
     let dir = repo().join("deploy/prometheus");
     let out = promtool_ok(
-        &[
-            "check",
-            "rules",
-            dir.join("alerts.yaml").to_str().unwrap(),
-        ],
+        &["check", "rules", dir.join("alerts.yaml").to_str().unwrap()],
         None,
     );
     assert!(out.contains("10 rules found"), "{out}");
@@ -223,9 +219,7 @@ async fn dashboard_and_rules_name_what_the_server_exports() {
     promtool_ok(&["check", "rules", file.to_str().unwrap()], None);
     let _ = std::fs::remove_file(file);
 
-    exprs.extend(alert_exprs(
-        &repo().join("deploy/prometheus/alerts.yaml"),
-    ));
+    exprs.extend(alert_exprs(&repo().join("deploy/prometheus/alerts.yaml")));
     for e in &exprs {
         for name in metric_names(e) {
             assert!(
