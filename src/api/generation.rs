@@ -132,7 +132,7 @@ pub fn choice_events(
                         if let Some(k) = &key {
                             k.charge(usage.prompt_tokens + usage.completion_tokens);
                         }
-                        trace.finish(&usage);
+                        trace.finish(&usage, t);
                         yield StreamEvent::Done { usage, timings: t };
                         return;
                     }

@@ -41,8 +41,6 @@ struct Live {
     request_id: Option<String>,
     model: String,
     finish_reasons: Vec<&'static str>,
-    /// Every engine request's timings so far, merged.
-    timings: Option<RequestTimings>,
     ended: bool,
 }
 
@@ -76,7 +74,6 @@ impl RequestTrace {
             request_id: REQUEST_ID.try_with(String::clone).ok(),
             model: String::new(),
             finish_reasons: Vec::new(),
-            timings: None,
             ended: false,
         })))
     }
@@ -141,10 +138,8 @@ impl RequestTrace {
     }
 
     /// One engine request ended: its queue, prefill and decode become children.
-    pub fn engine_request_done(&mut self, t: RequestTimings) {
-        let Some(live) = &mut self.0 else { return };
-        live.timings = Some(live.timings.map_or(t, |m| m.merge(t)));
-        let Some(span) = &live.span else { return };
+    pub fn engine_request_done(&self, t: RequestTimings) {
+        let Some(span) = self.span() else { return };
         let clock = Clock::now();
         let tracer = opentelemetry::global::tracer("sluice");
         let parent = span.context();
@@ -165,11 +160,12 @@ impl RequestTrace {
         }
     }
 
-    /// The request completed: usage, finish reasons and latencies.
-    pub fn finish(mut self, usage: &Usage) {
+    /// The request completed: usage, finish reasons and latencies (`timings`: every engine
+    /// request's, merged).
+    pub fn finish(mut self, usage: &Usage, timings: RequestTimings) {
         let Some(live) = &mut self.0 else { return };
         live.ended = true;
-        let latencies = live.timings.map(Latencies::of);
+        let l = Latencies::of(timings);
         let reasons = live.finish_reasons.join(",");
         tracing::info!(
             target: "sluice::request",
@@ -180,8 +176,8 @@ impl RequestTrace {
             completion_tokens = usage.completion_tokens,
             cached_tokens = usage.cached_tokens,
             finish_reasons = %reasons,
-            ttft_ms = latencies.map_or(0.0, |l| l.ttft * 1e3),
-            e2e_ms = latencies.map_or(0.0, |l| l.e2e * 1e3),
+            ttft_ms = l.ttft * 1e3,
+            e2e_ms = l.e2e * 1e3,
             "request finished"
         );
         let Some(span) = &live.span else { return };
@@ -193,13 +189,11 @@ impl RequestTrace {
         );
         let reasons: Vec<String> = live.finish_reasons.iter().map(|r| r.to_string()).collect();
         span.set_attribute("gen_ai.response.finish_reasons", strings(&reasons));
-        if let Some(l) = latencies {
-            span.set_attribute("gen_ai.latency.time_in_queue", l.queue);
-            span.set_attribute("gen_ai.latency.time_to_first_token", l.ttft);
-            span.set_attribute("gen_ai.latency.time_in_model_prefill", l.prefill);
-            span.set_attribute("gen_ai.latency.time_in_model_decode", l.decode);
-            span.set_attribute("gen_ai.latency.e2e", l.e2e);
-        }
+        span.set_attribute("gen_ai.latency.time_in_queue", l.queue);
+        span.set_attribute("gen_ai.latency.time_to_first_token", l.ttft);
+        span.set_attribute("gen_ai.latency.time_in_model_prefill", l.prefill);
+        span.set_attribute("gen_ai.latency.time_in_model_decode", l.decode);
+        span.set_attribute("gen_ai.latency.e2e", l.e2e);
     }
 
     /// The request failed with an error of `kind` (the HTTP status).
@@ -241,7 +235,6 @@ impl Drop for RequestTrace {
 }
 
 /// A finished request's stage times, in seconds.
-#[derive(Clone, Copy)]
 struct Latencies {
     queue: f64,
     ttft: f64,
@@ -310,6 +303,15 @@ mod tests {
         assert!(t.span().is_none());
         t.model("m", "1");
         t.seq_finished(FinishReason::Stop);
-        t.finish(&Usage::default());
+        let now = Instant::now();
+        let timings = RequestTimings {
+            arrival: now,
+            queued: now,
+            scheduled: Some(now),
+            first_token: Some(now),
+            finished: now,
+        };
+        t.engine_request_done(timings);
+        t.finish(&Usage::default(), timings);
     }
 }
