@@ -14,7 +14,7 @@ use futures::StreamExt;
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    trace_failure, ChoiceAcc, ChoiceStream, ResponseMeta,
+    traced, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -75,13 +75,10 @@ pub async fn prepare_at(
     req: ChatCompletionRequest,
     priority: Option<i32>,
 ) -> Result<PreparedChat, ApiError> {
-    let mut trace = Some(RequestTrace::start(Operation::Chat));
-    let prepared = prepare_traced(state, req, priority, &mut trace).await;
-    // A refusal before the engine took the request still ends its span, with the error.
-    if let (Err(e), Some(t)) = (&prepared, trace) {
-        trace_failure(t, e);
-    }
-    prepared
+    traced(Operation::Chat, async move |trace| {
+        prepare_traced(state, req, priority, trace).await
+    })
+    .await
 }
 
 /// `prepare_at`; `trace` is taken when the request is submitted.

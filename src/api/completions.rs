@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::errors::ApiError;
 use super::generation::{
     choice_events, clamp_logprob, collect_choices, stop_reason_json, submit_all, token_text,
-    trace_failure, ChoiceAcc, ChoiceStream, ResponseMeta,
+    traced, ChoiceAcc, ChoiceStream, ResponseMeta,
 };
 use super::openai_types::{
     CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs,
@@ -88,13 +88,10 @@ pub async fn prepare_at(
     req: CompletionRequest,
     priority: Option<i32>,
 ) -> Result<PreparedCompletion, ApiError> {
-    let mut trace = Some(RequestTrace::start(Operation::TextCompletion));
-    let prepared = prepare_traced(state, req, priority, &mut trace).await;
-    // A refusal before the engine took the request still ends its span, with the error.
-    if let (Err(e), Some(t)) = (&prepared, trace) {
-        trace_failure(t, e);
-    }
-    prepared
+    traced(Operation::TextCompletion, async move |trace| {
+        prepare_traced(state, req, priority, trace).await
+    })
+    .await
 }
 
 /// `prepare_at`; `trace` is taken when the request is submitted.

@@ -16,7 +16,7 @@ use crate::engine::{
     EngineHandle, GenerateRequest, RequestError, RequestStream, RequestTimings, StopReason,
     StreamEvent, TokenLogprob, Usage,
 };
-use crate::telemetry::RequestTrace;
+use crate::telemetry::{Operation, RequestTrace};
 use crate::tokenizer::Tokenizer;
 
 /// The engine's events of every request behind one response, as one stream: a token or
@@ -151,8 +151,22 @@ pub fn choice_events(
 }
 
 /// Ends `trace` with `e`: its status code as `error.type`, its message as the status.
-pub fn trace_failure(trace: RequestTrace, e: &ApiError) {
+fn trace_failure(trace: RequestTrace, e: &ApiError) {
     trace.fail(e.status().as_str(), &e.to_string());
+}
+
+/// Prepares a generation request under a new trace: `prepare` takes the trace out of its
+/// slot when it submits; a refusal before then ends the trace with that error.
+pub async fn traced<T>(
+    operation: Operation,
+    prepare: impl AsyncFnOnce(&mut Option<RequestTrace>) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let mut trace = Some(RequestTrace::start(operation));
+    let prepared = prepare(&mut trace).await;
+    if let (Err(e), Some(t)) = (&prepared, trace) {
+        trace_failure(t, e);
+    }
+    prepared
 }
 
 /// vLLM's `stop_reason`: the stop token id, the stop string, or null.
