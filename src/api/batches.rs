@@ -115,7 +115,20 @@ pub async fn list(
     refuse_unknown_query(&q, &["after", "limit"])?;
     let limit = limit(&q, 20, 100)?;
     let jobs = jobs(&state)?;
-    let mut rows = jobs.store.batches(q.get("after").cloned(), limit).await?;
+    let after = q.get("after").cloned();
+    let mut rows = jobs
+        .store
+        .batches(after.clone(), limit)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "after",
+                format!(
+                    "after must be the id of a stored batch, got `{}`",
+                    after.unwrap_or_default()
+                ),
+            )
+        })?;
     let has_more = rows.len() > limit;
     rows.truncate(limit);
     let mut data = Vec::with_capacity(rows.len());

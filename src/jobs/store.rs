@@ -192,19 +192,36 @@ impl Store {
     }
 
     /// Newest first, those created before `after` (a batch id) when given; `limit + 1` rows
-    /// at most, so the caller knows whether there are more.
+    /// at most, so the caller knows whether there are more. `None` when `after` names no
+    /// stored batch (the cursor cannot be placed).
     pub async fn batches(
         &self,
         after: Option<String>,
         limit: usize,
-    ) -> Result<Vec<BatchRow>, JobError> {
+    ) -> Result<Option<Vec<BatchRow>>, JobError> {
         self.call(move |c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {BATCH_COLUMNS} FROM batches WHERE ?1 IS NULL OR rowid < \
-                 (SELECT rowid FROM batches WHERE id = ?1) ORDER BY rowid DESC LIMIT ?2"
+            // One transaction: the cursor's row and the page are read from one snapshot.
+            let tx = c.transaction()?;
+            let cursor: Option<i64> = match after {
+                None => None,
+                Some(id) => {
+                    let rowid = tx
+                        .query_row("SELECT rowid FROM batches WHERE id = ?1", [id], |r| {
+                            r.get(0)
+                        })
+                        .optional()?;
+                    match rowid {
+                        Some(rowid) => Some(rowid),
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let mut st = tx.prepare(&format!(
+                "SELECT {BATCH_COLUMNS} FROM batches WHERE ?1 IS NULL OR rowid < ?1 \
+                 ORDER BY rowid DESC LIMIT ?2"
             ))?;
-            let rows = st.query_map(params![after, limit as i64 + 1], batch_row)?;
-            rows.collect()
+            let rows = st.query_map(params![cursor, limit as i64 + 1], batch_row)?;
+            rows.collect::<Result<Vec<_>, _>>().map(Some)
         })
         .await
     }

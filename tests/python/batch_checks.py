@@ -48,6 +48,12 @@ for r in records:
     assert got == online.choices[0].message.content, (got, online)
 listed = client.batches.list(limit=10)
 assert any(b.id == batch.id for b in listed.data), listed
+try:
+    client.batches.list(after="batch_nope")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "after", e.body
+else:
+    raise AssertionError("an unknown batch cursor was accepted")
 cancelled = client.batches.cancel(batch.id)
 assert cancelled.status == "completed", cancelled  # a finished batch stays finished
 
