@@ -202,19 +202,8 @@ impl Store {
         self.call(move |c| {
             // One transaction: the cursor's row and the page are read from one snapshot.
             let tx = c.transaction()?;
-            let cursor: Option<i64> = match after {
-                None => None,
-                Some(id) => {
-                    let rowid = tx
-                        .query_row("SELECT rowid FROM batches WHERE id = ?1", [id], |r| {
-                            r.get(0)
-                        })
-                        .optional()?;
-                    match rowid {
-                        Some(rowid) => Some(rowid),
-                        None => return Ok(None),
-                    }
-                }
+            let Some(cursor) = cursor_rowid(&tx, "batches", after)? else {
+                return Ok(None);
             };
             let mut st = tx.prepare(&format!(
                 "SELECT {BATCH_COLUMNS} FROM batches WHERE ?1 IS NULL OR rowid < ?1 \
@@ -442,4 +431,23 @@ impl Store {
         })
         .await
     }
+}
+
+/// A list's cursor: the rowid of `after` in `table` (`Some(None)` without a cursor), or
+/// `None` when `after` names no row, so the page cannot be placed.
+pub(super) fn cursor_rowid(
+    conn: &Connection,
+    table: &str,
+    after: Option<String>,
+) -> rusqlite::Result<Option<Option<i64>>> {
+    let Some(id) = after else {
+        return Ok(Some(None));
+    };
+    conn.query_row(
+        &format!("SELECT rowid FROM {table} WHERE id = ?1"),
+        [id],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(|rowid| rowid.map(Some))
 }

@@ -78,17 +78,8 @@ impl Store {
         self.call(move |c| {
             // One transaction: the cursor's row and the page are read from one snapshot.
             let tx = c.transaction()?;
-            let cursor: Option<i64> = match after {
-                None => None,
-                Some(id) => {
-                    let rowid = tx
-                        .query_row("SELECT rowid FROM files WHERE id = ?1", [id], |r| r.get(0))
-                        .optional()?;
-                    match rowid {
-                        Some(rowid) => Some(rowid),
-                        None => return Ok(None),
-                    }
-                }
+            let Some(cursor) = super::store::cursor_rowid(&tx, "files", after)? else {
+                return Ok(None);
             };
             let sql = match order {
                 FileOrder::Desc => {
