@@ -21,13 +21,17 @@ async fn batch_lines_match_online_and_bad_lines_fail_alone() {
     let hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a webhook listener");
     let hook_addr = hook.local_addr().expect("an address").to_string();
     let hook_thread = std::thread::spawn(move || webhook_receiver(hook));
+    let cancel_hook = std::net::TcpListener::bind("127.0.0.1:0").expect("a webhook listener");
+    let cancel_hook_addr = cancel_hook.local_addr().expect("an address").to_string();
+    let cancel_deliveries = webhook_server(cancel_hook, 0);
+    let allowed = format!("{hook_addr},{cancel_hook_addr}");
     let server = start(
         &dir,
         &[
             "--max-file-bytes",
             "4096",
             "--webhook-allowed-hosts",
-            &hook_addr,
+            &allowed,
         ],
     );
     let url = server.url.clone();
@@ -154,6 +158,20 @@ async fn batch_lines_match_online_and_bad_lines_fail_alone() {
             "{h}"
         );
     }
+    // A cancelled job announces its end on its webhook too.
+    let mut long = chat_body("the sea", 900);
+    long["webhook_url"] = json!(format!("http://{cancel_hook_addr}/done"));
+    let job = post_json(&format!("{url}/v1/async/chat/completions"), &long).await;
+    let job_id = job["id"].as_str().expect("a job id");
+    let cancelled = post_json(&format!("{url}/v1/async/jobs/{job_id}/cancel"), &json!({})).await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let (hook, status) = cancel_deliveries
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the cancelled job's webhook");
+    assert_eq!(
+        (&hook["id"], &hook["status"], status),
+        (&json!(job_id), &json!("cancelled"), 200)
+    );
     let mut hooked = chat_body("x", 2);
     hooked["webhook_url"] = json!("http://evil.example/x");
     let e = post_json(&format!("{url}/v1/async/chat/completions"), &hooked).await;

@@ -81,8 +81,9 @@ impl JobService {
         Ok(row)
     }
 
-    /// Cancels an unfinished job; `None` when there is no such job.
-    pub async fn cancel_job(&self, id: &str) -> Result<Option<JobRow>, JobError> {
+    /// Cancels an unfinished job; `None` when there is no such job. A job with a webhook
+    /// announces its cancellation there too: whoever waits on the webhook is not left waiting.
+    pub async fn cancel_job(self: &Arc<Self>, id: &str) -> Result<Option<JobRow>, JobError> {
         let changed = self
             .store
             .finish_job(id.to_string(), "cancelled", None, None, unix_now())
@@ -90,7 +91,11 @@ impl JobService {
         if changed {
             self.signal_cancel(id);
         }
-        self.store.job(id.to_string()).await
+        let job = self.store.job(id.to_string()).await?;
+        if changed && job.as_ref().is_some_and(|j| j.webhook_url.is_some()) {
+            self.spawn_delivery(id.to_string());
+        }
+        Ok(job)
     }
 
     pub(super) fn spawn_job(self: &Arc<Self>, id: String) {

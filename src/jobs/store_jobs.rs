@@ -92,8 +92,8 @@ impl Store {
         .await
     }
 
-    /// A job's end; only an unfinished job changes. Whether it changed. A job that completed
-    /// or failed with a webhook gets its delivery row (`webhook.rs`) in the same transaction,
+    /// A job's end; only an unfinished job changes. Whether it changed. A job with a webhook
+    /// (completed, failed or cancelled) gets its delivery row (`webhook.rs`) in the same transaction,
     /// so a job recorded as finished always has its webhook pending or done.
     pub async fn finish_job(
         &self,
@@ -114,7 +114,7 @@ impl Store {
                 tx.execute(
                     "INSERT OR IGNORE INTO webhooks (job_id, state, attempts, next_at_ms) \
                      SELECT id, 'pending', 0, ?2 FROM async_jobs WHERE id = ?1 \
-                     AND webhook_url IS NOT NULL AND status IN ('completed', 'failed')",
+                     AND webhook_url IS NOT NULL",
                     params![id, now.saturating_mul(1000)],
                 )?;
             }

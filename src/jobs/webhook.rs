@@ -1,5 +1,5 @@
 //! Webhook delivery of finished async jobs, at least once, across crashes. When a job with a
-//! `webhook_url` finishes (`completed` or `failed`), the same transaction that records its end
+//! `webhook_url` finishes (`completed`, `failed` or `cancelled`), the same transaction that records its end
 //! adds its row to `webhooks` (`pending`, no attempts, due now; `store_jobs.rs`). A delivery
 //! task POSTs the job object, and after each failed attempt records the attempt count and when
 //! the next one is due (0.5 s doubling), so a server killed between two attempts resumes the
