@@ -230,9 +230,17 @@ mod tests {
             .finish_job("job_b".into(), "completed", Some("{}".into()), None, 10)
             .await
             .unwrap();
-        // Cancelled jobs are not announced.
+        // Cancelled jobs are announced too; a job without a webhook is not.
         store
             .finish_job("job_c".into(), "cancelled", None, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pending_deliveries().await.unwrap(),
+            ["job_a", "job_c"]
+        );
+        store
+            .record_attempt("job_c".into(), Ok(()), 10_000)
             .await
             .unwrap();
         assert_eq!(store.pending_deliveries().await.unwrap(), ["job_a"]);
