@@ -42,6 +42,14 @@ fn chat_request(scenario: &str, max_tokens: u64) -> PreparedRequest {
     }
 }
 
+/// `req` without `stream`: a request for a whole response.
+fn unstreamed(mut req: PreparedRequest) -> PreparedRequest {
+    let mut body: serde_json::Value = serde_json::from_str(&req.body).unwrap();
+    body.as_object_mut().unwrap().remove("stream");
+    req.body = body.to_string();
+    req
+}
+
 fn http(addr: SocketAddr, path: &str, timeout: Duration) -> Arc<Driver> {
     let d = HttpDriver::new(format!("http://{addr}{path}"), None, 16, timeout).unwrap();
     Arc::new(Driver::Http(d))
@@ -144,6 +152,48 @@ async fn sse_timings_match_the_script() {
     assert_eq!(max_in_flight(&o), 4);
     assert!(o.wall_s > 0.7, "wall {}", o.wall_s);
     assert!(s.client_cpu.is_some());
+}
+
+/// `--no-stream`: the whole answer's arrival is both its first token and its end; the count
+/// comes from `usage`; a failure status is still an error.
+#[tokio::test]
+async fn whole_responses_are_timed_and_counted() {
+    let addr = start_server().await;
+    for (path, req) in [
+        ("/v1/completions", request("ok", 5)),
+        ("/v1/chat/completions", chat_request("ok", 5)),
+    ] {
+        let d = HttpDriver::new(
+            format!("http://{addr}{path}"),
+            None,
+            4,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .streaming(false);
+        let r = d.send(&unstreamed(req).body, Instant::now()).await;
+        assert!(r.is_ok(), "{path}: {:?}", r.error);
+        assert_eq!(r.output_tokens, 5, "{path}");
+        let ttft = r.ttft_s.expect("a first token");
+        assert!(
+            ttft >= 0.28 && ttft <= r.e2e_s,
+            "{path}: {ttft} {}",
+            r.e2e_s
+        );
+        assert!(r.itls_s.is_empty());
+    }
+    let d = HttpDriver::new(
+        format!("http://{addr}/v1/completions"),
+        None,
+        4,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .streaming(false);
+    let r = d
+        .send(&unstreamed(request("http500", 5)).body, Instant::now())
+        .await;
+    assert_eq!(r.error.map(|e| e.kind), Some(ErrorKind::Http(500)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,6 +214,8 @@ pub struct HttpDriver {
     url: String,
     api_key: Option<String>,
     timeout: Duration,
+    /// streamed (SSE) requests, else whole responses
+    stream: bool,
 }
 
 /// How much of an error response's body is kept as its message.
@@ -242,21 +244,33 @@ impl HttpDriver {
             url,
             api_key,
             timeout,
+            stream: true,
         })
+    }
+
+    /// Streamed requests (the default), or whole responses.
+    pub fn streaming(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
     }
 
     pub async fn send(&self, body: &str, origin: Instant) -> RequestRecord {
         let mut tracker = StreamTracker::start(origin);
-        let result = within(self.timeout, "[DONE]", self.stream(body, &mut tracker)).await;
+        let result = if self.stream {
+            within(self.timeout, "[DONE]", self.stream(body, &mut tracker)).await
+        } else {
+            within(self.timeout, "response", self.whole(body, &mut tracker)).await
+        };
         tracker.finish(Instant::now(), result)
     }
 
-    async fn stream(&self, body: &str, tracker: &mut StreamTracker) -> Result<(), RequestError> {
+    /// Sends `body`; the response when its status is 2xx.
+    async fn post(&self, body: &str, accept: &str) -> Result<reqwest::Response, RequestError> {
         let mut req = self
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::ACCEPT, accept)
             .body(body.to_owned());
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
@@ -267,6 +281,21 @@ impl HttpDriver {
             let message = read_error_body(resp).await;
             return Err(RequestError::new(ErrorKind::Http(status.as_u16()), message));
         }
+        Ok(resp)
+    }
+
+    /// A whole response: its arrival is both the first token and the end.
+    async fn whole(&self, body: &str, tracker: &mut StreamTracker) -> Result<(), RequestError> {
+        let resp = self.post(body, "application/json").await?;
+        let bytes = resp.bytes().await.map_err(transport_error)?;
+        let info = parse_chunk(&bytes).map_err(|e| bad_chunk(e, &bytes))?;
+        tracker.on_chunk(&info, Instant::now())?;
+        tracker.on_done();
+        Ok(())
+    }
+
+    async fn stream(&self, body: &str, tracker: &mut StreamTracker) -> Result<(), RequestError> {
+        let resp = self.post(body, "text/event-stream").await?;
         let mut bytes = resp.bytes_stream();
         let mut lines = SseLines::default();
         while let Some(item) = bytes.next().await {
@@ -279,12 +308,7 @@ impl HttpDriver {
                         return Ok(());
                     }
                     SseEvent::Data(data) => {
-                        let info = parse_chunk(data).map_err(|e| {
-                            RequestError::new(
-                                ErrorKind::BadChunk,
-                                format!("{e}: {}", String::from_utf8_lossy(data)),
-                            )
-                        })?;
+                        let info = parse_chunk(data).map_err(|e| bad_chunk(e, data))?;
                         tracker.on_chunk(&info, at)?;
                     }
                 }
@@ -292,6 +316,13 @@ impl HttpDriver {
         }
         Ok(())
     }
+}
+
+fn bad_chunk(e: String, data: &[u8]) -> RequestError {
+    RequestError::new(
+        ErrorKind::BadChunk,
+        format!("{e}: {}", String::from_utf8_lossy(data)),
+    )
 }
 
 fn transport_error(e: reqwest::Error) -> RequestError {

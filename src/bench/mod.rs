@@ -179,6 +179,11 @@ pub struct ServeArgs {
     /// output length is exact).
     #[arg(long)]
     pub allow_eos: bool,
+    /// Ask for whole responses instead of streams (HTTP only). TTFT is then the whole
+    /// response's latency; this is the traffic a router may retry on another replica.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_stream: bool,
     /// JSON object merged into every request body, e.g. '{"temperature":0}'.
     #[arg(long)]
     pub extra_body: Option<String>,

@@ -198,6 +198,10 @@ pub struct BenchResult {
     pub error_samples: Vec<String>,
     #[serde(default)]
     pub requests: Vec<RequestRecord>,
+    /// the wall-clock time of the start of measurement (requests' `start_s` count from it), in
+    /// Unix milliseconds: to place requests beside events outside the bench (a replica killed)
+    #[serde(default)]
+    pub origin_unix_ms: Option<u64>,
 }
 
 /// How many distinct error messages to keep in `error_samples`.

@@ -65,6 +65,8 @@ pub struct RunOutcome {
     pub client_cpu: Option<CpuTimes>,
     /// the run was cut short by the interrupt
     pub interrupted: bool,
+    /// the wall-clock time of `origin`, in Unix milliseconds
+    pub origin_unix_ms: Option<u64>,
 }
 
 /// Runs the warm-up, then the measured load.
@@ -106,6 +108,10 @@ pub async fn run_load_until(
     }
     let cpu_before = cpu_times();
     let origin = Instant::now();
+    let origin_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64);
     let mut records = if ctx.bodies.is_empty() {
         Vec::new()
     } else {
@@ -133,6 +139,7 @@ pub async fn run_load_until(
         wall_s,
         client_cpu,
         interrupted: ctx.interrupted(),
+        origin_unix_ms,
     }
 }
 

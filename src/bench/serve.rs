@@ -61,6 +61,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), BenchError> {
         interrupted: outcome.interrupted,
         error_samples: report::error_samples(&outcome.records),
         requests: outcome.records,
+        origin_unix_ms: outcome.origin_unix_ms,
     };
     print!("{}", report::render(&result));
     if let Some(path) = &args.output {
@@ -181,6 +182,7 @@ fn build_workload(
         model: args.model.clone(),
         endpoint: args.endpoint,
         exact_output_len: !args.allow_eos,
+        stream: !args.no_stream,
         extra,
     };
     workload::prepare(&requests, &opts)
@@ -202,8 +204,12 @@ async fn connect(args: &ServeArgs, in_flight: usize) -> Result<Driver, BenchErro
                 Endpoint::Completions => "/v1/completions",
             };
             let url = format!("{root}{path}");
-            HttpDriver::new(url, args.api_key.clone(), in_flight, timeout).map(Driver::Http)
+            HttpDriver::new(url, args.api_key.clone(), in_flight, timeout)
+                .map(|d| Driver::Http(d.streaming(!args.no_stream)))
         }
+        _ if args.no_stream => Err(BenchError::Args(
+            "--no-stream is for --transport http (WebSocket and gRPC always stream)".into(),
+        )),
         Transport::Ws => {
             let ws_root = if let Some(rest) = root.strip_prefix("https://") {
                 format!("wss://{rest}")

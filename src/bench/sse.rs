@@ -57,6 +57,9 @@ struct Choice<'a> {
     /// chat completions
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
+    /// a whole chat completion (not streamed): the same fields as a delta
+    #[serde(default, borrow)]
+    message: Option<Delta<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -83,9 +86,10 @@ impl RawChunk<'_> {
         let chunk = self;
         let has_content = chunk.choices.iter().any(|c| {
             non_empty(&c.text)
-                || c.delta
-                    .as_ref()
-                    .is_some_and(|d| non_empty(&d.content) || non_empty(&d.reasoning_content))
+                || [&c.delta, &c.message].into_iter().any(|d| {
+                    d.as_ref()
+                        .is_some_and(|d| non_empty(&d.content) || non_empty(&d.reasoning_content))
+                })
         });
         ChunkInfo {
             has_content,

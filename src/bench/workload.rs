@@ -217,6 +217,8 @@ pub struct BodyOptions {
     pub endpoint: Endpoint,
     /// send `ignore_eos` and `min_tokens` so the output length is exactly `max_tokens`
     pub exact_output_len: bool,
+    /// ask for a stream (with usage in its final chunk), else one whole response
+    pub stream: bool,
     /// merged last, so it may override anything
     pub extra: Map<String, Value>,
 }
@@ -244,7 +246,7 @@ pub fn prepare(
         .collect()
 }
 
-/// The JSON body of `req` for `opts.endpoint`, streaming with usage in the final chunk.
+/// The JSON body of `req` for `opts.endpoint`; a stream has usage in its final chunk.
 pub fn request_body(req: &BenchRequest, opts: &BodyOptions) -> Result<String, BenchError> {
     let mut body = Map::new();
     body.insert("model".into(), json!(opts.model));
@@ -269,8 +271,10 @@ pub fn request_body(req: &BenchRequest, opts: &BodyOptions) -> Result<String, Be
         body.insert("ignore_eos".into(), json!(true));
         body.insert("min_tokens".into(), json!(req.max_tokens));
     }
-    body.insert("stream".into(), json!(true));
-    body.insert("stream_options".into(), json!({"include_usage": true}));
+    if opts.stream {
+        body.insert("stream".into(), json!(true));
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
     for (k, v) in &opts.extra {
         body.insert(k.clone(), v.clone());
     }
@@ -393,6 +397,7 @@ mod tests {
             model: "m".into(),
             endpoint: Endpoint::Chat,
             exact_output_len: true,
+            stream: true,
             extra,
         };
         let body: Value = serde_json::from_str(&request_body(&req, &opts).unwrap()).unwrap();

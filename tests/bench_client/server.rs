@@ -84,6 +84,9 @@ async fn sse(route: Route, body: Value) -> Response {
         let err = json!({"error": {"message": "scripted failure", "type": "server_error"}});
         return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, Json(err)).into_response();
     }
+    if body["stream"] != json!(true) {
+        return whole(route, scenario, n).await;
+    }
     let lines = script(route, scenario, n).map(|ev| {
         ev.map(|c| match c {
             Some(chunk) => format!("data: {chunk}\n\n"),
@@ -94,6 +97,23 @@ async fn sse(route: Route, body: Value) -> Response {
         .header("content-type", "text/event-stream")
         .body(axum::body::Body::from_stream(lines))
         .unwrap()
+}
+
+/// A whole (not streamed) answer, sent when the script's last chunk would have been.
+async fn whole(route: Route, scenario: String, n: u64) -> Response {
+    let ms = if scenario == "fast" {
+        0
+    } else {
+        FIRST_MS + GAP_MS * n.saturating_sub(1)
+    };
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let text: String = (0..n).map(|i| format!("t{i} ")).collect();
+    let choice = match route {
+        Route::Completions => json!({"index": 0, "text": text}),
+        Route::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}}),
+    };
+    let usage = json!({"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n});
+    Json(json!({"choices": [choice], "usage": usage})).into_response()
 }
 
 async fn ws_session(socket: WebSocket) {
