@@ -111,7 +111,9 @@ def validate(doc, crds, where):
         )
         for e in errors:
             fail(f"{what}: {'.'.join(map(str, e.path))}: {e.message}")
-        return
+        # A CRD's schema leaves `metadata` to the API server: hold it to ObjectMeta's schema,
+        # here as a ConfigMap's.
+        doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata")}
     try:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as e:
