@@ -6,57 +6,32 @@
 //! the cache directory once; no root needed).
 
 mod api_support;
+#[path = "common/debian.rs"]
+mod debian;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use api_support::{metrics, venv::cache_dir, Server};
+use debian::debian_binary;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `<cache>/promtool/promtool`, fetched from Debian's package the first time (once per test
-/// process; another process racing it renames a whole binary into place too).
+/// `<cache>/promtool/promtool`, from Debian's `prometheus` package the first time (once per
+/// test process).
 fn promtool() -> PathBuf {
     static PROMTOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PROMTOOL.get_or_init(fetch_promtool).clone()
-}
-
-fn fetch_promtool() -> PathBuf {
-    let dir = cache_dir().join("promtool");
-    let bin = dir.join("promtool");
-    if bin.exists() {
-        return bin;
-    }
-    let work = dir.join(format!("download-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&work).unwrap();
-    let fetched = Command::new("apt-get")
-        .args(["download", "prometheus"])
-        .current_dir(&work)
-        .status()
-        .expect("running apt-get download prometheus (promtool)");
-    assert!(fetched.success(), "apt-get download prometheus failed");
-    let deb = std::fs::read_dir(&work)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .expect("the downloaded .deb");
-    let unpacked = work.join("x");
-    let ok = Command::new("dpkg")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .status()
-        .expect("dpkg -x");
-    assert!(ok.success());
-    // Renamed into place: a concurrent run sees the whole binary or none.
-    let tmp = work.join("promtool");
-    std::fs::copy(unpacked.join("usr/bin/promtool"), &tmp).unwrap();
-    std::fs::rename(&tmp, &bin).unwrap();
-    let _ = std::fs::remove_dir_all(work);
-    bin
+    PROMTOOL
+        .get_or_init(|| {
+            debian_binary(
+                cache_dir().join("promtool"),
+                "prometheus",
+                "usr/bin/promtool",
+            )
+        })
+        .clone()
 }
 
 fn promtool_ok(args: &[&str], stdin: Option<&str>) -> String {
