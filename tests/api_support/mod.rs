@@ -38,13 +38,14 @@ pub struct Server {
 
 impl Server {
     /// Starts the server with the default model (unless `extra` names models) on 127.0.0.1,
-    /// port 0, small KV cache and context, plus `extra` flags (which replace a default of the
+    /// port 0 (unless `extra` names one), small KV cache and context, plus `extra` flags (which replace a default of the
     /// same flag); waits for the "listening" line.
     pub fn start(extra: &[&str]) -> Server {
         let model = sluice::assets::default_model_path().expect("the default model");
         let mut cmd = Command::new(sluice_bin());
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"]);
+        cmd.args(["serve", "--host", "127.0.0.1"]);
         for (flag, value) in [
+            ("--port", "0"),
             ("--threads", "2"),
             ("--kv-cache-memory", "134217728"),
             ("--max-model-len", "1024"),
