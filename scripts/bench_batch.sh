@@ -23,25 +23,15 @@ bench() {
         --input-len "${INPUT_LEN:-128}" --output-len 32 --concurrency "${CONCURRENCY:-8}" --num-requests 48 \
         --warmup-requests 4 --no-progress --label "$1" --output "$OUT/$1.json" > /dev/null
 }
-python3 - "$LINES" > "$DATA/in.jsonl" <<'PY'
-import json, sys
-for i in range(int(sys.argv[1])):
-    print(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                      "body": {"prompt": f"Item {i}: a short note about the number {i}.",
-                               "max_tokens": 32, "ignore_eos": True}}))
-PY
-FILE=$(curl -sf "$SLUICE_URL/v1/files" -F purpose=batch -F file=@"$DATA/in.jsonl" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+source "$(dirname "$0")/batch_input.sh"
+upload_batch_input "$LINES"
 files=()
 for r in $(seq 1 "$ROUNDS"); do
     bench "alone-$r"; files+=("$OUT/alone-$r.json")
-    BATCH=$(curl -sf "$SLUICE_URL/v1/batches" -H 'content-type: application/json' \
-        -d "{\"input_file_id\": \"$FILE\", \"endpoint\": \"/v1/completions\", \"completion_window\": \"24h\"}" |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    start_batch
     sleep 2
     bench "with-batch-$r"; files+=("$OUT/with-batch-$r.json")
-    curl -sf "$SLUICE_URL/v1/batches/$BATCH" | python3 -c \
-        'import json,sys; b=json.load(sys.stdin); print(b["id"], b["status"], b["request_counts"])'
+    batch_field 'b["id"], b["status"], b["request_counts"]'
     curl -sf -X POST "$SLUICE_URL/v1/batches/$BATCH/cancel" > /dev/null
     sleep 2
 done
