@@ -72,6 +72,22 @@ impl ModelConfig {
         let head_dim = usize_key("attention.key_length")
             .or_else(|_| usize_key("rope.dimension_count"))
             .unwrap_or(hidden_size / num_heads.max(1));
+        // Keys that change the math away from what sluice implements.
+        let source = f.path.display().to_string();
+        if let Ok(ty) = f.get_str(&key("rope.scaling.type")) {
+            if ty != "none" {
+                return Err(ModelError::Unsupported(format!(
+                    "{source}: {arch}.rope.scaling.type {ty:?} is not supported"
+                )));
+            }
+        }
+        if let Ok(n) = usize_key("expert_count") {
+            if n > 0 {
+                return Err(ModelError::Unsupported(format!(
+                    "{source}: a mixture of {n} experts is not supported"
+                )));
+            }
+        }
         let vocab_size = match usize_key("vocab_size") {
             Ok(v) => v,
             Err(_) => f.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -102,7 +118,7 @@ impl ModelConfig {
             attention_bias: f.has_tensor("blk.0.attn_q.bias"),
             architecture: arch,
         };
-        cfg.validate(&f.path.display().to_string())?;
+        cfg.validate(&source)?;
         Ok(cfg)
     }
 
@@ -120,27 +136,20 @@ impl ModelConfig {
             return Err(unsupported(&arch, &source));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        let rope_scaling = match &raw.rope_scaling {
-            Some(v) if !v.is_null() => {
-                let ty = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                match ty {
-                    "llama3" => Some(serde_json::from_value(v.clone()).map_err(|e| {
-                        ModelError::Invalid(format!("{source}: rope_scaling: {e}"))
-                    })?),
-                    "default" => None,
-                    other => {
-                        return Err(ModelError::Unsupported(format!(
-                            "{source}: rope_scaling type {other:?} is not supported (supported: llama3)"
-                        )))
-                    }
-                }
+        refuse_unimplemented(&raw, &source)?;
+        let (rope_theta, rope_scaling) = hf_rope(&raw, &source)?;
+        // A sequence no longer than the sliding window attends exactly as with full attention,
+        // so a windowed model is served up to its window (sluice has no windowed attention).
+        let mut max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        if let Some(window) = raw.applied_sliding_window() {
+            if window < max_position_embeddings {
+                tracing::warn!(
+                    "{source}: sliding_window {window}: served up to {window} tokens of context \
+                     (the model was trained for {max_position_embeddings})"
+                );
+                max_position_embeddings = window;
             }
-            _ => None,
-        };
+        }
         let cfg = Self {
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -151,9 +160,9 @@ impl ModelConfig {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             vocab_size: raw.vocab_size,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_style: RopeStyle::Halves,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -240,6 +249,121 @@ struct HfConfig {
     rms_norm_eps: Option<f32>,
     rope_theta: Option<f32>,
     rope_scaling: Option<serde_json::Value>,
+    /// `transformers` 5 moved `rope_theta` and the scaling settings here.
+    rope_parameters: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    // Keys that change the math; refused unless at the value sluice implements.
+    hidden_act: Option<String>,
+    mlp_bias: Option<bool>,
+    partial_rotary_factor: Option<f32>,
+    sliding_window: Option<serde_json::Value>,
+    use_sliding_window: Option<bool>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
 }
+
+impl HfConfig {
+    /// The sliding window attention uses, if any: Mistral's `sliding_window` (null when off),
+    /// unless `use_sliding_window` is false (Qwen2 sets a window it does not use).
+    fn applied_sliding_window(&self) -> Option<usize> {
+        if self.use_sliding_window == Some(false) {
+            return None;
+        }
+        self.sliding_window
+            .as_ref()
+            .and_then(serde_json::Value::as_u64)
+            .map(|w| w as usize)
+    }
+}
+
+/// Refuses the config keys that change the math away from what sluice implements, naming
+/// each: a model that loads must compute what `transformers` computes.
+fn refuse_unimplemented(raw: &HfConfig, source: &str) -> Result<(), ModelError> {
+    let refuse = |what: String| {
+        Err(ModelError::Unsupported(format!(
+            "{source}: {what} is not supported"
+        )))
+    };
+    if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+        return refuse(format!("hidden_act {act:?} (supported: \"silu\")"));
+    }
+    if raw.mlp_bias == Some(true) {
+        return refuse("mlp_bias true".into());
+    }
+    if let Some(f) = raw.partial_rotary_factor.filter(|f| *f != 1.0) {
+        return refuse(format!("partial_rotary_factor {f}"));
+    }
+    if let Some(n) = raw.num_local_experts.or(raw.num_experts).filter(|n| *n > 0) {
+        return refuse(format!("a mixture of {n} experts"));
+    }
+    Ok(())
+}
+
+/// RoPE's base and scaling from either layout: `rope_theta` and `rope_scaling` at the top
+/// level (`transformers` 4), or `rope_parameters` (`transformers` 5). Both present and
+/// different is an error, as is any RoPE type but the default and Llama 3's.
+fn hf_rope(raw: &HfConfig, source: &str) -> Result<(f32, Option<Llama3RopeScaling>), ModelError> {
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .map(|v| match v {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => Err(ModelError::Invalid(format!(
+                "{source}: rope_parameters is not an object"
+            ))),
+        })
+        .transpose()?;
+    let nested_theta = match params.and_then(|m| m.get("rope_theta")) {
+        None => None,
+        Some(t) => Some(t.as_f64().ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "{source}: rope_parameters.rope_theta is not a number"
+            ))
+        })? as f32),
+    };
+    let theta = match (raw.rope_theta, nested_theta) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ModelError::Invalid(format!(
+                "{source}: rope_theta {a} and rope_parameters.rope_theta {b} disagree"
+            )))
+        }
+        (a, b) => a.or(b).unwrap_or(10_000.0),
+    };
+    let scaling = [raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref()];
+    let mut llama3 = None;
+    for (key, v) in ["rope_scaling", "rope_parameters"].into_iter().zip(scaling) {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let ty = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        match ty {
+            "llama3" => {
+                let s: Llama3RopeScaling = serde_json::from_value(v.clone())
+                    .map_err(|e| ModelError::Invalid(format!("{source}: {key}: {e}")))?;
+                if llama3.is_some_and(|l| l != s) {
+                    return Err(ModelError::Invalid(format!(
+                        "{source}: rope_scaling and rope_parameters disagree"
+                    )));
+                }
+                llama3 = Some(s);
+            }
+            "default" => {}
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "{source}: {key} type {other:?} is not supported (supported: default, llama3)"
+                )))
+            }
+        }
+    }
+    Ok((theta, llama3))
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

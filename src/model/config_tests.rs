@@ -1,0 +1,118 @@
+//! `ModelConfig::from_hf_config` on the layouts `transformers` writes, and its refusals.
+
+use serde_json::{json, Value};
+
+use super::*;
+
+/// SmolLM2-135M's shape, plus `extra` keys.
+fn config(extra: Value) -> Result<ModelConfig, ModelError> {
+    let mut c = json!({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "hidden_act": "silu",
+    });
+    for (k, v) in extra.as_object().expect("an object") {
+        c[k] = v.clone();
+    }
+    let path = std::env::temp_dir().join(format!(
+        "sluice-config-{}-{}.json",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, c.to_string()).unwrap();
+    let cfg = ModelConfig::from_hf_config(&path);
+    let _ = std::fs::remove_file(&path);
+    cfg
+}
+
+fn refusal(extra: Value) -> String {
+    config(extra).expect_err("refused").to_string()
+}
+
+const LLAMA3: &str = r#"{"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}"#;
+
+#[test]
+fn rope_theta_is_read_from_either_layout() {
+    assert_eq!(config(json!({})).unwrap().rope_theta, 10_000.0);
+    assert_eq!(
+        config(json!({"rope_theta": 100000.0})).unwrap().rope_theta,
+        100_000.0
+    );
+    // transformers 5: only under rope_parameters.
+    let v5 = json!({"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}});
+    let cfg = config(v5).unwrap();
+    assert_eq!((cfg.rope_theta, cfg.rope_scaling), (100_000.0, None));
+    let both = json!({"rope_theta": 5e5, "rope_parameters": {"rope_theta": 5e5}});
+    assert_eq!(config(both).unwrap().rope_theta, 5e5);
+    let e = refusal(json!({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}));
+    assert!(
+        e.contains("rope_theta 10000 and rope_parameters.rope_theta 500000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn llama3_scaling_is_read_from_either_layout() {
+    let mut scaling: Value = serde_json::from_str(LLAMA3).unwrap();
+    scaling["rope_type"] = json!("llama3");
+    let want = Some(Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    });
+    let v4 = config(json!({"rope_theta": 5e5, "rope_scaling": scaling.clone()})).unwrap();
+    assert_eq!(v4.rope_scaling, want);
+    let mut params = scaling.clone();
+    params["rope_theta"] = json!(5e5);
+    let v5 = config(json!({"rope_parameters": params})).unwrap();
+    assert_eq!((v5.rope_theta, v5.rope_scaling), (5e5, want));
+}
+
+#[test]
+fn rope_types_it_does_not_implement_are_refused_by_name() {
+    for (key, ty) in [("rope_scaling", "yarn"), ("rope_parameters", "linear")] {
+        let e = refusal(json!({key: {"rope_type": ty, "factor": 4.0}}));
+        assert!(e.contains(&format!("{key} type \"{ty}\"")), "{e}");
+    }
+    let e = refusal(json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}));
+    assert!(e.contains("\"dynamic\""), "{e}");
+}
+
+#[test]
+fn keys_that_change_the_math_are_refused_by_name() {
+    for (extra, named) in [
+        (
+            json!({"hidden_act": "gelu_pytorch_tanh"}),
+            "hidden_act \"gelu_pytorch_tanh\"",
+        ),
+        (json!({"mlp_bias": true}), "mlp_bias"),
+        (
+            json!({"partial_rotary_factor": 0.5}),
+            "partial_rotary_factor 0.5",
+        ),
+        (json!({"num_local_experts": 8}), "mixture of 8 experts"),
+    ] {
+        let e = refusal(extra);
+        assert!(e.contains(named) && e.contains("not supported"), "{e}");
+    }
+    // The values sluice implements load.
+    config(json!({"mlp_bias": false, "partial_rotary_factor": 1.0})).unwrap();
+}
+
+#[test]
+fn a_sliding_window_caps_the_context_it_serves() {
+    // Mistral 7B v0.1: a 4,096-token window over a 32k context.
+    let mistral = json!({"model_type": "mistral", "max_position_embeddings": 32768,
+                         "sliding_window": 4096});
+    assert_eq!(config(mistral).unwrap().max_position_embeddings, 4096);
+    // Later Mistrals turn it off with null; Qwen2 names one it does not use.
+    let off = json!({"model_type": "mistral", "sliding_window": null});
+    assert_eq!(config(off).unwrap().max_position_embeddings, 8192);
+    let qwen = json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false});
+    assert_eq!(config(qwen).unwrap().max_position_embeddings, 8192);
+    // A window wider than the context changes nothing.
+    let wide = json!({"sliding_window": 131072});
+    assert_eq!(config(wide).unwrap().max_position_embeddings, 8192);
+}
