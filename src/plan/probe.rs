@@ -308,8 +308,8 @@ mod tests {
     fn rows_follow_a_bent_curve_piece_by_piece() {
         // Bandwidth-bound below 4 rows (flat), compute-bound above.
         let mut s = samples();
-        s.decode_n_long_s = s.decode_n_short_s;
         (s.decode_1_short_s, s.decode_4_short_s, s.decode_n_short_s) = (0.010, 0.010, 0.034);
+        s.decode_n_long_s = s.decode_n_short_s;
         s.prefill_s = 0.130;
         let m = fit(s, 2);
         assert_eq!(m.per_context_token_s, 0.0);
