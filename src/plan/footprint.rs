@@ -112,7 +112,7 @@ impl TensorSum {
     }
 
     fn into_footprint(mut self, config: ModelConfig, source: &'static str) -> Footprint {
-        self.dtypes.sort_by(|a, b| b.1.cmp(&a.1));
+        self.dtypes.sort_by_key(|d| std::cmp::Reverse(d.1));
         let names: Vec<&str> = self.dtypes.iter().map(|(d, _)| d.as_str()).collect();
         let weights_dtype = match names.as_slice() {
             [one] => one.to_string(),
