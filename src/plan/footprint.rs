@@ -194,7 +194,7 @@ fn from_config(
             path: config_path.to_path_buf(),
             message: "no weights to measure and no torch_dtype: pass --weights-dtype".into(),
         })?;
-    let per_param = bytes_per_param(name).ok_or_else(|| {
+    let (canonical, per_param) = bytes_per_param(name).ok_or_else(|| {
         PlanError::Workload(format!(
             "--weights-dtype {name:?} is not known (known: {})",
             KNOWN_DTYPES.join(", ")
@@ -204,7 +204,7 @@ fn from_config(
     Ok(Footprint {
         config,
         source: "config.json",
-        weights_dtype: name.to_ascii_uppercase(),
+        weights_dtype: canonical.to_string(),
         weights_bytes: (num_params as f64 * per_param).ceil() as u64,
         num_params,
     })
@@ -220,18 +220,20 @@ const KNOWN_DTYPES: &[&str] = &[
     "f32", "f16", "bf16", "fp8", "int8", "int4", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k",
 ];
 
-/// Bytes per parameter of a storage type, quantization scales included.
-pub fn bytes_per_param(name: &str) -> Option<f64> {
+/// A storage type's short name and bytes per parameter, quantization scales included.
+pub fn bytes_per_param(name: &str) -> Option<(&'static str, f64)> {
     Some(match name.to_ascii_lowercase().as_str() {
-        "f32" | "float32" => 4.0,
-        "f16" | "float16" | "bf16" | "bfloat16" => 2.0,
-        "fp8" | "float8" | "float8_e4m3fn" | "int8" => 1.0,
-        "int4" => 0.5,
-        "q8_0" => 34.0 / 32.0,
-        "q4_0" => 18.0 / 32.0,
-        "q4_1" => 20.0 / 32.0,
-        "q4_k" => 144.0 / 256.0,
-        "q6_k" => 210.0 / 256.0,
+        "f32" | "float32" => ("F32", 4.0),
+        "f16" | "float16" => ("F16", 2.0),
+        "bf16" | "bfloat16" => ("BF16", 2.0),
+        "fp8" | "float8" | "float8_e4m3fn" => ("FP8", 1.0),
+        "int8" => ("INT8", 1.0),
+        "int4" => ("INT4", 0.5),
+        "q8_0" => ("Q8_0", 34.0 / 32.0),
+        "q4_0" => ("Q4_0", 18.0 / 32.0),
+        "q4_1" => ("Q4_1", 20.0 / 32.0),
+        "q4_k" => ("Q4_K", 144.0 / 256.0),
+        "q6_k" => ("Q6_K", 210.0 / 256.0),
         _ => return None,
     })
 }
@@ -278,7 +280,10 @@ mod tests {
         // SmolLM2-135M: 134,515,008 parameters (the model card's 135M).
         assert_eq!(f.num_params, 134_515_008);
         assert_eq!(f.weights_bytes, 2 * 134_515_008);
-        assert_eq!(f.source, "config.json");
+        assert_eq!(
+            (f.source, f.weights_dtype.as_str()),
+            ("config.json", "BF16")
+        );
         // 30 layers × 3 KV heads × 64 dims × (K and V) × 2 bytes.
         assert_eq!(f.kv_bytes_per_token(), 23_040);
         let q4 = Footprint::read(&d.join("config.json"), Some("q4_0")).unwrap();
