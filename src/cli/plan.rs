@@ -82,6 +82,9 @@ pub fn report(args: &PlanArgs) -> anyhow::Result<PlanReport> {
         let threads = args
             .threads
             .unwrap_or_else(crate::kernels::cpu::pool::default_num_threads);
+        if threads == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
         let (memory_bytes, memory_source) = match args.memory {
             Some(m) => (m, "--memory"),
             None => (
@@ -160,6 +163,17 @@ mod tests {
     use super::super::engine_args::EngineArgs;
     use crate::plan::estimate::Flags;
 
+    const SMOLLM2: &str = r#"{"hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+        "max_position_embeddings": 8192}"#;
+
+    #[derive(Parser)]
+    struct Plan {
+        #[command(flatten)]
+        plan: super::PlanArgs,
+    }
+
     #[derive(Parser)]
     struct Serve {
         #[command(flatten)]
@@ -175,18 +189,67 @@ mod tests {
     }
 
     #[test]
+    fn the_json_has_the_documented_shape() {
+        let dir = std::env::temp_dir().join(format!("sluice-plan-json-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.json");
+        std::fs::write(&config, SMOLLM2).unwrap();
+        let argv = [
+            "plan",
+            "--model",
+            config.to_str().unwrap(),
+            "--device",
+            "L4",
+        ];
+        let args = Plan::try_parse_from(argv.iter().chain(&["--request-rate", "3"])).unwrap();
+        let report = super::report(&args.plan).unwrap();
+        let v = serde_json::to_value(&report).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let documented = [
+            "version",
+            "model",
+            "device",
+            "cost",
+            "input_len",
+            "output_len",
+            "context_len",
+            "request_rate",
+            "concurrency",
+            "memory",
+            "decode",
+            "ttft",
+            "e2e_ms",
+            "flags",
+            "warnings",
+        ];
+        let mut keys = keys;
+        keys.sort_unstable();
+        let mut documented = documented.to_vec();
+        documented.sort_unstable();
+        assert_eq!(keys, documented);
+        assert_eq!(v["cost"]["kind"], "roofline");
+        assert_eq!(v["device"]["memory_source"], "datasheet");
+        assert_eq!(v["request_rate"], 3.0);
+        assert!(report
+            .table()
+            .contains("recommended: sluice serve --kv-cache-memory"));
+        // Both ways of loading at once is a usage error, not a silent choice.
+        assert!(Plan::try_parse_from(argv.iter().chain(&[
+            "--concurrency",
+            "2",
+            "--request-rate",
+            "1"
+        ]))
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_recommended_flags_give_serve_the_blocks_the_plan_counts() {
         let dir = std::env::temp_dir().join(format!("sluice-plan-cli-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("config.json");
-        std::fs::write(
-            &config,
-            r#"{"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-                "tie_word_embeddings": true, "torch_dtype": "bfloat16",
-                "max_position_embeddings": 8192}"#,
-        )
-        .unwrap();
+        std::fs::write(&config, SMOLLM2).unwrap();
         let fp = crate::plan::Footprint::read(&config, None).unwrap();
         // Lengths on and off block boundaries, concurrency inside and beyond what fits.
         for (input_len, output_len, c) in [(40, 50, 4), (16, 48, 16), (7, 9, 3), (100, 28, 40)] {
