@@ -32,6 +32,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod parallel;
+pub mod plan;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;

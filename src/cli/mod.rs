@@ -5,6 +5,7 @@ pub mod cpu_ranks;
 pub mod engine_args;
 pub mod generate;
 pub mod model_args;
+pub mod plan;
 pub mod serve;
 pub mod serve_models;
 
@@ -40,6 +41,8 @@ pub enum Command {
     /// Batch files without a server (`batch run`, vLLM's `run-batch` format).
     #[command(subcommand)]
     Batch(batch::BatchCommand),
+    /// Capacity planning: what a model needs and delivers on a device for a workload.
+    Plan(plan::PlanArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -60,6 +63,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Bench(cmd) => crate::bench::run(cmd),
         Command::Batch(cmd) => batch::run(cmd),
+        Command::Plan(args) => plan::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
