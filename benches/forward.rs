@@ -11,36 +11,14 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sluice::assets::default_model_path;
 use sluice::kernels::cpu::pool::default_num_threads;
 use sluice::kernels::cpu::CpuBackend;
-use sluice::kernels::{BatchSeq, ForwardBatch};
+use sluice::kernels::ForwardBatch;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 
 const BLOCK_SIZE: usize = 16;
 
-/// A batch of `seqs` sequences, sequence `i` owning blocks `[i * per_seq, (i + 1) * per_seq)`,
-/// running the tokens at positions `start..end` of each.
 fn batch(seqs: usize, per_seq: usize, start: usize, end: usize) -> ForwardBatch {
-    let mut b = ForwardBatch::default();
-    for i in 0..seqs {
-        let table: Vec<u32> = (0..per_seq).map(|j| (i * per_seq + j) as u32).collect();
-        let query_start = b.token_ids.len();
-        for p in start..end {
-            // Any valid ids do: the speed does not depend on them.
-            b.token_ids.push(((p * 31 + i * 7) % 40_000 + 100) as u32);
-            b.positions.push(p as u32);
-            b.slot_mapping
-                .push(table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32);
-        }
-        b.logits_rows.push((b.token_ids.len() - 1) as u32);
-        b.seqs.push(BatchSeq {
-            query_start,
-            query_len: end - start,
-            context_len: end,
-            block_table: table,
-            prompt_len: 0,
-        });
-    }
-    b
+    ForwardBatch::synthetic(seqs, per_seq, BLOCK_SIZE, start, end)
 }
 
 fn decode(c: &mut Criterion) {

@@ -63,6 +63,39 @@ impl ForwardBatch {
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
     }
+
+    /// A synthetic batch for timing a forward pass (the forward bench, the planner's probe):
+    /// `rows` sequences, sequence `i` owning blocks `[i * per_seq, (i + 1) * per_seq)` of
+    /// `block_size` slots, each computing positions `start..end`, with token ids below 1,010
+    /// (valid in any real vocabulary; the speed does not depend on them).
+    pub fn synthetic(
+        rows: usize,
+        per_seq: usize,
+        block_size: usize,
+        start: usize,
+        end: usize,
+    ) -> Self {
+        let mut b = ForwardBatch::default();
+        for i in 0..rows {
+            let table: Vec<u32> = (0..per_seq).map(|j| (i * per_seq + j) as u32).collect();
+            let query_start = b.token_ids.len();
+            for p in start..end {
+                b.token_ids.push(((p * 31 + i * 7) % 1000 + 10) as u32);
+                b.positions.push(p as u32);
+                b.slot_mapping
+                    .push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            }
+            b.logits_rows.push((b.token_ids.len() - 1) as u32);
+            b.seqs.push(BatchSeq {
+                query_start,
+                query_len: end - start,
+                context_len: end,
+                block_table: table,
+                prompt_len: 0,
+            });
+        }
+        b
+    }
 }
 
 /// How RoPE rotates a head's dimensions.

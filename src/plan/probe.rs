@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use super::{Footprint, GpuSpec, PlanError};
 use crate::kernels::cpu::{CpuBackend, CpuNumerics};
-use crate::kernels::{BatchSeq, ForwardBatch};
+use crate::kernels::ForwardBatch;
 use crate::model::llama::Llama;
 use crate::model::loader::{self, ModelSpec};
 
@@ -192,30 +192,8 @@ pub fn fit(s: ProbeSamples, threads: usize) -> MeasuredCost {
     }
 }
 
-/// A batch of `rows` sequences, sequence `i` owning blocks `[i * per_seq, (i + 1) * per_seq)`,
-/// each computing positions `start..end`.
 fn batch(rows: usize, per_seq: usize, start: usize, end: usize) -> ForwardBatch {
-    let mut b = ForwardBatch::default();
-    for i in 0..rows {
-        let table: Vec<u32> = (0..per_seq).map(|j| (i * per_seq + j) as u32).collect();
-        let query_start = b.token_ids.len();
-        for p in start..end {
-            // Any valid ids do: the speed does not depend on them.
-            b.token_ids.push(((p * 31 + i * 7) % 1000 + 10) as u32);
-            b.positions.push(p as u32);
-            b.slot_mapping
-                .push(table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32);
-        }
-        b.logits_rows.push((b.token_ids.len() - 1) as u32);
-        b.seqs.push(BatchSeq {
-            query_start,
-            query_len: end - start,
-            context_len: end,
-            block_table: table,
-            prompt_len: 0,
-        });
-    }
-    b
+    ForwardBatch::synthetic(rows, per_seq, BLOCK_SIZE, start, end)
 }
 
 /// Loads the model `spec` names on the CPU with `threads` threads and times
