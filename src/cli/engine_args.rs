@@ -106,8 +106,9 @@ impl EngineArgs {
         };
         // K and V are f16 in every backend's cache.
         let bytes_per_block = (model.kv_bytes_per_token(2) * self.block_size) as u64;
-        // Never more blocks than all sequences at full length can use.
-        let useful = (self.max_num_seqs * max_model_len).div_ceil(self.block_size) as u64 + 1;
+        // Never more blocks than all sequences at full length can use: whole blocks each (a
+        // length off a block boundary still takes its last block).
+        let useful = (self.max_num_seqs * max_model_len.div_ceil(self.block_size)) as u64 + 1;
         let num_blocks = (budget / bytes_per_block).min(useful) as usize;
         if num_blocks * self.block_size < max_model_len.min(2048) {
             anyhow::bail!(

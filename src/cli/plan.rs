@@ -244,6 +244,25 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `serve` caps its pool at what every sequence at full length can use, in whole blocks
+    /// per sequence: 4 × ceil(1000 / 16) + 1, not ceil(4 × 1000 / 16) + 1.
+    #[test]
+    fn serve_caps_the_pool_in_whole_blocks_per_sequence() {
+        let dir = std::env::temp_dir().join(format!("sluice-plan-cap-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.json");
+        std::fs::write(&config, SMOLLM2).unwrap();
+        let model = crate::model::config::ModelConfig::from_hf_config(&config).unwrap();
+        let argv = ["serve", "--max-num-seqs", "4", "--max-model-len", "1000"];
+        let serve =
+            Serve::try_parse_from(argv.iter().chain(&["--kv-cache-memory", "1000000000"])).unwrap();
+        assert_eq!(
+            serve.engine.engine_config(&model).unwrap().cache.num_blocks,
+            4 * 63 + 1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_recommended_flags_give_serve_the_blocks_the_plan_counts() {
         let dir = std::env::temp_dir().join(format!("sluice-plan-cli-{}", uuid::Uuid::new_v4()));
