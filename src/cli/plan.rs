@@ -180,6 +180,27 @@ mod tests {
         engine: EngineArgs,
     }
 
+    /// SmolLM2's `config.json` in a directory of its own, removed when dropped.
+    struct ConfigFile {
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn smollm2_config() -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!("sluice-plan-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, SMOLLM2).unwrap();
+        ConfigFile { path }
+    }
+
     /// The blocks `sluice serve` builds from the recommended flags.
     fn serve_blocks(flags: &Flags, config: &crate::model::config::ModelConfig) -> usize {
         let mut argv = vec!["serve".to_string()];
@@ -190,10 +211,8 @@ mod tests {
 
     #[test]
     fn the_json_has_the_documented_shape() {
-        let dir = std::env::temp_dir().join(format!("sluice-plan-json-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("config.json");
-        std::fs::write(&config, SMOLLM2).unwrap();
+        let file = smollm2_config();
+        let config = file.path.clone();
         let argv = [
             "plan",
             "--model",
@@ -241,17 +260,14 @@ mod tests {
             "1"
         ]))
         .is_err());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `serve` caps its pool at what every sequence at full length can use, in whole blocks
     /// per sequence: 4 × ceil(1000 / 16) + 1, not ceil(4 × 1000 / 16) + 1.
     #[test]
     fn serve_caps_the_pool_in_whole_blocks_per_sequence() {
-        let dir = std::env::temp_dir().join(format!("sluice-plan-cap-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("config.json");
-        std::fs::write(&config, SMOLLM2).unwrap();
+        let file = smollm2_config();
+        let config = file.path.clone();
         let model = crate::model::config::ModelConfig::from_hf_config(&config).unwrap();
         let argv = ["serve", "--max-num-seqs", "4", "--max-model-len", "1000"];
         let serve =
@@ -260,15 +276,12 @@ mod tests {
             serve.engine.engine_config(&model).unwrap().cache.num_blocks,
             4 * 63 + 1
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_recommended_flags_give_serve_the_blocks_the_plan_counts() {
-        let dir = std::env::temp_dir().join(format!("sluice-plan-cli-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("config.json");
-        std::fs::write(&config, SMOLLM2).unwrap();
+        let file = smollm2_config();
+        let config = file.path.clone();
         let fp = crate::plan::Footprint::read(&config, None).unwrap();
         // Lengths on and off block boundaries, concurrency inside and beyond what fits.
         for (input_len, output_len, c) in [(40, 50, 4), (16, 48, 16), (7, 9, 3), (100, 28, 40)] {
@@ -293,6 +306,5 @@ mod tests {
                 p.flags
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
