@@ -14,7 +14,7 @@ mod api_support;
 use std::path::Path;
 use std::process::Command;
 
-use api_support::{metric, metrics, sluice_bin, Server};
+use api_support::{bench_serve, metric, metrics, sluice_bin, Server};
 use serde_json::Value;
 
 const INPUT_LEN: usize = 32;
@@ -46,30 +46,13 @@ fn plan(extra: &[&str]) -> Value {
 /// `sluice bench serve` against `server` at `concurrency`; its result file's summary.
 fn bench(server: &Server, concurrency: usize, num_requests: usize, dir: &Path) -> Value {
     let out = dir.join(format!("bench-{concurrency}.json"));
-    let status = Command::new(sluice_bin())
-        .args([
-            "bench",
-            "serve",
-            "--base-url",
-            &server.url,
-            "--model",
-            &server.model,
-        ])
+    let status = bench_serve(&server.url, &server.model, &out)
         .args(["--input-len", &INPUT_LEN.to_string()])
         .args(["--output-len", &OUTPUT_LEN.to_string()])
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--num-requests", &num_requests.to_string()])
-        .args([
-            "--warmup-requests",
-            "1",
-            "--no-progress",
-            "--client-threads",
-            "1",
-        ])
-        .arg("--output")
-        .arg(&out)
+        .args(["--warmup-requests", "1", "--client-threads", "1"])
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
         .status()
         .expect("running sluice bench");
     assert!(status.success(), "sluice bench failed");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use api_support::{client, metric, metrics, sluice_bin, Server};
+use api_support::{bench_serve, client, metric, metrics, sluice_bin, Server};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "admin-key-456";
@@ -209,19 +209,9 @@ async fn swap_under_load_rollback_canary_and_restart() {
 
     // Continuous load while version 2 loads, goes live, and is rolled back.
     let bench_out = dir.join("bench.json");
-    let mut bench = Command::new(sluice_bin())
-        .args([
-            "bench",
-            "serve",
-            "--base-url",
-            &server.url,
-            "--model",
-            "smollm2",
-        ])
+    let mut bench = bench_serve(&server.url, "smollm2", &bench_out)
         .args(["--concurrency", "4", "--duration", "8", "--input-len", "16"])
-        .args(["--output-len", "16", "--no-progress", "--tokenizer", &m])
-        .args(["--output", bench_out.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
+        .args(["--output-len", "16", "--tokenizer", &m])
         .spawn()
         .expect("sluice bench serve");
     tokio::time::sleep(Duration::from_secs(1)).await;

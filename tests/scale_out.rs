@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use api_support::{metric, metrics, probe_status, sluice_bin, venv::pip_venv, Server};
+use api_support::{bench_serve, metric, metrics, probe_status, venv::pip_venv, Server};
 use serde_json::{json, Value};
 
 /// The proxy under test, pinned (its dependencies resolve at install time).
@@ -132,22 +132,11 @@ async fn start_proxy(dir: &Path, ports: &[u16]) -> Proxy {
 
 /// A `sluice bench serve` run against the proxy, in the background.
 fn bench(proxy: &Proxy, out: &Path, extra: &[&str]) -> Child {
-    Command::new(sluice_bin())
-        .args([
-            "bench",
-            "serve",
-            "--base-url",
-            &proxy.url,
-            "--model",
-            "smollm2",
-        ])
+    bench_serve(&proxy.url, "smollm2", out)
         .args(["--api-key", MASTER_KEY, "--endpoint", "completions"])
         .args(["--duration", &RUN_S.to_string(), "--warmup-requests", "0"])
-        .args(["--timeout", "60", "--input-len", "32", "--no-progress"])
-        .arg("--output")
-        .arg(out)
+        .args(["--timeout", "60", "--input-len", "32"])
         .args(extra)
-        .stdout(Stdio::null())
         .spawn()
         .expect("starting sluice bench")
 }

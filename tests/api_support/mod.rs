@@ -29,6 +29,18 @@ pub fn sluice_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")))
 }
 
+/// `sluice bench serve` aimed at `url` and `model`, writing its result file to `output`,
+/// without its progress bar or its report on stdout; callers add the workload.
+pub fn bench_serve(url: &str, model: &str, output: &Path) -> Command {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["bench", "serve", "--base-url", url, "--model", model])
+        .arg("--no-progress")
+        .arg("--output")
+        .arg(output)
+        .stdout(Stdio::null());
+    cmd
+}
+
 /// A running `sluice serve`; killed when dropped.
 pub struct Server {
     child: Option<Child>,
