@@ -35,7 +35,11 @@ fn decode(c: &mut Criterion) {
     group.sample_size(20);
     for ctx in [256usize] {
         let per_seq = (ctx + 1).div_ceil(BLOCK_SIZE);
-        for seqs in [1usize, 16] {
+        let sizes: &[usize] = match probe_reps() {
+            Some(_) => &[1, 2, 4, 8, 16],
+            None => &[1, 16],
+        };
+        for &seqs in sizes {
             let mut kv = model
                 .kv_cache(seqs * per_seq, BLOCK_SIZE)
                 .expect("kv cache");
@@ -49,9 +53,26 @@ fn decode(c: &mut Criterion) {
                     fill.elapsed().as_secs_f64() * 1e3
                 );
             }
+            if let Some(reps) = probe_reps() {
+                // Speculative verification: each sequence computes its last token and `k`
+                // draft tokens, with logits for all of them (`verify/<seqs>/k<k>`).
+                for k in [2usize, 4] {
+                    let mut step = batch(seqs, per_seq, ctx - k, ctx + 1);
+                    step.logits_rows = (0..step.num_tokens() as u32).collect();
+                    let name = format!("verify/{seqs}/k{k}");
+                    probe(&name, ctx, reps, || {
+                        model.forward(&step, &mut kv);
+                    });
+                    // As the runner lays verification out: one query per entry.
+                    let step = one_query_per_seq(step);
+                    probe(&format!("{name}/split"), ctx, reps, || {
+                        model.forward(&step, &mut kv);
+                    });
+                }
+            }
             let step = batch(seqs, per_seq, ctx, ctx + 1);
             if let Some(reps) = probe_reps() {
-                probe(seqs, ctx, reps, || {
+                probe(&format!("decode/{seqs}"), ctx, reps, || {
                     model.forward(&step, &mut kv);
                 });
                 continue;
@@ -67,6 +88,23 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// `b` with each sequence's queries as sequences of one query each (same blocks).
+fn one_query_per_seq(mut b: ForwardBatch) -> ForwardBatch {
+    let seqs = std::mem::take(&mut b.seqs);
+    for s in seqs {
+        for q in 0..s.query_len {
+            b.seqs.push(sluice::kernels::BatchSeq {
+                query_start: s.query_start + q,
+                query_len: 1,
+                context_len: s.context_len - s.query_len + q + 1,
+                block_table: s.block_table.clone(),
+                prompt_len: s.prompt_len,
+            });
+        }
+    }
+    b
+}
+
 /// `SLUICE_FORWARD_PROBE=N`: instead of criterion's estimates, time `N` steps of each shape
 /// and print the median and the fastest (the fastest is the figure least moved by other work
 /// on a shared machine).
@@ -74,7 +112,7 @@ fn probe_reps() -> Option<usize> {
     std::env::var("SLUICE_FORWARD_PROBE").ok()?.parse().ok()
 }
 
-fn probe(seqs: usize, ctx: usize, reps: usize, mut step: impl FnMut()) {
+fn probe(name: &str, ctx: usize, reps: usize, mut step: impl FnMut()) {
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = std::time::Instant::now();
@@ -84,7 +122,7 @@ fn probe(seqs: usize, ctx: usize, reps: usize, mut step: impl FnMut()) {
         .collect();
     times.sort_by(f64::total_cmp);
     println!(
-        "probe decode/{seqs}/ctx{ctx}: median {:.2} ms, fastest {:.2} ms ({} steps)",
+        "probe {name}/ctx{ctx}: median {:.2} ms, fastest {:.2} ms ({} steps)",
         times[times.len() / 2],
         times[0],
         times.len()

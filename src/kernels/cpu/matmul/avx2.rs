@@ -10,7 +10,6 @@
 use std::arch::x86_64::*;
 
 use super::quantize::{Q8Acts, PAIR};
-use super::reference::f16_at;
 use super::Chunk;
 use crate::kernels::dtype::WeightDType;
 
@@ -36,17 +35,44 @@ unsafe fn q8_chunk_impl(c: &Chunk, acts: &Q8Acts) {
         let wide = j + C <= c.c1;
         let mut r = 0;
         while r < c.m {
-            let tall = r + R <= c.m;
-            match (tall, wide) {
-                (true, true) => q8_tile::<R, C>(c, acts, r, j),
-                (true, false) => q8_tile::<R, 1>(c, acts, r, j),
-                (false, true) => q8_tile::<1, C>(c, acts, r, j),
-                (false, false) => q8_tile::<1, 1>(c, acts, r, j),
+            // Up to 8 rows in one tile (a verification step's 5 rows, a small batch): each
+            // weight block is unpacked once per tile, and that, not the dot, is most of a
+            // tile's work at few rows. Past 4 rows a tile takes one column (registers).
+            let rows = (c.m - r).min(2 * R);
+            let cols = if wide { C } else { 1 };
+            match (rows, cols) {
+                (R, C) => q8_tile::<R, C>(c, acts, r, j),
+                (3, C) => q8_tile::<3, C>(c, acts, r, j),
+                (2, C) => q8_tile::<2, C>(c, acts, r, j),
+                (1, C) => q8_tile::<1, C>(c, acts, r, j),
+                _ => {
+                    for jj in j..j + cols {
+                        match rows {
+                            8 => q8_tile::<8, 1>(c, acts, r, jj),
+                            7 => q8_tile::<7, 1>(c, acts, r, jj),
+                            6 => q8_tile::<6, 1>(c, acts, r, jj),
+                            5 => q8_tile::<5, 1>(c, acts, r, jj),
+                            4 => q8_tile::<4, 1>(c, acts, r, jj),
+                            3 => q8_tile::<3, 1>(c, acts, r, jj),
+                            2 => q8_tile::<2, 1>(c, acts, r, jj),
+                            _ => q8_tile::<1, 1>(c, acts, r, jj),
+                        }
+                    }
+                }
             }
-            r += if tall { R } else { 1 };
+            r += rows;
         }
         j += if wide { C } else { 1 };
     }
+}
+
+/// The little-endian f16 at `p`, with F16C (the `half` crate's conversion checks the CPU
+/// at every call, which was a large share of a one-row tile's time).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at_ptr(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
 /// Computes and stores rows `r0..r0+NR` × weight rows `j0..j0+NC`.
@@ -73,13 +99,12 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
     for b in 0..nb {
         for cc in 0..NC {
             let blk = w[cc].add(b * bb);
-            let blk_s = std::slice::from_raw_parts(blk, bb);
-            let dw = f16_at(blk_s, 0);
+            let dw = f16_at_ptr(blk);
             let (wq, mw) = match dtype {
                 WeightDType::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), 0.0),
                 _ => {
                     let (off, mw) = if dtype == WeightDType::Q4_1 {
-                        (4, f16_at(blk_s, 2))
+                        (4, f16_at_ptr(blk.add(2)))
                     } else {
                         (2, -8.0 * dw)
                     };

@@ -154,7 +154,7 @@ fn every_dtype_every_path_matches_reference() {
             &[32, 96, 576]
         };
         for &k in ks {
-            for (m, n) in [(1, 37), (3, 64), (13, 50), (64, 19)] {
+            for (m, n) in [(1, 37), (2, 21), (3, 64), (6, 35), (13, 50), (64, 19)] {
                 let w = random_tensor(&mut rng, dtype, n, k);
                 let x = random_values(&mut rng, m * k, 1.0);
                 for path in paths() {
