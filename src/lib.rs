@@ -36,5 +36,6 @@ pub mod plan;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculative;
 pub mod telemetry;
 pub mod tokenizer;

@@ -33,6 +33,7 @@ fn config() -> EngineConfig {
         },
         max_model_len: 2048,
         max_waiting: 0,
+        speculative: None,
     }
 }
 

@@ -28,6 +28,7 @@ fn start(num_blocks: usize, max_num_batched_tokens: usize, prefix_cache: bool) -
         },
         max_model_len: 8192,
         max_waiting: 0,
+        speculative: None,
     };
     engine::spawn(common::default_model(), tokenizer(), config).unwrap()
 }

@@ -37,6 +37,7 @@ fn start_with(faults: Option<FaultInjection>) -> (EngineHandle, Arc<Tokenizer>) 
         },
         max_model_len: 2048,
         max_waiting: 0,
+        speculative: None,
     };
     let options = EngineOptions {
         faults,

@@ -311,6 +311,7 @@ fn engine_with_pipeline_stages_matches_one_rank() {
         },
         max_model_len: 4096,
         max_waiting: 0,
+        speculative: None,
     };
     let run = |engine: &engine::EngineHandle| -> Vec<Vec<u32>> {
         let streams: Vec<_> = common::greedy_fixtures()

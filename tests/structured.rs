@@ -71,6 +71,7 @@ fn greedy_constrained_output_is_batch_invariant_and_valid() {
         },
         max_model_len: 2048,
         max_waiting: 0,
+        speculative: None,
     };
     let engine = engine::spawn(model, tokenizer.clone(), config).expect("engine");
     let constraint = ConstraintCompiler::new(tokenizer.clone())

@@ -31,7 +31,7 @@ pub enum MetricNames {
 
 /// sluice's name and vLLM's, for each metric vLLM exports with the same meaning, type, unit
 /// and buckets (vLLM V1, `vllm/v1/metrics/loggers.py`).
-pub const VLLM_NAMES: [(&str, &str); 22] = [
+pub const VLLM_NAMES: [(&str, &str); 26] = [
     ("sluice:num_requests_running", "vllm:num_requests_running"),
     ("sluice:num_requests_waiting", "vllm:num_requests_waiting"),
     ("sluice:kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
@@ -95,6 +95,22 @@ pub const VLLM_NAMES: [(&str, &str); 22] = [
     (
         "sluice:request_decode_time_seconds",
         "vllm:request_decode_time_seconds",
+    ),
+    (
+        "sluice:spec_decode_num_drafts_total",
+        "vllm:spec_decode_num_drafts_total",
+    ),
+    (
+        "sluice:spec_decode_num_draft_tokens_total",
+        "vllm:spec_decode_num_draft_tokens_total",
+    ),
+    (
+        "sluice:spec_decode_num_accepted_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_total",
+    ),
+    (
+        "sluice:spec_decode_num_accepted_tokens_per_pos_total",
+        "vllm:spec_decode_num_accepted_tokens_per_pos_total",
     ),
 ];
 

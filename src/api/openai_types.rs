@@ -58,6 +58,9 @@ pub struct CommonParams {
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: Option<bool>,
     pub priority: Option<i64>,
+    /// sluice's: `false` opts this request out of speculative decoding (its output is the
+    /// same either way; only its speed differs).
+    pub speculative: Option<bool>,
     #[serde(default)]
     pub return_token_ids: bool,
     pub add_special_tokens: Option<bool>,

@@ -35,6 +35,8 @@ pub struct ValidatedParams {
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
     pub priority: i32,
+    /// May speculate (`speculative`, default true).
+    pub speculative: bool,
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
@@ -255,6 +257,7 @@ pub fn validate_params(
         include_stop_str_in_output: c.include_stop_str_in_output,
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         priority,
+        speculative: c.speculative.unwrap_or(true),
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         return_token_ids: c.return_token_ids,
@@ -428,6 +431,7 @@ pub fn build(
         include_stop_str_in_output: params.include_stop_str_in_output,
         skip_special_tokens: params.skip_special_tokens,
         priority: params.priority,
+        speculative: params.speculative,
         arrival,
     })
 }

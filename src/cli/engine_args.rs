@@ -8,6 +8,12 @@ use crate::kernels::device::Device;
 use crate::kv_cache::CacheConfig;
 use crate::model::config::ModelConfig;
 use crate::scheduler::SchedulerConfig;
+use crate::speculative::SpeculativeConfig;
+
+/// `--speculative-config`'s parser (its errors name the key or value at fault).
+pub fn parse_speculative_config(json: &str) -> Result<SpeculativeConfig, String> {
+    SpeculativeConfig::parse(json).map_err(|e| e.to_string())
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
@@ -43,6 +49,12 @@ pub struct EngineArgs {
     /// `worker-thread` (the forward pass on a thread of its own: the CPU's test mode).
     #[arg(long, value_enum, default_value_t = OverlapArg::Auto)]
     pub step_overlap: OverlapArg,
+    /// Speculative decoding, as JSON in the spirit of vLLM's: `{"method": "ngram",
+    /// "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4,
+    /// "disable_by_batch_size": 8, "min_acceptance": 0.3}` (all but `method` optional).
+    /// The output is the same with it on or off (`docs/speculative.md`).
+    #[arg(long, value_parser = parse_speculative_config)]
+    pub speculative_config: Option<SpeculativeConfig>,
     /// Test-only: honour `sluice-fault:` markers in prompts, which fail chosen requests on
     /// purpose (sluice's reliability tests). Never on a server clients can reach; refused by a
     /// binary built without the `fault-injection` feature.
@@ -136,6 +148,7 @@ impl EngineArgs {
             },
             max_model_len,
             max_waiting: self.max_waiting,
+            speculative: self.speculative_config.clone(),
         })
     }
 }

@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Speculative decoding, as `serve`'s flag of the same name.
+    #[arg(long, value_parser = super::engine_args::parse_speculative_config)]
+    pub speculative_config: Option<crate::speculative::SpeculativeConfig>,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +120,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
         },
         max_model_len: max_len,
         max_waiting: 0,
+        speculative: args.speculative_config.clone(),
     };
     let engine = engine::spawn_with(loaded.model, tok.clone(), config, EngineOptions::default())?;
     let request = GenerateRequest {

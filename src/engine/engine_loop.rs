@@ -362,9 +362,11 @@ impl<B: Backend> EngineLoop<B> {
         let collected = self.runner.collect(&plan, submitted);
         // The forward pass alone (with pipeline stages, from submission to return): the rest
         // of the step is the engine's own overhead.
-        self.metrics
-            .forward_seconds
-            .observe(forward_start.elapsed().as_secs_f64());
+        let forward = forward_start.elapsed().as_secs_f64();
+        self.metrics.forward_seconds.observe(forward);
+        if let Some(s) = self.runner.speculator_mut() {
+            s.observe_step(plan.num_batched_tokens, forward);
+        }
         let output = self.runner.sample(&plan, collected);
         (plan, output, step_start)
     }
@@ -402,6 +404,15 @@ impl<B: Backend> EngineLoop<B> {
             for (seq_id, token) in sampled.drain(..) {
                 self.on_token(seq_id, token, now);
             }
+            super::speculate::after_commit(
+                plan,
+                &self.sampled_ids,
+                &mut self.scheduler,
+                &mut self.runner,
+                &self.table,
+                &self.metrics,
+                self.info.max_model_len,
+            );
             self.update_gauges();
             self.metrics
                 .step_seconds

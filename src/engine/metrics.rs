@@ -46,6 +46,12 @@ pub struct EngineMetrics {
     pub forward_seconds: Histogram,
     /// KV-cache accounting violations found when the engine went idle.
     pub kv_accounting_errors_total: IntCounter,
+    /// Speculative decoding: drafts verified, their tokens, the tokens accepted, and the
+    /// tokens accepted at each draft position (`position` from 0).
+    pub spec_decode_num_drafts_total: IntCounter,
+    pub spec_decode_num_draft_tokens_total: IntCounter,
+    pub spec_decode_num_accepted_tokens_total: IntCounter,
+    pub spec_decode_num_accepted_tokens_per_pos_total: IntCounterVec,
 }
 
 /// vLLM's time-to-first-token buckets (and sluice's engine-step timings).
@@ -238,6 +244,25 @@ impl EngineMetrics {
             kv_accounting_errors_total: reg!(IntCounter::new(
                 "sluice:kv_accounting_errors_total",
                 "KV-cache accounting violations found when the engine went idle."
+            )),
+            spec_decode_num_drafts_total: reg!(IntCounter::new(
+                "sluice:spec_decode_num_drafts_total",
+                "Drafts verified (one per speculating sequence and step)."
+            )),
+            spec_decode_num_draft_tokens_total: reg!(IntCounter::new(
+                "sluice:spec_decode_num_draft_tokens_total",
+                "Draft tokens verified."
+            )),
+            spec_decode_num_accepted_tokens_total: reg!(IntCounter::new(
+                "sluice:spec_decode_num_accepted_tokens_total",
+                "Draft tokens accepted (equal to the target's own draw)."
+            )),
+            spec_decode_num_accepted_tokens_per_pos_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sluice:spec_decode_num_accepted_tokens_per_pos_total",
+                    "Draft tokens accepted at each position of their draft."
+                ),
+                &["position"]
             )),
             registry,
         };

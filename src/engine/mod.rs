@@ -27,6 +27,7 @@ pub mod request;
 mod request_error;
 mod request_table;
 mod runner;
+mod speculate;
 mod stop_strings;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
@@ -52,6 +53,9 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Most requests waiting to start before new ones are refused (0: no limit).
     pub max_waiting: usize,
+    /// Speculative decoding (`--speculative-config`); `None`: off. Only where the host
+    /// samples and one step runs at a time (no overlap, no pipeline stages).
+    pub speculative: Option<crate::speculative::SpeculativeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,10 +145,21 @@ pub fn spawn_with<B: Backend>(
     });
     // The command queue is bounded: a full queue answers `Overloaded` at once.
     let (tx, rx) = flume::bounded(4096);
-    let runner = match options.overlap {
+    let speculative = config.speculative.clone().filter(|_| {
+        let supported = !overlap && model.max_in_flight() == 1 && !model.samples_on_device();
+        if !supported {
+            tracing::warn!(
+                "speculative decoding is off: it needs host sampling and one step at a time \
+                 (no step overlap, no pipeline stages)"
+            );
+        }
+        supported
+    });
+    let mut runner = match options.overlap {
         StepOverlap::OnWorkerThread if overlap => runner::ModelRunner::on_worker_thread(model)?,
         _ => runner::ModelRunner::new(model),
     };
+    runner.set_speculator(speculative.map(crate::speculative::Speculator::new));
     let mut engine = engine_loop::EngineLoop::new(
         scheduler,
         runner,

@@ -32,6 +32,9 @@ pub struct GenerateRequest {
     pub skip_special_tokens: bool,
     /// Lower is served first and preempted last.
     pub priority: i32,
+    /// May draft and verify tokens ahead when the engine speculates (the output is the same
+    /// either way; a client may opt out, e.g. to measure plain decoding).
+    pub speculative: bool,
     /// When the API received it (queue time and TTFT are measured from here).
     pub arrival: Instant,
 }
@@ -53,6 +56,7 @@ impl GenerateRequest {
             include_stop_str_in_output: false,
             skip_special_tokens: true,
             priority: 0,
+            speculative: true,
             arrival: Instant::now(),
         }
     }

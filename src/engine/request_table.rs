@@ -257,6 +257,17 @@ impl RequestTable {
         }
     }
 
+    /// Most draft tokens the sequence may verify in its next step, now `len` tokens long:
+    /// what its `max_tokens` and the context leave after the token that step samples anyway.
+    /// `None` when its request opted out of speculation or the sequence is gone.
+    pub fn draft_room(&self, seq_id: SeqId, len: usize, max_model_len: usize) -> Option<usize> {
+        let seq = self.seqs.get(&seq_id)?;
+        let r = &self.requests.get(&seq.request)?.request;
+        let left = (r.max_tokens.saturating_sub(seq.output.num_generated()))
+            .min(max_model_len.saturating_sub(len));
+        r.speculative.then(|| left.saturating_sub(1))
+    }
+
     /// Counts a token sampled for `seq_id` at `now` (completion tokens, time to first token,
     /// inter-token latency) and returns the sequence and its request, for the output stage;
     /// `None` when the engine no longer holds the sequence.

@@ -21,6 +21,7 @@ use crate::kernels::{Backend, BatchSeq};
 use crate::model::rank_group::{RankGroup, StepInput};
 use crate::sampling::{Corruption, SampledToken, SequenceSampler, StepSampler};
 use crate::scheduler::{SeqId, StepPlan};
+use crate::speculative::Speculator;
 
 /// What a step's forward pass returned.
 pub(crate) enum Collected {
@@ -56,6 +57,8 @@ pub(crate) struct ModelRunner<B: Backend> {
     /// Each sequence's last sampled id: the input of its run-ahead decode (overlapped loop).
     last_sampled: HashMap<SeqId, u32>,
     sampling: StepSampler,
+    /// Speculative decoding's drafter and each sequence's drafting record, if on.
+    speculator: Option<Speculator>,
     /// The step being built; its buffers are reused once every rank has let go of the last.
     step: Arc<StepInput>,
 }
@@ -77,8 +80,17 @@ impl<B: Backend> ModelRunner<B> {
             model,
             last_sampled: HashMap::new(),
             sampling: StepSampler::default(),
+            speculator: None,
             step: Arc::default(),
         }
+    }
+
+    pub fn set_speculator(&mut self, speculator: Option<Speculator>) {
+        self.speculator = speculator;
+    }
+
+    pub fn speculator_mut(&mut self) -> Option<&mut Speculator> {
+        self.speculator.as_mut()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -94,6 +106,9 @@ impl<B: Backend> ModelRunner<B> {
 
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.sampling.remove_seq(seq_id);
+        if let Some(s) = &mut self.speculator {
+            s.remove(seq_id);
+        }
         self.last_sampled.remove(&seq_id);
     }
 
@@ -132,6 +147,7 @@ impl<B: Backend> ModelRunner<B> {
                 b.token_ids.push(token);
             } else {
                 b.token_ids.extend_from_slice(&s.token_ids);
+                b.token_ids.extend_from_slice(&s.draft_token_ids);
             }
             for p in s.start..s.end {
                 b.positions.push(p as u32);
@@ -140,7 +156,10 @@ impl<B: Backend> ModelRunner<B> {
                     .push(block * block_size as u32 + (p % block_size) as u32);
             }
             if s.sample {
-                b.logits_rows.push((b.token_ids.len() - 1) as u32);
+                // The last known token's row, then each draft token's (verification).
+                let last = b.token_ids.len() as u32;
+                let first = last - 1 - s.draft_token_ids.len() as u32;
+                b.logits_rows.extend(first..last);
             }
             b.seqs.push(BatchSeq {
                 query_start,
@@ -213,15 +232,13 @@ impl<B: Backend> ModelRunner<B> {
                 Model::Inline(m) => {
                     let backend = m.lead().backend();
                     self.sampling
-                        .sample_host(sampled_seqs(plan), logits, vocab, |n, job| {
+                        .sample_host(drafts(plan), logits, vocab, |n, job| {
                             backend.host_parallel(n, job)
                         })
                 }
                 Model::Worker(_) => {
                     self.sampling
-                        .sample_host(sampled_seqs(plan), logits, vocab, |n, job| {
-                            (0..n).for_each(job)
-                        })
+                        .sample_host(drafts(plan), logits, vocab, |n, job| (0..n).for_each(job))
                 }
             },
             Ok(Collected::Sampled(rows)) => {
@@ -246,6 +263,14 @@ impl<B: Backend> ModelRunner<B> {
                 .collect(),
         }
     }
+}
+
+/// The sequences `plan` samples with their drafts, in plan order (the order of its logits
+/// rows: one per sequence, plus one per draft token).
+fn drafts(plan: &StepPlan) -> impl Iterator<Item = (SeqId, &[u32])> + '_ {
+    (plan.seqs.iter())
+        .filter(|s| s.sample)
+        .map(|s| (s.seq_id, s.draft_token_ids.as_slice()))
 }
 
 /// The sequences `plan` samples, in plan order (the order of its logits rows).

@@ -247,6 +247,19 @@ impl KvCacheManager {
         }
     }
 
+    /// Gives back the sequence's blocks past those holding positions `0..num_tokens` (the
+    /// slots of rejected draft tokens), tail first. Its full, hashed blocks are all kept:
+    /// only computed tokens are ever hashed.
+    pub fn truncate(&mut self, seq_id: SeqId, num_tokens: usize) {
+        let keep = num_tokens.div_ceil(self.config.block_size);
+        if let Some(table) = self.tables.get_mut(&seq_id) {
+            if table.block_ids.len() > keep {
+                let tail = table.block_ids.split_off(keep);
+                self.pool.free(tail.into_iter().rev());
+            }
+        }
+    }
+
     /// Drops the sequence's table, tail block first so tails are evicted before heads.
     /// Returns false when it had none.
     pub fn free(&mut self, seq_id: SeqId) -> bool {

@@ -53,7 +53,9 @@ pub enum Corruption {
     Stall(Duration),
 }
 
-/// Each sampled sequence's token or error, in the order they were asked for.
+/// Each sampled sequence's token or error, in the order they were asked for; a sequence
+/// that verified a draft has several entries in a row (its tokens in order, the last maybe
+/// an error).
 pub type Sampled = Vec<(SeqKey, Result<SampledToken, SampleError>)>;
 
 #[derive(Default)]
@@ -157,24 +159,35 @@ impl StepSampler {
         sampled
     }
 
-    /// Samples `seqs` on the host from `logits` (`[seqs, vocab]`, one row each, in order).
-    /// The rows are independent (each sequence has its own sampler and generator), so they
-    /// run through `parallel(n, job)`, which must call `job(i)` once for each `i < n`.
-    pub fn sample_host(
+    /// Samples `seqs` on the host from `logits` (`[rows, vocab]`, in order). A sequence comes
+    /// with its draft (empty unless it speculates) and owns `1 + draft.len()` rows: the
+    /// target's logits after its last token and after each draft token. It draws at each row
+    /// in turn and stops after the first draw that differs from the draft, so it gets one to
+    /// `1 + draft.len()` tokens, each what decoding without speculation draws there (the
+    /// draws are per position, the penalties and grammar see the accepted tokens only). Its
+    /// tokens are consecutive entries of the result. The sequences are independent (each has
+    /// its own sampler and generator), so they run through `parallel(n, job)`, which must
+    /// call `job(i)` once for each `i < n`.
+    pub fn sample_host<'d>(
         &mut self,
-        seqs: impl Iterator<Item = SeqKey>,
+        seqs: impl Iterator<Item = (SeqKey, &'d [u32])>,
         mut logits: Vec<f32>,
         vocab: usize,
         parallel: impl FnOnce(usize, &(dyn Fn(usize) + Sync)),
     ) -> Sampled {
-        let mut rows = logits.chunks_exact_mut(vocab.max(1));
+        let vocab_len = vocab.max(1);
+        let mut rest = logits.as_mut_slice();
         let mut jobs = Vec::new();
+        // Sequences that cannot be sampled, each before the job it preceded.
         let mut early = Vec::new();
-        for seq in seqs {
-            let Some(row) = rows.next() else {
+        for (seq, draft) in seqs {
+            let len = (1 + draft.len()) * vocab_len;
+            if rest.len() < len {
                 early.push((jobs.len(), seq, SampleError::TooFewRows));
                 continue;
-            };
+            }
+            let (rows, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
             let Some(sampler) = self.samplers.remove(&seq) else {
                 early.push((jobs.len(), seq, SampleError::NoSampler(seq)));
                 continue;
@@ -183,10 +196,12 @@ impl StepSampler {
             jobs.push(std::sync::Mutex::new(SampleJob {
                 seq,
                 sampler,
-                row,
+                rows,
+                draft,
                 scratch: self.scratches.pop().unwrap_or_default(),
                 corruption,
                 result: None,
+                accepted: Vec::new(),
             }));
         }
         parallel(jobs.len(), &|i: usize| {
@@ -194,63 +209,81 @@ impl StepSampler {
             job.run(vocab);
         });
         let mut sampled = Vec::with_capacity(jobs.len() + early.len());
-        for job in jobs {
+        let mut early = early.into_iter().peekable();
+        for (i, job) in jobs.into_iter().enumerate() {
+            while let Some((_, seq, why)) = early.next_if(|e| e.0 == i) {
+                sampled.push((seq, Err(why)));
+            }
             let job = job.into_inner().unwrap_or_else(|e| e.into_inner());
-            let result = job.result.unwrap_or(Err(SampleError::NotRun));
-            self.samplers.insert(job.seq, job.sampler);
+            let seq = job.seq;
+            // Drafted tokens the target drew too, then its own draw after them.
+            sampled.extend(job.accepted.into_iter().map(|t| (seq, Ok(t))));
+            sampled.push((seq, job.result.unwrap_or(Err(SampleError::NotRun))));
+            self.samplers.insert(seq, job.sampler);
             self.scratches.push(job.scratch);
-            sampled.push((job.seq, result));
         }
-        // Sequences that could not be sampled keep their place in order.
-        for (at, seq, why) in early.into_iter().rev() {
-            sampled.insert(at, (seq, Err(why)));
-        }
+        sampled.extend(early.map(|(_, seq, why)| (seq, Err(why))));
         sampled
     }
 }
 
-/// One sequence's draw from its logits row, run on any thread.
+/// One sequence's draws from its logits rows, run on any thread.
 struct SampleJob<'a> {
     seq: SeqKey,
     sampler: SequenceSampler,
-    row: &'a mut [f32],
+    /// `[1 + draft.len(), vocab]`
+    rows: &'a mut [f32],
+    draft: &'a [u32],
     scratch: SamplingScratch,
     corruption: Option<Corruption>,
+    /// The last draw: one that differs from the draft, or the one after all of it.
     result: Option<Result<SampledToken, SampleError>>,
+    /// Draws before it, each equal to its draft token.
+    accepted: Vec<SampledToken>,
 }
 
 impl SampleJob<'_> {
     fn run(&mut self, vocab: usize) {
-        match self.corruption {
-            Some(Corruption::NanLogits) => self.row.fill(f32::NAN),
+        let rows = std::mem::take(&mut self.rows);
+        for (i, row) in rows.chunks_exact_mut(vocab.max(1)).enumerate() {
+            let drawn = self.draw(row, vocab);
+            match (drawn, self.draft.get(i)) {
+                (Ok(t), Some(&d)) if t.token_id == d => self.accepted.push(t),
+                (drawn, _) => {
+                    self.result = Some(drawn);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, row: &mut [f32], vocab: usize) -> Result<SampledToken, SampleError> {
+        match self.corruption.take() {
+            Some(Corruption::NanLogits) => row.fill(f32::NAN),
             Some(Corruption::InfLogit) => {
-                if let Some(x) = self.row.first_mut() {
+                if let Some(x) = row.first_mut() {
                     *x = f32::INFINITY;
                 }
             }
             Some(Corruption::Panic) => panic!("injected fault: panic while sampling"),
             Some(Corruption::Stall(d)) => std::thread::sleep(d),
-            Some(Corruption::TokenOutsideVocabulary) | None => {}
+            Some(Corruption::TokenOutsideVocabulary) => {
+                self.corruption = Some(Corruption::TokenOutsideVocabulary)
+            }
+            None => {}
         }
         // NaN or +inf poisons softmax for this row only; the others sample as usual.
-        if !all_below_inf(self.row) {
-            self.result = Some(Err(SampleError::NonFiniteLogits));
-            return;
+        if !all_below_inf(row) {
+            return Err(SampleError::NonFiniteLogits);
         }
-        let mut t = match self.sampler.sample(self.row, &mut self.scratch) {
-            Ok(t) => t,
-            Err(e) => {
-                self.result = Some(Err(e.into()));
-                return;
-            }
-        };
+        let mut t = self.sampler.sample(row, &mut self.scratch)?;
         if self.corruption == Some(Corruption::TokenOutsideVocabulary) {
             t.token_id = vocab as u32;
         }
-        self.result = Some(if (t.token_id as usize) < vocab {
+        if (t.token_id as usize) < vocab {
             Ok(t)
         } else {
             Err(SampleError::OutsideVocabulary(t.token_id))
-        });
+        }
     }
 }

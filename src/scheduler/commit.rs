@@ -2,16 +2,21 @@
 
 use super::plan::StepPlan;
 use super::{Scheduler, SchedulerError, SeqId};
-use crate::kv_cache::hash::{FastMap, FastSet};
+use std::ops::Range;
+
+use crate::kv_cache::hash::FastMap;
 
 impl Scheduler {
-    /// Records that `plan` ran: its positions are computed and `sampled` holds one token for
-    /// every sequence the plan asked to sample. Advances `num_computed_tokens`, appends the
-    /// tokens, enters newly full blocks into the prefix cache and forks group members whose
-    /// prompt is ready. Sequences finished or aborted since `schedule` are skipped.
+    /// Records that `plan` ran: its positions are computed and `sampled` holds the tokens of
+    /// every sequence the plan asked to sample: one, or for a sequence that verified a draft,
+    /// its accepted draft tokens and then the target's own token (consecutive entries).
+    /// Advances `num_computed_tokens`, appends the tokens, gives back the slots of rejected
+    /// draft tokens (and any block they alone held), enters newly full blocks into the prefix
+    /// cache and forks group members whose prompt is ready. Sequences finished or aborted since
+    /// `schedule` are skipped.
     ///
     /// Checked first, so that an error changes nothing: the plan is the latest one, and the
-    /// samples match its `sample` flags.
+    /// samples match its `sample` flags and drafts.
     pub fn commit(
         &mut self,
         plan: &StepPlan,
@@ -38,9 +43,16 @@ impl Scheduler {
             seq.stats.num_computed_prompt_tokens += num_prompt;
             self.counters.num_computed_prompt_tokens_total += num_prompt as u64;
             seq.num_computed_tokens = entry.end;
-            if let Some(&token_id) = samples.get(&entry.seq_id) {
-                seq.token_ids.push(token_id);
-                self.counters.num_generated_tokens_total += 1;
+            seq.draft.clear();
+            if let Some(range) = samples.get(&entry.seq_id) {
+                let tokens = &sampled[range.clone()];
+                // The accepted drafts' K/V stay; the rejected ones' slots are given back.
+                seq.num_computed_tokens = entry.known_end() + tokens.len() - 1;
+                seq.token_ids.extend(tokens.iter().map(|&(_, t)| t));
+                self.counters.num_generated_tokens_total += tokens.len() as u64;
+                if !entry.draft_token_ids.is_empty() {
+                    self.kv.truncate(entry.seq_id, seq.num_computed_tokens);
+                }
             }
             self.kv
                 .cache_full_blocks(entry.seq_id, &seq.token_ids, seq.num_computed_tokens);
@@ -55,7 +67,7 @@ impl Scheduler {
         &self,
         plan: &StepPlan,
         sampled: &[(SeqId, u32)],
-    ) -> Result<FastMap<SeqId, u32>, SchedulerError> {
+    ) -> Result<FastMap<SeqId, Range<usize>>, SchedulerError> {
         // In flight, older plans come back after newer ones were scheduled; the per-sequence
         // checks below still catch a plan whose sequences moved on.
         let stale = if self.max_in_flight > 1 {
@@ -69,17 +81,30 @@ impl Scheduler {
                 step_id: self.step_id,
             });
         }
-        let to_sample: FastSet<SeqId> = plan
+        let to_sample: FastMap<SeqId, &[u32]> = plan
             .seqs
             .iter()
             .filter(|s| s.sample)
-            .map(|s| s.seq_id)
+            .map(|s| (s.seq_id, s.draft_token_ids.as_slice()))
             .collect();
-        let mut samples = FastMap::with_capacity_and_hasher(sampled.len(), Default::default());
-        for &(seq_id, token_id) in sampled {
-            if !to_sample.contains(&seq_id) || samples.insert(seq_id, token_id).is_some() {
+        // Each sampled sequence's run of entries in `sampled`.
+        let mut samples: FastMap<SeqId, Range<usize>> =
+            FastMap::with_capacity_and_hasher(sampled.len(), Default::default());
+        let mut at = 0;
+        while at < sampled.len() {
+            let seq_id = sampled[at].0;
+            let len = sampled[at..].iter().take_while(|s| s.0 == seq_id).count();
+            let draft = to_sample.get(&seq_id);
+            let fits = draft.is_some_and(|d| len <= 1 + d.len());
+            if !fits || samples.insert(seq_id, at..at + len).is_some() {
                 return Err(SchedulerError::UnexpectedSample(seq_id));
             }
+            // Only tokens equal to the draft's can be accepted before the last.
+            let accepted = sampled[at..at + len - 1].iter().map(|s| s.1);
+            if draft.is_some_and(|d| !accepted.eq(d.iter().copied().take(len - 1))) {
+                return Err(SchedulerError::DraftMismatch(seq_id));
+            }
+            at += len;
         }
         for entry in &plan.seqs {
             let Some(seq) = self.seqs.get(&entry.seq_id) else {
@@ -92,7 +117,7 @@ impl Scheduler {
             };
             let stale = moved_on
                 || seq.num_computed_tokens != entry.start
-                || entry.end > seq.num_tokens()
+                || entry.known_end() > seq.num_tokens()
                 || entry.end < entry.start;
             if stale {
                 return Err(SchedulerError::StalePlan {

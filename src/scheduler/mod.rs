@@ -50,6 +50,14 @@
 //! never preempts (it waits for the commit instead) and a sequence in flight is never a
 //! victim.
 //!
+//! **Drafts** (`set_draft`, speculative decoding): a decoding sequence's draft tokens are
+//! scheduled after its last token in the decode pass when the budget and free blocks allow
+//! (a draft never preempts; without room the plain decode is scheduled), and the step
+//! samples after each. `commit` takes the accepted drafts and the target's next token,
+//! leaves `num_computed_tokens` after the last accepted draft and truncates the block table
+//! to it, so a rejected token's slot is rewritten by the next step and a block only it
+//! touched goes back to the pool at once.
+//!
 //! **n > 1** (`add_group`): the first sequence computes the prompt up to its last token; then
 //! the others are forked from it (blocks shared copy-on-write), and each computes the last
 //! prompt token itself and samples its own first token. The prompt is computed once, plus
@@ -59,6 +67,8 @@
 mod background_tests;
 mod commit;
 pub mod config;
+#[cfg(test)]
+mod draft_tests;
 #[cfg(test)]
 mod in_flight_tests;
 pub mod plan;
@@ -108,6 +118,8 @@ pub enum SchedulerError {
     MissingSample(SeqId),
     #[error("sampled token for sequence {0}, which the plan did not ask to sample")]
     UnexpectedSample(SeqId),
+    #[error("sequence {0} accepted a token its draft did not propose")]
+    DraftMismatch(SeqId),
 }
 
 /// A sequence to add: its id (unique among live sequences), prompt and priority.
@@ -304,6 +316,22 @@ impl Scheduler {
                 .pending_children
                 .get(&seq_id)
                 .map(|_| SeqStats::default()),
+        }
+    }
+
+    /// Draft tokens for the sequence's next decode to verify after its last token
+    /// (speculative decoding; see the module docs). Ignored unless it is running with one
+    /// token left to compute, and when steps run ahead or in flight (their plans are made
+    /// before the tokens they would verify are known).
+    pub fn set_draft(&mut self, seq_id: SeqId, draft: &[u32]) {
+        if self.run_ahead || self.max_in_flight > 1 {
+            return;
+        }
+        if let Some(seq) = self.seqs.get_mut(&seq_id) {
+            seq.draft.clear();
+            if seq.num_computed_tokens > 0 && seq.num_remaining() == 1 {
+                seq.draft.extend_from_slice(draft);
+            }
         }
     }
 

@@ -36,8 +36,11 @@ pub struct ScheduledSeq {
     pub start: usize,
     /// One past the last position computed this step.
     pub end: usize,
-    /// Tokens at positions `start..end`; empty for a run-ahead decode.
+    /// Known tokens at positions `start..`; empty for a run-ahead decode.
     pub token_ids: Vec<u32>,
+    /// Draft tokens verified after them, at the last positions before `end` (speculative
+    /// decoding): the step samples after the last known token and after each draft token.
+    pub draft_token_ids: Vec<u32>,
     /// The sequence's block table, covering positions `0..end`; the slot of position `p` is
     /// `block_table[p / block_size] * block_size + p % block_size`.
     pub block_table: Vec<BlockId>,
@@ -54,6 +57,11 @@ pub struct ScheduledSeq {
 impl ScheduledSeq {
     pub fn num_tokens(&self) -> usize {
         self.end - self.start
+    }
+
+    /// One past the last known token's position (the drafts follow it).
+    pub fn known_end(&self) -> usize {
+        self.end - self.draft_token_ids.len()
     }
 }
 

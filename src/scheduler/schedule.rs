@@ -86,12 +86,16 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            let (start, has_draft) = (seq.num_computed_tokens, !seq.draft.is_empty());
+            if pass == Pass::Decode && has_draft && self.schedule_draft(step, seq_id) {
+                i += 1;
+                continue;
+            }
             let Some(num_new) = self.num_new_tokens(remaining, step.budget, Prefill::Continued)
             else {
                 i += 1;
                 continue;
             };
-            let start = seq.num_computed_tokens;
             if self.kv.config().blocks_for(start + num_new) > self.kv.num_blocks() {
                 self.drop_too_long(seq_id, step);
                 continue;
@@ -144,6 +148,37 @@ impl Scheduler {
         }
         if let Some(copies) = self.kv.allocate_slots(seq_id, start, 1, None) {
             self.mark_scheduled(step, seq_id, start, 1, copies);
+        }
+    }
+
+    /// A decode with the sequence's draft after its last token (speculative decoding), if
+    /// the draft's slots can be had without preempting anybody; the draft is cut to the
+    /// step's budget and the cache. Whether it was scheduled (else the plain decode follows).
+    fn schedule_draft(&mut self, step: &mut StepBuilder, seq_id: SeqId) -> bool {
+        let (num_blocks, bs) = (self.kv.num_blocks(), self.kv.block_size());
+        let Some(seq) = self.seqs.get_mut(&seq_id) else {
+            return false;
+        };
+        let start = seq.num_computed_tokens;
+        let mut k = seq.draft.len().min(step.budget.saturating_sub(1));
+        while k > 0 && (start + 1 + k).div_ceil(bs) > num_blocks {
+            k -= 1;
+        }
+        seq.draft.truncate(k);
+        if k == 0 {
+            return false;
+        }
+        match self.kv.allocate_slots(seq_id, start, 1 + k, None) {
+            Some(copies) => {
+                self.mark_scheduled(step, seq_id, start, 1 + k, copies);
+                true
+            }
+            None => {
+                if let Some(seq) = self.seqs.get_mut(&seq_id) {
+                    seq.draft.clear();
+                }
+                false
+            }
         }
     }
 
@@ -332,6 +367,7 @@ impl Scheduler {
         self.kv.free(seq_id);
         if let Some(seq) = self.seqs.get_mut(&seq_id) {
             seq.num_computed_tokens = 0;
+            seq.draft.clear();
             seq.stats.num_preemptions += 1;
         }
         self.waiting.insert(key, seq_id);
@@ -368,14 +404,21 @@ impl Scheduler {
             let end = start + num_new;
             plan.num_batched_tokens += num_new;
             let run_ahead = start >= seq.num_tokens();
+            // Positions past the known tokens (not running ahead) are the draft's.
+            let known_end = end.min(seq.num_tokens());
+            let num_draft = match run_ahead {
+                true => 0,
+                false => (end - known_end).min(seq.draft.len()),
+            };
             plan.seqs.push(ScheduledSeq {
                 seq_id,
                 start,
                 end,
                 token_ids: match run_ahead {
                     true => Vec::new(),
-                    false => seq.token_ids[start..end].to_vec(),
+                    false => seq.token_ids[start..known_end].to_vec(),
                 },
+                draft_token_ids: seq.draft[..num_draft].to_vec(),
                 block_table: table.to_vec(),
                 sample: end >= seq.num_tokens(),
                 run_ahead,

@@ -29,6 +29,9 @@ pub(crate) struct Sequence {
     pub last_scheduled_step: u64,
     /// Steps in flight that sample it (`run_ahead` only).
     pub num_pending_samples: u32,
+    /// Draft tokens to verify after the last token in its next decode (speculative
+    /// decoding); consumed by the step that schedules them.
+    pub draft: Vec<u32>,
 }
 
 impl Sequence {
@@ -44,6 +47,7 @@ impl Sequence {
             admitted: false,
             last_scheduled_step: 0,
             num_pending_samples: 0,
+            draft: Vec::new(),
         }
     }
 

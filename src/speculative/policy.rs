@@ -1,0 +1,211 @@
+//! How much each sequence drafts: its draft length follows its acceptance, and a sequence
+//! whose drafts keep failing pauses drafting (free text rarely repeats itself, and a rejected
+//! draft token costs a row of compute).
+
+use std::collections::HashMap;
+
+use super::config::{SpeculativeConfig, SpeculativeMethod};
+use super::cost::{best_draft_len, StepCost};
+use super::ngram::propose_ngram;
+
+/// Tokens a sequence waits after its first failed stretch before drafting again; doubled on
+/// each failure in a row, up to `MAX_PAUSE`.
+const FIRST_PAUSE: usize = 8;
+const MAX_PAUSE: usize = 256;
+/// Weight kept by a sequence's past verifications at each new one.
+const DECAY: f64 = 0.7;
+/// The acceptance a sequence is assumed to have before its first verification, worth this
+/// many draft tokens of evidence.
+const PRIOR_ALPHA: f64 = 0.6;
+const PRIOR_WEIGHT: f64 = 2.0;
+
+/// One sequence's drafting record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftPolicy {
+    /// Recent accepted draft tokens and rejections (a verification that stopped short of
+    /// its draft's end), decayed: a draft token's acceptance is their ratio.
+    accepted: f64,
+    rejected: f64,
+    /// No drafts until the sequence has this many tokens.
+    resume_at: usize,
+    /// The next pause's length.
+    pause: usize,
+}
+
+impl DraftPolicy {
+    fn new() -> Self {
+        Self {
+            accepted: 0.0,
+            rejected: 0.0,
+            resume_at: 0,
+            pause: FIRST_PAUSE,
+        }
+    }
+
+    /// The probability that a draft token is accepted, given the one before it was.
+    pub fn acceptance(&self) -> f64 {
+        (self.accepted + PRIOR_ALPHA * PRIOR_WEIGHT)
+            / (self.accepted + self.rejected + PRIOR_WEIGHT)
+    }
+
+    /// Records a verification: `accepted` of `drafted` tokens matched the target's draws,
+    /// with the sequence `len` tokens long afterwards.
+    fn record(&mut self, drafted: usize, accepted: usize, len: usize, c: &SpeculativeConfig) {
+        if drafted == 0 {
+            return;
+        }
+        self.accepted = DECAY * self.accepted + accepted as f64;
+        self.rejected = DECAY * self.rejected + f64::from(u8::from(accepted < drafted));
+        if self.acceptance() < c.min_acceptance {
+            self.resume_at = len + self.pause;
+            self.pause = (self.pause * 2).min(MAX_PAUSE);
+            // After the pause, an even start.
+            (self.accepted, self.rejected) = (0.0, 0.0);
+        } else if accepted > 0 {
+            self.pause = FIRST_PAUSE;
+        }
+    }
+}
+
+/// Proposes drafts for the engine's sequences and keeps their records and the step cost.
+/// Keys are the engine's sequence ids.
+#[derive(Debug)]
+pub struct Speculator {
+    config: SpeculativeConfig,
+    seqs: HashMap<u64, DraftPolicy>,
+    cost: StepCost,
+    /// The last proposal (a copy, so the caller may hand it on while the tokens it came from
+    /// change).
+    draft: Vec<u32>,
+}
+
+impl Speculator {
+    pub fn new(config: SpeculativeConfig) -> Self {
+        Self {
+            config,
+            seqs: HashMap::new(),
+            cost: StepCost::default(),
+            draft: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SpeculativeConfig {
+        &self.config
+    }
+
+    /// Records a step's forward pass: `rows` tokens computed in `seconds`.
+    pub fn observe_step(&mut self, rows: usize, seconds: f64) {
+        self.cost.observe(rows, seconds);
+    }
+
+    /// Whether a step with `num_decoding` sequences decoding may carry drafts at all
+    /// (`disable_by_batch_size`; the step cost decides the rest).
+    pub fn enabled_at(&self, num_decoding: usize) -> bool {
+        let limit = self.config.disable_by_batch_size;
+        limit == 0 || num_decoding < limit
+    }
+
+    /// The draft for the sequence whose tokens (prompt and output) are `tokens`, at most
+    /// `room` tokens long (what its `max_tokens` and the context leave after the next one),
+    /// in a step shared by `decodes` decoding sequences: as long as pays for its rows at the
+    /// sequence's acceptance and the measured step cost (the most allowed until steps of
+    /// two sizes have been timed), and empty when nothing matches.
+    pub fn propose(&mut self, seq: u64, tokens: &[u32], room: usize, decodes: usize) -> &[u32] {
+        let c = &self.config;
+        let policy = self.seqs.entry(seq).or_insert_with(DraftPolicy::new);
+        self.draft.clear();
+        if tokens.len() < policy.resume_at {
+            return &self.draft;
+        }
+        let max_len = c.num_speculative_tokens.min(room);
+        let k = match self.cost.fit() {
+            Some(cost) => best_draft_len(max_len, policy.acceptance(), decodes, cost),
+            None => max_len,
+        };
+        let draft = match c.method {
+            SpeculativeMethod::Ngram => {
+                propose_ngram(tokens, c.prompt_lookup_min, c.prompt_lookup_max, k)
+            }
+        };
+        self.draft.extend_from_slice(draft);
+        &self.draft
+    }
+
+    /// Records that `accepted` of the sequence's `drafted` tokens were accepted; it is `len`
+    /// tokens long now.
+    pub fn record(&mut self, seq: u64, drafted: usize, accepted: usize, len: usize) {
+        if let Some(p) = self.seqs.get_mut(&seq) {
+            p.record(drafted, accepted, len, &self.config);
+        }
+    }
+
+    pub fn remove(&mut self, seq: u64) {
+        self.seqs.remove(&seq);
+    }
+
+    /// The sequence's record, for tests.
+    pub fn policy(&self, seq: u64) -> Option<&DraftPolicy> {
+        self.seqs.get(&seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn speculator() -> Speculator {
+        Speculator::new(SpeculativeConfig::parse(r#"{"method":"ngram"}"#).unwrap())
+    }
+
+    const T: [u32; 9] = [1, 2, 3, 4, 5, 6, 7, 1, 2];
+
+    #[test]
+    fn draft_length_follows_the_step_cost_and_acceptance() {
+        let mut s = speculator();
+        // No cost measured yet: the most allowed, capped by the room.
+        assert_eq!(s.propose(0, &T, 8, 1), &[3, 4, 5, 6]);
+        assert_eq!(s.propose(0, &T, 1, 1), &[3]);
+        // Rows cost half a step: at the prior's acceptance a short draft pays.
+        for rows in [1, 2, 8, 1, 64] {
+            s.observe_step(rows, 0.005 + 0.005 * rows as f64);
+        }
+        let short = s.propose(0, &T, 8, 1).len();
+        assert!((1..4).contains(&short), "{short}");
+        // Full acceptance raises it; sixteen decodes on such rows stop it.
+        s.record(0, short, short, 12);
+        s.record(0, 4, 4, 16);
+        assert!(s.propose(0, &T, 8, 1).len() > short);
+        assert!(s.propose(0, &T, 8, 16).is_empty());
+    }
+
+    #[test]
+    fn failing_drafts_pause_for_longer_each_time() {
+        let mut s = speculator();
+        s.propose(0, &T, 8, 1);
+        s.record(0, 4, 0, 9);
+        // (0 + 1.2) / (1 + 2) = 0.4 >= 0.35: still drafting; a second miss pauses 8 tokens.
+        assert!(!s.propose(0, &T, 8, 1).is_empty());
+        s.record(0, 4, 0, 9);
+        assert!(s.propose(0, &T, 8, 1).is_empty());
+        let cycle = |n| T.iter().copied().cycle().take(n).collect::<Vec<u32>>();
+        assert!(!s.propose(0, &cycle(17), 8, 1).is_empty());
+        s.record(0, 4, 0, 17);
+        s.record(0, 4, 0, 17);
+        assert!(
+            s.propose(0, &cycle(25), 8, 1).is_empty(),
+            "second pause: 16"
+        );
+        assert!(!s.propose(0, &cycle(33), 8, 1).is_empty());
+        s.remove(0);
+        assert!(s.policy(0).is_none());
+    }
+
+    #[test]
+    fn batch_size_limit() {
+        let s = Speculator::new(
+            SpeculativeConfig::parse(r#"{"method":"ngram","disable_by_batch_size":8}"#).unwrap(),
+        );
+        assert!(s.enabled_at(7));
+        assert!(!s.enabled_at(8));
+    }
+}
