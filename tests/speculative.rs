@@ -126,13 +126,13 @@ fn ggml_numerics_greedy_tokens_are_llama_cpps_with_speculation() {
     for (f, got) in fixtures.iter().zip(&batched) {
         assert_eq!(got.choices[0].0, f.greedy_ids, "{}: batched", f.name);
     }
-    for (f, r) in fixtures.iter().zip(&requests).take(3) {
+    for (f, r) in fixtures.iter().zip(&requests).take(1) {
         let alone = collect(engine.submit(r.clone()).unwrap());
         assert_eq!(alone.choices[0].0, f.greedy_ids, "{}: alone", f.name);
     }
     let plain = start(CpuNumerics::Ggml, 512, false);
-    let repeat: Vec<GenerateRequest> = (0..4)
-        .map(|i| GenerateRequest::greedy(repetitive(40, i), 48))
+    let repeat: Vec<GenerateRequest> = (0..3)
+        .map(|i| GenerateRequest::greedy(repetitive(40, i), 40))
         .collect();
     assert_same(
         &run_together(&plain, &repeat),

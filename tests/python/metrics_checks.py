@@ -63,6 +63,9 @@ VLLM = {
     "vllm:request_inference_time_seconds": ("histogram", REQUEST),
     "vllm:request_prefill_time_seconds": ("histogram", REQUEST),
     "vllm:request_decode_time_seconds": ("histogram", REQUEST),
+    "vllm:spec_decode_num_drafts": ("counter", None),
+    "vllm:spec_decode_num_draft_tokens": ("counter", None),
+    "vllm:spec_decode_num_accepted_tokens": ("counter", None),
 }
 
 
