@@ -20,6 +20,11 @@ use sluice::speculative::SpeculativeConfig;
 use sluice::tokenizer::Tokenizer;
 
 fn start(numerics: CpuNumerics, num_blocks: usize, speculate: bool) -> EngineHandle {
+    let config = r#"{"method":"ngram","num_speculative_tokens":5}"#;
+    start_with(numerics, num_blocks, speculate.then_some(config))
+}
+
+fn start_with(numerics: CpuNumerics, num_blocks: usize, spec: Option<&str>) -> EngineHandle {
     let config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 2048,
@@ -35,9 +40,7 @@ fn start(numerics: CpuNumerics, num_blocks: usize, speculate: bool) -> EngineHan
         },
         max_model_len: 8192,
         max_waiting: 0,
-        speculative: speculate.then(|| {
-            SpeculativeConfig::parse(r#"{"method":"ngram","num_speculative_tokens":5}"#).unwrap()
-        }),
+        speculative: spec.map(|json| SpeculativeConfig::parse(json).unwrap()),
     };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap());
     engine::spawn(common::default_model_with(numerics), tokenizer, config).unwrap()
@@ -280,4 +283,28 @@ fn unseeded_sampling_keeps_the_distribution() {
         }
     }
     assert!(accepted(&spec_engine) > 0.0, "no draft was accepted");
+}
+
+/// `suffix`: a request drafts from what an earlier, finished request said. Asked the same
+/// question twice, the second answer is drafted from the first (where the sequence's own
+/// tokens offer little); its tokens are those of plain decoding.
+#[test]
+fn suffix_drafts_from_an_earlier_request() {
+    let f = &common::greedy_fixtures()[1];
+    let request = GenerateRequest::greedy(f.prompt_ids.clone(), f.greedy_ids.len());
+    let accepted_in_second = |spec: &str| {
+        let engine = start_with(CpuNumerics::Fast, 256, Some(spec));
+        let first = collect(engine.submit(request.clone()).unwrap());
+        let before = accepted(&engine);
+        let second = collect(engine.submit(request.clone()).unwrap());
+        assert_eq!(first.choices, second.choices);
+        (first, accepted(&engine) - before)
+    };
+    let (plain_out, ngram) = accepted_in_second(r#"{"method":"ngram"}"#);
+    let (suffix_out, suffix) = accepted_in_second(r#"{"method":"suffix"}"#);
+    assert_same(&[plain_out], &[suffix_out], "suffix");
+    assert!(
+        suffix > ngram + 5.0,
+        "the second request accepted {suffix} draft tokens with suffix, {ngram} with ngram"
+    );
 }

@@ -51,7 +51,8 @@ pub struct EngineArgs {
     pub step_overlap: OverlapArg,
     /// Speculative decoding, as JSON in the spirit of vLLM's: `{"method": "ngram",
     /// "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4,
-    /// "disable_by_batch_size": 8, "min_acceptance": 0.3}` (all but `method` optional).
+    /// "disable_by_batch_size": 0, "min_acceptance": 0.35}` (all but `method` optional;
+    /// method `suffix` drafts from recent finished requests too).
     /// The output is the same with it on or off (`docs/speculative.md`).
     #[arg(long, value_parser = parse_speculative_config)]
     pub speculative_config: Option<SpeculativeConfig>,

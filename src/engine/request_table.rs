@@ -388,6 +388,10 @@ impl RequestTable {
         let Some(seq) = self.seqs.remove(&seq_id) else {
             return;
         };
+        // Speculation by suffix drafts from what finished requests said.
+        if let (Some(s), Some(tokens)) = (runner.speculator_mut(), scheduler.token_ids(seq_id)) {
+            s.remember(tokens);
+        }
         let stats = scheduler.finish(seq_id);
         runner.remove_seq(seq_id);
         let Some(req) = self.requests.get_mut(&seq.request) else {

@@ -9,6 +9,9 @@ pub enum SpeculativeMethod {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the
     /// sequence's last n-gram, in its own prompt and output.
     Ngram,
+    /// Prompt lookup, and the same lookup in recent finished requests' prompts and outputs
+    /// (`suffix.rs`); the longer match wins.
+    Suffix,
 }
 
 /// `--speculative-config '{"method": "ngram", "num_speculative_tokens": 4, ...}'`.
@@ -35,6 +38,9 @@ pub struct SpeculativeConfig {
     /// again.
     #[serde(default = "default_min_acceptance")]
     pub min_acceptance: f64,
+    /// `suffix`: finished requests kept in the index (their first 8,192 tokens each).
+    #[serde(default = "default_suffix_max_cached_requests")]
+    pub suffix_max_cached_requests: usize,
 }
 
 fn default_num_speculative_tokens() -> usize {
@@ -48,6 +54,9 @@ fn default_prompt_lookup_max() -> usize {
 }
 fn default_disable_by_batch_size() -> usize {
     0
+}
+fn default_suffix_max_cached_requests() -> usize {
+    256
 }
 fn default_min_acceptance() -> f64 {
     0.35
@@ -63,7 +72,7 @@ pub enum SpeculativeConfigError {
 
 impl SpeculativeConfig {
     /// Parses and checks the flag's JSON. Unknown keys and methods are errors naming them
-    /// (`suffix` and `draft_model` are not built yet).
+    /// (`draft_model` is not built yet).
     pub fn parse(json: &str) -> Result<Self, SpeculativeConfigError> {
         let config: Self = serde_json::from_str(json)?;
         config.validate()?;
@@ -97,8 +106,8 @@ mod tests {
         let c = SpeculativeConfig::parse(r#"{"method":"ngram"}"#).unwrap();
         assert_eq!(c.num_speculative_tokens, 4);
         assert_eq!((c.prompt_lookup_min, c.prompt_lookup_max), (2, 4));
-        let e = SpeculativeConfig::parse(r#"{"method":"suffix"}"#).unwrap_err();
-        assert!(e.to_string().contains("suffix"), "{e}");
+        let e = SpeculativeConfig::parse(r#"{"method":"draft_model"}"#).unwrap_err();
+        assert!(e.to_string().contains("draft_model"), "{e}");
         let e = SpeculativeConfig::parse(r#"{"method":"ngram","draft_tensor_parallel_size":1}"#)
             .unwrap_err();
         assert!(e.to_string().contains("draft_tensor_parallel_size"), "{e}");

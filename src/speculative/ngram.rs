@@ -9,21 +9,26 @@
 /// One backward scan for the last token, extending each hit backwards, so a step costs a
 /// pass over the sequence (thousands of compares) per drafting sequence.
 pub fn propose_ngram(tokens: &[u32], min: usize, max: usize, k: usize) -> &[u32] {
+    match longest_match(tokens, min, max) {
+        Some((_, end)) if k > 0 => &tokens[end + 1..(end + 1 + k).min(tokens.len())],
+        _ => &[],
+    }
+}
+
+/// The longest suffix of `tokens` (`min..=max` long) that also ends earlier in `tokens`, as
+/// `(length, index of that occurrence's last token)`; the latest among equally long ones.
+pub(super) fn longest_match(tokens: &[u32], min: usize, max: usize) -> Option<(usize, usize)> {
     let n = tokens.len();
-    if n < 2 || k == 0 || min == 0 {
-        return &[];
+    if n < 2 || min == 0 {
+        return None;
     }
     let last = tokens[n - 1];
-    // (match length, index of the occurrence's last token)
     let mut best: Option<(usize, usize)> = None;
     for end in (0..n - 1).rev() {
         if tokens[end] != last {
             continue;
         }
-        let mut len = 1;
-        while len < max && len <= end && tokens[end - len] == tokens[n - 1 - len] {
-            len += 1;
-        }
+        let len = 1 + common_suffix(&tokens[..end], &tokens[..n - 1], max - 1);
         if len >= min && best.is_none_or(|(l, _)| len > l) {
             best = Some((len, end));
             if len == max {
@@ -31,10 +36,16 @@ pub fn propose_ngram(tokens: &[u32], min: usize, max: usize, k: usize) -> &[u32]
             }
         }
     }
-    match best {
-        Some((_, end)) => &tokens[end + 1..(end + 1 + k).min(n)],
-        None => &[],
-    }
+    best
+}
+
+/// How many tokens `a` and `b` share at their ends, at most `max`.
+pub(super) fn common_suffix(a: &[u32], b: &[u32], max: usize) -> usize {
+    (a.iter().rev())
+        .zip(b.iter().rev())
+        .take(max)
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use super::config::{SpeculativeConfig, SpeculativeMethod};
 use super::cost::{best_draft_len, StepCost};
-use super::ngram::propose_ngram;
+use super::ngram::longest_match;
+use super::suffix::SuffixIndex;
 
 /// Tokens a sequence waits after its first failed stretch before drafting again; doubled on
 /// each failure in a row, up to `MAX_PAUSE`.
@@ -77,11 +78,16 @@ pub struct Speculator {
     /// The last proposal (a copy, so the caller may hand it on while the tokens it came from
     /// change).
     draft: Vec<u32>,
+    /// `suffix`: recent finished sequences.
+    index: Option<SuffixIndex>,
 }
 
 impl Speculator {
     pub fn new(config: SpeculativeConfig) -> Self {
+        let index = (config.method == SpeculativeMethod::Suffix)
+            .then(|| SuffixIndex::new(config.prompt_lookup_min, config.suffix_max_cached_requests));
         Self {
+            index,
             config,
             seqs: HashMap::new(),
             cost: StepCost::default(),
@@ -122,11 +128,17 @@ impl Speculator {
             Some(cost) => best_draft_len(max_len, policy.acceptance(), decodes, cost),
             None => max_len,
         };
-        let draft = match c.method {
-            SpeculativeMethod::Ngram => {
-                propose_ngram(tokens, c.prompt_lookup_min, c.prompt_lookup_max, k)
-            }
+        let own = longest_match(tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+            .map(|(len, end)| (len, &tokens[end + 1..(end + 1 + k).min(tokens.len())]));
+        let recent = (self.index.as_ref()).and_then(|ix| ix.lookup(tokens, c.prompt_lookup_max, k));
+        // The longer match; the sequence's own on a tie.
+        let draft = match (own, recent) {
+            (Some(o), Some(r)) if r.0 > o.0 => r.1,
+            (Some(o), _) => o.1,
+            (None, Some(r)) => r.1,
+            (None, None) => &[],
         };
+        let draft = if k == 0 { &[][..] } else { draft };
         self.draft.extend_from_slice(draft);
         &self.draft
     }
@@ -136,6 +148,13 @@ impl Speculator {
     pub fn record(&mut self, seq: u64, drafted: usize, accepted: usize, len: usize) {
         if let Some(p) = self.seqs.get_mut(&seq) {
             p.record(drafted, accepted, len, &self.config);
+        }
+    }
+
+    /// A sequence finished with these tokens (prompt and output): `suffix` indexes them.
+    pub fn remember(&mut self, tokens: &[u32]) {
+        if let Some(ix) = &mut self.index {
+            ix.add(tokens);
         }
     }
 
@@ -198,6 +217,20 @@ mod tests {
         assert!(!s.propose(0, &cycle(33), 8, 1).is_empty());
         s.remove(0);
         assert!(s.policy(0).is_none());
+    }
+
+    #[test]
+    fn suffix_drafts_from_a_finished_request() {
+        let mut s = Speculator::new(SpeculativeConfig::parse(r#"{"method":"suffix"}"#).unwrap());
+        assert!(s.propose(0, &[7, 8, 9], 8, 1).is_empty());
+        s.remember(&[5, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(s.propose(0, &[7, 8, 9], 8, 1), &[10, 11, 12]);
+        // The sequence's own earlier match wins when it is as long.
+        assert_eq!(s.propose(0, &[7, 8, 9, 1, 7, 8, 9], 8, 1), &[1, 7, 8, 9]);
+        // A plain `ngram` speculator indexes nothing.
+        let mut plain = speculator();
+        plain.remember(&[5, 7, 8, 9, 10]);
+        assert!(plain.propose(0, &[7, 8, 9], 8, 1).is_empty());
     }
 
     #[test]
