@@ -33,9 +33,6 @@ use crate::kernels::sampling::{PenaltyToken, SamplingBatch};
 /// octave of weight.
 const TOP_P_BUCKET_SHIFT: u32 = 19;
 
-/// Generator words reserved per position: a draw takes one, a constrained redraw one more.
-const WORDS_PER_POSITION: u128 = 2;
-
 /// A sequence's sampling state: its generator and the tokens its penalties look at.
 pub struct SequenceSampler {
     pub params: SamplingParams,
@@ -177,11 +174,6 @@ impl SequenceSampler {
             (lse, top)
         });
         self.apply_processors(logits);
-        // Each position's draws come from its own words of the stream, so a draw is a
-        // function of (seed, sequence, position): speculative verification draws position
-        // p+1 in the same step as p, and gets what plain decoding would.
-        self.rng
-            .set_word_pos(self.num_generated as u128 * WORDS_PER_POSITION);
         let token_id = match self.constraint.take() {
             None => self.draw(logits, scratch),
             Some(mut c) => {
