@@ -4,12 +4,14 @@
 # arms share the process, the machine's state and the hour; they alternate per workload and
 # concurrency. Prefix caching is off, so neither arm finds the other's prompts cached.
 #
-#   scripts/bench_speculative.sh [rounds]        (env: OUT, SPEC_CONFIG, SLUICE_BIN, N1, N16)
+#   scripts/bench_speculative.sh [rounds]   (env: OUT, SPEC_CONFIG, SLUICE_BIN, N1, N16, PROMPTS)
 #
 # Workloads (scripts/speculative_workloads.py, from this repository's files): `grounded`
 # (edit given code, quote a given text, extract JSON from a document) and `free` (a story
 # from a one-line prompt); greedy, stopping at EOS. Prints one line per (round, workload,
-# concurrency): output tok/s without and with speculation and their ratio.
+# concurrency): output tok/s without and with speculation and their ratio. With
+# SPEC_CONFIG='{"method":"suffix"}' and few PROMPTS (default 24), requests repeat ones the
+# server answered before (either arm's): the traffic of retries and agent loops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -18,7 +20,7 @@ SPEC_CONFIG=${SPEC_CONFIG:-'{"method":"ngram"}'}
 N1=${N1:-8}
 N16=${N16:-32}
 mkdir -p "$OUT"
-python3 scripts/speculative_workloads.py "$OUT" 24 >/dev/null
+python3 scripts/speculative_workloads.py "$OUT" "${PROMPTS:-24}" >/dev/null
 . scripts/serve_bg.sh --no-prefix-cache --speculative-config "$SPEC_CONFIG"
 for _ in $(seq 1 300); do
     curl -sf "$SLUICE_URL/health/ready" >/dev/null && break
