@@ -63,11 +63,6 @@ fn decode(c: &mut Criterion) {
                     probe(&name, ctx, reps, || {
                         model.forward(&step, &mut kv);
                     });
-                    // As the runner lays verification out: one query per entry.
-                    let step = one_query_per_seq(step);
-                    probe(&format!("{name}/split"), ctx, reps, || {
-                        model.forward(&step, &mut kv);
-                    });
                 }
             }
             let step = batch(seqs, per_seq, ctx, ctx + 1);
@@ -86,23 +81,6 @@ fn decode(c: &mut Criterion) {
         }
     }
     group.finish();
-}
-
-/// `b` with each sequence's queries as sequences of one query each (same blocks).
-fn one_query_per_seq(mut b: ForwardBatch) -> ForwardBatch {
-    let seqs = std::mem::take(&mut b.seqs);
-    for s in seqs {
-        for q in 0..s.query_len {
-            b.seqs.push(sluice::kernels::BatchSeq {
-                query_start: s.query_start + q,
-                query_len: 1,
-                context_len: s.context_len - s.query_len + q + 1,
-                block_table: s.block_table.clone(),
-                prompt_len: s.prompt_len,
-            });
-        }
-    }
-    b
 }
 
 /// `SLUICE_FORWARD_PROBE=N`: instead of criterion's estimates, time `N` steps of each shape

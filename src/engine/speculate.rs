@@ -31,6 +31,8 @@ pub(super) fn after_commit<B: Backend>(
             .take_while(|(s, _)| *s == seq_id)
             .count();
         at += n;
+        // Gone from the scheduler when it just ended.
+        let tokens = scheduler.token_ids(seq_id);
         let drafted = entry.draft_token_ids.len();
         if drafted > 0 && n > 0 {
             let accepted = n - 1;
@@ -42,11 +44,9 @@ pub(super) fn after_commit<B: Backend>(
                     .with_label_values(&[&pos.to_string()])
                     .inc();
             }
-            let len = scheduler.token_ids(seq_id).map_or(0, <[u32]>::len);
-            speculator.record(seq_id, drafted, accepted, len);
+            speculator.record(seq_id, drafted, accepted, tokens.map_or(0, <[u32]>::len));
         }
-        // A sequence that just ended is gone from the scheduler.
-        let Some(tokens) = scheduler.token_ids(seq_id).filter(|_| propose) else {
+        let Some(tokens) = tokens.filter(|_| propose) else {
             continue;
         };
         let Some(room) = table.draft_room(seq_id, tokens.len(), max_model_len) else {

@@ -3,14 +3,15 @@
 //! depends on it: where reading the weights dominates (a CPU with matrix units at batch 1),
 //! rows are nearly free; where each row's compute dominates (past the batch size where a step
 //! turns compute-bound, or a CPU without them), a rejected draft token costs as much as a
-//! decoded one.
+//! decoded one. (`plan::StepCost` is the planner's offline probe of the same shape; this is a
+//! running fit inside the engine, which must not depend on `plan`.)
 
 /// Weight kept by the past at each new step.
 const DECAY: f64 = 0.98;
 
 /// The fit's weighted sums over `(rows, seconds)` points.
 #[derive(Debug, Clone, Default)]
-pub struct StepCost {
+pub struct StepTimeFit {
     s0: f64,
     s1: f64,
     s2: f64,
@@ -18,7 +19,7 @@ pub struct StepCost {
     t1: f64,
 }
 
-impl StepCost {
+impl StepTimeFit {
     /// Records a step that computed `rows` token rows in `seconds`.
     pub fn observe(&mut self, rows: usize, seconds: f64) {
         let x = rows as f64;
@@ -72,7 +73,7 @@ mod tests {
 
     #[test]
     fn fits_a_line_through_steps_of_different_sizes() {
-        let mut c = StepCost::default();
+        let mut c = StepTimeFit::default();
         assert!(c.fit().is_none());
         for _ in 0..10 {
             c.observe(1, 0.010);

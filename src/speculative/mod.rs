@@ -16,7 +16,4 @@ mod policy;
 mod suffix;
 
 pub use config::{SpeculativeConfig, SpeculativeConfigError, SpeculativeMethod};
-pub use cost::{best_draft_len, StepCost};
-pub use ngram::propose_ngram;
 pub use policy::{DraftPolicy, Speculator};
-pub use suffix::SuffixIndex;

@@ -1,23 +1,26 @@
 //! Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the
 //! sequence's last n-gram.
 
-/// Up to `k` tokens proposed to follow `tokens` (a sequence's prompt and output): find the
-/// longest suffix of `tokens`, of `min..=max` tokens, that occurred earlier (the latest
-/// occurrence among equally long ones), and copy what came after it. Empty when nothing
-/// matches.
+/// Up to `k` tokens proposed to follow `tokens` (a sequence's prompt and output), with the
+/// length of the match they follow: find the longest suffix of `tokens`, of `min..=max`
+/// tokens, that occurred earlier (the latest occurrence among equally long ones), and copy
+/// what came after it. `None` when nothing matches.
 ///
 /// One backward scan for the last token, extending each hit backwards, so a step costs a
 /// pass over the sequence (thousands of compares) per drafting sequence.
-pub fn propose_ngram(tokens: &[u32], min: usize, max: usize, k: usize) -> &[u32] {
-    match longest_match(tokens, min, max) {
-        Some((_, end)) if k > 0 => &tokens[end + 1..(end + 1 + k).min(tokens.len())],
-        _ => &[],
-    }
+pub(super) fn propose_ngram(
+    tokens: &[u32],
+    min: usize,
+    max: usize,
+    k: usize,
+) -> Option<(usize, &[u32])> {
+    let (len, end) = longest_match(tokens, min, max)?;
+    Some((len, &tokens[end + 1..(end + 1 + k).min(tokens.len())]))
 }
 
 /// The longest suffix of `tokens` (`min..=max` long) that also ends earlier in `tokens`, as
 /// `(length, index of that occurrence's last token)`; the latest among equally long ones.
-pub(super) fn longest_match(tokens: &[u32], min: usize, max: usize) -> Option<(usize, usize)> {
+fn longest_match(tokens: &[u32], min: usize, max: usize) -> Option<(usize, usize)> {
     let n = tokens.len();
     if n < 2 || min == 0 {
         return None;
@@ -50,7 +53,10 @@ pub(super) fn common_suffix(a: &[u32], b: &[u32], max: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::propose_ngram;
+    /// The draft alone (empty when nothing matches).
+    fn propose_ngram(tokens: &[u32], min: usize, max: usize, k: usize) -> &[u32] {
+        super::propose_ngram(tokens, min, max, k).map_or(&[], |(_, d)| d)
+    }
 
     #[test]
     fn copies_what_followed_the_latest_longest_match() {

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use super::config::{SpeculativeConfig, SpeculativeMethod};
-use super::cost::{best_draft_len, StepCost};
-use super::ngram::longest_match;
+use super::cost::{best_draft_len, StepTimeFit};
+use super::ngram::propose_ngram;
 use super::suffix::SuffixIndex;
 
 /// Tokens a sequence waits after its first failed stretch before drafting again; doubled on
@@ -74,7 +74,7 @@ impl DraftPolicy {
 pub struct Speculator {
     config: SpeculativeConfig,
     seqs: HashMap<u64, DraftPolicy>,
-    cost: StepCost,
+    cost: StepTimeFit,
     /// The last proposal (a copy, so the caller may hand it on while the tokens it came from
     /// change).
     draft: Vec<u32>,
@@ -90,13 +90,9 @@ impl Speculator {
             index,
             config,
             seqs: HashMap::new(),
-            cost: StepCost::default(),
+            cost: StepTimeFit::default(),
             draft: Vec::new(),
         }
-    }
-
-    pub fn config(&self) -> &SpeculativeConfig {
-        &self.config
     }
 
     /// Records a step's forward pass: `rows` tokens computed in `seconds`.
@@ -128,8 +124,7 @@ impl Speculator {
             Some(cost) => best_draft_len(max_len, policy.acceptance(), decodes, cost),
             None => max_len,
         };
-        let own = longest_match(tokens, c.prompt_lookup_min, c.prompt_lookup_max)
-            .map(|(len, end)| (len, &tokens[end + 1..(end + 1 + k).min(tokens.len())]));
+        let own = propose_ngram(tokens, c.prompt_lookup_min, c.prompt_lookup_max, k);
         let recent = (self.index.as_ref()).and_then(|ix| ix.lookup(tokens, c.prompt_lookup_max, k));
         // The longer match; the sequence's own on a tie.
         let draft = match (own, recent) {

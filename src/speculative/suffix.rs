@@ -44,10 +44,6 @@ impl SuffixIndex {
         }
     }
 
-    pub fn num_docs(&self) -> usize {
-        self.docs.len()
-    }
-
     /// Indexes a finished sequence's tokens, forgetting the oldest beyond `max_docs`.
     pub fn add(&mut self, tokens: &[u32]) {
         if self.max_docs == 0 || tokens.len() <= self.key_len {
@@ -133,7 +129,7 @@ mod tests {
         ix.add(&[1, 2, 3]);
         ix.add(&[4, 5, 6]);
         ix.add(&[7, 8, 9]);
-        assert_eq!(ix.num_docs(), 2);
+        assert_eq!(ix.docs.len(), 2);
         assert_eq!(ix.lookup(&[1, 2], 4, 1), None);
         assert_eq!(ix.lookup(&[4, 5], 4, 1), Some((2, &[6][..])));
         assert_eq!(ix.lookup(&[7, 8], 4, 1), Some((2, &[9][..])));
