@@ -122,6 +122,7 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
             })
             .collect(),
         logits_rows: (0..seqs as u32).collect(),
+        hidden_rows: Vec::new(),
     };
     let rope = Rope {
         inv_freqs: (0..d / 2)
@@ -224,6 +225,7 @@ fn decode_8b(copy_bw: f64, profile_only: bool) {
             prompt_len: 0,
         }],
         logits_rows: vec![n as u32 - 1],
+        hidden_rows: Vec::new(),
     };
     let t = Instant::now();
     model.forward(&batch(0, PROMPT), &mut kv);

@@ -31,6 +31,7 @@ fn decoding_scheduler() -> Scheduler {
             seq_id: id,
             prompt_token_ids: prompt,
             priority: 0,
+            prefix_cache: true,
         };
         s.add(seq).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -76,7 +76,7 @@ fn collect(mut stream: engine::RequestStream) -> Vec<Choice> {
                     choices[index].push((id, lp, top));
                 }
             }
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { .. }) => return choices,
             Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),

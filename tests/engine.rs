@@ -59,7 +59,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
     loop {
         match stream.next_blocking() {
             Some(StreamEvent::Token { token_ids, .. }) => tokens.extend(token_ids),
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { usage, .. }) => return Outcome { tokens, usage },
             Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),

@@ -60,7 +60,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
     loop {
         match stream.next_blocking() {
             Some(StreamEvent::Token { token_ids, .. }) => tokens.extend(token_ids),
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { .. }) => {
                 return Outcome {
                     tokens,

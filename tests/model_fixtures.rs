@@ -55,6 +55,7 @@ fn greedy(
                 prompt_len: prompt.len(),
             }],
             logits_rows: vec![n as u32 - 1],
+            hidden_rows: Vec::new(),
         };
         let logits = model.forward(&batch, &mut kv);
         done += n;

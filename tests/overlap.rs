@@ -79,7 +79,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
                 ids.extend(token_ids);
                 text.push_str(&t);
             }
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { usage, .. }) => {
                 return Outcome {
                     ids,
@@ -224,7 +224,7 @@ fn run_by_seq(engine: &EngineHandle, requests: &[GenerateRequest]) -> Vec<Vec<(V
                         seqs[index].0.extend(token_ids);
                         seqs[index].1.push_str(&text);
                     }
-                    Some(StreamEvent::SeqFinished { .. }) => {}
+                    Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
                     Some(StreamEvent::Done { .. }) => return seqs,
                     other => panic!("unexpected event {other:?}"),
                 }

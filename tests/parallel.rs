@@ -254,9 +254,9 @@ fn pipeline_keeps_two_micro_batches_in_flight() {
                 .is_err(),
             "a third is refused"
         );
-        let la = g.collect().unwrap();
+        let la = g.collect().unwrap().logits;
         seqs.advance(&a, &la, vocab);
-        let lb = g.collect().unwrap();
+        let lb = g.collect().unwrap().logits;
         seqs.advance(&b, &lb, vocab);
     }
     assert_eq!(seqs.out, reference);
@@ -332,7 +332,7 @@ fn engine_with_pipeline_stages_matches_one_rank() {
                 loop {
                     match s.next_blocking() {
                         Some(StreamEvent::Token { token_ids, .. }) => tokens.extend(token_ids),
-                        Some(StreamEvent::SeqFinished { .. }) => {}
+                        Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
                         Some(StreamEvent::Done { .. }) => return tokens,
                         other => panic!("unexpected end of stream: {other:?}"),
                     }

@@ -83,6 +83,7 @@ impl Sim {
             seq_id: ids[0],
             prompt_token_ids: prompt.clone(),
             priority: self.rng.random_range(-1..2),
+            prefix_cache: true,
         };
         if self.sched.add_group(seq, &ids[1..]).is_err() {
             return; // too long or too large a group for this config: refused up front

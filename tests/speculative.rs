@@ -82,7 +82,7 @@ fn collect(mut stream: engine::RequestStream) -> Outcome {
                 choices[index].1.push_str(&text);
                 choices[index].2.extend(logprobs);
             }
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { usage, .. }) => return Outcome { choices, usage },
             Some(StreamEvent::Error(e)) => panic!("request failed: {e}"),
             None => panic!("stream ended without a terminal event"),

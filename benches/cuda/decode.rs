@@ -125,6 +125,7 @@ pub fn decode_batch(n: usize, ctx: usize, vocab: usize) -> ForwardBatch {
             })
             .collect(),
         logits_rows: (0..n as u32).collect(),
+        hidden_rows: Vec::new(),
     }
 }
 

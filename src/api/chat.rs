@@ -268,6 +268,7 @@ pub fn chunks(p: PreparedChat) -> ChunkStream {
                         None,
                     );
                 }
+                StreamEvent::Embedding { .. } => {}
                 StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
                     let mut finish_reason = reason.as_str();
                     let mut last_content = Some(String::new());

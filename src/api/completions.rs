@@ -292,6 +292,7 @@ pub fn chunks(p: PreparedCompletion) -> ChunkStream {
                             .then(|| prompts[choice / n].clone()),
                     }], None);
                 }
+                StreamEvent::Embedding { .. } => {}
                 StreamEvent::SeqFinished { index: choice, reason, stop_reason } => {
                     yield chunk(vec![CompletionChunkChoice {
                         index: choice,

@@ -66,6 +66,8 @@ pub async fn collect_choices<L>(
                     a.stop_reason = stop_reason_json(&stop_reason);
                 }
             }
+            // Pooling requests are read by the embeddings endpoint, not as choices.
+            StreamEvent::Embedding { .. } => {}
             StreamEvent::Done { usage, .. } => return Ok(usage),
             StreamEvent::Error(e) => return Err(e.into()),
         }
@@ -112,6 +114,10 @@ pub fn choice_events(
             let base = prompt_index * n;
             match ev {
                 StreamEvent::Token { ref mut index, .. } => {
+                    *index += base;
+                    yield ev;
+                }
+                StreamEvent::Embedding { ref mut index, .. } => {
                     *index += base;
                     yield ev;
                 }

@@ -432,6 +432,7 @@ pub fn build(
         skip_special_tokens: params.skip_special_tokens,
         priority: params.priority,
         speculative: params.speculative,
+        pooling: None,
         arrival,
     })
 }

@@ -164,7 +164,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
                 // The EOS or stop token that ended it is not part of the continuation.
                 ids.pop();
             }
-            Some(StreamEvent::SeqFinished { .. }) => {}
+            Some(StreamEvent::SeqFinished { .. } | StreamEvent::Embedding { .. }) => {}
             Some(StreamEvent::Done { .. }) => break,
             Some(StreamEvent::Error(e)) => anyhow::bail!("generation failed: {e}"),
             None => anyhow::bail!("the engine stopped before the request ended"),

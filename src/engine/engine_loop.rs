@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use super::handle::{now_millis, EngineCommand, EngineInfo, RequestId, Shared};
 use super::metrics::EngineMetrics;
 use super::output::OutputDecision;
-use super::request_error::RequestError;
+use super::request::FinishReason;
+use super::request_error::{RequestError, StepError};
 use super::request_table::RequestTable;
 use super::runner::{ModelRunner, StepOutput};
 use crate::kernels::Backend;
@@ -376,7 +377,11 @@ impl<B: Backend> EngineLoop<B> {
     /// token is dropped.
     fn commit_step(&mut self, plan: &StepPlan, output: StepOutput, step_start: Instant) {
         let mut sampled = std::mem::take(&mut self.sampled);
-        for (seq_id, result) in output.sampled {
+        let StepOutput {
+            sampled: results,
+            mut pooled,
+        } = output;
+        for (seq_id, result) in results {
             match result {
                 Ok(t) => sampled.push((seq_id, t)),
                 Err(e) => {
@@ -402,7 +407,10 @@ impl<B: Backend> EngineLoop<B> {
         } else {
             let now = Instant::now();
             for (seq_id, token) in sampled.drain(..) {
-                self.on_token(seq_id, token, now);
+                match pooled.iter().position(|(s, _)| *s == seq_id) {
+                    Some(i) => self.on_pooled(seq_id, pooled.swap_remove(i).1),
+                    None => self.on_token(seq_id, token, now),
+                }
             }
             super::speculate::after_commit(
                 plan,
@@ -422,6 +430,27 @@ impl<B: Backend> EngineLoop<B> {
                 .observe(plan.num_batched_tokens as f64);
         }
         self.sampled = sampled;
+    }
+
+    /// A pooled sequence's prompt is computed: sends its embedding and ends it.
+    fn on_pooled(&mut self, seq_id: SeqId, embedding: Result<Vec<f32>, StepError>) {
+        let sent = match embedding {
+            Ok(e) => self.table.send_embedding(seq_id, e),
+            Err(e) => {
+                if let Some(id) = self.table.request_of(seq_id) {
+                    self.fail_request(id, RequestError::Step(e));
+                }
+                return;
+            }
+        };
+        if sent {
+            self.metrics
+                .request_success_total
+                .with_label_values(&[FinishReason::Stop.as_str()])
+                .inc();
+            let (scheduler, runner) = (&mut self.scheduler, &mut self.runner);
+            self.table.finish_seq(scheduler, runner, seq_id);
+        }
     }
 
     /// Counts a sampled token (request table), runs the output stage on it (`output.rs`) and

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::kernels::sampling::{SampledRow, SamplingBatch};
 use crate::kernels::Backend;
 use crate::model::rank_group::{RankGroup, StepInput};
-use crate::model::ModelError;
+use crate::model::{HostOutput, ModelError};
 
 enum Request {
     Submit(Arc<StepInput>),
@@ -23,8 +23,9 @@ enum Request {
 }
 
 pub(crate) enum Reply {
-    Logits(Vec<f32>),
-    Sampled(Vec<SampledRow>),
+    Logits(HostOutput),
+    /// The sampled rows and the step's hidden rows.
+    Sampled(Vec<SampledRow>, Vec<f32>),
 }
 
 pub(crate) struct ForwardWorker {
@@ -99,7 +100,10 @@ fn serve<B: Backend>(
                     None => Err(ModelError::Parallel("no step in flight".into())),
                     Some(Err(e)) => Err(e),
                     Some(Ok(())) => match rows {
-                        Some(rows) => model.collect_sampled(&rows).map(Reply::Sampled),
+                        Some(rows) => {
+                            let sampled = model.collect_sampled(&rows);
+                            sampled.map(|(rows, hidden)| Reply::Sampled(rows, hidden))
+                        }
                         None => model.collect().map(Reply::Logits),
                     },
                 };

@@ -23,6 +23,7 @@ mod forward_worker;
 pub mod handle;
 pub mod metrics;
 mod output;
+pub mod pooling;
 pub mod request;
 mod request_error;
 mod request_table;
@@ -34,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 pub use handle::{EngineHandle, EngineInfo, RequestStream, SubmitError};
+pub use pooling::{Pooling, PoolingType};
 pub use request::{
     FinishReason, GenerateRequest, RequestTimings, StopReason, StreamEvent, TokenLogprob, Usage,
 };

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::pooling::Pooling;
 use super::request_error::RequestError;
 use crate::sampling::{Constraint, SamplingParams};
 
@@ -35,6 +36,9 @@ pub struct GenerateRequest {
     /// May draft and verify tokens ahead when the engine speculates (the output is the same
     /// either way; a client may opt out, e.g. to measure plain decoding).
     pub speculative: bool,
+    /// Make an embedding of the prompt instead of generating (`pooling.rs`): one sequence,
+    /// which ends with a `StreamEvent::Embedding` once its prompt is computed.
+    pub pooling: Option<Pooling>,
     /// When the API received it (queue time and TTFT are measured from here).
     pub arrival: Instant,
 }
@@ -57,7 +61,17 @@ impl GenerateRequest {
             skip_special_tokens: true,
             priority: 0,
             speculative: true,
+            pooling: None,
             arrival: Instant::now(),
+        }
+    }
+
+    /// A request for the embedding of `prompt_token_ids`, for tests and tools.
+    pub fn embedding(prompt_token_ids: Vec<u32>, pooling: Pooling) -> Self {
+        Self {
+            pooling: Some(pooling),
+            speculative: false,
+            ..Self::greedy(prompt_token_ids, 1)
         }
     }
 }
@@ -157,6 +171,9 @@ pub enum StreamEvent {
         /// One entry per token in `token_ids` when logprobs were asked for.
         logprobs: Vec<TokenLogprob>,
     },
+    /// The embedding of sequence `index`'s prompt (a pooling request), just before its
+    /// `SeqFinished`.
+    Embedding { index: usize, embedding: Vec<f32> },
     /// Sequence `index` ended; more events may follow for other sequences.
     SeqFinished {
         index: usize,

@@ -40,6 +40,9 @@ pub enum StepError {
     Forward(Arc<ModelError>),
     #[error(transparent)]
     Sample(#[from] SampleError),
+    /// An embedding could not be pooled from the step's hidden rows (a bookkeeping bug).
+    #[error("pooling the embedding failed: {0}")]
+    Pooling(String),
 }
 
 /// Two forward failures are equal when they report the same (model errors hold I/O errors,
@@ -49,6 +52,7 @@ impl PartialEq for StepError {
         match (self, other) {
             (Self::Forward(a), Self::Forward(b)) => a.to_string() == b.to_string(),
             (Self::Sample(a), Self::Sample(b)) => a == b,
+            (Self::Pooling(a), Self::Pooling(b)) => a == b,
             _ => false,
         }
     }

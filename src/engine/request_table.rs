@@ -30,7 +30,8 @@ use super::fault::FaultInjection;
 use super::handle::{RequestId, Shared};
 use super::metrics::EngineMetrics;
 use super::output::SeqOutput;
-use super::request::{GenerateRequest, RequestTimings, StreamEvent, Usage};
+use super::pooling::PoolingType;
+use super::request::{FinishReason, GenerateRequest, RequestTimings, StreamEvent, Usage};
 use super::request_error::RequestError;
 use super::runner::ModelRunner;
 use crate::kernels::Backend;
@@ -149,6 +150,7 @@ impl RequestTable {
                 seq_id: seq_ids[0],
                 prompt_token_ids: request.prompt_token_ids.clone(),
                 priority: request.priority,
+                prefix_cache: !matches!(request.pooling, Some(p) if p.kind == PoolingType::Mean),
             },
             &seq_ids[1..],
         );
@@ -217,6 +219,9 @@ impl RequestTable {
                 sampler.constrain(constraint.clone());
             }
             runner.add_seq(seq_id, sampler);
+            if let Some(pooling) = request.pooling {
+                runner.add_pooled(seq_id, pooling, request.prompt_token_ids.len());
+            }
             let output_fault = fault.filter(|f| !f.fault.is_runner());
             self.seqs.insert(
                 seq_id,
@@ -294,6 +299,31 @@ impl RequestTable {
         }
         seq.last_token_at = Some(now);
         Some((seq, req))
+    }
+
+    /// Sends a pooled sequence's embedding (the token its last step sampled is not sent),
+    /// then its `SeqFinished`; the caller finishes it. `false` if the table does not hold it.
+    pub fn send_embedding(&self, seq_id: SeqId, embedding: Vec<f32>) -> bool {
+        let Some(seq) = self.seqs.get(&seq_id) else {
+            return false;
+        };
+        let Some(req) = self.requests.get(&seq.request) else {
+            return false;
+        };
+        let index = seq.output.index();
+        // A client that is gone is aborted at the next intake.
+        if req
+            .events
+            .try_send(StreamEvent::Embedding { index, embedding })
+            .is_ok()
+        {
+            let _ = req.events.try_send(StreamEvent::SeqFinished {
+                index,
+                reason: FinishReason::Stop,
+                stop_reason: None,
+            });
+        }
+        true
     }
 
     /// Drops a request and frees its blocks now.

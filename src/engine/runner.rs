@@ -15,27 +15,29 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::forward_worker::{ForwardWorker, Reply};
+use super::pooling::{PoolState, Pooling};
 use super::request_error::StepError;
 use crate::kernels::sampling::SampledRow;
 use crate::kernels::{Backend, BatchSeq};
 use crate::model::rank_group::{RankGroup, StepInput};
+use crate::model::HostOutput;
 use crate::sampling::{Corruption, SampledToken, SequenceSampler, StepSampler};
 use crate::scheduler::{SeqId, StepPlan};
 use crate::speculative::Speculator;
 
 /// What a step's forward pass returned.
 pub(crate) enum Collected {
-    /// `[sampled rows, vocab]`, to sample on the host.
-    Logits(Vec<f32>),
-    /// Sampled on the device, one per sampled sequence in plan order.
-    Sampled(Vec<SampledRow>),
+    /// `[sampled rows, vocab]` to sample on the host, and the hidden rows.
+    Logits(HostOutput),
+    /// Sampled on the device, one per sampled sequence in plan order; the hidden rows.
+    Sampled(Vec<SampledRow>, Vec<f32>),
 }
 
 impl From<Reply> for Collected {
     fn from(r: Reply) -> Self {
         match r {
-            Reply::Logits(l) => Self::Logits(l),
-            Reply::Sampled(s) => Self::Sampled(s),
+            Reply::Logits(out) => Self::Logits(out),
+            Reply::Sampled(s, hidden) => Self::Sampled(s, hidden),
         }
     }
 }
@@ -43,6 +45,9 @@ impl From<Reply> for Collected {
 /// What one step produced, per sampled sequence.
 pub(crate) struct StepOutput {
     pub sampled: Vec<(SeqId, Result<SampledToken, StepError>)>,
+    /// The embeddings of the pooled sequences whose prompt this step finished (each also
+    /// has its entry in `sampled`, which the engine does not send).
+    pub pooled: Vec<(SeqId, Result<Vec<f32>, StepError>)>,
 }
 
 /// Where the model runs: on the engine thread, or on a worker thread (the CPU's test mode of
@@ -59,28 +64,35 @@ pub(crate) struct ModelRunner<B: Backend> {
     sampling: StepSampler,
     /// Speculative decoding's drafter and each sequence's drafting record, if on.
     speculator: Option<Speculator>,
+    /// The embedding each pooled sequence is making.
+    pooling: HashMap<SeqId, PoolState>,
+    /// The model's hidden size (the width of a hidden row).
+    hidden_size: usize,
     /// The step being built; its buffers are reused once every rank has let go of the last.
     step: Arc<StepInput>,
 }
 
 impl<B: Backend> ModelRunner<B> {
     pub fn new(model: RankGroup<B>) -> Self {
-        Self::with_model(Model::Inline(Box::new(model)))
+        let hidden_size = model.lead().config.hidden_size;
+        Self::with_model(Model::Inline(Box::new(model)), hidden_size)
     }
 
     /// The model runs on a worker thread: `submit` returns at once.
     pub fn on_worker_thread(model: RankGroup<B>) -> Result<Self, crate::model::ModelError> {
-        Ok(Self::with_model(Model::Worker(ForwardWorker::start(
-            model,
-        )?)))
+        let hidden_size = model.lead().config.hidden_size;
+        let worker = ForwardWorker::start(model)?;
+        Ok(Self::with_model(Model::Worker(worker), hidden_size))
     }
 
-    fn with_model(model: Model<B>) -> Self {
+    fn with_model(model: Model<B>, hidden_size: usize) -> Self {
         Self {
             model,
             last_sampled: HashMap::new(),
             sampling: StepSampler::default(),
             speculator: None,
+            pooling: HashMap::new(),
+            hidden_size,
             step: Arc::default(),
         }
     }
@@ -104,12 +116,19 @@ impl<B: Backend> ModelRunner<B> {
         self.sampling.add_seq(seq_id, sampler);
     }
 
+    /// The sequence makes an embedding of its prompt (`pooling.rs`).
+    pub fn add_pooled(&mut self, seq_id: SeqId, pooling: Pooling, prompt_len: usize) {
+        self.pooling
+            .insert(seq_id, PoolState::new(pooling, prompt_len));
+    }
+
     pub fn remove_seq(&mut self, seq_id: SeqId) {
         self.sampling.remove_seq(seq_id);
         if let Some(s) = &mut self.speculator {
             s.remove(seq_id);
         }
         self.last_sampled.remove(&seq_id);
+        self.pooling.remove(&seq_id);
     }
 
     /// Test-only: `corruption` fires at the sequence's draw after `after` draws.
@@ -133,6 +152,7 @@ impl<B: Backend> ModelRunner<B> {
         b.positions.clear();
         b.slot_mapping.clear();
         b.logits_rows.clear();
+        b.hidden_rows.clear();
         b.seqs.clear();
         for s in &mut plan.seqs {
             let query_start = b.token_ids.len();
@@ -154,6 +174,11 @@ impl<B: Backend> ModelRunner<B> {
                 let block = s.block_table[p / block_size];
                 b.slot_mapping
                     .push(block * block_size as u32 + (p % block_size) as u32);
+            }
+            if let Some(pool) = self.pooling.get(&s.seq_id).filter(|_| !s.run_ahead) {
+                let rows = pool.wanted(s.start, s.end);
+                let first = (query_start + rows.start - s.start) as u32;
+                b.hidden_rows.extend(first..first + rows.len() as u32);
             }
             if s.sample {
                 // The last known token's row, then each draft token's (verification).
@@ -213,7 +238,7 @@ impl<B: Backend> ModelRunner<B> {
         let vocab = self.vocab_size();
         let rows = self.sampling.device_rows(sampled_seqs(plan), vocab);
         match &mut self.model {
-            Model::Inline(m) => m.collect_sampled(rows).map(Collected::Sampled),
+            Model::Inline(m) => (m.collect_sampled(rows)).map(|(s, h)| Collected::Sampled(s, h)),
             Model::Worker(w) => w.collect(Some(rows)).map(Collected::from),
         }
         .map_err(StepError::from)
@@ -227,8 +252,19 @@ impl<B: Backend> ModelRunner<B> {
         collected: Result<Collected, StepError>,
     ) -> StepOutput {
         let vocab = self.vocab_size();
+        let (collected, pooled) = match collected {
+            Ok(Collected::Logits(out)) => {
+                let pooled = self.pool(plan, &out.hidden);
+                (Ok(Collected::Logits(out)), pooled)
+            }
+            Ok(Collected::Sampled(rows, hidden)) => {
+                let pooled = self.pool(plan, &hidden);
+                (Ok(Collected::Sampled(rows, hidden)), pooled)
+            }
+            Err(e) => (Err(e), Vec::new()),
+        };
         let sampled = match collected {
-            Ok(Collected::Logits(logits)) => match &self.model {
+            Ok(Collected::Logits(HostOutput { logits, .. })) => match &self.model {
                 Model::Inline(m) => {
                     let backend = m.lead().backend();
                     self.sampling
@@ -241,13 +277,14 @@ impl<B: Backend> ModelRunner<B> {
                         .sample_host(drafts(plan), logits, vocab, |n, job| (0..n).for_each(job))
                 }
             },
-            Ok(Collected::Sampled(rows)) => {
+            Ok(Collected::Sampled(rows, _)) => {
                 self.sampling.take_device(sampled_seqs(plan), rows, vocab)
             }
             Err(e) => {
                 let sampled = sampled_seqs(plan).map(|s| (s, Err(e.clone())));
                 return StepOutput {
                     sampled: sampled.collect(),
+                    pooled,
                 };
             }
         };
@@ -261,7 +298,44 @@ impl<B: Backend> ModelRunner<B> {
                 .into_iter()
                 .map(|(seq, r)| (seq, r.map_err(StepError::from)))
                 .collect(),
+            pooled,
         }
+    }
+
+    /// Adds the step's hidden rows to the pooled sequences of `plan` (the rows `build_step`
+    /// asked for, in plan order), and returns the embeddings of those whose prompt it ended.
+    fn pool(
+        &mut self,
+        plan: &StepPlan,
+        hidden: &[f32],
+    ) -> Vec<(SeqId, Result<Vec<f32>, StepError>)> {
+        let mut pooled = Vec::new();
+        if self.pooling.is_empty() {
+            return pooled;
+        }
+        let width = self.hidden_size;
+        let mut at = 0;
+        for s in plan.seqs.iter().filter(|s| !s.run_ahead) {
+            let Some(pool) = self.pooling.get_mut(&s.seq_id) else {
+                continue;
+            };
+            let positions = pool.wanted(s.start, s.end);
+            let rows = hidden.get(at * width..(at + positions.len()) * width);
+            at += positions.len();
+            match rows {
+                Some(rows) => pool.add(positions, rows, width),
+                None => {
+                    let e = format!("the step returned {} hidden rows", hidden.len() / width);
+                    pooled.push((s.seq_id, Err(StepError::Pooling(e))));
+                    continue;
+                }
+            }
+            if s.sample {
+                let embedding = pool.finish().map_err(StepError::Pooling);
+                pooled.push((s.seq_id, embedding));
+            }
+        }
+        pooled
     }
 }
 

@@ -57,6 +57,8 @@ pub struct ForwardBatch {
     pub seqs: Vec<BatchSeq>,
     /// Rows whose logits are wanted (usually each sequence's last token), in output order.
     pub logits_rows: Vec<u32>,
+    /// Rows whose final-norm hidden states are wanted (embeddings), in output order.
+    pub hidden_rows: Vec<u32>,
 }
 
 impl ForwardBatch {

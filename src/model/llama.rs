@@ -25,7 +25,7 @@
 use super::config::ModelConfig;
 use super::shard::{embedding_shard, remap_token_ids};
 use super::weights::WeightSource;
-use super::ModelError;
+use super::{HostOutput, ModelError};
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KvCacheShape, Rope};
 use crate::parallel::{Communicator, RankShard, SoloComm, TpMode};
@@ -73,6 +73,8 @@ pub struct Llama<B: Backend> {
     gathered: B::Tensor,
     /// Which buffer holds the last pass's logits.
     logits_at: LogitsAt,
+    /// The last pass's final-norm rows its batch asked for (`hidden_rows`), on the host.
+    hidden: Vec<f32>,
 }
 
 /// Where the last forward pass left its logits.
@@ -314,6 +316,7 @@ impl<B: Backend> Llama<B> {
             local_batch: ForwardBatch::default(),
             gathered,
             logits_at: LogitsAt::Nowhere,
+            hidden: Vec::new(),
         })
     }
 
@@ -344,7 +347,7 @@ impl<B: Backend> Llama<B> {
     /// For a model of one rank (whose communicator never fails); ranks use `forward_rank`.
     pub fn forward(&mut self, batch: &ForwardBatch, kv: &mut B::KvCache) -> Vec<f32> {
         match self.forward_rank(batch, kv) {
-            Ok(logits) => logits,
+            Ok(out) => out.logits,
             Err(e) => {
                 tracing::error!("forward pass failed: {e}");
                 Vec::new()
@@ -352,18 +355,25 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// This rank's part of the forward pass. Returns the gathered logits on the last stage
-    /// (`[rows, vocab]`, every TP rank of it), nothing on earlier stages (their output went
-    /// to the next stage). Every rank of the group must run the same batch.
+    /// This rank's part of the forward pass. Returns the gathered logits and the asked-for
+    /// hidden rows on the last stage (every TP rank of it), nothing on earlier stages (their
+    /// output went to the next stage). Every rank of the group must run the same batch.
     pub fn forward_rank(
         &mut self,
         batch: &ForwardBatch,
         kv: &mut B::KvCache,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<HostOutput, ModelError> {
         self.forward_logits(batch, kv)?;
-        Ok(self
-            .logits()
-            .map_or_else(Vec::new, |t| self.backend.to_host(t)))
+        Ok(HostOutput {
+            logits: (self.logits()).map_or_else(Vec::new, |t| self.backend.to_host(t)),
+            hidden: self.take_hidden(),
+        })
+    }
+
+    /// The final-norm rows the last pass's batch asked for (`hidden_rows`), `[rows, hidden]`;
+    /// empty on earlier stages and once taken.
+    pub fn take_hidden(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.hidden)
     }
 
     /// The logits of the last forward pass where the backend left them (`[rows, vocab]`),
@@ -384,6 +394,7 @@ impl<B: Backend> Llama<B> {
         kv: &mut B::KvCache,
     ) -> Result<(), ModelError> {
         self.logits_at = LogitsAt::Nowhere;
+        self.hidden.clear();
         let be = &self.backend;
         let comm = &mut self.comm;
         let eps = self.config.rms_norm_eps;
@@ -404,7 +415,9 @@ impl<B: Backend> Llama<B> {
         };
         // CUDA graphs (one rank only: collectives are not recorded): a replay skips the ops.
         let solo = self.shard.tp_size == 1 && self.shard.pp_size == 1;
-        if solo && be.begin_step_ops(&step, kv, &mut b.logits) {
+        // (A graph has no op that brings hidden rows back: steps that want them run the ops.)
+        let graphs = solo && batch.hidden_rows.is_empty();
+        if graphs && be.begin_step_ops(&step, kv, &mut b.logits) {
             self.logits_at = LogitsAt::Logits;
             return Ok(());
         }
@@ -453,13 +466,24 @@ impl<B: Backend> Llama<B> {
             comm.send_next(be, &b.delta)?;
             return Ok(());
         };
-        if batch.logits_rows.is_empty() {
+        if batch.logits_rows.is_empty() && batch.hidden_rows.is_empty() {
             return Ok(());
         }
         be.add_rms_norm(&mut b.residual, &b.delta, norm, eps, &mut b.normed);
+        if !batch.hidden_rows.is_empty() {
+            let normed = be.to_host(&b.normed);
+            let hid = self.config.hidden_size;
+            for &r in &batch.hidden_rows {
+                let r = r as usize * hid;
+                self.hidden.extend_from_slice(&normed[r..r + hid]);
+            }
+        }
+        if batch.logits_rows.is_empty() {
+            return Ok(());
+        }
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
         be.matmul(&b.last, lm_head, None, &mut b.logits);
-        if solo {
+        if graphs {
             be.end_step_ops(&step, &mut b.logits);
         }
         if self.shard.tp_size == 1 {

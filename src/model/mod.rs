@@ -11,6 +11,15 @@ use crate::gguf::GgufError;
 use crate::kernels::KernelError;
 use crate::parallel::CommError;
 
+/// What a forward pass brings back to the host: the logits of its batch's `logits_rows`
+/// (`[rows, vocab]`) and the final-norm hidden states of its `hidden_rows` (`[rows, hidden]`,
+/// what embeddings are pooled from).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostOutput {
+    pub logits: Vec<f32>,
+    pub hidden: Vec<f32>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 
 use super::config::ModelConfig;
 use super::llama::Llama;
-use super::ModelError;
+use super::{HostOutput, ModelError};
 use crate::kernels::sampling::{SampledRow, SamplingBatch};
 use crate::kernels::{Backend, ForwardBatch};
 
@@ -67,13 +67,14 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
-type LogitsResult = Result<Vec<f32>, ModelError>;
+type OutputResult = Result<HostOutput, ModelError>;
 
-/// A step the lead ran itself (one stage): its logits on the host, or left on the device in
-/// the lead's buffers (a group of one rank whose backend samples: see `samples_on_device`).
+/// A step the lead ran itself (one stage): its output on the host, or its logits left on the
+/// device in the lead's buffers (a group of one rank whose backend samples: see
+/// `samples_on_device`) with its hidden rows on the host.
 enum Ready {
-    Host(Vec<f32>),
-    OnDevice,
+    Host(HostOutput),
+    OnDevice(Vec<f32>),
 }
 
 pub struct RankGroup<B: Backend> {
@@ -81,7 +82,7 @@ pub struct RankGroup<B: Backend> {
     lead_kv: B::KvCache,
     workers: Vec<Worker>,
     /// Logits from the last stage's first TP rank (more than one stage).
-    logits_rx: Option<flume::Receiver<LogitsResult>>,
+    outputs_rx: Option<flume::Receiver<OutputResult>>,
     /// Logits the lead computed itself (one stage), oldest first.
     ready: VecDeque<Ready>,
     in_flight: usize,
@@ -107,7 +108,7 @@ impl<B: Backend> RankGroup<B> {
             .ok_or_else(|| ModelError::Invalid("a rank group needs at least one rank".into()))?;
         let (tp_size, pp_size) = (lead.shard().tp_size, lead.shard().pp_size);
         let lead_kv = lead.kv_cache(num_blocks, block_size)?;
-        let (logits_tx, logits_rx) = if pp_size > 1 {
+        let (outputs_tx, outputs_rx) = if pp_size > 1 {
             let (tx, rx) = flume::bounded(pp_size + 1);
             (Some(tx), Some(rx))
         } else {
@@ -118,11 +119,11 @@ impl<B: Backend> RankGroup<B> {
             let kv = model.kv_cache(num_blocks, block_size)?;
             let shard = model.shard().clone();
             let reports = shard.is_last_stage() && shard.tp_rank == 0 && pp_size > 1;
-            let tx_logits = if reports { logits_tx.clone() } else { None };
+            let tx_outputs = if reports { outputs_tx.clone() } else { None };
             let (tx, rx) = flume::bounded::<Arc<StepInput>>(pp_size + 1);
             let handle = std::thread::Builder::new()
                 .name(format!("sluice-rank{}", shard.rank))
-                .spawn(move || rank_loop(model, kv, rx, tx_logits))
+                .spawn(move || rank_loop(model, kv, rx, tx_outputs))
                 .map_err(|e| ModelError::Parallel(format!("spawning rank {}: {e}", shard.rank)))?;
             workers.push(Worker {
                 tx: Some(tx),
@@ -134,7 +135,7 @@ impl<B: Backend> RankGroup<B> {
             lead,
             lead_kv,
             workers,
-            logits_rx,
+            outputs_rx,
             ready: VecDeque::new(),
             in_flight: 0,
             pp_size,
@@ -197,10 +198,10 @@ impl<B: Backend> RankGroup<B> {
         self.lead.copy_blocks(&mut self.lead_kv, &step.block_copies);
         let ran = if self.samples_on_device() {
             let ran = self.lead.forward_logits(batch, &mut self.lead_kv);
-            ran.map(|()| Some(Ready::OnDevice))
+            ran.map(|()| Some(Ready::OnDevice(self.lead.take_hidden())))
         } else {
             let ran = self.lead.forward_rank(batch, &mut self.lead_kv);
-            ran.map(|logits| (self.pp_size == 1).then_some(Ready::Host(logits)))
+            ran.map(|out| (self.pp_size == 1).then_some(Ready::Host(out)))
         };
         match ran {
             Ok(ready) => {
@@ -215,23 +216,24 @@ impl<B: Backend> RankGroup<B> {
         }
     }
 
-    /// The logits (`[logits rows, vocab]`) of the oldest step in flight.
-    pub fn collect(&mut self) -> Result<Vec<f32>, ModelError> {
+    /// The logits (`[logits rows, vocab]`) and hidden rows of the oldest step in flight.
+    pub fn collect(&mut self) -> Result<HostOutput, ModelError> {
         if self.in_flight == 0 {
             return Err(ModelError::Parallel("no step in flight".into()));
         }
         self.in_flight -= 1;
-        let got = match &self.logits_rx {
+        let got = match &self.outputs_rx {
             None => match self.ready.pop_front() {
-                Some(Ready::Host(logits)) => Ok(logits),
-                Some(Ready::OnDevice) => {
+                Some(Ready::Host(out)) => Ok(out),
+                Some(Ready::OnDevice(hidden)) => {
                     let be = self.lead.backend();
-                    Ok(self.lead.logits().map_or_else(Vec::new, |t| be.to_host(t)))
+                    let logits = self.lead.logits().map_or_else(Vec::new, |t| be.to_host(t));
+                    Ok(HostOutput { logits, hidden })
                 }
                 None => Err(broken_error()),
             },
             Some(rx) => match rx.recv() {
-                Ok(Ok(logits)) => Ok(logits),
+                Ok(Ok(out)) => Ok(out),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(ModelError::Parallel(
                     "the last pipeline stage has stopped".into(),
@@ -242,19 +244,21 @@ impl<B: Backend> RankGroup<B> {
     }
 
     /// Samples the oldest step in flight where its logits are (`samples_on_device`), one
-    /// row per `rows` row; only the ids and the asked-for logprobs cross to the host.
-    pub fn collect_sampled(&mut self, rows: &SamplingBatch) -> Result<Vec<SampledRow>, ModelError> {
+    /// row per `rows` row; only the ids and the asked-for logprobs cross to the host, beside
+    /// the step's hidden rows.
+    pub fn collect_sampled(
+        &mut self,
+        rows: &SamplingBatch,
+    ) -> Result<(Vec<SampledRow>, Vec<f32>), ModelError> {
         if self.in_flight == 0 {
             return Err(ModelError::Parallel("no step in flight".into()));
         }
         self.in_flight -= 1;
         let got = match self.ready.pop_front() {
-            Some(Ready::OnDevice) if rows.is_empty() => Ok(Vec::new()),
-            Some(Ready::OnDevice) => match self.lead.logits() {
-                Some(t) => self
-                    .lead
-                    .backend()
-                    .sample(t, rows)
+            Some(Ready::OnDevice(hidden)) if rows.is_empty() => Ok((Vec::new(), hidden)),
+            Some(Ready::OnDevice(hidden)) => match self.lead.logits() {
+                Some(t) => (self.lead.backend().sample(t, rows))
+                    .map(|sampled| (sampled, hidden))
                     .map_err(ModelError::Kernel),
                 None => Err(ModelError::Invalid(format!(
                     "{} sampling rows, but the step produced no logits",
@@ -277,7 +281,7 @@ impl<B: Backend> RankGroup<B> {
         block_copies: &[(u32, u32)],
     ) -> Result<Vec<f32>, ModelError> {
         self.submit(&StepInput::shared(batch.clone(), block_copies.to_vec()))?;
-        self.collect()
+        self.collect().map(|out| out.logits)
     }
 }
 
@@ -285,21 +289,21 @@ fn rank_loop<B: Backend>(
     mut model: Llama<B>,
     mut kv: B::KvCache,
     rx: flume::Receiver<Arc<StepInput>>,
-    logits_tx: Option<flume::Sender<LogitsResult>>,
+    outputs_tx: Option<flume::Sender<OutputResult>>,
 ) {
     while let Ok(input) = rx.recv() {
         model.copy_blocks(&mut kv, &input.block_copies);
         match model.forward_rank(&input.batch, &mut kv) {
-            Ok(logits) => {
-                if let Some(tx) = &logits_tx {
-                    if tx.send(Ok(logits)).is_err() {
+            Ok(out) => {
+                if let Some(tx) = &outputs_tx {
+                    if tx.send(Ok(out)).is_err() {
                         break;
                     }
                 }
             }
             Err(e) => {
                 tracing::error!("rank {}: {e}", model.shard().rank);
-                if let Some(tx) = &logits_tx {
+                if let Some(tx) = &outputs_tx {
                     let _ = tx.send(Err(e));
                 }
                 model.abort();
@@ -316,7 +320,7 @@ impl<B: Backend> Drop for RankGroup<B> {
         for w in &mut self.workers {
             w.tx = None;
         }
-        self.logits_rx = None;
+        self.outputs_rx = None;
         self.lead.abort();
         for w in &mut self.workers {
             if let Some(h) = w.handle.take() {

@@ -64,6 +64,7 @@ fn two_steps(g: &mut RankGroup<CpuBackend>) -> Vec<f32> {
         slot_mapping: (0..6).collect(),
         seqs: vec![seq(0, 6)],
         logits_rows: vec![2, 5],
+        hidden_rows: Vec::new(),
     };
     let decode = ForwardBatch {
         token_ids: vec![40],
@@ -71,6 +72,7 @@ fn two_steps(g: &mut RankGroup<CpuBackend>) -> Vec<f32> {
         slot_mapping: vec![6],
         seqs: vec![seq(6, 1)],
         logits_rows: vec![0],
+        hidden_rows: Vec::new(),
     };
     let mut out = g.run(&prefill, &[]).unwrap();
     out.extend(g.run(&decode, &[]).unwrap());
@@ -120,6 +122,7 @@ fn a_failed_rank_breaks_the_group_instead_of_hanging() {
             prompt_len: 0,
         }],
         logits_rows: vec![0],
+        hidden_rows: Vec::new(),
     };
     assert!(g.run(&batch, &[]).is_err());
     let again = g.run(&batch, &[]).unwrap_err().to_string();

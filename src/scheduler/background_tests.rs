@@ -11,6 +11,7 @@ fn seq(seq_id: SeqId, first: u32, len: u32, priority: i32) -> NewSequence {
         seq_id,
         prompt_token_ids: (first..first + len).collect(),
         priority,
+        prefix_cache: true,
     }
 }
 

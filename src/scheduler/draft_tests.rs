@@ -12,6 +12,7 @@ fn admitted_decoding(s: &mut Scheduler, seq_id: SeqId, prompt_len: u32) {
         seq_id,
         prompt_token_ids: prompt,
         priority: 0,
+        prefix_cache: true,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let plan = s.schedule();
@@ -101,6 +102,7 @@ fn a_draft_set_before_the_prompt_is_computed_is_ignored() {
         seq_id: 1,
         prompt_token_ids: (0..6).collect(),
         priority: 0,
+        prefix_cache: true,
     })
     .unwrap();
     s.set_draft(1, &[1, 2]);

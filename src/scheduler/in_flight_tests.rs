@@ -15,6 +15,7 @@ fn add(s: &mut Scheduler, seq_id: SeqId, first: u32, len: u32) {
         seq_id,
         prompt_token_ids: (first..first + len).collect(),
         priority: 0,
+        prefix_cache: true,
     };
     s.add(seq).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -58,6 +59,7 @@ fn a_sequence_in_flight_is_never_preempted() {
         seq_id: 2,
         prompt_token_ids: (100..108).collect(),
         priority: -1,
+        prefix_cache: true,
     };
     s.add(seq).unwrap_or_else(|e| panic!("{e}"));
     let b = s.schedule();

@@ -129,6 +129,9 @@ pub struct NewSequence {
     pub prompt_token_ids: Vec<u32>,
     /// Lower runs first and is preempted last; ties go by arrival.
     pub priority: i32,
+    /// Starts from the prefix cache's hits (false: computes every prompt position, as a
+    /// mean-pooled embedding needs; its full blocks are still cached for others).
+    pub prefix_cache: bool,
 }
 
 /// Engine-wide counters since start.
@@ -216,6 +219,7 @@ impl Scheduler {
             arrival: self.next_arrival,
         };
         let mut s = Sequence::new(seq.seq_id, key, seq.prompt_token_ids);
+        s.prefix_cache = seq.prefix_cache;
         s.fork_children = fork_seq_ids
             .iter()
             .zip(key.arrival + 1..)

@@ -14,6 +14,7 @@ fn add(s: &mut Scheduler, seq_id: SeqId, len: u32) {
         seq_id,
         prompt_token_ids: (100 * seq_id as u32..100 * seq_id as u32 + len).collect(),
         priority: 0,
+        prefix_cache: true,
     };
     s.add(seq).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -3,7 +3,7 @@
 use super::plan::{ScheduledSeq, StepPlan};
 use super::sequence::SeqKey;
 use super::{Scheduler, SeqId};
-use crate::kv_cache::BlockCopy;
+use crate::kv_cache::{BlockCopy, ComputedBlocks};
 
 /// Which running sequences a pass serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +213,10 @@ impl Scheduler {
                 self.drop_too_long(seq_id, step);
                 continue;
             }
-            let hits = self.kv.computed_blocks(&seq.token_ids);
+            let hits = match seq.prefix_cache {
+                true => self.kv.computed_blocks(&seq.token_ids),
+                false => ComputedBlocks::default(),
+            };
             let num_computed = hits.num_computed_tokens;
             let remaining = seq.target_tokens() - num_computed;
             let num_new = match remaining {

@@ -32,6 +32,8 @@ pub(crate) struct Sequence {
     /// Draft tokens to verify after the last token in its next decode (speculative
     /// decoding); consumed by the step that schedules them.
     pub draft: Vec<u32>,
+    /// Starts from prefix-cache hits (see `NewSequence::prefix_cache`).
+    pub prefix_cache: bool,
 }
 
 impl Sequence {
@@ -48,6 +50,7 @@ impl Sequence {
             last_scheduled_step: 0,
             num_pending_samples: 0,
             draft: Vec::new(),
+            prefix_cache: true,
         }
     }
 

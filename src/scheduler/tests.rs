@@ -21,6 +21,7 @@ fn make_seq(seq_id: SeqId, tokens: &[u32]) -> NewSequence {
         seq_id,
         prompt_token_ids: tokens.to_vec(),
         priority: 0,
+        prefix_cache: true,
     }
 }
 
@@ -186,6 +187,7 @@ fn preemption_takes_lowest_priority_then_latest_arrival() {
     let mut s = scheduler(10, 64);
     let with_priority = |id, first, priority| NewSequence {
         priority,
+        prefix_cache: true,
         ..make_seq(id, &prompt(first, 12))
     };
     let _ = s.add(with_priority(1, 0, 1));

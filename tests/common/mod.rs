@@ -42,10 +42,39 @@ pub fn assert_idle_without_leaks(engine: &sluice::engine::EngineHandle) {
 
 /// The logits of every position of `ids`, prefilled as one sequence in one step.
 pub fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let out = prefill_all(model, ids, true, false);
+    rows(&out.logits, model.config.vocab_size)
+}
+
+/// The final-norm hidden state of every position of `ids` (what embeddings are pooled
+/// from), prefilled as one sequence in one step.
+pub fn all_hidden(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let out = prefill_all(model, ids, false, true);
+    rows(&out.hidden, model.config.hidden_size)
+}
+
+fn rows(v: &[f32], width: usize) -> Vec<Vec<f32>> {
+    v.chunks_exact(width).map(<[f32]>::to_vec).collect()
+}
+
+/// `ids` as one sequence in one step, asking for every row's logits and/or hidden state.
+fn prefill_all(
+    model: &mut Llama<CpuBackend>,
+    ids: &[u32],
+    logits: bool,
+    hidden: bool,
+) -> sluice::model::HostOutput {
     use sluice::kernels::{BatchSeq, ForwardBatch};
     const BLOCK_SIZE: usize = 16;
     let n = ids.len();
     let mut kv = model.kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE).unwrap();
+    let every_row = |on: bool| {
+        if on {
+            (0..n as u32).collect()
+        } else {
+            Vec::new()
+        }
+    };
     let batch = ForwardBatch {
         token_ids: ids.to_vec(),
         positions: (0..n as u32).collect(),
@@ -57,13 +86,10 @@ pub fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
             block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
             prompt_len: n,
         }],
-        logits_rows: (0..n as u32).collect(),
+        logits_rows: every_row(logits),
+        hidden_rows: every_row(hidden),
     };
-    let logits = model.forward(&batch, &mut kv);
-    logits
-        .chunks_exact(model.config.vocab_size)
-        .map(<[f32]>::to_vec)
-        .collect()
+    model.forward_rank(&batch, &mut kv).unwrap()
 }
 
 pub fn fixtures_dir() -> PathBuf {

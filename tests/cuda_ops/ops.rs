@@ -61,6 +61,7 @@ fn flat_batch(token_ids: Vec<u32>, logits_rows: Vec<u32>) -> ForwardBatch {
         }],
         token_ids,
         logits_rows,
+        hidden_rows: Vec::new(),
     }
 }
 

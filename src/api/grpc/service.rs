@@ -164,6 +164,7 @@ fn one_request(
                         texts[index].push_str(&text);
                     }
                 }
+                StreamEvent::Embedding { .. } => {}
                 StreamEvent::SeqFinished { index, reason, .. } => {
                     if let Some(r) = reasons.get_mut(index) {
                         *r = reason.as_str();

@@ -239,6 +239,7 @@ impl CudaBackend {
                     })
                     .collect(),
                 logits_rows: (0..n as u32).collect(),
+                hidden_rows: Vec::new(),
             })
             .collect()
     }

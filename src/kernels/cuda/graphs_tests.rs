@@ -15,6 +15,7 @@ fn decode_batch(n: usize) -> ForwardBatch {
             })
             .collect(),
         logits_rows: (0..n as u32).collect(),
+        hidden_rows: Vec::new(),
     }
 }
 
