@@ -146,6 +146,7 @@ pub fn request_json(data: &[u8]) {
         prefix_caching: true,
         max_num_seqs: 8,
         max_waiting: 8,
+        pooling: sluice::engine::PoolingType::Last,
         faults: None,
     };
     match parse_json::<ChatCompletionRequest>(data) {

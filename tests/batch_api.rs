@@ -64,7 +64,7 @@ async fn batch_lines_match_online_and_bad_lines_fail_alone() {
         assert_eq!(out[t]["response"]["status_code"], 200);
     }
     assert_eq!(err["line 5"]["error"]["code"], "invalid_json_line");
-    assert_eq!(err["emb"]["error"]["code"], "invalid_url");
+    assert_eq!(err["emb"]["error"]["code"], "mismatched_url");
     assert_eq!(err["emb"]["error"]["line"], 6);
     let refused = &err["unknown-field"]["response"];
     assert_eq!(refused["status_code"], 400);

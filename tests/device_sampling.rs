@@ -32,8 +32,7 @@ fn config() -> EngineConfig {
             enable_prefix_caching: false,
         },
         max_model_len: 2048,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     }
 }
 

@@ -37,8 +37,7 @@ fn start(num_blocks: usize, max_num_batched_tokens: usize) -> EngineHandle {
             enable_prefix_caching: true,
         },
         max_model_len: 8192,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap());
     engine::spawn(common::default_model(), tokenizer, config).unwrap()

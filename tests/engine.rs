@@ -27,8 +27,7 @@ fn start(num_blocks: usize, max_num_batched_tokens: usize, prefix_cache: bool) -
             enable_prefix_caching: prefix_cache,
         },
         max_model_len: 8192,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     engine::spawn(common::default_model(), tokenizer(), config).unwrap()
 }

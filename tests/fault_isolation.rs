@@ -36,8 +36,7 @@ fn start_with(faults: Option<FaultInjection>) -> (EngineHandle, Arc<Tokenizer>) 
             enable_prefix_caching: false,
         },
         max_model_len: 2048,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     let options = EngineOptions {
         faults,

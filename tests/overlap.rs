@@ -35,8 +35,7 @@ fn start<B: Backend>(backend: B, num_blocks: usize, overlap: StepOverlap) -> Eng
             enable_prefix_caching: true,
         },
         max_model_len: 2048,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&f).unwrap());
     engine::spawn_with(

@@ -310,8 +310,7 @@ fn engine_with_pipeline_stages_matches_one_rank() {
             enable_prefix_caching: true,
         },
         max_model_len: 4096,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     let run = |engine: &engine::EngineHandle| -> Vec<Vec<u32>> {
         let streams: Vec<_> = common::greedy_fixtures()

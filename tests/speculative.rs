@@ -39,8 +39,8 @@ fn start_with(numerics: CpuNumerics, num_blocks: usize, spec: Option<&str>) -> E
             enable_prefix_caching: numerics == CpuNumerics::Fast,
         },
         max_model_len: 8192,
-        max_waiting: 0,
         speculative: spec.map(|json| SpeculativeConfig::parse(json).unwrap()),
+        ..EngineConfig::default()
     };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap());
     engine::spawn(common::default_model_with(numerics), tokenizer, config).unwrap()

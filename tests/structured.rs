@@ -70,8 +70,7 @@ fn greedy_constrained_output_is_batch_invariant_and_valid() {
             enable_prefix_caching: false,
         },
         max_model_len: 2048,
-        max_waiting: 0,
-        speculative: None,
+        ..EngineConfig::default()
     };
     let engine = engine::spawn(model, tokenizer.clone(), config).expect("engine");
     let constraint = ConstraintCompiler::new(tokenizer.clone())

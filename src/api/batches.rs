@@ -56,7 +56,8 @@ pub async fn create(
         ApiError::invalid(
             "endpoint",
             format!(
-                "endpoint must be /v1/chat/completions or /v1/completions, got `{}`",
+                "endpoint must be one of {}, got `{}`",
+                Endpoint::urls(),
                 req.endpoint
             ),
         )

@@ -115,7 +115,8 @@ async fn prepare_traced(
     }
     let add_special = req.common.add_special_tokens.unwrap_or(true);
     let prompts =
-        prompt::tokenize_prompts(served.tokenizer.clone(), req.prompt, add_special).await?;
+        prompt::tokenize_prompts(served.tokenizer.clone(), "prompt", req.prompt, add_special)
+            .await?;
     if prompts.is_empty() {
         return Err(ApiError::invalid(
             "prompt",

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod batches;
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod errors;
 pub mod files;
 pub mod generation;
@@ -168,6 +169,7 @@ fn http_router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
+        .route("/v1/embeddings", post(embeddings::handler))
         .route("/v1/models", get(misc::models))
         .route("/v1/models/{*id}", get(misc::model))
         .route("/tokenize", post(misc::tokenize))

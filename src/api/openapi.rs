@@ -4,13 +4,14 @@
 //! OpenAI shapes, and errors the OpenAI error object.
 //!
 //! The operations below are documentation stubs (utoipa reads their attributes); the
-//! handlers that serve the paths are in `chat.rs`, `completions.rs` and `misc.rs`; the Files,
-//! Batch and async APIs are described in `openapi_jobs.rs`.
+//! handlers that serve the paths are in `chat.rs`, `completions.rs`, `embeddings.rs` and
+//! `misc.rs`; the Files, Batch and async APIs are described in `openapi_jobs.rs`.
 #![allow(dead_code)]
 
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
+use super::embeddings::EmbeddingRequest;
 use super::openai_types::{
     ChatCompletionRequest, CommonParams, CompletionRequest, ContentPart, DetokenizeRequest,
     MessageContent, PromptSpec, RequestMessage, StopSpec, StreamOptions, TokenizeRequest,
@@ -31,6 +32,14 @@ fn chat_completions() {}
               (status = 415, description = "Not JSON"),
               (status = 429, description = "Waiting queue full (Retry-After)")))]
 fn completions() {}
+
+#[utoipa::path(post, path = "/v1/embeddings", request_body = EmbeddingRequest,
+    responses((status = 200, description = "One vector per input (floats or base64)"),
+              (status = 400, description = "Invalid request (names the field)"),
+              (status = 413, description = "Body too large"),
+              (status = 415, description = "Not JSON"),
+              (status = 429, description = "Waiting queue full (Retry-After)")))]
+fn embeddings() {}
 
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest,
     responses((status = 200, description = "Token ids"),
@@ -78,6 +87,7 @@ fn metrics() {}
     paths(
         chat_completions,
         completions,
+        embeddings,
         tokenize,
         detokenize,
         models,
@@ -90,6 +100,7 @@ fn metrics() {}
     components(schemas(
         ChatCompletionRequest,
         CompletionRequest,
+        EmbeddingRequest,
         CommonParams,
         RequestMessage,
         MessageContent,

@@ -78,16 +78,18 @@ fn inject_template_fault(text: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The token ids of each prompt of a completions request.
+/// The token ids of each prompt of a completions request (or each input of an embeddings
+/// request: `param` names the field in errors).
 pub async fn tokenize_prompts(
     tokenizer: Arc<Tokenizer>,
+    param: &'static str,
     prompt: PromptSpec,
     add_special_tokens: bool,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let vocab_size = tokenizer.vocab_size();
     let ids = |list: Vec<i64>| -> Result<Vec<u32>, ApiError> {
         list.into_iter()
-            .map(|id| token_id("prompt", id, vocab_size))
+            .map(|id| token_id(param, id, vocab_size))
             .collect()
     };
     match prompt {

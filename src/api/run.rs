@@ -1,5 +1,5 @@
-//! One request body run to its whole JSON response, exactly as `POST /v1/chat/completions`
-//! or `/v1/completions` runs it (the same `prepare` and `collect`: validation, unknown fields
+//! One request body run to its whole JSON response, exactly as `POST /v1/chat/completions`,
+//! `/v1/completions` or `/v1/embeddings` runs it (the same `prepare` and `collect`: validation, unknown fields
 //! refused, chat template, tools, structured outputs), at a given priority. The batch and
 //! async runners (`jobs/`) and the offline `sluice batch run` call it through `Executor`.
 
@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 
+use super::embeddings::{self, EmbeddingRequest};
 use super::errors::ApiError;
 use super::openai_types::{ChatCompletionRequest, CompletionRequest};
 use super::{chat, completions, from_value, AppState};
@@ -35,6 +36,10 @@ pub async fn run(
             let prepared = completions::prepare_at(state, req, Some(priority)).await?;
             serde_json::to_value(completions::collect(prepared).await?)
         }
+        Endpoint::Embeddings => {
+            let req: EmbeddingRequest = from_value(body)?;
+            serde_json::to_value(embeddings::embed_at(state, req, Some(priority)).await?)
+        }
     };
     response.map_err(|e| ApiError::Internal(format!("cannot serialize the response: {e}")))
 }
@@ -49,6 +54,7 @@ pub fn check_body(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
                 .stream
         }
         Endpoint::Completions => from_value::<CompletionRequest>(body.clone())?.common.stream,
+        Endpoint::Embeddings => from_value::<EmbeddingRequest>(body.clone()).map(|_| false)?,
     };
     refuse_stream(stream)
 }

@@ -10,6 +10,7 @@ fn info() -> EngineInfo {
         prefix_caching: true,
         max_num_seqs: 8,
         max_waiting: 0,
+        pooling: crate::engine::PoolingType::Last,
         faults: None,
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use crate::engine::fault::FaultInjection;
-use crate::engine::{EngineConfig, EngineOptions, StepOverlap};
+use crate::engine::{EngineConfig, EngineOptions, PoolingType, StepOverlap};
 use crate::kernels::device::Device;
 use crate::kv_cache::CacheConfig;
 use crate::model::config::ModelConfig;
@@ -56,6 +56,11 @@ pub struct EngineArgs {
     /// The output is the same with it on or off (`docs/speculative.md`).
     #[arg(long, value_parser = parse_speculative_config)]
     pub speculative_config: Option<SpeculativeConfig>,
+    /// How `/v1/embeddings` pools the model's final hidden states: `last` (the last input
+    /// token's, as embedding models built on decoders are trained) or `mean` (over every
+    /// input token).
+    #[arg(long, default_value = "last")]
+    pub pooling_type: PoolingType,
     /// Test-only: honour `sluice-fault:` markers in prompts, which fail chosen requests on
     /// purpose (sluice's reliability tests). Never on a server clients can reach; refused by a
     /// binary built without the `fault-injection` feature.
@@ -150,6 +155,7 @@ impl EngineArgs {
             max_model_len,
             max_waiting: self.max_waiting,
             speculative: self.speculative_config.clone(),
+            pooling: self.pooling_type,
         })
     }
 }

@@ -121,6 +121,7 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
         max_model_len: max_len,
         max_waiting: 0,
         speculative: args.speculative_config.clone(),
+        ..EngineConfig::default()
     };
     let engine = engine::spawn_with(loaded.model, tok.clone(), config, EngineOptions::default())?;
     let request = GenerateRequest {

@@ -41,6 +41,8 @@ pub struct EngineInfo {
     pub max_num_seqs: usize,
     /// Most requests waiting to start before new ones are refused (0: no limit).
     pub max_waiting: usize,
+    /// How embeddings are pooled (`EngineConfig::pooling`).
+    pub pooling: super::pooling::PoolingType,
     /// Test-only: fault markers are honoured (the API's template faults read it too).
     pub faults: Option<super::fault::FaultInjection>,
 }

@@ -58,6 +58,21 @@ pub struct EngineConfig {
     /// Speculative decoding (`--speculative-config`); `None`: off. Only where the host
     /// samples and one step runs at a time (no overlap, no pipeline stages).
     pub speculative: Option<crate::speculative::SpeculativeConfig>,
+    /// How this model's embeddings are pooled (`/v1/embeddings`; `--pooling-type`).
+    pub pooling: PoolingType,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            cache: CacheConfig::default(),
+            max_model_len: 8192,
+            max_waiting: 0,
+            speculative: None,
+            pooling: PoolingType::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +148,7 @@ pub fn spawn_with<B: Backend>(
         prefix_caching: config.cache.enable_prefix_caching,
         max_num_seqs: config.scheduler.max_num_seqs,
         max_waiting: config.max_waiting,
+        pooling: config.pooling,
         faults: options.faults,
     });
     let metrics = Arc::new(metrics::EngineMetrics::new(config.max_model_len));

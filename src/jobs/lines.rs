@@ -11,16 +11,24 @@ use serde_json::{json, Value};
 pub enum Endpoint {
     Chat,
     Completions,
+    Embeddings,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 2] = [Endpoint::Chat, Endpoint::Completions];
+    pub const ALL: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
 
     pub fn url(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
         }
+    }
+
+    /// Every endpoint's url, for error messages.
+    pub fn urls() -> String {
+        let urls: Vec<&str> = Self::ALL.iter().map(|e| e.url()).collect();
+        urls.join(", ")
     }
 
     pub fn from_url(url: &str) -> Option<Endpoint> {
@@ -134,10 +142,7 @@ pub fn parse_line(
         fail(
             id.clone(),
             "invalid_url",
-            format!(
-                "unknown url `{}`: one of /v1/chat/completions, /v1/completions",
-                raw.url
-            ),
+            format!("unknown url `{}`: one of {}", raw.url, Endpoint::urls()),
         )
     })?;
     if batch_endpoint.is_some_and(|e| e != endpoint) {
@@ -233,7 +238,7 @@ mod tests {
         );
         let e = parse_line(
             3,
-            r#"{"custom_id":"b","url":"/v1/embeddings","body":{}}"#,
+            r#"{"custom_id":"b","url":"/v1/moderations","body":{}}"#,
             None,
         )
         .unwrap_err();

@@ -16,6 +16,7 @@ use crate::engine::{FinishReason, GenerateRequest, RequestTimings, Usage};
 pub enum Operation {
     Chat,
     TextCompletion,
+    Embeddings,
 }
 
 impl Operation {
@@ -23,6 +24,7 @@ impl Operation {
         match self {
             Self::Chat => "chat",
             Self::TextCompletion => "text_completion",
+            Self::Embeddings => "embeddings",
         }
     }
 }
