@@ -18,6 +18,12 @@ pub enum WeightDType {
     Q4_1,
     /// 32 values: f16 scale, 32 signed bytes; `w = d * q`.
     Q8_0,
+    /// 32 values: f16 scale, 4 bytes of fifth bits, 16 bytes of low 4 bits;
+    /// `w = d * (q - 16)`, `q = lo | hi << 4` (value `j` and `j + 16` share byte `j`; bit `j`
+    /// of the fifth bits is value `j`'s).
+    Q5_0,
+    /// 32 values: f16 scale, f16 min, then as Q5_0; `w = d * q + m`.
+    Q5_1,
     /// 256 values: f16 d, f16 dmin, 12 bytes of packed 6-bit sub-block scales and mins,
     /// 128 bytes of 4-bit quants; `w = d * sc * q - dmin * m` per 32-value sub-block.
     Q4K,
@@ -34,12 +40,30 @@ impl WeightDType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
             14 => Self::Q6K,
             30 => Self::BF16,
             _ => return None,
         })
+    }
+
+    /// The GGML type id (the inverse of [`Self::from_ggml_id`]).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q6K => 14,
+            Self::BF16 => 30,
+        }
     }
 
     /// Human name of a GGML type id, including the ones sluice does not support.
@@ -84,7 +108,7 @@ impl WeightDType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
             Self::Q4K | Self::Q6K => 256,
         }
     }
@@ -96,10 +120,21 @@ impl WeightDType {
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
         }
+    }
+
+    /// Multiplied against activations quantized in 8-bit blocks of 32 (the K-quants take
+    /// blocks of 256, floats the f32 activations).
+    pub fn takes_q8_blocks(self) -> bool {
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0
+        )
     }
 
     pub fn is_quantized(self) -> bool {
@@ -121,6 +156,8 @@ impl fmt::Display for WeightDType {
             Self::BF16 => "BF16",
             Self::Q4_0 => "Q4_0",
             Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
             Self::Q8_0 => "Q8_0",
             Self::Q4K => "Q4_K",
             Self::Q6K => "Q6_K",

@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: the default model and the fixtures.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
 mod metrics;
 
 use std::path::PathBuf;

@@ -1,9 +1,9 @@
 //! AVX2 kernels (`vpmaddubsw`), for x86 CPUs without AVX-512 VNNI.
 //!
-//! One 32-value block per 256-bit step: 4-bit quants are unsigned and go straight into
-//! `maddubs` against the signed activations; Q8_0 uses the sign trick (`|w|` against
+//! One 32-value block per 256-bit step: 4- and 5-bit quants are unsigned and go straight
+//! into `maddubs` against the signed activations; Q8_0 uses the sign trick (`|w|` against
 //! `x·sign(w)`), which cannot saturate since activations stay within ±127. The 8 i32 lanes
-//! are converted and accumulated with the block's `dw·dx`; the Q4_0/Q4_1 min term goes to a
+//! are converted and accumulated with the block's `dw·dx`; the Q4/Q5 min term goes to a
 //! scalar sum in block order. Lanes reduce by one fixed tree, so tiles never change bits.
 //! Float weights accumulate 8 f32 lanes over k in order, then reduce the same way.
 
@@ -75,6 +75,24 @@ unsafe fn f16_at_ptr(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
+/// `0x10` in byte `j` where bit `j` of `qh` is set, else 0: byte `j` takes byte `j / 8` of
+/// `qh`, every bit of it but bit `j % 8` is set by the mask, and it is all ones only if that
+/// bit was set too.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bits(qh: u32) -> __m256i {
+    let pick = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), pick);
+    let others = _mm256_set1_epi64x(0x7FBF_DFEF_F7FB_FDFEu64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi8(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
 /// Computes and stores rows `r0..r0+NR` × weight rows `j0..j0+NC`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -100,17 +118,26 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
         for cc in 0..NC {
             let blk = w[cc].add(b * bb);
             let dw = f16_at_ptr(blk);
+            // Unsigned quants (Q8_0's signed), and the block's min `m` of `w = d·q + m`.
             let (wq, mw) = match dtype {
                 WeightDType::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), 0.0),
                 _ => {
-                    let (off, mw) = if dtype == WeightDType::Q4_1 {
-                        (4, f16_at_ptr(blk.add(2)))
-                    } else {
-                        (2, -8.0 * dw)
+                    let (off, mw) = match dtype {
+                        WeightDType::Q4_0 => (2, -8.0 * dw),
+                        WeightDType::Q4_1 => (4, f16_at_ptr(blk.add(2))),
+                        WeightDType::Q5_0 => (6, -16.0 * dw),
+                        _ => (8, f16_at_ptr(blk.add(2))),
                     };
                     let q = _mm_loadu_si128(blk.add(off) as *const __m128i);
                     let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-                    (_mm256_and_si256(both, low4), mw)
+                    let low = _mm256_and_si256(both, low4);
+                    if off >= 6 {
+                        // Q5: the fifth bits sit in the 4 bytes before the quants.
+                        let qh = (blk.add(off - 4) as *const u32).read_unaligned();
+                        (_mm256_or_si256(low, fifth_bits(qh)), mw)
+                    } else {
+                        (low, mw)
+                    }
                 }
             };
             for r in 0..NR {

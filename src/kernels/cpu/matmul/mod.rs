@@ -1,9 +1,10 @@
 //! Matmuls of linear layers on the CPU: `out[r, :] = x[r, :] · Wᵀ`, with W stored as raw GGML
-//! blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) or floats (F32, F16, BF16).
+//! blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) or floats (F32, F16, BF16).
 //!
 //! How a call runs:
 //! 1. Activations are quantized once per call per family the parts need ([`quantize`]):
-//!    8-bit blocks of 32 for Q4_0/Q4_1/Q8_0, of 256 for the K-quants; float weights use `x`.
+//!    8-bit blocks of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, of 256 for the K-quants; float weights
+//!    use `x`.
 //! 2. Output columns (weight rows) are cut into chunks, several per thread, each a multiple of
 //!    16 columns so that threads share as few output cache lines as possible; a chunk computes
 //!    its columns for all `m` rows, reading each weight block once per tile of rows.
@@ -275,7 +276,7 @@ pub fn linear_with(
         return;
     }
     let has = |f: fn(WeightDType) -> bool| parts.iter().any(|p| f(p.dtype));
-    if has(|d| matches!(d, WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0)) {
+    if has(WeightDType::takes_q8_blocks) {
         scratch.q8.quantize(path, pool, x, m, k);
     }
     if has(|d| matches!(d, WeightDType::Q4K | WeightDType::Q6K)) {
@@ -309,6 +310,11 @@ fn raw_chunk(path: KernelPath, c: &Chunk, q8: &Q8Acts, q8k: &Q8KActs, x: &[f32],
         WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0 => match path {
             KernelPath::Avx512 => avx512::q8_chunk(c, q8),
             KernelPath::Avx2 => avx2::q8_chunk(c, q8),
+            KernelPath::Portable => portable_q8_chunk(c, q8),
+        },
+        // Every AVX-512 CPU runs AVX2; the activations' blocks are the same on both paths.
+        WeightDType::Q5_0 | WeightDType::Q5_1 => match path {
+            KernelPath::Avx512 | KernelPath::Avx2 => avx2::q8_chunk(c, q8),
             KernelPath::Portable => portable_q8_chunk(c, q8),
         },
         WeightDType::Q4K | WeightDType::Q6K => portable_q8k_chunk(c, q8k),

@@ -58,7 +58,7 @@ pub fn linear_packed_with(
     for p in &w.parts {
         match (packed(p), p.raw.dtype) {
             (Some(_), _) => need.0 = true,
-            (None, WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0) => need.1 = true,
+            (None, d) if d.takes_q8_blocks() => need.1 = true,
             (None, WeightDType::Q4K | WeightDType::Q6K) => need.2 = true,
             _ => {}
         }

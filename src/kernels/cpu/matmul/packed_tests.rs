@@ -65,6 +65,7 @@ fn packed_multi_part_mixed_dtypes() {
         (WeightDType::F16, 9),
         (WeightDType::Q4K, 33),
         (WeightDType::Q4_0, 70),
+        (WeightDType::Q5_1, 19),
         (WeightDType::Q8_0, 16),
     ]
     .into_iter()

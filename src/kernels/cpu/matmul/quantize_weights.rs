@@ -28,6 +28,8 @@ pub fn quantize_row(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
             WeightDType::BF16 => out.extend_from_slice(&bf16::from_f32(x[0]).to_le_bytes()),
             WeightDType::Q4_0 => q4_0(x, &mut out),
             WeightDType::Q4_1 => q4_1(x, &mut out),
+            WeightDType::Q5_0 => q5(false, x, &mut out),
+            WeightDType::Q5_1 => q5(true, x, &mut out),
             WeightDType::Q8_0 => q8_0(x, &mut out),
             WeightDType::Q4K => q4_k(x, &mut out),
             WeightDType::Q6K => q6_k(x, &mut out),
@@ -64,6 +66,28 @@ fn q4_1(x: &[f32], out: &mut Vec<u8>) {
     let min = push_f16(out, min);
     let q = |v: f32| ((v - min) * id).round().clamp(0.0, 15.0) as u8;
     out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+}
+
+/// Q5_0 (`w = d·(q − 16)`, symmetric) or, with `min`, Q5_1 (`w = d·q + m`).
+fn q5(min: bool, x: &[f32], out: &mut Vec<u8>) {
+    let q: Vec<u8> = if min {
+        let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+        let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        let id = inv(push_f16(out, (hi - lo) / 31.0));
+        let lo = push_f16(out, lo);
+        x.iter()
+            .map(|&v| ((v - lo) * id).round().clamp(0.0, 31.0) as u8)
+            .collect()
+    } else {
+        let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let id = inv(push_f16(out, amax / 15.0));
+        x.iter()
+            .map(|&v| ((v * id).round() + 16.0).clamp(0.0, 31.0) as u8)
+            .collect()
+    };
+    let qh = (0..32).fold(0u32, |h, j| h | (u32::from(q[j] >> 4) << j));
+    out.extend_from_slice(&qh.to_le_bytes());
+    out.extend((0..16).map(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)));
 }
 
 fn q8_0(x: &[f32], out: &mut Vec<u8>) {

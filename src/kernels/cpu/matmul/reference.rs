@@ -48,6 +48,18 @@ pub fn dequantize_row(dtype: WeightDType, bytes: &[u8], out: &mut [f32]) {
                     y[j + 16] = d * (blk[4 + j] >> 4) as f32 + m;
                 }
             }
+            WeightDType::Q5_0 => {
+                let d = f16_at(blk, 0);
+                for (j, y) in y.iter_mut().enumerate() {
+                    *y = d * (q5_quant(dtype, blk, j) as f32 - 16.0);
+                }
+            }
+            WeightDType::Q5_1 => {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for (j, y) in y.iter_mut().enumerate() {
+                    *y = d * q5_quant(dtype, blk, j) as f32 + m;
+                }
+            }
             WeightDType::Q8_0 => {
                 let d = f16_at(blk, 0);
                 for j in 0..32 {
@@ -102,7 +114,27 @@ pub(super) fn q6k_quant(blk: &[u8], i: usize) -> i32 {
     (lo | (hi << 4)) as i32 - 32
 }
 
-/// Portable dot of one weight row (Q4_0, Q4_1 or Q8_0) with activation row `r` of `acts`.
+/// Value `j` (0..32) of a Q5_0 or Q5_1 block, unsigned (0..31): the low 4 bits from byte
+/// `j % 16` of the quants (low nibble for `j < 16`), the fifth from bit `j` of `qh`.
+pub(super) fn q5_quant(dtype: WeightDType, blk: &[u8], j: usize) -> u8 {
+    let qh_at = if dtype == WeightDType::Q5_0 { 2 } else { 4 };
+    let qh = u32::from_le_bytes([blk[qh_at], blk[qh_at + 1], blk[qh_at + 2], blk[qh_at + 3]]);
+    let q = blk[qh_at + 4 + j % 16];
+    let lo = if j < 16 { q & 0xF } else { q >> 4 };
+    lo | (((qh >> j) & 1) as u8) << 4
+}
+
+/// A Q5 block's `(d, m)`, with `w = d·q + m` (Q5_0: `m = −16·d`).
+pub(super) fn q5_scale_min(dtype: WeightDType, blk: &[u8]) -> (f32, f32) {
+    let d = f16_at(blk, 0);
+    match dtype {
+        WeightDType::Q5_0 => (d, -16.0 * d),
+        _ => (d, f16_at(blk, 2)),
+    }
+}
+
+/// Portable dot of one weight row (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0) with activation row `r`
+/// of `acts`.
 pub(super) fn dot_q8(dtype: WeightDType, w: &[u8], acts: &Q8Acts, r: usize) -> f32 {
     let (xq, xd, xs) = acts.row(r);
     let bb = dtype.block_bytes();
@@ -123,6 +155,14 @@ pub(super) fn dot_q8(dtype: WeightDType, w: &[u8], acts: &Q8Acts, r: usize) -> f
                 } else {
                     f16_at(blk, 2)
                 };
+                acc += isum as f32 * (d * xd[b]);
+                acc += m * xs[b];
+            }
+            WeightDType::Q5_0 | WeightDType::Q5_1 => {
+                let isum: i32 = (0..32)
+                    .map(|j| q5_quant(dtype, blk, j) as i32 * x[j] as i32)
+                    .sum();
+                let (d, m) = q5_scale_min(dtype, blk);
                 acc += isum as f32 * (d * xd[b]);
                 acc += m * xs[b];
             }

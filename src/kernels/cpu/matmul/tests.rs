@@ -8,12 +8,14 @@ use super::quantize_weights::quantize_row;
 use super::*;
 use crate::kernels::host::WeightBytes;
 
-const ALL_DTYPES: [WeightDType; 8] = [
+const ALL_DTYPES: [WeightDType; 10] = [
     WeightDType::F32,
     WeightDType::F16,
     WeightDType::BF16,
     WeightDType::Q4_0,
     WeightDType::Q4_1,
+    WeightDType::Q5_0,
+    WeightDType::Q5_1,
     WeightDType::Q8_0,
     WeightDType::Q4K,
     WeightDType::Q6K,
@@ -80,7 +82,7 @@ pub(super) fn reference(x: &[f32], m: usize, parts: &[&HostTensor]) -> (Vec<f64>
         let w = dequantize(p);
         let qblock = match p.dtype {
             WeightDType::Q4K | WeightDType::Q6K => 256,
-            WeightDType::Q4_0 | WeightDType::Q4_1 | WeightDType::Q8_0 => 32,
+            d if d.takes_q8_blocks() => 32,
             _ => 0,
         };
         for r in 0..m {
@@ -177,7 +179,9 @@ fn multi_part_mixed_dtypes() {
         (WeightDType::Q4K, 33),
         (WeightDType::Q6K, 16),
         (WeightDType::Q4_0, 70),
+        (WeightDType::Q5_0, 21),
         (WeightDType::BF16, 3),
+        (WeightDType::Q5_1, 18),
     ]
     .into_iter()
     .map(|(d, rows)| random_tensor(&mut rng, d, rows, k))
