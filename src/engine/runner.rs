@@ -252,17 +252,12 @@ impl<B: Backend> ModelRunner<B> {
         collected: Result<Collected, StepError>,
     ) -> StepOutput {
         let vocab = self.vocab_size();
-        let (collected, pooled) = match collected {
-            Ok(Collected::Logits(out)) => {
-                let pooled = self.pool(plan, &out.hidden);
-                (Ok(Collected::Logits(out)), pooled)
-            }
-            Ok(Collected::Sampled(rows, hidden)) => {
-                let pooled = self.pool(plan, &hidden);
-                (Ok(Collected::Sampled(rows, hidden)), pooled)
-            }
-            Err(e) => (Err(e), Vec::new()),
+        let hidden: &[f32] = match &collected {
+            Ok(Collected::Logits(out)) => &out.hidden,
+            Ok(Collected::Sampled(_, hidden)) => hidden,
+            Err(_) => &[],
         };
+        let pooled = self.pool(plan, hidden);
         let sampled = match collected {
             Ok(Collected::Logits(HostOutput { logits, .. })) => match &self.model {
                 Model::Inline(m) => {
