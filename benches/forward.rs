@@ -27,6 +27,7 @@ fn decode(c: &mut Criterion) {
         load_format: LoadFormat::Gguf,
         dummy_dtype: sluice::kernels::dtype::WeightDType::F16,
         dummy_seed: 0,
+        quantization: None,
     };
     let opened = loader::open(&spec).expect("open the default model");
     let backend = CpuBackend::new(default_num_threads());

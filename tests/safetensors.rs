@@ -253,6 +253,7 @@ fn check(dtype: Dtype) {
         load_format: LoadFormat::Auto,
         dummy_dtype: WeightDType::F32,
         dummy_seed: 0,
+        quantization: None,
     })
     .unwrap();
     let file = common::default_gguf();

@@ -18,6 +18,7 @@ use crate::kernels::dtype::WeightDType;
 use crate::kernels::Backend;
 use crate::model::llama::Llama;
 use crate::model::loader::{self, LoadFormat, ModelSpec, OpenedModel, TokenizerSource};
+use crate::model::quantize::Quantization;
 use crate::model::rank_group::ModelRanks;
 use crate::model::weights::WeightSource;
 use crate::parallel::{ParallelConfig, TpMode};
@@ -37,6 +38,10 @@ pub struct ModelArgs {
     /// Seed of `--load-format dummy` weights.
     #[arg(long, default_value_t = 0)]
     pub dummy_seed: u64,
+    /// Quantize float weights (F32, F16, BF16 matrices) at load: `q8_0`, or `q4_0` (the
+    /// token embedding and LM head then Q8_0). Quantized tensors stay as stored.
+    #[arg(long, value_enum)]
+    pub quantization: Option<Quantization>,
     /// Tokenizer to use instead of the model's own (a GGUF file or a directory with
     /// `tokenizer.json`).
     #[arg(long)]
@@ -176,6 +181,7 @@ impl ModelArgs {
             load_format: self.load_format,
             dummy_dtype: self.dummy_dtype.into(),
             dummy_seed: self.dummy_seed,
+            quantization: self.quantization,
         };
         let device = crate::kernels::device::select(&self.device)?;
         let parallel = ParallelConfig {

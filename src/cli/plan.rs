@@ -102,6 +102,7 @@ pub fn report(args: &PlanArgs) -> anyhow::Result<PlanReport> {
             },
             dummy_dtype: crate::kernels::dtype::WeightDType::BF16,
             dummy_seed: 0,
+            quantization: None,
         };
         let cost = crate::plan::probe::probe_cpu(&spec, threads, args.probe_reps)?;
         let device = DeviceReport {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::config::ModelConfig;
+use super::quantize::{Quantization, QuantizeAtLoad};
 use super::weights::{DummyWeights, SafetensorsDir, WeightSource};
 use super::ModelError;
 use crate::gguf::GgufFile;
@@ -28,6 +29,8 @@ pub struct ModelSpec {
     /// Storage type of dummy weights.
     pub dummy_dtype: WeightDType,
     pub dummy_seed: u64,
+    /// Quantize float weights to this block type as they load (`--quantization`).
+    pub quantization: Option<Quantization>,
 }
 
 /// An opened model: its config, its weights, and where its tokenizer lives.
@@ -50,6 +53,14 @@ pub enum TokenizerSource {
 }
 
 pub fn open(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
+    let mut opened = open_as_stored(spec)?;
+    if let Some(q) = spec.quantization {
+        opened.weights = Box::new(QuantizeAtLoad::new(opened.weights, q));
+    }
+    Ok(opened)
+}
+
+fn open_as_stored(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
     let path = &spec.path;
     let meta =
         std::fs::metadata(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod llama;
 pub mod loader;
+pub mod quantize;
 pub mod rank_group;
 pub mod shard;
 pub mod weights;

@@ -1,7 +1,8 @@
-//! Simple weight quantizers into GGML block layouts, for tests, benches and dummy weights.
+//! Weight quantizers into GGML block layouts: for `--quantization` at load
+//! (`model/quantize.rs`), tests, benches and test files.
 //!
-//! They produce valid blocks whose dequantized values approximate the input (round to
-//! nearest, no search for optimal scales as llama.cpp's quantizers do); the kernels are held
+//! Round to nearest, as llama.cpp's reference quantizers (Q4_0 and Q8_0 as theirs); no search
+//! for better scales as its K-quant and importance-matrix quantizers do. The kernels are held
 //! against `dequantize_row` of these blocks, never against the input floats.
 
 use half::{bf16, f16};
@@ -52,10 +53,17 @@ fn inv(d: f32) -> f32 {
     }
 }
 
+/// As llama.cpp's reference: the value of largest magnitude maps to −8, so all 16 levels
+/// are used.
 fn q4_0(x: &[f32], out: &mut Vec<u8>) {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let id = inv(push_f16(out, amax / 7.0));
-    let q = |v: f32| ((v * id).round() + 8.0).clamp(0.0, 15.0) as u8;
+    let max = x
+        .iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -8.0;
+    push_f16(out, d);
+    let id = inv(d);
+    // v·id is in [−8, 8]: truncating v·id + 8.5 rounds half up, as llama.cpp's (int8) cast.
+    let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
     out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
 }
 
