@@ -4,16 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use sluice::engine::{
-    self, EngineConfig, EngineHandle, GenerateRequest, Pooling, PoolingType, StreamEvent, Usage,
+    self, EngineHandle, GenerateRequest, Pooling, PoolingType, StreamEvent, Usage,
 };
 use sluice::kernels::cpu::matmul::{linear, MatmulScratch};
 use sluice::kernels::cpu::pool::ThreadPool;
-use sluice::kv_cache::CacheConfig;
-use sluice::scheduler::SchedulerConfig;
-use sluice::tokenizer::Tokenizer;
 
 const LAST: Pooling = Pooling {
     kind: PoolingType::Last,
@@ -25,22 +20,7 @@ const MEAN: Pooling = Pooling {
 };
 
 fn start(num_blocks: usize, max_num_batched_tokens: usize) -> EngineHandle {
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens,
-            max_num_seqs: 64,
-            ..SchedulerConfig::default()
-        },
-        cache: CacheConfig {
-            block_size: 16,
-            num_blocks,
-            enable_prefix_caching: true,
-        },
-        max_model_len: 8192,
-        ..EngineConfig::default()
-    };
-    let tokenizer = Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap());
-    engine::spawn(common::default_model(), tokenizer, config).unwrap()
+    common::start_engine(num_blocks, max_num_batched_tokens, true)
 }
 
 /// `len` real tokens of the fixture text, offset by `salt`.

@@ -3,33 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use sluice::engine::{self, EngineConfig, EngineHandle, GenerateRequest, StreamEvent, Usage};
-use sluice::kv_cache::CacheConfig;
-use sluice::scheduler::SchedulerConfig;
-use sluice::tokenizer::Tokenizer;
-
-fn tokenizer() -> Arc<Tokenizer> {
-    Arc::new(Tokenizer::from_gguf(&common::default_gguf()).unwrap())
-}
+use sluice::engine::{self, EngineHandle, GenerateRequest, StreamEvent, Usage};
 
 fn start(num_blocks: usize, max_num_batched_tokens: usize, prefix_cache: bool) -> EngineHandle {
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens,
-            max_num_seqs: 64,
-            ..SchedulerConfig::default()
-        },
-        cache: CacheConfig {
-            block_size: 16,
-            num_blocks,
-            enable_prefix_caching: prefix_cache,
-        },
-        max_model_len: 8192,
-        ..EngineConfig::default()
-    };
-    engine::spawn(common::default_model(), tokenizer(), config).unwrap()
+    common::start_engine(num_blocks, max_num_batched_tokens, prefix_cache)
 }
 
 /// A prompt of `len` real tokens: the tokenized fixture text, repeated, offset by `salt` so

@@ -175,7 +175,10 @@ impl<B: Backend> ModelRunner<B> {
                 b.slot_mapping
                     .push(block * block_size as u32 + (p % block_size) as u32);
             }
-            if let Some(pool) = self.pooling.get(&s.seq_id).filter(|_| !s.run_ahead) {
+            let pooled = (!self.pooling.is_empty() && !s.run_ahead)
+                .then(|| self.pooling.get(&s.seq_id))
+                .flatten();
+            if let Some(pool) = pooled {
                 let rows = pool.wanted(s.start, s.end);
                 let first = (query_start + rows.start - s.start) as u32;
                 b.hidden_rows.extend(first..first + rows.len() as u32);

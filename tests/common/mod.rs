@@ -41,6 +41,35 @@ pub fn assert_idle_without_leaks(engine: &sluice::engine::EngineHandle) {
     assert_no_leaks(&engine.metrics.render());
 }
 
+/// The default model's engine with blocks of 16 tokens, up to 64 sequences, and
+/// `max_num_batched_tokens` a step.
+pub fn start_engine(
+    num_blocks: usize,
+    max_num_batched_tokens: usize,
+    prefix_cache: bool,
+) -> sluice::engine::EngineHandle {
+    use sluice::engine::EngineConfig;
+    use sluice::kv_cache::CacheConfig;
+    use sluice::scheduler::SchedulerConfig;
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens,
+            max_num_seqs: 64,
+            ..SchedulerConfig::default()
+        },
+        cache: CacheConfig {
+            block_size: 16,
+            num_blocks,
+            enable_prefix_caching: prefix_cache,
+        },
+        max_model_len: 8192,
+        ..EngineConfig::default()
+    };
+    let tokenizer =
+        std::sync::Arc::new(sluice::tokenizer::Tokenizer::from_gguf(&default_gguf()).unwrap());
+    sluice::engine::spawn(default_model(), tokenizer, config).unwrap()
+}
+
 /// The logits of every position of `ids`, prefilled as one sequence in one step.
 pub fn all_logits(model: &mut Llama<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
     let out = prefill_all(model, ids, true, false);
