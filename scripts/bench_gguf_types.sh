@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GGUF block types side by side (issue 28): the default model (Q4_1) and the files
 # `tests/gguf_types.rs` makes from it into the test cache (every quantized matrix in Q5_0, in
-# Q5_1; run that test first), decoded by `sluice generate` in turns, so each round's arms share
-# the machine's state.
+# Q5_1, in IQ4_NL; run that test first), decoded by `sluice generate` in turns, so each
+# round's arms share the machine's state.
 #
 #   scripts/bench_gguf_types.sh [rounds]   (env: SLUICE_BIN, TOKENS (default 256))
 #
@@ -16,6 +16,7 @@ declare -A FILES=(
     [Q4_1]=$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
     [Q5_0]=$CACHE/test-models/smollm2-q5_0-v1.gguf
     [Q5_1]=$CACHE/test-models/smollm2-q5_1-v1.gguf
+    [IQ4_NL]=$CACHE/test-models/smollm2-iq4_nl-v1.gguf
 )
 for t in "${!FILES[@]}"; do
     [ -f "${FILES[$t]}" ] || { echo "missing ${FILES[$t]}: run cargo test --release --test gguf_types"; exit 1; }
@@ -23,12 +24,12 @@ done
 echo "round type decode_tok_s vs_q4_1"
 for round in $(seq 1 "$ROUNDS"); do
     declare -A rate=()
-    for t in Q4_1 Q5_0 Q5_1; do
+    for t in Q4_1 Q5_0 Q5_1 IQ4_NL; do
         rate[$t]=$("$BIN" generate --model "${FILES[$t]}" --prompt "Once upon a time" \
             --max-tokens "${TOKENS:-256}" --ignore-eos --json --threads 2 2>/dev/null |
             tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tokens_per_s"])')
     done
-    for t in Q4_1 Q5_0 Q5_1; do
+    for t in Q4_1 Q5_0 Q5_1 IQ4_NL; do
         python3 -c "print('$round $t %.1f %.2f' % (${rate[$t]}, ${rate[$t]} / ${rate[Q4_1]}))"
     done
 done

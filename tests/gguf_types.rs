@@ -1,11 +1,11 @@
-//! GGUF block types and quantization at load, end to end. The default model is rewritten with every quantized matrix in
-//! Q5_0, and in Q5_1 (sluice's simple quantizers; the fifth-bit layout is held bit for bit
-//! against gguf-py in `quant_reference`), and each file is run against its twin holding the
-//! same weight values as f32: the dequantize-then-multiply reference, at the level of the
-//! whole model. Teacher-forced over a fixture prompt, the top-1 token agrees at every
-//! position but the reference's near-ties, and the engine serves the file. Likewise the
-//! default model written as a bf16 file and quantized at load (`--quantization q8_0|q4_0`),
-//! against itself unquantized.
+//! GGUF block types and quantization at load, end to end. The default model is rewritten
+//! with every quantized matrix in Q5_0, in Q5_1 and in IQ4_NL (sluice's simple quantizers; the
+//! block layouts are held bit for bit against gguf-py in `quant_reference`), and each file is
+//! run against its twin holding the same weight values as f32: the dequantize-then-multiply
+//! reference, at the level of the whole model. Teacher-forced over a fixture prompt, the top-1
+//! token agrees at every position but the reference's near-ties, and the engine serves the
+//! file. Likewise the default model written as a bf16 file and quantized at load
+//! (`--quantization q8_0|q4_0`), against itself unquantized.
 
 mod common;
 
@@ -138,6 +138,11 @@ fn q5_0_model_agrees_with_its_f32_twin() {
 #[test]
 fn q5_1_model_agrees_with_its_f32_twin() {
     agrees_with_its_f32_twin(WeightDType::Q5_1);
+}
+
+#[test]
+fn iq4_nl_model_agrees_with_its_f32_twin() {
+    agrees_with_its_f32_twin(WeightDType::IQ4NL);
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Storage type of the weights when only a config gives the shape (default: its
-    /// `torch_dtype`): f32, f16, bf16, fp8, int8, int4, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k.
+    /// `torch_dtype`): f32, f16, bf16, fp8, int8, int4, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q4_k, q6_k.
     #[arg(long)]
     pub weights_dtype: Option<String>,
     /// `cpu` (this machine, measured by a probe of a few seconds) or a GPU from the table:

@@ -7,6 +7,11 @@
 
 use std::fmt;
 
+/// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`), denser near zero where weights are.
+pub const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightDType {
     F32,
@@ -24,6 +29,9 @@ pub enum WeightDType {
     Q5_0,
     /// 32 values: f16 scale, f16 min, then as Q5_0; `w = d * q + m`.
     Q5_1,
+    /// 32 values: f16 scale, 16 bytes of 4-bit indices (as Q4_0's nibbles) into a fixed
+    /// non-linear table of 16 levels ([`IQ4_NL_VALUES`]); `w = d * table[q]`.
+    IQ4NL,
     /// 256 values: f16 d, f16 dmin, 12 bytes of packed 6-bit sub-block scales and mins,
     /// 128 bytes of 4-bit quants; `w = d * sc * q - dmin * m` per 32-value sub-block.
     Q4K,
@@ -43,6 +51,7 @@ impl WeightDType {
             6 => Self::Q5_0,
             7 => Self::Q5_1,
             8 => Self::Q8_0,
+            20 => Self::IQ4NL,
             12 => Self::Q4K,
             14 => Self::Q6K,
             30 => Self::BF16,
@@ -59,6 +68,7 @@ impl WeightDType {
             Self::Q4_1 => 3,
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
+            Self::IQ4NL => 20,
             Self::Q8_0 => 8,
             Self::Q4K => 12,
             Self::Q6K => 14,
@@ -108,7 +118,7 @@ impl WeightDType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4NL => 32,
             Self::Q4K | Self::Q6K => 256,
         }
     }
@@ -122,6 +132,7 @@ impl WeightDType {
             Self::Q4_1 => 20,
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
+            Self::IQ4NL => 18,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
@@ -133,7 +144,7 @@ impl WeightDType {
     pub fn takes_q8_blocks(self) -> bool {
         matches!(
             self,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4NL
         )
     }
 
@@ -158,6 +169,7 @@ impl fmt::Display for WeightDType {
             Self::Q4_1 => "Q4_1",
             Self::Q5_0 => "Q5_0",
             Self::Q5_1 => "Q5_1",
+            Self::IQ4NL => "IQ4_NL",
             Self::Q8_0 => "Q8_0",
             Self::Q4K => "Q4_K",
             Self::Q6K => "Q6_K",

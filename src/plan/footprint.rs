@@ -217,8 +217,8 @@ fn read_torch_dtype(path: &Path) -> Option<String> {
 }
 
 const KNOWN_DTYPES: &[&str] = &[
-    "f32", "f16", "bf16", "fp8", "int8", "int4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k",
-    "q6_k",
+    "f32", "f16", "bf16", "fp8", "int8", "int4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl",
+    "q4_k", "q6_k",
 ];
 
 /// A storage type's short name and bytes per parameter, quantization scales included.
@@ -235,6 +235,7 @@ pub fn bytes_per_param(name: &str) -> Option<(&'static str, f64)> {
         "q4_1" => ("Q4_1", 20.0 / 32.0),
         "q5_0" => ("Q5_0", 22.0 / 32.0),
         "q5_1" => ("Q5_1", 24.0 / 32.0),
+        "iq4_nl" => ("IQ4_NL", 18.0 / 32.0),
         "q4_k" => ("Q4_K", 144.0 / 256.0),
         "q6_k" => ("Q6_K", 210.0 / 256.0),
         _ => return None,

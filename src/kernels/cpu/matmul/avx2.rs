@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use super::quantize::{Q8Acts, PAIR};
 use super::Chunk;
-use crate::kernels::dtype::WeightDType;
+use crate::kernels::dtype::{WeightDType, IQ4_NL_VALUES};
 
 /// Rows of activations per tile.
 const R: usize = 4;
@@ -75,6 +75,17 @@ unsafe fn f16_at_ptr(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
+/// IQ4_NL's levels in both 128-bit lanes, for `vpshufb`.
+static IQ4_NL_TWICE: [i8; 32] = {
+    let mut t = [0i8; 32];
+    let mut i = 0;
+    while i < 32 {
+        t[i] = IQ4_NL_VALUES[i % 16];
+        i += 1;
+    }
+    t
+};
+
 /// `0x10` in byte `j` where bit `j` of `qh` is set, else 0: byte `j` takes byte `j / 8` of
 /// `qh`, every bit of it but bit `j % 8` is set by the mask, and it is all ones only if that
 /// bit was set too.
@@ -114,6 +125,8 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NC]; NR];
     let mut mins = [[0.0f32; NC]; NR];
+    // Signed weights (Q8_0, IQ4_NL's levels) take the sign trick and have no min term.
+    let signed = matches!(dtype, WeightDType::Q8_0 | WeightDType::IQ4NL);
     for b in 0..nb {
         for cc in 0..NC {
             let blk = w[cc].add(b * bb);
@@ -121,6 +134,16 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
             // Unsigned quants (Q8_0's signed), and the block's min `m` of `w = d·q + m`.
             let (wq, mw) = match dtype {
                 WeightDType::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), 0.0),
+                WeightDType::IQ4NL => {
+                    // The nibbles index the table: signed levels, dotted as Q8_0's.
+                    let q = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                    let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+                    let levels = _mm256_loadu_si256(IQ4_NL_TWICE.as_ptr() as *const __m256i);
+                    (
+                        _mm256_shuffle_epi8(levels, _mm256_and_si256(both, low4)),
+                        0.0,
+                    )
+                }
                 _ => {
                     let (off, mw) = match dtype {
                         WeightDType::Q4_0 => (2, -8.0 * dw),
@@ -142,7 +165,7 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
             };
             for r in 0..NR {
                 let x = _mm256_loadu_si256(xq.add(r * stride + 32 * b) as *const __m256i);
-                let dot16 = if dtype == WeightDType::Q8_0 {
+                let dot16 = if signed {
                     _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq))
                 } else {
                     _mm256_maddubs_epi16(wq, x)
@@ -150,7 +173,7 @@ unsafe fn q8_tile<const NR: usize, const NC: usize>(
                 let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, ones));
                 let scale = _mm256_set1_ps(dw * *xd.add(r * rs + b));
                 acc[r][cc] = _mm256_fmadd_ps(dot, scale, acc[r][cc]);
-                if dtype != WeightDType::Q8_0 {
+                if !signed {
                     mins[r][cc] += mw * *xs.add(r * rs + b);
                 }
             }

@@ -1,5 +1,5 @@
 //! Matmuls of linear layers on the CPU: `out[r, :] = x[r, :] · Wᵀ`, with W stored as raw GGML
-//! blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) or floats (F32, F16, BF16).
+//! blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q6_K) or floats (F32, F16, BF16).
 //!
 //! How a call runs:
 //! 1. Activations are quantized once per call per family the parts need ([`quantize`]):
@@ -313,7 +313,7 @@ fn raw_chunk(path: KernelPath, c: &Chunk, q8: &Q8Acts, q8k: &Q8KActs, x: &[f32],
             KernelPath::Portable => portable_q8_chunk(c, q8),
         },
         // Every AVX-512 CPU runs AVX2; the activations' blocks are the same on both paths.
-        WeightDType::Q5_0 | WeightDType::Q5_1 => match path {
+        WeightDType::Q5_0 | WeightDType::Q5_1 | WeightDType::IQ4NL => match path {
             KernelPath::Avx512 | KernelPath::Avx2 => avx2::q8_chunk(c, q8),
             KernelPath::Portable => portable_q8_chunk(c, q8),
         },

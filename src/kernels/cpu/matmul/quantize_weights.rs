@@ -8,7 +8,7 @@
 use half::{bf16, f16};
 
 use super::reference::q4k_scale_min;
-use crate::kernels::dtype::WeightDType;
+use crate::kernels::dtype::{WeightDType, IQ4_NL_VALUES};
 
 /// Quantizes one row of `values` into `dtype`'s raw GGML bytes.
 ///
@@ -32,6 +32,7 @@ pub fn quantize_row(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
             WeightDType::Q5_0 => q5(false, x, &mut out),
             WeightDType::Q5_1 => q5(true, x, &mut out),
             WeightDType::Q8_0 => q8_0(x, &mut out),
+            WeightDType::IQ4NL => iq4_nl(x, &mut out),
             WeightDType::Q4K => q4_k(x, &mut out),
             WeightDType::Q6K => q6_k(x, &mut out),
         }
@@ -96,6 +97,25 @@ fn q5(min: bool, x: &[f32], out: &mut Vec<u8>) {
     let qh = (0..32).fold(0u32, |h, j| h | (u32::from(q[j] >> 4) << j));
     out.extend_from_slice(&qh.to_le_bytes());
     out.extend((0..16).map(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)));
+}
+
+/// The largest magnitude on the table's widest level, each value to its nearest level (no
+/// search for a better scale, which llama.cpp's quantizer makes).
+fn iq4_nl(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = push_f16(out, amax / 127.0);
+    let id = inv(d);
+    let q = |v: f32| {
+        let t = v * id;
+        (0..16u8)
+            .min_by(|&a, &b| {
+                let da = (IQ4_NL_VALUES[a as usize] as f32 - t).abs();
+                let db = (IQ4_NL_VALUES[b as usize] as f32 - t).abs();
+                da.total_cmp(&db)
+            })
+            .unwrap_or(0)
+    };
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
 }
 
 fn q8_0(x: &[f32], out: &mut Vec<u8>) {

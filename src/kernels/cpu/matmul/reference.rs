@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 
 use super::quantize::{Q8Acts, Q8KActs, Q8K_BLOCK};
-use crate::kernels::dtype::WeightDType;
+use crate::kernels::dtype::{WeightDType, IQ4_NL_VALUES};
 
 #[inline]
 pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -64,6 +64,13 @@ pub fn dequantize_row(dtype: WeightDType, bytes: &[u8], out: &mut [f32]) {
                 let d = f16_at(blk, 0);
                 for j in 0..32 {
                     y[j] = d * (blk[2 + j] as i8) as f32;
+                }
+            }
+            WeightDType::IQ4NL => {
+                let d = f16_at(blk, 0);
+                for j in 0..16 {
+                    y[j] = d * IQ4_NL_VALUES[(blk[2 + j] & 0xF) as usize] as f32;
+                    y[j + 16] = d * IQ4_NL_VALUES[(blk[2 + j] >> 4) as usize] as f32;
                 }
             }
             WeightDType::Q4K => {
@@ -133,8 +140,8 @@ pub(super) fn q5_scale_min(dtype: WeightDType, blk: &[u8]) -> (f32, f32) {
     }
 }
 
-/// Portable dot of one weight row (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0) with activation row `r`
-/// of `acts`.
+/// Portable dot of one weight row (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL) with activation
+/// row `r` of `acts`.
 pub(super) fn dot_q8(dtype: WeightDType, w: &[u8], acts: &Q8Acts, r: usize) -> f32 {
     let (xq, xd, xs) = acts.row(r);
     let bb = dtype.block_bytes();
@@ -165,6 +172,16 @@ pub(super) fn dot_q8(dtype: WeightDType, w: &[u8], acts: &Q8Acts, r: usize) -> f
                 let (d, m) = q5_scale_min(dtype, blk);
                 acc += isum as f32 * (d * xd[b]);
                 acc += m * xs[b];
+            }
+            WeightDType::IQ4NL => {
+                let level = |q: u8| IQ4_NL_VALUES[q as usize] as i32;
+                let isum: i32 = (0..16)
+                    .map(|j| {
+                        level(blk[2 + j] & 0xF) * x[j] as i32
+                            + level(blk[2 + j] >> 4) * x[j + 16] as i32
+                    })
+                    .sum();
+                acc += isum as f32 * (f16_at(blk, 0) * xd[b]);
             }
             _ => {
                 let mut isum = 0i32;

@@ -8,7 +8,7 @@ use super::quantize_weights::quantize_row;
 use super::*;
 use crate::kernels::host::WeightBytes;
 
-const ALL_DTYPES: [WeightDType; 10] = [
+const ALL_DTYPES: [WeightDType; 11] = [
     WeightDType::F32,
     WeightDType::F16,
     WeightDType::BF16,
@@ -17,6 +17,7 @@ const ALL_DTYPES: [WeightDType; 10] = [
     WeightDType::Q5_0,
     WeightDType::Q5_1,
     WeightDType::Q8_0,
+    WeightDType::IQ4NL,
     WeightDType::Q4K,
     WeightDType::Q6K,
 ];
@@ -182,6 +183,7 @@ fn multi_part_mixed_dtypes() {
         (WeightDType::Q5_0, 21),
         (WeightDType::BF16, 3),
         (WeightDType::Q5_1, 18),
+        (WeightDType::IQ4NL, 23),
     ]
     .into_iter()
     .map(|(d, rows)| random_tensor(&mut rng, d, rows, k))
