@@ -23,7 +23,7 @@
 //! add+norm runs exactly as in one rank.
 
 use super::config::ModelConfig;
-use super::shard::{embedding_shard, remap_token_ids};
+use super::shard::{embedding_shard, remap_token_ids, row_parallel, row_parallel_matmul};
 use super::weights::WeightSource;
 use super::{HostOutput, ModelError};
 use crate::kernels::host::HostTensor;
@@ -182,50 +182,6 @@ fn load_layer<B: Backend>(
             )?])
             .map_err(kernel)?,
     })
-}
-
-/// O or down (`[hidden, in_features]`): this rank's input columns `cols` in
-/// `TpMode::AllReduce`, its hidden rows (all input columns) in `TpMode::Gather`.
-fn row_parallel(
-    weights: &dyn WeightSource,
-    shard: &RankShard,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    own_cols: std::ops::Range<usize>,
-) -> Result<HostTensor, ModelError> {
-    match shard.tp_mode {
-        TpMode::AllReduce => weights.require_cols(name, rows, cols, own_cols),
-        TpMode::Gather => weights.require_rows(name, rows, cols, shard.hidden.clone()),
-    }
-}
-
-/// `out = x · Wᵀ` for O or down, combined over the TP group: `gather` is `None` on one rank,
-/// `Some(false)` for `TpMode::AllReduce` (partial sums, all-reduced), `Some(true)` for
-/// `TpMode::Gather` (`x`'s columns gathered first, this rank's output columns gathered after).
-fn row_parallel_matmul<B: Backend>(
-    be: &B,
-    comm: &mut Box<dyn Communicator<B>>,
-    gather: Option<bool>,
-    x: &B::Tensor,
-    w: &B::Linear,
-    out: &mut B::Tensor,
-    scratch: &mut B::Tensor,
-) -> Result<(), ModelError> {
-    match gather {
-        None => be.matmul(x, w, None, out),
-        Some(false) => {
-            be.matmul(x, w, None, out);
-            comm.all_reduce_sum(be, out)?;
-        }
-        Some(true) => {
-            comm.all_gather_cols(be, x, scratch)?;
-            be.matmul(scratch, w, None, out);
-            std::mem::swap(scratch, out);
-            comm.all_gather_cols(be, scratch, out)?;
-        }
-    }
-    Ok(())
 }
 
 impl<B: Backend> Llama<B> {

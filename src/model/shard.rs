@@ -12,7 +12,7 @@ use crate::kernels::host::{HostTensor, WeightBytes};
 use crate::kernels::Backend;
 use crate::parallel::comm::Communicator;
 use crate::parallel::partition::{self, ModelDims};
-use crate::parallel::{ParallelConfig, RankShard};
+use crate::parallel::{ParallelConfig, RankShard, TpMode};
 
 /// The model's dimensions as the partition needs them, with the block sizes of the weights
 /// split by input columns.
@@ -140,4 +140,48 @@ pub fn load_ranks<B: Backend>(
         config: config.clone(),
         ranks,
     })
+}
+
+/// O or down (`[hidden, in_features]`): this rank's input columns `cols` in
+/// `TpMode::AllReduce`, its hidden rows (all input columns) in `TpMode::Gather`.
+pub(super) fn row_parallel(
+    weights: &dyn WeightSource,
+    shard: &RankShard,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    own_cols: std::ops::Range<usize>,
+) -> Result<HostTensor, ModelError> {
+    match shard.tp_mode {
+        TpMode::AllReduce => weights.require_cols(name, rows, cols, own_cols),
+        TpMode::Gather => weights.require_rows(name, rows, cols, shard.hidden.clone()),
+    }
+}
+
+/// `out = x · Wᵀ` for O or down, combined over the TP group: `gather` is `None` on one rank,
+/// `Some(false)` for `TpMode::AllReduce` (partial sums, all-reduced), `Some(true)` for
+/// `TpMode::Gather` (`x`'s columns gathered first, this rank's output columns gathered after).
+pub(super) fn row_parallel_matmul<B: Backend>(
+    be: &B,
+    comm: &mut Box<dyn Communicator<B>>,
+    gather: Option<bool>,
+    x: &B::Tensor,
+    w: &B::Linear,
+    out: &mut B::Tensor,
+    scratch: &mut B::Tensor,
+) -> Result<(), ModelError> {
+    match gather {
+        None => be.matmul(x, w, None, out),
+        Some(false) => {
+            be.matmul(x, w, None, out);
+            comm.all_reduce_sum(be, out)?;
+        }
+        Some(true) => {
+            comm.all_gather_cols(be, x, scratch)?;
+            be.matmul(scratch, w, None, out);
+            std::mem::swap(scratch, out);
+            comm.all_gather_cols(be, scratch, out)?;
+        }
+    }
+    Ok(())
 }
