@@ -16,11 +16,13 @@ use sluice::engine::{self, EngineConfig, GenerateRequest, StreamEvent};
 use sluice::gguf::GgufFile;
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::WeightDType;
+use sluice::kernels::host::HostTensor;
 use sluice::model::config::ModelConfig;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
 use sluice::model::quantize::Quantization;
 use sluice::model::weights::WeightSource;
+use sluice::model::ModelError;
 use sluice::tokenizer::Tokenizer;
 
 /// Bumped when the files' making changes, so stale cached files are not reused.
@@ -30,38 +32,49 @@ const NEAR_TIE: f32 = 0.2;
 /// Positions of the longest fixture prompt compared.
 const POSITIONS: usize = 256;
 
-/// The default model with its quantized tensors in `dtype` (made once, cached), and its twin
-/// with every tensor of that file as f32.
-fn files(dtype: WeightDType) -> (PathBuf, PathBuf) {
+/// The default model with its quantized tensors in `dtype` (made once, cached); for Q4_1 the
+/// default model itself (Q4_1 and Q8_0, as llama.cpp made it).
+fn file(dtype: WeightDType) -> PathBuf {
+    if dtype == WeightDType::Q4_1 {
+        return common::default_model_path();
+    }
     let dir = sluice::assets::cache_dir()
         .expect("a cache directory")
         .join("test-models");
     std::fs::create_dir_all(&dir).expect("the test-models directory");
-    let name = format!("smollm2-{dtype}-v{FORMAT}").to_lowercase();
-    let (mut quant, float) = (
-        dir.join(format!("{name}.gguf")),
-        dir.join(format!("{name}-f32.gguf")),
-    );
-    if dtype == WeightDType::Q4_1 {
-        // The default model itself (Q4_1 and Q8_0, as llama.cpp made it).
-        quant = common::default_model_path();
-    } else if !quant.is_file() {
-        common::gguf_writer::rewrite(&common::default_model_path(), &quant, |t| {
+    let path = dir.join(format!("smollm2-{dtype}-v{FORMAT}.gguf").to_lowercase());
+    if !path.is_file() {
+        common::gguf_writer::rewrite(&common::default_model_path(), &path, |t| {
             t.dtype.is_quantized().then_some(dtype)
         });
     }
-    if !float.is_file() {
-        common::gguf_writer::rewrite(&quant, &float, |t| {
-            (t.dtype != WeightDType::F32).then_some(WeightDType::F32)
-        });
+    path
+}
+
+/// A GGUF file's tensors as f32, the same values: a model's twin, made as it loads.
+struct AsF32(GgufFile);
+
+impl WeightSource for AsF32 {
+    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
+        let t = WeightSource::get(&self.0, name)?;
+        Ok(t.map(|t| HostTensor::from_f32(t.rows, t.cols, &t.to_f32())))
     }
-    (quant, float)
+
+    fn describe(&self) -> String {
+        format!("{} as f32", self.0.path.display())
+    }
 }
 
 fn load(path: &Path) -> Llama<CpuBackend> {
     let f = GgufFile::open(path).unwrap();
     let config = ModelConfig::from_gguf(&f).unwrap();
     Llama::load(config, &f, CpuBackend::new(2)).unwrap()
+}
+
+fn load_f32_twin(path: &Path) -> Llama<CpuBackend> {
+    let f = GgufFile::open(path).unwrap();
+    let config = ModelConfig::from_gguf(&f).unwrap();
+    Llama::load(config, &AsF32(f), CpuBackend::new(2)).unwrap()
 }
 
 fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
@@ -116,12 +129,12 @@ fn compare(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
 }
 
 fn agrees_with_its_f32_twin(dtype: WeightDType) {
-    let (quant, float) = files(dtype);
+    let quant = file(dtype);
     let f = GgufFile::open(&quant).unwrap();
     let blk = &f.tensors["blk.0.attn_q.weight"];
     assert_eq!(blk.dtype, dtype, "the rewritten file holds {dtype}");
     let got = common::all_logits(&mut load(&quant), long_prompt());
-    let want = common::all_logits(&mut load(&float), long_prompt());
+    let want = common::all_logits(&mut load_f32_twin(&quant), long_prompt());
     compare(&format!("{dtype}"), &got, &want);
 }
 
@@ -147,7 +160,7 @@ fn iq4_nl_model_agrees_with_its_f32_twin() {
 
 #[test]
 fn the_engine_serves_a_q5_file() {
-    let (quant, _) = files(WeightDType::Q5_1);
+    let quant = file(WeightDType::Q5_1);
     let f = GgufFile::open(&quant).unwrap();
     let tokenizer = Arc::new(Tokenizer::from_gguf(&f).unwrap());
     let ids = tokenizer.encode("The capital of France is", true).unwrap();
