@@ -66,15 +66,15 @@ impl WeightSource for AsF32 {
 }
 
 fn load(path: &Path) -> Llama<CpuBackend> {
-    let f = GgufFile::open(path).unwrap();
-    let config = ModelConfig::from_gguf(&f).unwrap();
-    Llama::load(config, &f, CpuBackend::new(2)).unwrap()
+    load_as(path, false)
 }
 
-fn load_f32_twin(path: &Path) -> Llama<CpuBackend> {
+/// The model of `path`, its tensors as stored or (`f32`) as its f32 twin.
+fn load_as(path: &Path, f32: bool) -> Llama<CpuBackend> {
     let f = GgufFile::open(path).unwrap();
     let config = ModelConfig::from_gguf(&f).unwrap();
-    Llama::load(config, &AsF32(f), CpuBackend::new(2)).unwrap()
+    let weights: Box<dyn WeightSource> = if f32 { Box::new(AsF32(f)) } else { Box::new(f) };
+    Llama::load(config, weights.as_ref(), CpuBackend::new(2)).unwrap()
 }
 
 fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
@@ -134,7 +134,7 @@ fn agrees_with_its_f32_twin(dtype: WeightDType) {
     let blk = &f.tensors["blk.0.attn_q.weight"];
     assert_eq!(blk.dtype, dtype, "the rewritten file holds {dtype}");
     let got = common::all_logits(&mut load(&quant), long_prompt());
-    let want = common::all_logits(&mut load_f32_twin(&quant), long_prompt());
+    let want = common::all_logits(&mut load_as(&quant, true), long_prompt());
     compare(&format!("{dtype}"), &got, &want);
 }
 

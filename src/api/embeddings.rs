@@ -159,6 +159,18 @@ async fn embed(
             "input must not be an empty string",
         ));
     }
+    // Counted before any is tokenized.
+    let count = match &req.input {
+        PromptSpec::Text(_) | PromptSpec::Ids(_) => 1,
+        PromptSpec::Texts(v) => v.len(),
+        PromptSpec::IdLists(v) => v.len(),
+    };
+    if count == 0 || count > MAX_INPUTS {
+        return Err(ApiError::invalid(
+            "input",
+            format!("input must hold 1 to {MAX_INPUTS} items, got {count}"),
+        ));
+    }
     let served = state.route(req.model.as_deref()).await?;
     if let Some(t) = trace {
         t.model(&served.name, &served.version);
@@ -167,15 +179,6 @@ async fn embed(
     let add_special = req.add_special_tokens.unwrap_or(true);
     let inputs =
         prompt::tokenize_prompts(served.tokenizer.clone(), "input", req.input, add_special).await?;
-    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
-        return Err(ApiError::invalid(
-            "input",
-            format!(
-                "input must hold 1 to {MAX_INPUTS} items, got {}",
-                inputs.len()
-            ),
-        ));
-    }
     // The pooled step samples one token after the input (unused), as generation would.
     let limit = info.max_model_len.min(info.kv_cache_tokens);
     let pooling = Pooling {
