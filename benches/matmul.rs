@@ -61,6 +61,11 @@ fn shapes(c: &mut Criterion) {
         (WeightDType::Q4_1, 576, 192),
         (WeightDType::Q4_1, 576, 1536),
         (WeightDType::Q4_1, 1536, 576),
+        // The K-quants, where llama-quantize puts them in this model (ffn_down).
+        (WeightDType::Q3K, 1536, 576),
+        (WeightDType::Q4K, 1536, 576),
+        (WeightDType::Q5K, 1536, 576),
+        (WeightDType::Q6K, 1536, 576),
         (WeightDType::Q8_0, 576, 576),
         (WeightDType::Q8_0, 576, 49152),
     ];

@@ -1,7 +1,7 @@
 //! The GGUF block formats against an outside reference: the `gguf` package (gguf-py, the
 //! Python reader that ships with llama.cpp) dequantizes the same random blocks, in a Python
 //! environment cached under the user's cache directory. For Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-//! IQ4_NL, Q4_K and Q6_K:
+//! IQ4_NL, Q3_K, Q4_K, Q5_K and Q6_K:
 //!
 //! * sluice's dequantizer gives gguf-py's values bit for bit;
 //! * the CPU backend's matmul over those weights (its repacked or portable kernels, with
@@ -28,7 +28,7 @@ const ACTIVATION_ROWS: usize = 5;
 const MATMUL_TOLERANCE: f64 = 5e-3;
 
 /// (type, gguf-py's name, bytes per block, values per block, byte ranges of its f16 scales).
-const TYPES: [(WeightDType, &str, usize, usize, &[usize]); 8] = [
+const TYPES: [(WeightDType, &str, usize, usize, &[usize]); 10] = [
     (WeightDType::Q4_0, "Q4_0", 18, 32, &[0]),
     (WeightDType::Q4_1, "Q4_1", 20, 32, &[0, 2]),
     (WeightDType::Q5_0, "Q5_0", 22, 32, &[0]),
@@ -37,6 +37,8 @@ const TYPES: [(WeightDType, &str, usize, usize, &[usize]); 8] = [
     (WeightDType::IQ4NL, "IQ4_NL", 18, 32, &[0]),
     (WeightDType::Q4K, "Q4_K", 144, 256, &[0, 2]),
     (WeightDType::Q6K, "Q6_K", 210, 256, &[208]),
+    (WeightDType::Q5K, "Q5_K", 176, 256, &[0, 2]),
+    (WeightDType::Q3K, "Q3_K", 110, 256, &[108]),
 ];
 
 /// Random blocks whose f16 scales are finite and of a weight's size (random bytes elsewhere).

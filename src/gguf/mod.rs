@@ -33,7 +33,7 @@ pub enum GgufError {
         offset: usize,
         what: String,
     },
-    #[error("{path}: tensor {name} has type {type_name} (id {id}), which sluice does not support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q6_K)")]
+    #[error("{path}: tensor {name} has type {type_name} (id {id}), which sluice does not support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q3_K, Q4_K, Q5_K, Q6_K)")]
     UnsupportedType {
         path: PathBuf,
         name: String,

@@ -35,6 +35,14 @@ pub enum WeightDType {
     /// 256 values: f16 d, f16 dmin, 12 bytes of packed 6-bit sub-block scales and mins,
     /// 128 bytes of 4-bit quants; `w = d * sc * q - dmin * m` per 32-value sub-block.
     Q4K,
+    /// 256 values: f16 d, f16 dmin, 12 bytes of scales and mins as Q4_K's, 32 bytes of fifth
+    /// bits (bit `i` of byte `l` is value `32·i + l`'s), 128 bytes of low 4 bits as Q4_K's;
+    /// `w = d * sc * q - dmin * m` per 32-value sub-block.
+    Q5K,
+    /// 256 values: 32 bytes of high-bit masks, 64 bytes of low 2 bits, 12 bytes of 16 packed
+    /// 6-bit sub-block scales, f16 d; `w = d * (sc - 32) * (q - 4)` per 16-value sub-block,
+    /// `q = lo | hi << 2`.
+    Q3K,
     /// 256 values: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 signed sub-block scales,
     /// f16 d; `w = d * sc * (q - 32)` per 16-value sub-block.
     Q6K,
@@ -52,7 +60,9 @@ impl WeightDType {
             7 => Self::Q5_1,
             8 => Self::Q8_0,
             20 => Self::IQ4NL,
+            11 => Self::Q3K,
             12 => Self::Q4K,
+            13 => Self::Q5K,
             14 => Self::Q6K,
             30 => Self::BF16,
             _ => return None,
@@ -70,7 +80,9 @@ impl WeightDType {
             Self::Q5_1 => 7,
             Self::IQ4NL => 20,
             Self::Q8_0 => 8,
+            Self::Q3K => 11,
             Self::Q4K => 12,
+            Self::Q5K => 13,
             Self::Q6K => 14,
             Self::BF16 => 30,
         }
@@ -119,7 +131,7 @@ impl WeightDType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4NL => 32,
-            Self::Q4K | Self::Q6K => 256,
+            Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => 256,
         }
     }
 
@@ -134,7 +146,9 @@ impl WeightDType {
             Self::Q5_1 => 24,
             Self::IQ4NL => 18,
             Self::Q8_0 => 34,
+            Self::Q3K => 110,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -146,6 +160,12 @@ impl WeightDType {
             self,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4NL
         )
+    }
+
+    /// A K-quant: super-blocks of 256, multiplied against activations quantized in 8-bit
+    /// blocks of 256 with the sums of each run of 16.
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K)
     }
 
     pub fn is_quantized(self) -> bool {
@@ -171,7 +191,9 @@ impl fmt::Display for WeightDType {
             Self::Q5_1 => "Q5_1",
             Self::IQ4NL => "IQ4_NL",
             Self::Q8_0 => "Q8_0",
+            Self::Q3K => "Q3_K",
             Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
         };
         f.write_str(s)

@@ -238,7 +238,11 @@ pub(crate) fn quant_suffix(d: WeightDType) -> Result<&'static str, KernelError> 
         WeightDType::F32 => "f32",
         WeightDType::F16 => "f16",
         WeightDType::BF16 => "bf16",
-        WeightDType::Q5_0 | WeightDType::Q5_1 | WeightDType::IQ4NL => {
+        WeightDType::Q5_0
+        | WeightDType::Q5_1
+        | WeightDType::IQ4NL
+        | WeightDType::Q3K
+        | WeightDType::Q5K => {
             return Err(KernelError::Unsupported(format!(
                 "the CUDA backend has no {d} kernels yet (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, F32, \
                  F16, BF16)"

@@ -1,10 +1,11 @@
 //! Matmuls of linear layers on the CPU: `out[r, :] = x[r, :] · Wᵀ`, with W stored as raw GGML
-//! blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q6_K) or floats (F32, F16, BF16).
+//! blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q3_K, Q4_K, Q5_K, Q6_K) or floats (F32, F16, BF16).
 //!
 //! How a call runs:
 //! 1. Activations are quantized once per call per family the parts need ([`quantize`]):
 //!    8-bit blocks of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, of 256 for the K-quants; float weights
 //!    use `x`.
+//!    The K-quants run `avx2_k` on AVX2 and AVX-512 CPUs alike.
 //! 2. Output columns (weight rows) are cut into chunks, several per thread, each a multiple of
 //!    16 columns so that threads share as few output cache lines as possible; a chunk computes
 //!    its columns for all `m` rows, reading each weight block once per tile of rows.
@@ -30,6 +31,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_k;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 /// Off x86 the SIMD paths are never supported (`linear_with` asserts so); these keep the
 /// dispatch total.
@@ -40,6 +43,12 @@ mod avx2 {
     }
     pub(super) fn float_chunk(c: &super::Chunk, x: &[f32], k: usize) {
         super::portable_float_chunk(c, x, k)
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2_k {
+    pub(super) fn q8k_chunk(c: &super::Chunk, acts: &super::quantize::Q8KActs) {
+        super::portable_q8k_chunk(c, acts)
     }
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -279,7 +288,7 @@ pub fn linear_with(
     if has(WeightDType::takes_q8_blocks) {
         scratch.q8.quantize(path, pool, x, m, k);
     }
-    if has(|d| matches!(d, WeightDType::Q4K | WeightDType::Q6K)) {
+    if has(WeightDType::is_k_quant) {
         scratch.q8k.quantize(pool, x, m, k);
     }
     plan_tasks(&mut scratch.tasks, parts, n, m, pool.num_threads());
@@ -317,7 +326,10 @@ fn raw_chunk(path: KernelPath, c: &Chunk, q8: &Q8Acts, q8k: &Q8KActs, x: &[f32],
             KernelPath::Avx512 | KernelPath::Avx2 => avx2::q8_chunk(c, q8),
             KernelPath::Portable => portable_q8_chunk(c, q8),
         },
-        WeightDType::Q4K | WeightDType::Q6K => portable_q8k_chunk(c, q8k),
+        WeightDType::Q3K | WeightDType::Q4K | WeightDType::Q5K | WeightDType::Q6K => match path {
+            KernelPath::Avx512 | KernelPath::Avx2 => avx2_k::q8k_chunk(c, q8k),
+            KernelPath::Portable => portable_q8k_chunk(c, q8k),
+        },
         WeightDType::F32 | WeightDType::F16 | WeightDType::BF16 => match path {
             KernelPath::Avx512 => avx512::float_chunk(c, x, k),
             KernelPath::Avx2 => avx2::float_chunk(c, x, k),

@@ -8,7 +8,6 @@ use super::packed_amx;
 use super::packed_avx512::{self, PackedChunk};
 use super::{raw_chunk, Chunk, KernelPath, MatmulScratch, OutView, Task};
 use crate::kernels::cpu::pool::{SyncPtr, ThreadPool};
-use crate::kernels::dtype::WeightDType;
 
 /// [`super::linear`] over prepared weights: packed parts run the packed AVX-512 kernels
 /// ([`packed`]), the others the kernels of [`linear`]. Same shapes and output as [`super::linear`].
@@ -59,7 +58,7 @@ pub fn linear_packed_with(
         match (packed(p), p.raw.dtype) {
             (Some(_), _) => need.0 = true,
             (None, d) if d.takes_q8_blocks() => need.1 = true,
-            (None, WeightDType::Q4K | WeightDType::Q6K) => need.2 = true,
+            (None, d) if d.is_k_quant() => need.2 = true,
             _ => {}
         }
     }

@@ -6,7 +6,7 @@
 //!   (`x ≈ d·q`, `q ∈ [−127, 127]`) and `s = d·Σq` (llama.cpp's Q8_1 idea; `s` carries the
 //!   Q4_1 min and the Q4_0 offset). For the AVX-512 kernel it also holds, per pair of blocks,
 //!   the scales spread over the 16 lanes a 64-byte dot product produces (see `lanes`).
-//! * [`Q8KActs`] (for Q4_K, Q6_K): blocks of 256 with an f32 scale and the sums of each run of
+//! * [`Q8KActs`] (for the K-quants): blocks of 256 with an f32 scale and the sums of each run of
 //!   16 quants (llama.cpp's Q8_K idea).
 //!
 //! A row's quantized form depends only on that row, so quantization never breaks batch

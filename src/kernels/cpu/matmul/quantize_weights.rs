@@ -7,7 +7,7 @@
 
 use half::{bf16, f16};
 
-use super::reference::q4k_scale_min;
+use super::reference::{q3k_scale, q4k_scale_min};
 use crate::kernels::dtype::{WeightDType, IQ4_NL_VALUES};
 
 /// Quantizes one row of `values` into `dtype`'s raw GGML bytes.
@@ -33,8 +33,10 @@ pub fn quantize_row(dtype: WeightDType, values: &[f32]) -> Vec<u8> {
             WeightDType::Q5_1 => q5(true, x, &mut out),
             WeightDType::Q8_0 => q8_0(x, &mut out),
             WeightDType::IQ4NL => iq4_nl(x, &mut out),
-            WeightDType::Q4K => q4_k(x, &mut out),
+            WeightDType::Q4K => q4_5_k(false, x, &mut out),
+            WeightDType::Q5K => q4_5_k(true, x, &mut out),
             WeightDType::Q6K => q6_k(x, &mut out),
+            WeightDType::Q3K => q3_k(x, &mut out),
         }
     }
     out
@@ -127,14 +129,16 @@ fn q8_0(x: &[f32], out: &mut Vec<u8>) {
     );
 }
 
-fn q4_k(x: &[f32], out: &mut Vec<u8>) {
+/// Q4_K or, with `fifth`, Q5_K.
+fn q4_5_k(fifth: bool, x: &[f32], out: &mut Vec<u8>) {
+    let top = if fifth { 31.0 } else { 15.0 };
     // Per sub-block of 32: w = scale·q − min with min ≥ 0, then scales and mins to 6 bits.
     let mut scale = [0.0f32; 8];
     let mut minv = [0.0f32; 8];
     for (i, sub) in x.chunks_exact(32).enumerate() {
         let lo = sub.iter().fold(0.0f32, |a, &v| a.min(v));
         let hi = sub.iter().fold(lo, |a, &v| a.max(v));
-        scale[i] = (hi - lo) / 15.0;
+        scale[i] = (hi - lo) / top;
         minv[i] = -lo;
     }
     let d = push_f16(out, scale.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0);
@@ -149,15 +153,52 @@ fn q4_k(x: &[f32], out: &mut Vec<u8>) {
     }
     debug_assert!((0..8).all(|i| q4k_scale_min(&packed, i) == (sc[i], mn[i])));
     out.extend_from_slice(&packed);
-    let mut qs = [0u8; 128];
+    let (mut qh, mut qs) = ([0u8; 32], [0u8; 128]);
     for (i, sub) in x.chunks_exact(32).enumerate() {
         let (step, off) = (d * sc[i] as f32, dmin * mn[i] as f32);
-        for (j, &v) in sub.iter().enumerate() {
-            let q = ((v + off) * inv(step)).round().clamp(0.0, 15.0) as u8;
-            qs[32 * (i / 2) + j] |= q << (4 * (i % 2));
+        for (l, &v) in sub.iter().enumerate() {
+            let q = ((v + off) * inv(step)).round().clamp(0.0, top) as u8;
+            qs[32 * (i / 2) + l] |= (q & 0xF) << (4 * (i % 2));
+            qh[l] |= (q >> 4) << i;
         }
     }
+    if fifth {
+        out.extend_from_slice(&qh);
+    }
     out.extend_from_slice(&qs);
+}
+
+/// Q3_K: per sub-block of 16, as Q4_0 does per block, the value of largest magnitude maps
+/// to −4 (the scale takes its sign); the 16 scales to signed 6 bits.
+fn q3_k(x: &[f32], out: &mut Vec<u8>) {
+    let scale: [f32; 16] = std::array::from_fn(|i| {
+        let max = x[16 * i..16 * i + 16]
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        max / -4.0
+    });
+    let d = f16::from_f32(scale.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / 31.0).to_f32();
+    let sc: [i8; 16] =
+        std::array::from_fn(|i| (scale[i] * inv(d)).round().clamp(-32.0, 31.0) as i8);
+    let mut blk = [0u8; 110];
+    for (i, &v) in x.iter().enumerate() {
+        let q = ((v * inv(d * sc[i / 16] as f32)).round().clamp(-4.0, 3.0) as i32 + 4) as u8;
+        let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
+        blk[32 + 32 * half + l] |= (q & 3) << (2 * run);
+        blk[l] |= (q >> 2) << (4 * half + run);
+    }
+    for (i, &s) in sc.iter().enumerate() {
+        let s = (s + 32) as u8;
+        if i < 8 {
+            blk[96 + i] |= s & 0xF;
+        } else {
+            blk[96 + i - 8] |= (s & 0xF) << 4;
+        }
+        blk[96 + 8 + i % 4] |= (s >> 4) << (2 * (i / 4));
+    }
+    debug_assert!((0..16).all(|i| q3k_scale(&blk[96..108], i) == sc[i] as i32));
+    blk[108..110].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    out.extend_from_slice(&blk);
 }
 
 fn q6_k(x: &[f32], out: &mut Vec<u8>) {

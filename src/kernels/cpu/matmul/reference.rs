@@ -84,6 +84,22 @@ pub fn dequantize_row(dtype: WeightDType, bytes: &[u8], out: &mut [f32]) {
                     }
                 }
             }
+            WeightDType::Q5K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                for (i, sub) in y.chunks_exact_mut(32).enumerate() {
+                    let (sc, m) = q4k_scale_min(&blk[4..16], i);
+                    for (l, v) in sub.iter_mut().enumerate() {
+                        *v = d * sc as f32 * q5k_quant(blk, i, l) as f32 - dmin * m as f32;
+                    }
+                }
+            }
+            WeightDType::Q3K => {
+                let d = f16_at(blk, 108);
+                for (i, v) in y.iter_mut().enumerate() {
+                    let sc = q3k_scale(&blk[96..108], i / 16);
+                    *v = d * sc as f32 * (q3k_quant(blk, i) - 4) as f32;
+                }
+            }
             WeightDType::Q6K => {
                 let d = f16_at(blk, 208);
                 for (i, v) in y.iter_mut().enumerate() {
@@ -106,6 +122,35 @@ pub(super) fn q4k_scale_min(s: &[u8], i: usize) -> (u8, u8) {
             (s[i + 4] >> 4) | ((s[i] >> 6) << 4),
         )
     }
+}
+
+/// The unsigned quant (0..31) of value `l` (0..32) of sub-block `i` (0..8) of a Q5_K block:
+/// the low 4 bits as Q4_K's, the fifth from bit `i` of `qh[l]`.
+#[inline]
+pub(super) fn q5k_quant(blk: &[u8], i: usize, l: usize) -> u8 {
+    let lo = (blk[48 + 32 * (i / 2) + l] >> (4 * (i % 2))) & 0xF;
+    lo | ((blk[16 + l] >> i) & 1) << 4
+}
+
+/// The signed scale (−32..31) of sub-block `i` (0..16) of a Q3_K block, from its 12 scale
+/// bytes: the low 4 bits are the nibbles of bytes 0..8 (low nibbles for 0..8), the high 2
+/// bits the 2-bit fields of bytes 8..12.
+#[inline]
+pub(super) fn q3k_scale(s: &[u8], i: usize) -> i32 {
+    let lo = if i < 8 { s[i] & 0xF } else { s[i - 8] >> 4 };
+    let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    (lo | hi << 4) as i32 - 32
+}
+
+/// The unsigned quant (0..7, `w ∝ q − 4`) of value `i` (0..256) of a Q3_K block: two halves
+/// of 128; within a half, four runs of 32 take successive 2-bit fields of `qs[32·half..][..32]`
+/// and successive bits of `hmask[0..32]`.
+#[inline]
+pub(super) fn q3k_quant(blk: &[u8], i: usize) -> i32 {
+    let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
+    let lo = (blk[32 + 32 * half + l] >> (2 * run)) & 3;
+    let hi = (blk[l] >> (4 * half + run)) & 1;
+    (lo | hi << 2) as i32
 }
 
 /// The signed quant (−32..31) of value `i` (0..256) of a Q6_K block: values come in two
@@ -195,8 +240,10 @@ pub(super) fn dot_q8(dtype: WeightDType, w: &[u8], acts: &Q8Acts, r: usize) -> f
     acc
 }
 
-/// Portable dot of one weight row (Q4_K or Q6_K) with activation row `r` of `acts`: integer
-/// sums per super-block, one f32 contribution per super-block.
+/// Portable dot of one K-quant weight row with activation row `r` of `acts`: integer sums per
+/// super-block, one f32 contribution per super-block. Quants are taken unsigned (`u`, with
+/// `w = d·sc·(u − bias)` or `d·sc·u − dmin·m`); the bias and min terms use the activations'
+/// sums of 16, as the SIMD kernels do.
 pub(super) fn dot_q8k(dtype: WeightDType, w: &[u8], acts: &Q8KActs, r: usize) -> f32 {
     let (xq, xd, xbs) = acts.row(r);
     let bb = dtype.block_bytes();
@@ -205,16 +252,19 @@ pub(super) fn dot_q8k(dtype: WeightDType, w: &[u8], acts: &Q8KActs, r: usize) ->
         let x = &xq[Q8K_BLOCK * b..Q8K_BLOCK * (b + 1)];
         let bsums = &xbs[16 * b..16 * b + 16];
         match dtype {
-            WeightDType::Q4K => {
+            WeightDType::Q4K | WeightDType::Q5K => {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
                 let (mut sumi, mut summ) = (0i32, 0i32);
                 for i in 0..8 {
                     let (sc, m) = q4k_scale_min(&blk[4..16], i);
-                    let q = &blk[16 + 32 * (i / 2)..][..32];
-                    let shift = 4 * (i % 2);
                     let mut isum = 0i32;
-                    for j in 0..32 {
-                        isum += ((q[j] >> shift) & 0xF) as i32 * x[32 * i + j] as i32;
+                    for l in 0..32 {
+                        let u = if dtype == WeightDType::Q4K {
+                            (blk[16 + 32 * (i / 2) + l] >> (4 * (i % 2))) & 0xF
+                        } else {
+                            q5k_quant(blk, i, l)
+                        };
+                        isum += u as i32 * x[32 * i + l] as i32;
                     }
                     sumi += sc as i32 * isum;
                     summ += m as i32 * (bsums[2 * i] + bsums[2 * i + 1]);
@@ -222,16 +272,33 @@ pub(super) fn dot_q8k(dtype: WeightDType, w: &[u8], acts: &Q8KActs, r: usize) ->
                 acc += (d * xd[b]) * sumi as f32 - (dmin * xd[b]) * summ as f32;
             }
             _ => {
-                let mut sumi = 0i32;
+                // Q6_K (u = q + 32, bias 32) or Q3_K (u = q + 4, bias 4).
+                let (d, bias) = if dtype == WeightDType::Q6K {
+                    (f16_at(blk, 208), 32)
+                } else {
+                    (f16_at(blk, 108), 4)
+                };
+                let (mut sumi, mut sumb) = (0i32, 0i32);
                 for i in 0..16 {
+                    let sc = if dtype == WeightDType::Q6K {
+                        (blk[192 + i] as i8) as i32
+                    } else {
+                        q3k_scale(&blk[96..108], i)
+                    };
                     let mut isum = 0i32;
                     for j in 0..16 {
                         let v = 16 * i + j;
-                        isum += q6k_quant(blk, v) * x[v] as i32;
+                        let u = if dtype == WeightDType::Q6K {
+                            q6k_quant(blk, v) + 32
+                        } else {
+                            q3k_quant(blk, v)
+                        };
+                        isum += u * x[v] as i32;
                     }
-                    sumi += (blk[192 + i] as i8) as i32 * isum;
+                    sumi += sc * isum;
+                    sumb += sc * bsums[i];
                 }
-                acc += (f16_at(blk, 208) * xd[b]) * sumi as f32;
+                acc += (d * xd[b]) * (sumi - bias * sumb) as f32;
             }
         }
     }

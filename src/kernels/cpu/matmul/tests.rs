@@ -8,7 +8,7 @@ use super::quantize_weights::quantize_row;
 use super::*;
 use crate::kernels::host::WeightBytes;
 
-const ALL_DTYPES: [WeightDType; 11] = [
+const ALL_DTYPES: [WeightDType; 13] = [
     WeightDType::F32,
     WeightDType::F16,
     WeightDType::BF16,
@@ -18,7 +18,9 @@ const ALL_DTYPES: [WeightDType; 11] = [
     WeightDType::Q5_1,
     WeightDType::Q8_0,
     WeightDType::IQ4NL,
+    WeightDType::Q3K,
     WeightDType::Q4K,
+    WeightDType::Q5K,
     WeightDType::Q6K,
 ];
 
@@ -82,7 +84,7 @@ pub(super) fn reference(x: &[f32], m: usize, parts: &[&HostTensor]) -> (Vec<f64>
     for p in parts {
         let w = dequantize(p);
         let qblock = match p.dtype {
-            WeightDType::Q4K | WeightDType::Q6K => 256,
+            d if d.is_k_quant() => 256,
             d if d.takes_q8_blocks() => 32,
             _ => 0,
         };
@@ -179,6 +181,8 @@ fn multi_part_mixed_dtypes() {
         (WeightDType::F16, 9),
         (WeightDType::Q4K, 33),
         (WeightDType::Q6K, 16),
+        (WeightDType::Q5K, 17),
+        (WeightDType::Q3K, 15),
         (WeightDType::Q4_0, 70),
         (WeightDType::Q5_0, 21),
         (WeightDType::BF16, 3),
