@@ -49,7 +49,7 @@ pub struct ModelConfig {
     pub attention_bias: bool,
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
 
 fn unsupported(arch: &str, source: &str) -> ModelError {
     ModelError::Unsupported(format!(
@@ -61,7 +61,9 @@ fn unsupported(arch: &str, source: &str) -> ModelError {
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
         let arch = f.get_str("general.architecture")?.to_string();
-        if !SUPPORTED.contains(&arch.as_str()) {
+        // llama.cpp's Phi-3 files fuse Q, K, V (and gate, up) under its own names; only the
+        // safetensors layout of Phi-3 is read.
+        if !SUPPORTED.contains(&arch.as_str()) || arch == "phi3" {
             return Err(unsupported(&arch, &f.path.display().to_string()));
         }
         let key = |k: &str| format!("{arch}.{k}");

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use super::config::ModelConfig;
 use super::quantize::{Quantization, QuantizeAtLoad};
-use super::weights::{DummyWeights, SafetensorsDir, WeightSource};
+use super::safetensors_dir::SafetensorsDir;
+use super::weights::{DummyWeights, WeightSource};
 use super::ModelError;
 use crate::gguf::GgufFile;
 use crate::kernels::dtype::WeightDType;
@@ -86,7 +87,7 @@ fn open_as_stored(spec: &ModelSpec) -> Result<OpenedModel, ModelError> {
         }
         LoadFormat::Safetensors => {
             let config = ModelConfig::from_hf_config(&path.join("config.json"))?;
-            let weights = SafetensorsDir::open(path)?;
+            let weights = SafetensorsDir::open(path, &config)?;
             Ok(OpenedModel {
                 config,
                 weights: Box::new(weights),

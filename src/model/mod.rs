@@ -5,6 +5,7 @@ pub mod llama;
 pub mod loader;
 pub mod quantize;
 pub mod rank_group;
+pub mod safetensors_dir;
 pub mod shard;
 pub mod weights;
 

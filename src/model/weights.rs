@@ -3,15 +3,15 @@
 //! GGUF tensor name (`blk.3.attn_q.weight`), checked against the shape the config expects;
 //! the model uploads them to its backend.
 //!
+//! (The safetensors directory is `safetensors_dir.rs`.)
+//!
 //! Tensor-parallel ranks read ranges: `require_rows` (output features: a contiguous byte range
 //! of the file, shared, never copied) and `require_cols` (input features: the same column
 //! window of every row, copied into a buffer the size of the shard). A column range must start
 //! and end on a quantization block (32 values for Q4_0/Q4_1/Q8_0, 256 for K-quants); a rank
 //! never materialises the whole tensor.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -129,121 +129,6 @@ impl WeightSource for GgufFile {
     }
     fn describe(&self) -> String {
         self.path.display().to_string()
-    }
-}
-
-/// The Hugging Face name of a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let hf_tail = match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf_tail}"))
-}
-
-/// The `*.safetensors` files of a Hugging Face model directory, memory-mapped.
-pub struct SafetensorsDir {
-    dir: PathBuf,
-    tensors: HashMap<String, HostTensor>,
-}
-
-impl SafetensorsDir {
-    pub fn open(dir: &Path) -> Result<Self, ModelError> {
-        let io = |e: std::io::Error| ModelError::Io(format!("{}: {e}", dir.display()));
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(ModelError::Invalid(format!(
-                "{}: no *.safetensors files",
-                dir.display()
-            )));
-        }
-        let mut tensors = HashMap::new();
-        for path in files {
-            let file = std::fs::File::open(&path).map_err(io)?;
-            // SAFETY: read-only map of a model file nobody writes while we serve it.
-            let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
-            let st = safetensors::SafeTensors::deserialize(&map[..])
-                .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
-            let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => WeightDType::F32,
-                    safetensors::Dtype::F16 => WeightDType::F16,
-                    safetensors::Dtype::BF16 => WeightDType::BF16,
-                    other => {
-                        return Err(ModelError::Unsupported(format!(
-                            "{}: tensor {name} has dtype {other:?} (supported: F32, F16, BF16)",
-                            path.display()
-                        )))
-                    }
-                };
-                let shape = view.shape();
-                let (rows, cols) = match shape {
-                    [n] => (1, *n),
-                    [r, c] => (*r, *c),
-                    _ => {
-                        return Err(ModelError::Unsupported(format!(
-                            "{}: tensor {name} has shape {shape:?}",
-                            path.display()
-                        )))
-                    }
-                };
-                let offset = view.data().as_ptr() as usize - base;
-                tensors.insert(
-                    name,
-                    HostTensor {
-                        dtype,
-                        rows,
-                        cols,
-                        bytes: WeightBytes::Mapped {
-                            map: map.clone(),
-                            offset,
-                            len: view.data().len(),
-                        },
-                    },
-                );
-            }
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            tensors,
-        })
-    }
-}
-
-impl WeightSource for SafetensorsDir {
-    fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
-        Ok(hf_name(name).and_then(|n| self.tensors.get(&n).cloned()))
-    }
-    fn describe(&self) -> String {
-        self.dir.display().to_string()
     }
 }
 
@@ -412,16 +297,6 @@ impl WeightSource for DummyWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hf_names() {
-        assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
-            Some("model.layers.12.self_attn.q_proj.weight")
-        );
-        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_name("blk.x"), None);
-    }
 
     fn small_config() -> ModelConfig {
         ModelConfig {
