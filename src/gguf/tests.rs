@@ -72,3 +72,31 @@ fn reads_metadata_and_a_tensor() {
     let err = GgufFile::parse_bytes(cut).unwrap_err().to_string();
     assert!(err.contains("truncated"), "{err}");
 }
+
+/// A tensor of a type sluice cannot run is refused at open, naming the tensor, the type and
+/// the types that are supported.
+#[test]
+fn an_unsupported_tensor_type_names_the_tensor_and_the_supported_ones() {
+    let mut b = header(1, 0);
+    let name = b"blk.0.ffn_down.weight";
+    b.extend((name.len() as u64).to_le_bytes());
+    b.extend(name);
+    b.extend(2u32.to_le_bytes());
+    b.extend(256u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(16u32.to_le_bytes()); // IQ2_XXS
+    b.extend(0u64.to_le_bytes());
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.extend([0u8; 66]);
+    let err = GgufFile::parse_bytes(&b).unwrap_err().to_string();
+    for part in [
+        "blk.0.ffn_down.weight",
+        "IQ2_XXS",
+        "id 16",
+        "Q3_K, Q4_K, Q5_K, Q6_K",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+}
