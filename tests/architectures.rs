@@ -108,10 +108,12 @@ fn tokenizer_json() -> Value {
 /// The fixture's model as a safetensors directory of `dtype` (made once into the cache).
 fn model_dir(name: &str, dtype: WeightDType) -> PathBuf {
     let fx = fixture(name);
+    // Named by the recipe's hash, so a regenerated fixture never meets a stale directory.
+    let recipe = fnv1a64(&format!("{}{}{}", fx["seed"], fx["tensors"], fx["config"]));
     let dir = sluice::assets::cache_dir()
         .expect("a cache directory")
         .join("test-models")
-        .join(format!("arch-{name}-{dtype}-v1").to_lowercase());
+        .join(format!("arch-{name}-{dtype}-{recipe:016x}").to_lowercase());
     if dir.join("model.safetensors").is_file() {
         return dir;
     }

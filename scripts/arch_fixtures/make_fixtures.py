@@ -103,11 +103,13 @@ def values(name: str, shape, kind: str, exp: int) -> np.ndarray:
     return v.astype(np.float32).reshape(shape)
 
 
-def exponent(name: str, shape) -> int:
+def exponent(name: str, shape, tied: bool) -> int:
     """k·2^-e with std about 1/sqrt(fan-in) (the uniform codes' std is about 73); embeddings
-    about 1; the LM head 4× wider, so that the top logits stand apart."""
+    about 1, or a quarter of that when they are also the LM head (else the residual, the
+    input token's own embedding, outweighs the layers and the model repeats its input);
+    the LM head 4× wider, so that the top logits stand apart."""
     if name.endswith("embed_tokens.weight"):
-        return 6
+        return 8 if tied else 6
     if name.endswith(".bias"):
         return 8
     e = round(math.log2(73.0 * math.sqrt(shape[-1])))
@@ -128,7 +130,7 @@ def build(name: str):
             continue
         shape = list(param.shape)
         kind = "norm" if tname.endswith("norm.weight") else "scaled"
-        exp = exponent(tname, shape)
+        exp = exponent(tname, shape, tied)
         tensors.append(dict(name=tname, shape=shape, kind=kind, exp=exp))
         state[tname] = torch.from_numpy(values(tname, shape, kind, exp))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -70,7 +70,7 @@ unsafe fn q8_chunk_impl(c: &Chunk, acts: &Q8Acts) {
 /// at every call, which was a large share of a one-row tile's time).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn f16_at_ptr(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at_ptr(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes([*p, *p.add(1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }

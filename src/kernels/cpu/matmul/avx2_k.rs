@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::hsum;
+use super::avx2::{f16_at_ptr, hsum};
 use super::quantize::{Q8KActs, Q8K_BLOCK};
 use super::reference::{q3k_scale, q4k_scale_min};
 use super::Chunk;
@@ -64,13 +64,6 @@ unsafe fn q8k_chunk_impl(c: &Chunk, acts: &Q8KActs) {
         }
         j += cols;
     }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn f16_at_ptr(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
 /// 16 i32 multipliers as two vectors.
