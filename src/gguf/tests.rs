@@ -9,6 +9,20 @@ fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
     b
 }
 
+/// One tensor info: name, 2 dims (GGML order), type id, offset 0; then padding to the data.
+fn tensor_info(b: &mut Vec<u8>, name: &[u8], dims: [u64; 2], type_id: u32) {
+    b.extend((name.len() as u64).to_le_bytes());
+    b.extend(name);
+    b.extend(2u32.to_le_bytes());
+    b.extend(dims[0].to_le_bytes());
+    b.extend(dims[1].to_le_bytes());
+    b.extend(type_id.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+}
+
 #[test]
 fn rejects_bad_magic_and_version() {
     assert!(matches!(
@@ -47,17 +61,7 @@ fn reads_metadata_and_a_tensor() {
     b.extend(8u32.to_le_bytes());
     b.extend(5u64.to_le_bytes());
     b.extend(b"llama");
-    let name = b"w";
-    b.extend((name.len() as u64).to_le_bytes());
-    b.extend(name);
-    b.extend(2u32.to_le_bytes());
-    b.extend(2u64.to_le_bytes());
-    b.extend(3u64.to_le_bytes());
-    b.extend(0u32.to_le_bytes()); // F32
-    b.extend(0u64.to_le_bytes());
-    while !b.len().is_multiple_of(32) {
-        b.push(0);
-    }
+    tensor_info(&mut b, b"w", [2, 3], 0); // F32
     for i in 0..6 {
         b.extend((i as f32).to_le_bytes());
     }
@@ -78,17 +82,7 @@ fn reads_metadata_and_a_tensor() {
 #[test]
 fn an_unsupported_tensor_type_names_the_tensor_and_the_supported_ones() {
     let mut b = header(1, 0);
-    let name = b"blk.0.ffn_down.weight";
-    b.extend((name.len() as u64).to_le_bytes());
-    b.extend(name);
-    b.extend(2u32.to_le_bytes());
-    b.extend(256u64.to_le_bytes());
-    b.extend(1u64.to_le_bytes());
-    b.extend(16u32.to_le_bytes()); // IQ2_XXS
-    b.extend(0u64.to_le_bytes());
-    while !b.len().is_multiple_of(32) {
-        b.push(0);
-    }
+    tensor_info(&mut b, b"blk.0.ffn_down.weight", [256, 1], 16); // IQ2_XXS
     b.extend([0u8; 66]);
     let err = GgufFile::parse_bytes(&b).unwrap_err().to_string();
     for part in [

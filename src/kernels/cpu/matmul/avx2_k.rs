@@ -95,7 +95,6 @@ unsafe fn unpack(dtype: WeightDType, w: *const u8, b: usize) -> Unpacked {
     let load = |at: usize| _mm256_loadu_si256(blk.add(at) as *const __m256i);
     let zero = _mm256_setzero_si256();
     let mut u = [zero; 8];
-    let mut scales = [zero; 8];
     match dtype {
         WeightDType::Q4K | WeightDType::Q5K => {
             let q_at = if dtype == WeightDType::Q4K { 16 } else { 48 };
@@ -110,7 +109,7 @@ unsafe fn unpack(dtype: WeightDType, w: *const u8, b: usize) -> Unpacked {
                     *u = _mm256_or_si256(*u, _mm256_slli_epi16(bits(qh, i as i32, 1), 4));
                 }
             }
-            let mut mins = [0i32; 16];
+            let (mut scales, mut mins) = ([zero; 8], [0i32; 16]);
             for i in 0..8 {
                 let (sc, m) = q4k_scale_min(&bytes[4..16], i);
                 scales[i] = _mm256_set1_epi16(i16::from(sc));
@@ -135,15 +134,7 @@ unsafe fn unpack(dtype: WeightDType, w: *const u8, b: usize) -> Unpacked {
                 u[4 * half + 3] = _mm256_or_si256(bits(ql1, 4, 0x0F), hi(3));
             }
             let sc: [i32; 16] = std::array::from_fn(|i| i32::from(bytes[192 + i] as i8));
-            sixteen_scales(&mut scales, &sc);
-            let d = f16_at_ptr(blk.add(208));
-            Unpacked {
-                u,
-                scales,
-                mult: mult16(&sc),
-                d,
-                dmin: 32.0 * d,
-            }
+            sixteen(u, &sc, f16_at_ptr(blk.add(208)), 32.0)
         }
         _ => {
             // Q3_K: u = lo | hi << 2, with w ∝ u − 4.
@@ -157,28 +148,28 @@ unsafe fn unpack(dtype: WeightDType, w: *const u8, b: usize) -> Unpacked {
                 }
             }
             let sc: [i32; 16] = std::array::from_fn(|i| q3k_scale(&bytes[96..108], i));
-            sixteen_scales(&mut scales, &sc);
-            let d = f16_at_ptr(blk.add(108));
-            Unpacked {
-                u,
-                scales,
-                mult: mult16(&sc),
-                d,
-                dmin: 4.0 * d,
-            }
+            sixteen(u, &sc, f16_at_ptr(blk.add(108)), 4.0)
         }
     }
 }
 
-/// Vector `v` gets sub-block `2v`'s scale in its low 8 lanes and `2v + 1`'s in its high 8.
+/// A super-block of 16 signed sub-block scales `sc` and `w = d·sc·(u − bias)` (Q3_K, Q6_K):
+/// vector `v` gets sub-block `2v`'s scale in its low 8 lanes and `2v + 1`'s in its high 8.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn sixteen_scales(scales: &mut [__m256i; 8], sc: &[i32; 16]) {
-    for (v, s) in scales.iter_mut().enumerate() {
-        *s = _mm256_set_m128i(
+unsafe fn sixteen(u: [__m256i; 8], sc: &[i32; 16], d: f32, bias: f32) -> Unpacked {
+    let scales = std::array::from_fn(|v| {
+        _mm256_set_m128i(
             _mm_set1_epi16(sc[2 * v + 1] as i16),
             _mm_set1_epi16(sc[2 * v] as i16),
-        );
+        )
+    });
+    Unpacked {
+        u,
+        scales,
+        mult: mult16(sc),
+        d,
+        dmin: bias * d,
     }
 }
 
