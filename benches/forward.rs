@@ -6,11 +6,15 @@
 //! best (the batching issue asks for 4× on this machine).
 //!
 //! Run: `cargo bench --bench forward` (set `SLUICE_NUM_THREADS` to pin the thread count).
+//! Probes: `SLUICE_FORWARD_PROBE=N` (timed steps instead of criterion), `SLUICE_FORWARD_CTX`
+//! (256), `SLUICE_FORWARD_SEQS` (a list, e.g. `16`; also skips the verification shapes),
+//! `SLUICE_FORWARD_KV` (`f16`, `int8`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice::assets::default_model_path;
 use sluice::kernels::cpu::pool::default_num_threads;
 use sluice::kernels::cpu::CpuBackend;
+use sluice::kernels::dtype::KvCacheDtype;
 use sluice::kernels::ForwardBatch;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
@@ -30,17 +34,25 @@ fn decode(c: &mut Criterion) {
         quantization: None,
     };
     let opened = loader::open(&spec).expect("open the default model");
-    let backend = CpuBackend::new(default_num_threads());
+    let kv_dtype = match std::env::var("SLUICE_FORWARD_KV").as_deref() {
+        Ok("int8") => KvCacheDtype::Int8,
+        _ => KvCacheDtype::F16,
+    };
+    let backend = CpuBackend::new(default_num_threads()).with_kv_cache_dtype(kv_dtype);
     let mut model = Llama::load(opened.config, opened.weights.as_ref(), backend).expect("load");
     let mut group = c.benchmark_group("decode");
     group.sample_size(20);
-    for ctx in [256usize] {
+    let ctx_env = std::env::var("SLUICE_FORWARD_CTX")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for ctx in [ctx_env.unwrap_or(256usize)] {
         let per_seq = (ctx + 1).div_ceil(BLOCK_SIZE);
-        let sizes: &[usize] = match probe_reps() {
-            Some(_) => &[1, 2, 4, 8, 16],
-            None => &[1, 16],
+        let sizes: Vec<usize> = match (probe_reps(), std::env::var("SLUICE_FORWARD_SEQS")) {
+            (_, Ok(list)) => list.split(',').filter_map(|s| s.parse().ok()).collect(),
+            (Some(_), _) => vec![1, 2, 4, 8, 16],
+            (None, _) => vec![1, 16],
         };
-        for &seqs in sizes {
+        for seqs in sizes {
             let mut kv = model
                 .kv_cache(seqs * per_seq, BLOCK_SIZE)
                 .expect("kv cache");
@@ -54,7 +66,7 @@ fn decode(c: &mut Criterion) {
                     fill.elapsed().as_secs_f64() * 1e3
                 );
             }
-            if let Some(reps) = probe_reps() {
+            if let (Some(reps), Err(_)) = (probe_reps(), std::env::var("SLUICE_FORWARD_SEQS")) {
                 // Speculative verification: each sequence computes its last token and `k`
                 // draft tokens, with logits for all of them (`verify/<seqs>/k<k>`).
                 for k in [2usize, 4] {
@@ -68,7 +80,7 @@ fn decode(c: &mut Criterion) {
             }
             let step = batch(seqs, per_seq, ctx, ctx + 1);
             if let Some(reps) = probe_reps() {
-                probe(&format!("decode/{seqs}"), ctx, reps, || {
+                probe(&format!("decode/{kv_dtype}/{seqs}"), ctx, reps, || {
                     model.forward(&step, &mut kv);
                 });
                 continue;

@@ -3,6 +3,7 @@
 //! generic loader and the CPU backend, kept here so `model` names no concrete backend.
 
 use crate::kernels::cpu::{CpuBackend, CpuNumerics};
+use crate::kernels::dtype::KvCacheDtype;
 use crate::model::config::ModelConfig;
 use crate::model::rank_group::ModelRanks;
 use crate::model::shard::load_ranks;
@@ -19,16 +20,24 @@ pub fn load_cpu_ranks(
     cfg: ParallelConfig,
     threads: usize,
 ) -> Result<ModelRanks<CpuBackend>, ModelError> {
-    load_cpu_ranks_with(config, weights, cfg, threads, CpuNumerics::Fast)
+    load_cpu_ranks_with(
+        config,
+        weights,
+        cfg,
+        threads,
+        CpuNumerics::Fast,
+        KvCacheDtype::F16,
+    )
 }
 
-/// [`load_cpu_ranks`] with the given CPU numerics.
+/// [`load_cpu_ranks`] with the given CPU numerics and KV-cache storage.
 pub fn load_cpu_ranks_with(
     config: &ModelConfig,
     weights: &dyn WeightSource,
     cfg: ParallelConfig,
     threads: usize,
     numerics: CpuNumerics,
+    kv_dtype: KvCacheDtype,
 ) -> Result<ModelRanks<CpuBackend>, ModelError> {
     let n = cfg.num_ranks();
     if threads < n {
@@ -45,7 +54,7 @@ pub fn load_cpu_ranks_with(
     // The first ranks take the remainder of the threads.
     let backend_for = |shard: &crate::parallel::RankShard| {
         let t = threads / n + usize::from(shard.rank < threads % n);
-        CpuBackend::with_numerics(t, numerics)
+        CpuBackend::with_numerics(t, numerics).with_kv_cache_dtype(kv_dtype)
     };
     load_ranks(config, weights, cfg, backend_for, comms)
 }

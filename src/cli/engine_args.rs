@@ -5,6 +5,7 @@ use anyhow::Context;
 use crate::engine::fault::FaultInjection;
 use crate::engine::{EngineConfig, EngineOptions, PoolingType, StepOverlap};
 use crate::kernels::device::Device;
+use crate::kernels::dtype::KvCacheDtype;
 use crate::kv_cache::CacheConfig;
 use crate::model::config::ModelConfig;
 use crate::scheduler::SchedulerConfig;
@@ -104,7 +105,13 @@ pub(super) fn available_memory() -> Option<u64> {
 }
 
 impl EngineArgs {
-    pub fn engine_config(&self, model: &ModelConfig) -> anyhow::Result<EngineConfig> {
+    /// The engine's configuration for `model` with a KV cache of `kv_dtype` (what the
+    /// backend's caches store, which sizes its blocks).
+    pub fn engine_config(
+        &self,
+        model: &ModelConfig,
+        kv_dtype: KvCacheDtype,
+    ) -> anyhow::Result<EngineConfig> {
         let max_model_len = self.max_model_len.unwrap_or(model.max_position_embeddings);
         if max_model_len == 0 || max_model_len > model.max_position_embeddings {
             anyhow::bail!(
@@ -122,8 +129,7 @@ impl EngineArgs {
                 (avail as f64 * self.kv_cache_fraction.clamp(0.0, 0.95)) as u64
             }
         };
-        // K and V are f16 in every backend's cache.
-        let bytes_per_block = (model.kv_bytes_per_token(2) * self.block_size) as u64;
+        let bytes_per_block = (model.kv_bytes_per_token(kv_dtype) * self.block_size) as u64;
         // Never more blocks than all sequences at full length can use: whole blocks each (a
         // length off a block boundary still takes its last block).
         let useful = (self.max_num_seqs * max_model_len.div_ceil(self.block_size)) as u64 + 1;
@@ -136,7 +142,7 @@ impl EngineArgs {
             );
         }
         tracing::info!(
-            "KV cache: {num_blocks} blocks of {} tokens ({:.1} MiB)",
+            "KV cache: {num_blocks} blocks of {} tokens, {kv_dtype} ({:.1} MiB)",
             self.block_size,
             (num_blocks as u64 * bytes_per_block) as f64 / (1 << 20) as f64
         );

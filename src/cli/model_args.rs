@@ -14,7 +14,7 @@ use anyhow::Context;
 
 use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::device::{with_backend, BackendOptions, Device, GpuKvDType, WithBackend};
-use crate::kernels::dtype::WeightDType;
+use crate::kernels::dtype::{KvCacheDtype, WeightDType};
 use crate::kernels::Backend;
 use crate::model::llama::Llama;
 use crate::model::loader::{self, LoadFormat, ModelSpec, OpenedModel, TokenizerSource};
@@ -71,6 +71,29 @@ pub struct ModelArgs {
     /// text; slower, and batches gain less).
     #[arg(long, value_enum, default_value_t = CpuNumerics::Fast)]
     pub cpu_numerics: CpuNumerics,
+    /// What the KV cache stores: `auto` (f16; bf16 on a GPU serving bf16 weights) or, on the
+    /// CPU, `int8` (llama.cpp's q8_0: each 32 values of a head as bytes with one f16 scale,
+    /// about 1.9× the tokens in the same memory, dequantized inside attention's dot products).
+    #[arg(long, value_enum, default_value_t = KvCacheDtypeArg::Auto)]
+    pub kv_cache_dtype: KvCacheDtypeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvCacheDtypeArg {
+    Auto,
+    F16,
+    #[value(alias = "q8_0")]
+    Int8,
+}
+
+impl KvCacheDtypeArg {
+    /// The CPU cache's storage type.
+    pub fn cpu(self) -> KvCacheDtype {
+        match self {
+            Self::Auto | Self::F16 => KvCacheDtype::F16,
+            Self::Int8 => KvCacheDtype::Int8,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,6 +218,12 @@ impl ModelArgs {
                  add --device cpu"
             );
         }
+        if let (Device::Cuda(_), KvCacheDtypeArg::Int8) = (device, self.kv_cache_dtype) {
+            anyhow::bail!(
+                "--kv-cache-dtype int8 runs on the CPU backend only, and --device {device} \
+                 chose a GPU; add --device cpu, or drop --kv-cache-dtype"
+            );
+        }
         if let Device::Cuda(_) = device {
             // The CUDA backend does not run ranks yet: one card, one rank.
             if parallel.num_ranks() > 1 {
@@ -244,6 +273,7 @@ impl ModelArgs {
             parallel,
             threads,
             self.cpu_numerics,
+            self.kv_cache_dtype.cpu(),
         )
         .with_context(|| format!("loading {}", spec.path.display()))?;
         tracing::info!(

@@ -162,6 +162,7 @@ mod tests {
     use clap::Parser;
 
     use super::super::engine_args::EngineArgs;
+    use crate::kernels::dtype::KvCacheDtype;
     use crate::plan::estimate::Flags;
 
     const SMOLLM2: &str = r#"{"hidden_size": 576, "intermediate_size": 1536,
@@ -207,7 +208,12 @@ mod tests {
         let mut argv = vec!["serve".to_string()];
         argv.extend(flags.to_args());
         let serve = Serve::try_parse_from(argv).unwrap();
-        serve.engine.engine_config(config).unwrap().cache.num_blocks
+        serve
+            .engine
+            .engine_config(config, KvCacheDtype::F16)
+            .unwrap()
+            .cache
+            .num_blocks
     }
 
     #[test]
@@ -274,7 +280,12 @@ mod tests {
         let serve =
             Serve::try_parse_from(argv.iter().chain(&["--kv-cache-memory", "1000000000"])).unwrap();
         assert_eq!(
-            serve.engine.engine_config(&model).unwrap().cache.num_blocks,
+            serve
+                .engine
+                .engine_config(&model, KvCacheDtype::F16)
+                .unwrap()
+                .cache
+                .num_blocks,
             4 * 63 + 1
         );
     }

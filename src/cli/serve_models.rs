@@ -263,7 +263,8 @@ struct SpawnVersion<'a> {
 impl WithLoaded for SpawnVersion<'_> {
     type Output = ServedModel;
     fn run<B: Backend>(self, loaded: Loaded<B>) -> anyhow::Result<ServedModel> {
-        let mut config = self.engine.engine_config(&loaded.model.config)?;
+        let kv_dtype = Backend::kv_cache_dtype(loaded.model.ranks[0].backend());
+        let mut config = self.engine.engine_config(&loaded.model.config, kv_dtype)?;
         if self.numerics == CpuNumerics::Ggml && config.cache.enable_prefix_caching {
             // llama.cpp attends from a prompt token with one of two kernels, chosen by its
             // prompt's length; a prefix cached by another prompt may have taken the other.
@@ -275,7 +276,7 @@ impl WithLoaded for SpawnVersion<'_> {
             weights_bytes: weights_bytes(self.source.path.as_deref(), self.dummy_bytes, arch),
             kv_cache_bytes: (config.cache.num_blocks
                 * config.cache.block_size
-                * arch.kv_bytes_per_token(2)) as u64,
+                * arch.kv_bytes_per_token(kv_dtype)) as u64,
         };
         self.budget.check(self.name, self.version, charge)?;
         let options = self.engine.engine_options(loaded.device)?;

@@ -146,6 +146,11 @@ pub trait Backend: Send + Sync + 'static {
     /// A `[vocab, hidden]` embedding table.
     fn embedding(&self, table: HostTensor) -> Result<Self::Embedding, KernelError>;
     fn kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, KernelError>;
+    /// What [`Backend::kv_cache`] stores, which sizes the KV budget (f16 and bf16 alike
+    /// take two bytes a value).
+    fn kv_cache_dtype(&self) -> super::dtype::KvCacheDtype {
+        super::dtype::KvCacheDtype::F16
+    }
     /// An empty activation tensor, resized by the ops as needed.
     fn tensor(&self) -> Self::Tensor;
 

@@ -199,3 +199,33 @@ impl fmt::Display for WeightDType {
         f.write_str(s)
     }
 }
+
+/// Storage type of the KV cache's values (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// f16 values (bf16 on a GPU serving bf16 weights: the same size).
+    #[default]
+    F16,
+    /// llama.cpp's q8_0: each 32 values of a token's K or V head as 32 signed bytes and one
+    /// f16 scale (the CPU backend; `head_dim` must be a multiple of 32).
+    Int8,
+}
+
+impl KvCacheDtype {
+    /// Bytes that one token's K (or V) of one KV head of `head_dim` values takes.
+    pub fn head_bytes(self, head_dim: usize) -> usize {
+        match self {
+            Self::F16 => 2 * head_dim,
+            Self::Int8 => head_dim + 2 * head_dim.div_ceil(32),
+        }
+    }
+}
+
+impl fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+        })
+    }
+}

@@ -216,9 +216,9 @@ impl ModelConfig {
             .collect()
     }
 
-    /// Bytes of K and V for one token across all layers, at `dtype_bytes` per value.
-    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    /// Bytes of K and V for one token across all layers, stored as `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: crate::kernels::dtype::KvCacheDtype) -> usize {
+        2 * self.num_layers * self.num_kv_heads * dtype.head_bytes(self.head_dim)
     }
 }
 

@@ -7,11 +7,13 @@ use std::path::Path;
 
 use super::PlanError;
 use crate::gguf::GgufFile;
+use crate::kernels::dtype::KvCacheDtype;
 use crate::model::config::ModelConfig;
 
-/// sluice's KV cache stores K and V in 16 bits on every backend (f16 on the CPU, f16 or bf16
-/// on a GPU): `cli::engine_args` sizes blocks with the same 2 bytes.
-pub const KV_DTYPE_BYTES: usize = 2;
+/// The cache a plan sizes: sluice's default, K and V in 16 bits (f16 on the CPU, f16 or bf16
+/// on a GPU), as `cli::engine_args` sizes `serve`'s blocks by default (the CPU's
+/// `--kv-cache-dtype int8` is not planned yet).
+pub const KV_DTYPE: KvCacheDtype = KvCacheDtype::F16;
 
 /// A model's memory-relevant facts.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +31,7 @@ pub struct Footprint {
 impl Footprint {
     /// Bytes of K and V of one token over all layers.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        self.config.kv_bytes_per_token(KV_DTYPE_BYTES) as u64
+        self.config.kv_bytes_per_token(KV_DTYPE) as u64
     }
 
     /// Parameters that take part in a matmul per token: all but an untied input embedding,

@@ -9,6 +9,7 @@ use super::matmul::{self, MatmulScratch, PackedLinear};
 use super::ops;
 use super::pool::{SyncPtr, ThreadPool};
 use super::rows;
+use crate::kernels::dtype::KvCacheDtype;
 use crate::kernels::host::HostTensor;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KernelError, KvCacheShape, Rope};
 
@@ -61,6 +62,8 @@ pub struct CpuBackend {
     pool: ThreadPool,
     scratch: Mutex<MatmulScratch>,
     numerics: CpuNumerics,
+    /// What its KV caches store.
+    kv_dtype: KvCacheDtype,
     ggml_acts: Mutex<GgmlActs>,
 }
 
@@ -74,7 +77,16 @@ impl CpuBackend {
             pool: ThreadPool::new(num_threads),
             scratch: Mutex::new(MatmulScratch::new()),
             numerics,
+            kv_dtype: KvCacheDtype::F16,
             ggml_acts: Mutex::new(GgmlActs::default()),
+        }
+    }
+
+    /// This backend with KV caches of `dtype`.
+    pub fn with_kv_cache_dtype(self, dtype: KvCacheDtype) -> Self {
+        Self {
+            kv_dtype: dtype,
+            ..self
         }
     }
 
@@ -151,7 +163,18 @@ impl Backend for CpuBackend {
     }
 
     fn kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, KernelError> {
-        Ok(CpuKvCache::new(shape))
+        if self.numerics == CpuNumerics::Ggml && self.kv_dtype != KvCacheDtype::F16 {
+            return Err(KernelError::Unsupported(format!(
+                "--cpu-numerics ggml attends over an f16 cache as llama.cpp's default does, \
+                 not --kv-cache-dtype {}",
+                self.kv_dtype
+            )));
+        }
+        CpuKvCache::with_dtype(shape, self.kv_dtype)
+    }
+
+    fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.kv_dtype
     }
 
     fn tensor(&self) -> CpuTensor {

@@ -127,7 +127,9 @@ pub fn attend(
     let bs = kv.shape.block_size;
     out.resize(qkv.rows, h * d);
     let out_ptr = SyncPtr::new(&mut out.data);
-    let (k, v) = (&kv.k[layer][..], &kv.v[layer][..]);
+    let Some((k, v)) = kv.f16_layer(layer) else {
+        unreachable!("the ggml numerics refuse an 8-bit cache when it is made (`CpuBackend`)");
+    };
     pool.run(step.tasks.len() * kvh, |i| {
         let (task, g) = (step.tasks[i / kvh], i % kvh);
         let seq = &step.batch.seqs[task.seq];

@@ -7,7 +7,7 @@
 //! load; a V row (`[block_size][head_dim]`) is read once for all heads of the group. Both are
 //! f16, which is the precision the cache always kept (values were rounded to it before).
 //!
-//! The AVX-512 path (`kernels_avx512.rs`) and the portable path perform the same float
+//! The AVX-512 and AVX2 paths (`kernels_avx512.rs`, `kernels_avx2.rs`) and the portable path perform the same float
 //! operations in the same order (per key: two partial sums over even and odd dimensions, then
 //! `(a + b) * scale`; per output element: one FMA per key in key order), so their results are
 //! identical (tested), and a sequence's results never depend on what else is in the batch.
@@ -16,13 +16,16 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 #[cfg(target_arch = "x86_64")]
+use super::kernels_avx2 as avx2;
+#[cfg(target_arch = "x86_64")]
 use super::kernels_avx512 as avx512;
 use crate::kernels::cpu::ops::{exp, simd_dispatch, simd_level, SimdLevel};
 
 /// Keys scored per vector.
 pub(super) const KEY_CHUNK: usize = 16;
-/// Query heads whose accumulators are kept in registers together.
+/// Query heads whose accumulators are kept in registers together (AVX-512, AVX2).
 const HEAD_GROUP: usize = 4;
+const HEAD_GROUP_AVX2: usize = 3;
 
 /// The query heads of one GQA group at one position.
 #[derive(Clone, Copy)]
@@ -32,6 +35,11 @@ pub struct GroupQuery<'a> {
     pub heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// The heads as 16-bit codes with one scale per 32 dimensions (`kernels_q8::
+    /// quantize_query`), `[heads][head_dim]` and `[heads][head_dim / 32]`, for the 8-bit
+    /// cache's integer dot products; empty for the f16 cache.
+    pub q16: &'a [i16],
+    pub q16_scales: &'a [f32],
 }
 
 /// One block of one KV head: `k` is `[head_dim][block_size]`, `v` is `[block_size][head_dim]`;
@@ -75,6 +83,25 @@ pub fn block_scores(
                     2 => avx512::scores::<2>(q, d, blk, gq.scale, out, stride),
                     3 => avx512::scores::<3>(q, d, blk, gq.scale, out, stride),
                     _ => avx512::scores::<4>(q, d, blk, gq.scale, out, stride),
+                }
+            }
+            h0 += hn;
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() != SimdLevel::Portable && blk.block_size.is_multiple_of(KEY_CHUNK) {
+        let mut h0 = 0;
+        while h0 < gq.heads {
+            let hn = (gq.heads - h0).min(HEAD_GROUP_AVX2);
+            let (q, out) = (&gq.q[h0 * d..], &mut scores[h0 * stride..]);
+            // SAFETY: AVX2, FMA and F16C were detected; the asserts above bound every access,
+            // and a 16-key chunk stays in the block.
+            unsafe {
+                match hn {
+                    1 => avx2::scores::<1>(q, d, blk, gq.scale, out, stride),
+                    2 => avx2::scores::<2>(q, d, blk, gq.scale, out, stride),
+                    _ => avx2::scores::<3>(q, d, blk, gq.scale, out, stride),
                 }
             }
             h0 += hn;
@@ -155,6 +182,24 @@ pub fn accumulate_v(
                     2 => avx512::accumulate_v::<2>(p, stride, blk, d, out),
                     3 => avx512::accumulate_v::<3>(p, stride, blk, d, out),
                     _ => avx512::accumulate_v::<4>(p, stride, blk, d, out),
+                }
+            }
+            h0 += hn;
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() != SimdLevel::Portable && d.is_multiple_of(8) {
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = (heads - h0).min(HEAD_GROUP_AVX2);
+            let (p, out) = (&p[h0 * stride..], &mut out[h0 * d..]);
+            // SAFETY: AVX2, FMA and F16C were detected; the asserts above bound every access.
+            unsafe {
+                match hn {
+                    1 => avx2::accumulate_v::<1>(p, stride, blk, d, out),
+                    2 => avx2::accumulate_v::<2>(p, stride, blk, d, out),
+                    _ => avx2::accumulate_v::<3>(p, stride, blk, d, out),
                 }
             }
             h0 += hn;
@@ -319,6 +364,8 @@ mod tests {
                 heads,
                 head_dim: d,
                 scale: 0.125,
+                q16: &[],
+                q16_scales: &[],
             };
             let stride = n + 3;
             let mut scratch = Scratch::default();

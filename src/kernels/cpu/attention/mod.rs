@@ -1,16 +1,18 @@
 //! Paged attention on the CPU: RoPE, the K/V write into cache slots, and causal attention of
 //! each query over its sequence's cached context, read through the block table.
 //!
-//! KV layout per layer, f16: K is `[num_blocks, num_kv_heads, head_dim, block_size]` (transposed
-//! within a block, so a vector FMA scores 16 keys) and V is `[num_blocks, num_kv_heads,
-//! block_size, head_dim]`. Work is split into tasks of (sequence, up to `QUERY_CHUNK` queries,
+//! KV layout per layer (f16; the 8-bit cache's is in `kernels_q8.rs`): K is `[num_blocks,
+//! num_kv_heads, head_dim, block_size]` (transposed within a block, so a vector FMA scores 16
+//! keys) and V is `[num_blocks, num_kv_heads, block_size, head_dim]`. Work is split into tasks of (sequence, up to `QUERY_CHUNK` queries,
 //! all KV heads or one; see [`attend`]); a task handles every query head of its KV heads (GQA),
 //! so each K and V load serves all of them. No task splits a query's keys, so each output is
 //! computed the same way whatever else is in the batch, how a prompt was chunked or how heads
 //! were grouped into tasks.
 //!
 //! Files: `kv_cache.rs` (the cache and the K/V write), `step.rs` (per-step RoPE angles and the
-//! task split), `kernels.rs` and `kernels_avx512.rs` (the inner loops), and ggml's two
+//! task split), `layer.rs` (a layer of either storage type, as the task loop reads it),
+//! `kernels.rs`, `kernels_avx512.rs`, `kernels_avx2.rs` (the f16 inner loops) and
+//! `kernels_q8.rs` (the 8-bit ones, with `kernels_avx2.rs`), and ggml's two
 //! kernels for `--cpu-numerics ggml`: `ggml.rs` (which one runs, and its task loop),
 //! `ggml_one_query.rs`, `ggml_tiled.rs`. Tests against an f64 reference: `tests.rs`.
 
@@ -19,8 +21,12 @@ mod ggml_one_query;
 mod ggml_tiled;
 mod kernels;
 #[cfg(target_arch = "x86_64")]
+mod kernels_avx2;
+#[cfg(target_arch = "x86_64")]
 mod kernels_avx512;
+mod kernels_q8;
 mod kv_cache;
+mod layer;
 mod step;
 #[cfg(test)]
 mod tests;
@@ -33,14 +39,16 @@ pub use step::{AttentionTask, CpuStep};
 use super::backend::{CpuNumerics, CpuTensor};
 use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::AttentionShape;
-use kernels::{
-    accumulate_v, block_pair_scores, block_scores, softmax_numerators, GroupQuery, KvBlock, Scratch,
-};
+use kernels::{softmax_numerators, GroupQuery, Scratch};
+use kernels_q8::GROUP as GROUP_Q8;
+use layer::{KvLayer, LayerFn};
 
 thread_local! {
     /// Per worker: scores `[group heads][context]`, each head's 1 / softmax sum, conversion space.
     static SCORES: RefCell<(Vec<f32>, Vec<f32>, Scratch)> =
         RefCell::new((Vec::new(), Vec::new(), Scratch::default()));
+    /// Per worker: the task's query heads as 16-bit codes and their scales (8-bit caches).
+    static QUERY16: RefCell<(Vec<i16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Causal attention of every query over its sequence's cache; `out` is `[tokens, heads * d]`.
@@ -81,82 +89,123 @@ fn attend_tasks(
     out: &mut CpuTensor,
     heads_per_task: usize,
 ) {
-    let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
-    let group = h / kvh;
-    let bs = kv.shape.block_size;
-    out.resize(qkv.rows, h * d);
-    let out_ptr = SyncPtr::new(&mut out.data);
-    let (k, v) = (&kv.k[layer][..], &kv.v[layer][..]);
-    let parts = kvh / heads_per_task;
-    pool.run(step.tasks.len() * parts, |i| {
-        let task = step.tasks[i / parts];
-        let g0 = i % parts * heads_per_task;
-        let seq = &step.batch.seqs[task.seq];
-        SCORES.with(|cell| {
-            let (scores, inv_sums, scratch) = &mut *cell.borrow_mut();
-            for q in task.q_begin..task.q_end {
-                let row = seq.query_start + q;
-                let ctx = seq.context_len - seq.query_len + q + 1;
-                let gq = |g: usize| GroupQuery {
-                    q: &qkv.data[row * qkv.cols + g * group * d..][..group * d],
-                    heads: group,
-                    head_dim: d,
-                    scale: shape.scale,
-                };
-                let block = |b: usize, g: usize| {
-                    let base = kv.head_base(seq.block_table[b] as usize, g);
-                    KvBlock {
-                        k: &k[base..][..bs * d],
-                        v: &v[base..][..bs * d],
-                        block_size: bs,
-                        n: bs.min(ctx - b * bs),
+    let work = AttendTasks {
+        pool,
+        qkv,
+        shape,
+        step,
+        out,
+        heads_per_task,
+    };
+    kv.with_layer(layer, work);
+}
+
+/// [`attend_tasks`]' loop, over a layer of any storage type.
+struct AttendTasks<'a> {
+    pool: &'a ThreadPool,
+    qkv: &'a CpuTensor,
+    shape: AttentionShape,
+    step: &'a CpuStep,
+    out: &'a mut CpuTensor,
+    heads_per_task: usize,
+}
+
+impl LayerFn for AttendTasks<'_> {
+    type Output = ();
+
+    fn call<L: KvLayer>(self, kv: L) {
+        let Self {
+            pool,
+            qkv,
+            shape,
+            step,
+            out,
+            heads_per_task,
+        } = self;
+        let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let group = h / kvh;
+        let bs = kv.block_size();
+        out.resize(qkv.rows, h * d);
+        let out_ptr = SyncPtr::new(&mut out.data);
+        let parts = kvh / heads_per_task;
+        pool.run(step.tasks.len() * parts, |i| {
+            let task = step.tasks[i / parts];
+            let g0 = i % parts * heads_per_task;
+            let seq = &step.batch.seqs[task.seq];
+            let (mut scores, mut query16) = (SCORES.take(), QUERY16.take());
+            {
+                let (scores, inv_sums, scratch) = &mut scores;
+                let (q16, q16_scales) = &mut query16;
+                for q in task.q_begin..task.q_end {
+                    let row = seq.query_start + q;
+                    let ctx = seq.context_len - seq.query_len + q + 1;
+                    let task_q = &qkv.data[row * qkv.cols + g0 * group * d..];
+                    if L::QUANTIZED_QUERY {
+                        let task_q = &task_q[..heads_per_task * group * d];
+                        kernels_q8::quantize_query(task_q, q16, q16_scales);
                     }
-                };
-                let blocks = ctx.div_ceil(bs);
-                // Scores are `[KV head of the task][query head of its group][context]`.
-                let per_head = group * ctx;
-                scores.resize(heads_per_task * per_head, 0.0);
-                for b in (0..blocks).step_by(2) {
-                    for j in 0..heads_per_task {
-                        let (g, out) = (g0 + j, &mut scores[j * per_head + b * bs..]);
-                        if b + 1 < blocks {
-                            block_pair_scores(
-                                gq(g),
-                                block(b, g),
-                                block(b + 1, g),
-                                out,
-                                ctx,
-                                scratch,
-                            );
-                        } else {
-                            block_scores(gq(g), block(b, g), out, ctx, scratch);
+                    let gq = |g: usize| {
+                        let at = (g - g0) * group * d;
+                        GroupQuery {
+                            q: &task_q[at..][..group * d],
+                            heads: group,
+                            head_dim: d,
+                            scale: shape.scale,
+                            q16: q16.get(at..).unwrap_or_default(),
+                            q16_scales: q16_scales.get(at / GROUP_Q8..).unwrap_or_default(),
+                        }
+                    };
+                    let block = |b: usize, g: usize| {
+                        kv.block(seq.block_table[b] as usize, g, bs.min(ctx - b * bs))
+                    };
+                    let blocks = ctx.div_ceil(bs);
+                    // Scores are `[KV head of the task][query head of its group][context]`.
+                    let per_head = group * ctx;
+                    scores.resize(heads_per_task * per_head, 0.0);
+                    for b in (0..blocks).step_by(2) {
+                        for j in 0..heads_per_task {
+                            let (g, out) = (g0 + j, &mut scores[j * per_head + b * bs..]);
+                            if b + 1 < blocks {
+                                L::pair_scores(
+                                    gq(g),
+                                    block(b, g),
+                                    block(b + 1, g),
+                                    out,
+                                    ctx,
+                                    scratch,
+                                );
+                            } else {
+                                L::scores(gq(g), block(b, g), out, ctx, scratch);
+                            }
+                        }
+                    }
+                    inv_sums.clear();
+                    inv_sums.extend(
+                        scores
+                            .chunks_exact_mut(ctx)
+                            .map(|row| 1.0 / softmax_numerators(row)),
+                    );
+                    // SAFETY: (row, KV heads) ranges are disjoint across tasks, and the query heads
+                    // of consecutive KV heads are contiguous in the output row.
+                    let o = unsafe {
+                        out_ptr.slice(row * h * d + g0 * group * d, heads_per_task * group * d)
+                    };
+                    o.fill(0.0);
+                    for b in 0..blocks {
+                        for (j, o) in o.chunks_exact_mut(group * d).enumerate() {
+                            let p = &scores[j * per_head + b * bs..];
+                            L::accumulate_v(group, p, ctx, block(b, g0 + j), d, o, scratch);
+                        }
+                    }
+                    for (o, inv) in o.chunks_exact_mut(d).zip(inv_sums.iter()) {
+                        for x in o {
+                            *x *= inv;
                         }
                     }
                 }
-                inv_sums.clear();
-                inv_sums.extend(
-                    scores
-                        .chunks_exact_mut(ctx)
-                        .map(|row| 1.0 / softmax_numerators(row)),
-                );
-                // SAFETY: (row, KV heads) ranges are disjoint across tasks, and the query heads
-                // of consecutive KV heads are contiguous in the output row.
-                let o = unsafe {
-                    out_ptr.slice(row * h * d + g0 * group * d, heads_per_task * group * d)
-                };
-                o.fill(0.0);
-                for b in 0..blocks {
-                    for (j, o) in o.chunks_exact_mut(group * d).enumerate() {
-                        let p = &scores[j * per_head + b * bs..];
-                        accumulate_v(group, p, ctx, block(b, g0 + j), d, o, scratch);
-                    }
-                }
-                for (o, inv) in o.chunks_exact_mut(d).zip(inv_sums.iter()) {
-                    for x in o {
-                        *x *= inv;
-                    }
-                }
             }
+            SCORES.set(scores);
+            QUERY16.set(query16);
         });
-    });
+    }
 }

@@ -1,6 +1,9 @@
 //! Paged attention against an f64 evaluation of softmax(q·k) v, and a timing probe.
 
+use super::kernels_q8::{quantize_group, GROUP};
+use super::kv_cache::KvStore;
 use super::*;
+use crate::kernels::dtype::KvCacheDtype;
 use crate::kernels::{BatchSeq, ForwardBatch, KvCacheShape, Rope};
 use half::f16;
 use rand::seq::SliceRandom;
@@ -29,11 +32,34 @@ fn batch(ranges: &[(usize, usize, usize)], tables: &[Vec<u32>], bs: usize) -> Fo
     b
 }
 
+/// What the cache holds of a K or V head row: f16-rounded, or quantized to q8_0 and back.
+fn as_stored(x: &mut [f32], dtype: KvCacheDtype) {
+    match dtype {
+        KvCacheDtype::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        KvCacheDtype::Int8 => {
+            for part in x.chunks_exact_mut(GROUP) {
+                let mut codes = [0i8; GROUP];
+                let d = quantize_group(part, &mut codes).to_f32();
+                for (v, c) in part.iter_mut().zip(codes) {
+                    *v = c as f32 * d;
+                }
+            }
+        }
+    }
+}
+
 /// Ragged prefill chunks over a cached prefix, then decode, against an f64 evaluation of
-/// softmax(q·k) v over the same rotated, f16-rounded Q, K and V, for GQA ratios 1/3/4/8,
-/// head dims 64/128/48 and block sizes 8/16/32.
+/// softmax(q·k) v over the same rotated, f16-rounded Q and the K and V the cache holds (f16,
+/// or 8-bit codes and scales), for GQA ratios 1/3/4/8, head dims 64/128/48 (not 8-bit) and
+/// block sizes 8/16/32.
 #[test]
 fn paged_attention_matches_f64_reference() {
+    for dtype in [KvCacheDtype::F16, KvCacheDtype::Int8] {
+        paged_attention_matches_f64_reference_for(dtype);
+    }
+}
+
+fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for &(h, kvh, d, bs) in &[
@@ -42,7 +68,11 @@ fn paged_attention_matches_f64_reference() {
         (8, 2, 128, 8),
         (8, 1, 64, 32),
         (4, 2, 48, 16),
+        (7, 1, 96, 16),
     ] {
+        if dtype == KvCacheDtype::Int8 && d % GROUP != 0 {
+            continue;
+        }
         let shape = AttentionShape {
             num_heads: h,
             num_kv_heads: kvh,
@@ -60,13 +90,14 @@ fn paged_attention_matches_f64_reference() {
             tables.push(ids[next..next + n].to_vec());
             next += n;
         }
-        let mut kv = CpuKvCache::new(KvCacheShape {
+        let shape_kv = KvCacheShape {
             num_layers: 1,
             num_blocks,
             block_size: bs,
             num_kv_heads: kvh,
             head_dim: d,
-        });
+        };
+        let mut kv = CpuKvCache::with_dtype(shape_kv, dtype).expect("a whole number of groups");
         let rope = Rope {
             inv_freqs: (0..d / 2)
                 .map(|i| 10000f32.powf(-2.0 * i as f32 / d as f32))
@@ -113,8 +144,8 @@ fn paged_attention_matches_f64_reference() {
             for &(s, start, end) in &ranges {
                 for _ in start..end {
                     let mut t = qkv.row(row).to_vec();
-                    for x in &mut t[h * d..] {
-                        *x = f16::from_f32(*x).to_f32();
+                    for x in t[h * d..].chunks_exact_mut(d) {
+                        as_stored(x, dtype);
                     }
                     seen[s].push(t);
                     let ctx = &seen[s];
@@ -146,8 +177,8 @@ fn paged_attention_matches_f64_reference() {
                             let got = out.row(row)[head * d + i] as f64;
                             assert!(
                                 (got - exact).abs() < 1e-5,
-                                "h {h} kvh {kvh} d {d} bs {bs} seq {s} row {row} head {head} \
-                                 dim {i}: {got} vs {exact}"
+                                "{dtype}: h {h} kvh {kvh} d {d} bs {bs} seq {s} row {row} \
+                                 head {head} dim {i}: {got} vs {exact}"
                             );
                         }
                     }
@@ -162,7 +193,7 @@ fn paged_attention_matches_f64_reference() {
 /// heads, head dim 64) whose blocks lie shuffled in a large pool, as in a long-running
 /// server, timed for both task shapes interleaved in one run (this machine's speed drifts
 /// between runs). `PROBE_SEQS` (16), `PROBE_CTX` (256), `PROBE_QUERIES` (1: decode; more for a
-/// prefill chunk ending at the context's end), `PROBE_REPS` (30):
+/// prefill chunk ending at the context's end), `PROBE_REPS` (30), `PROBE_KV` (caches to compare, interleaved: `f16`, `int8`, `f16,int8`):
 /// `cargo test --release --lib attention_probe -- --ignored --nocapture`
 #[test]
 #[ignore = "a timing probe"]
@@ -185,18 +216,24 @@ fn attention_probe() {
         head_dim: d,
         scale: 0.125,
     };
-    let mut kv = CpuKvCache::new(KvCacheShape {
+    let kv_shape = KvCacheShape {
         num_layers: layers,
         num_blocks,
         block_size: bs,
         num_kv_heads: kvh,
         head_dim: d,
-    });
-    for layer in kv.k.iter_mut().chain(kv.v.iter_mut()) {
-        for (i, x) in layer.iter_mut().enumerate() {
-            *x = f16::from_f32((i % 1000) as f32 * 1e-3 - 0.5);
-        }
-    }
+    };
+    let dtypes = std::env::var("PROBE_KV").unwrap_or_else(|_| "f16".into());
+    let caches: Vec<CpuKvCache> = dtypes
+        .split(',')
+        .map(|name| {
+            let dtype = match name {
+                "int8" => KvCacheDtype::Int8,
+                _ => KvCacheDtype::F16,
+            };
+            probe_cache(kv_shape, dtype)
+        })
+        .collect();
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
     ids.shuffle(&mut ChaCha8Rng::seed_from_u64(5));
     let queries = env("PROBE_QUERIES", 1).clamp(1, ctx + 1);
@@ -221,10 +258,11 @@ fn attention_probe() {
     }
     let pool = ThreadPool::with_default_threads();
     let mut out = CpuTensor::default();
-    let shapes = [1, kvh];
-    let mut times = vec![Vec::new(); shapes.len()];
+    // (cache, KV heads per task), interleaved in every repetition.
+    let arms: Vec<(usize, usize)> = (0..caches.len()).flat_map(|c| [(c, 1), (c, kvh)]).collect();
+    let mut times = vec![Vec::new(); arms.len()];
     for _ in 0..reps {
-        for (t, &heads_per_task) in times.iter_mut().zip(&shapes) {
+        for (t, &(c, heads_per_task)) in times.iter_mut().zip(&arms) {
             let start = std::time::Instant::now();
             for layer in 0..layers {
                 attend_tasks(
@@ -232,7 +270,7 @@ fn attention_probe() {
                     &qkv,
                     shape,
                     layer,
-                    &kv,
+                    &caches[c],
                     &step,
                     &mut out,
                     heads_per_task,
@@ -241,13 +279,45 @@ fn attention_probe() {
             t.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    for (t, heads_per_task) in times.iter_mut().zip(shapes) {
+    for (t, (c, heads_per_task)) in times.iter_mut().zip(arms) {
         t.sort_by(f64::total_cmp);
         println!(
-            "probe attention {seqs} seqs × {queries} queries × ctx {ctx}, {heads_per_task} KV \
-             heads per task: median {:.2} ms, fastest {:.2} ms",
+            "probe attention {} {seqs} seqs × {queries} queries × ctx {ctx}, {heads_per_task} \
+             KV heads per task: median {:.2} ms, fastest {:.2} ms",
+            caches[c].dtype(),
             t[t.len() / 2],
             t[0]
         );
     }
+}
+
+/// A probe's cache of `dtype`, every value written (so that its pages are real memory).
+fn probe_cache(shape: KvCacheShape, dtype: KvCacheDtype) -> CpuKvCache {
+    let mut kv = CpuKvCache::with_dtype(shape, dtype).expect("head_dim 64");
+    let value = |i: usize| (i % 1000) as f32 * 1e-3 - 0.5;
+    match &mut kv.store {
+        KvStore::F16 { k, v } => {
+            for layer in k.iter_mut().chain(v.iter_mut()) {
+                for (i, x) in layer.iter_mut().enumerate() {
+                    *x = f16::from_f32(value(i));
+                }
+            }
+        }
+        KvStore::Int8 {
+            k,
+            k_scales,
+            v,
+            v_scales,
+        } => {
+            for layer in k.iter_mut().chain(v.iter_mut()) {
+                for (i, x) in layer.iter_mut().enumerate() {
+                    *x = (value(i) * 254.0) as i8;
+                }
+            }
+            for layer in k_scales.iter_mut().chain(v_scales.iter_mut()) {
+                layer.fill(f16::from_f32(1.0 / 127.0));
+            }
+        }
+    }
+    kv
 }
