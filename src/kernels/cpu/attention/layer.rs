@@ -18,6 +18,9 @@ pub(super) trait KvLayer: Sync {
 
     fn block_size(&self) -> usize;
 
+    /// Starts loading `part` of the block into the cache.
+    fn prefetch(blk: Self::Block<'_>, part: Part);
+
     /// The region of (`block`, `head`), whose first `n` keys are in the context.
     fn block(&self, block: usize, head: usize, n: usize) -> Self::Block<'_>;
 
@@ -69,6 +72,10 @@ impl KvLayer for F16Layer<'_> {
 
     fn block_size(&self) -> usize {
         self.cache.shape.block_size
+    }
+
+    fn prefetch(blk: KvBlock<'_>, part: Part) {
+        prefetch_slice(if part == Part::K { blk.k } else { blk.v });
     }
 
     fn block(&self, block: usize, head: usize, n: usize) -> KvBlock<'_> {
@@ -129,6 +136,19 @@ impl KvLayer for Q8Layer<'_> {
 
     fn block_size(&self) -> usize {
         self.cache.shape.block_size
+    }
+
+    fn prefetch(blk: KvBlockQ8<'_>, part: Part) {
+        match part {
+            Part::K => {
+                prefetch_slice(blk.k);
+                prefetch_slice(blk.k_scales);
+            }
+            Part::V => {
+                prefetch_slice(blk.v);
+                prefetch_slice(blk.v_scales);
+            }
+        }
     }
 
     fn block(&self, block: usize, head: usize, n: usize) -> KvBlockQ8<'_> {
@@ -203,4 +223,27 @@ impl CpuKvCache {
 pub(super) trait LayerFn {
     type Output;
     fn call<L: KvLayer>(self, layer: L) -> Self::Output;
+}
+
+/// Which half of a block [`KvLayer::prefetch`] loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    K,
+    V,
+}
+
+/// Asks for the cache lines of `s`.
+#[inline(always)]
+fn prefetch_slice<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, len) = (s.as_ptr() as *const i8, std::mem::size_of_val(s));
+        for off in (0..len).step_by(64) {
+            // SAFETY: a prefetch of an address inside `s` never faults and changes nothing.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }

@@ -41,7 +41,7 @@ use super::pool::{SyncPtr, ThreadPool};
 use crate::kernels::AttentionShape;
 use kernels::{softmax_numerators, GroupQuery, Scratch};
 use kernels_q8::GROUP as GROUP_Q8;
-use layer::{KvLayer, LayerFn};
+use layer::{KvLayer, LayerFn, Part};
 
 thread_local! {
     /// Per worker: scores `[group heads][context]`, each head's 1 / softmax sum, conversion space.
@@ -162,7 +162,21 @@ impl LayerFn for AttendTasks<'_> {
                     // Scores are `[KV head of the task][query head of its group][context]`.
                     let per_head = group * ctx;
                     scores.resize(heads_per_task * per_head, 0.0);
+                    // Blocks lie anywhere in the pool, so the hardware cannot guess the next
+                    // one: ask for its K (then its V) this many blocks ahead. Measured
+                    // (`attention_probe`, one thread, 16 × 1,024): 8-bit 10% and f16 3% faster.
+                    const AHEAD: usize = 4;
+                    let prefetch = |b: usize, part: Part| {
+                        if b < blocks {
+                            for g in g0..g0 + heads_per_task {
+                                L::prefetch(kv.block(seq.block_table[b] as usize, g, 0), part);
+                            }
+                        }
+                    };
+                    (0..AHEAD).for_each(|b| prefetch(b, Part::K));
                     for b in (0..blocks).step_by(2) {
+                        prefetch(b + AHEAD, Part::K);
+                        prefetch(b + 1 + AHEAD, Part::K);
                         for j in 0..heads_per_task {
                             let (g, out) = (g0 + j, &mut scores[j * per_head + b * bs..]);
                             if b + 1 < blocks {
@@ -179,6 +193,7 @@ impl LayerFn for AttendTasks<'_> {
                             }
                         }
                     }
+                    (0..AHEAD).for_each(|b| prefetch(b, Part::V));
                     inv_sums.clear();
                     inv_sums.extend(
                         scores
@@ -192,6 +207,7 @@ impl LayerFn for AttendTasks<'_> {
                     };
                     o.fill(0.0);
                     for b in 0..blocks {
+                        prefetch(b + AHEAD, Part::V);
                         for (j, o) in o.chunks_exact_mut(group * d).enumerate() {
                             let p = &scores[j * per_head + b * bs..];
                             L::accumulate_v(group, p, ctx, block(b, g0 + j), d, o, scratch);
