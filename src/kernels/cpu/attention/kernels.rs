@@ -7,10 +7,11 @@
 //! load; a V row (`[block_size][head_dim]`) is read once for all heads of the group. Both are
 //! f16, which is the precision the cache always kept (values were rounded to it before).
 //!
-//! The AVX-512 and AVX2 paths (`kernels_avx512.rs`, `kernels_avx2.rs`) and the portable path perform the same float
-//! operations in the same order (per key: two partial sums over even and odd dimensions, then
-//! `(a + b) * scale`; per output element: one FMA per key in key order), so their results are
-//! identical (tested), and a sequence's results never depend on what else is in the batch.
+//! The AVX-512 and AVX2 paths (`kernels_avx512.rs`, `kernels_avx2.rs`) and the portable path
+//! perform the same float operations in the same order (per key: two partial sums over even
+//! and odd dimensions, then `(a + b) * scale`; per output element: one FMA per key in key
+//! order), so their results are identical (tested), and a sequence's results never depend on
+//! what else is in the batch.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;

@@ -1,8 +1,8 @@
 //! The CPU backend's paged KV cache, per layer: K `[num_blocks, num_kv_heads, head_dim,
-//! block_size]` (transposed within a block; in pairs of dimensions when 8-bit) and V `[num_blocks, num_kv_heads, block_size,
-//! head_dim]`, as f16 values or as 8-bit codes with their scales (`kernels_q8.rs`); and
-//! [`rope_and_store`], which rotates each new token's Q and K and writes its K and V into the
-//! token's slot.
+//! block_size]` (transposed within a block; in pairs of dimensions when 8-bit) and V
+//! `[num_blocks, num_kv_heads, block_size, head_dim]`, as f16 values or as 8-bit codes with
+//! their scales (`kernels_q8.rs`); and [`rope_and_store`], which rotates each new token's Q and
+//! K and writes its K and V into the token's slot.
 
 use half::{f16, slice::HalfFloatSliceExt};
 

@@ -3,11 +3,11 @@
 //!
 //! KV layout per layer (f16; the 8-bit cache's is in `kernels_q8.rs`): K is `[num_blocks,
 //! num_kv_heads, head_dim, block_size]` (transposed within a block, so a vector FMA scores 16
-//! keys) and V is `[num_blocks, num_kv_heads, block_size, head_dim]`. Work is split into tasks of (sequence, up to `QUERY_CHUNK` queries,
-//! all KV heads or one; see [`attend`]); a task handles every query head of its KV heads (GQA),
-//! so each K and V load serves all of them. No task splits a query's keys, so each output is
-//! computed the same way whatever else is in the batch, how a prompt was chunked or how heads
-//! were grouped into tasks.
+//! keys) and V is `[num_blocks, num_kv_heads, block_size, head_dim]`. Work is split into tasks
+//! of (sequence, up to `QUERY_CHUNK` queries, all KV heads or one; see [`attend`]); a task
+//! handles every query head of its KV heads (GQA), so each K and V load serves all of them.
+//! No task splits a query's keys, so each output is computed the same way whatever else is in
+//! the batch, how a prompt was chunked or how heads were grouped into tasks.
 //!
 //! Files: `kv_cache.rs` (the cache and the K/V write), `step.rs` (per-step RoPE angles and the
 //! task split), `layer.rs` (a layer of either storage type, as the task loop reads it),
@@ -48,7 +48,8 @@ thread_local! {
     static SCORES: RefCell<(Vec<f32>, Vec<f32>, Scratch)> =
         RefCell::new((Vec::new(), Vec::new(), Scratch::default()));
     /// Per worker: the task's query heads as 16-bit codes and their scales (8-bit caches).
-    static QUERY16: RefCell<(Vec<i16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static QUERY16: RefCell<(Vec<i16>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Causal attention of every query over its sequence's cache; `out` is `[tokens, heads * d]`.

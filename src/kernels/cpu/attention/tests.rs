@@ -193,7 +193,8 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
 /// heads, head dim 64) whose blocks lie shuffled in a large pool, as in a long-running
 /// server, timed for both task shapes interleaved in one run (this machine's speed drifts
 /// between runs). `PROBE_SEQS` (16), `PROBE_CTX` (256), `PROBE_QUERIES` (1: decode; more for a
-/// prefill chunk ending at the context's end), `PROBE_REPS` (30), `PROBE_KV` (caches to compare, interleaved: `f16`, `int8`, `f16,int8`):
+/// prefill chunk ending at the context's end), `PROBE_REPS` (30), `PROBE_KV` (the caches to
+/// compare, interleaved: `f16`, `int8`, `f16,int8`):
 /// `cargo test --release --lib attention_probe -- --ignored --nocapture`
 #[test]
 #[ignore = "a timing probe"]
