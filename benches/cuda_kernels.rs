@@ -29,7 +29,7 @@ mod decode;
 mod gemv;
 
 use sluice::kernels::cuda::{CudaBackend, KvDType};
-use sluice::kernels::dtype::WeightDType;
+use sluice::kernels::dtype::{KvCacheDtype, WeightDType};
 use sluice::kernels::{AttentionShape, Backend, BatchSeq, ForwardBatch, KvCacheShape, Rope};
 use sluice::model::config::{Llama3RopeScaling, ModelConfig, RopeStyle};
 use sluice::model::llama::Llama;
@@ -248,7 +248,7 @@ fn decode_8b(copy_bw: f64, profile_only: bool) {
     );
     let per_layer = hid * (h + 2 * kvh) * d + h * d * hid + 3 * hid * inter;
     let weight_bytes = 2.0 * (c.num_layers * per_layer + c.vocab_size * hid) as f64;
-    let kv_bytes = (c.kv_bytes_per_token(2) * (PROMPT + STEPS / 2)) as f64;
+    let kv_bytes = (c.kv_bytes_per_token(KvCacheDtype::F16) * (PROMPT + STEPS / 2)) as f64;
     let ideal = (weight_bytes + kv_bytes) / copy_bw;
     println!(
         "decode8b   Llama-3-8B shape, dummy bf16, batch 1, context {PROMPT}..{}: \
