@@ -20,10 +20,11 @@
 //! features; `SLUICE_CPU_KERNEL=portable|avx2|avx512` forces one (if the CPU supports it).
 //!
 //! Three entry points:
-//! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 path its
-//!   Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run the
-//!   column-interleaved kernels ([`packed_avx512`]), which the CPU backend uses. Other parts
-//!   and paths run the raw-block kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
+//! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 and AVX2
+//!   paths its Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run
+//!   the column-interleaved kernels ([`packed_avx512`], [`packed_avx2`]; the two give the same
+//!   bits), which the CPU backend uses. Other parts, and the portable path, run the raw-block
+//!   kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
 //! * [`linear`] over raw [`HostTensor`]s (tests, benches, the baseline).
 //! * [`ggml_dots::linear`] over Q4_1/Q8_0 [`HostTensor`]s, for `--cpu-numerics ggml`: ggml's
 //!   own dot products, bit for bit, with their activation quantization.
@@ -61,9 +62,11 @@ mod packed_acts;
 #[cfg(target_arch = "x86_64")]
 mod packed_amx;
 #[cfg(target_arch = "x86_64")]
+mod packed_avx2;
+#[cfg(target_arch = "x86_64")]
 mod packed_avx512;
 mod packed_linear;
-/// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the AVX-512 path).
+/// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the x86 SIMD paths).
 #[cfg(not(target_arch = "x86_64"))]
 mod packed_avx512 {
     pub(super) struct PackedChunk<'a> {
@@ -74,7 +77,7 @@ mod packed_avx512 {
         pub(super) out: super::OutView,
     }
     pub(super) fn packed_chunk(_: &PackedChunk, _: &super::packed_acts::PackedActs) {
-        unreachable!("packed weights exist only on x86-64 with AVX-512")
+        unreachable!("packed weights exist only on x86-64")
     }
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -87,6 +90,8 @@ mod packed_amx {
     }
     pub(super) use super::packed_avx512::packed_chunk;
 }
+#[cfg(not(target_arch = "x86_64"))]
+use packed_amx as packed_avx2;
 #[cfg(test)]
 mod packed_tests;
 mod quantize;

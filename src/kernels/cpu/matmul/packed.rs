@@ -1,5 +1,6 @@
-//! Weights repacked once at load for the AVX-512 VNNI kernels ([`super::packed_avx512`]):
-//! the column-interleaved layout of llama.cpp's "repacked" CPU kernels.
+//! Weights repacked once at load for the AVX-512 VNNI kernels ([`super::packed_avx512`]) and
+//! the AVX2 ones ([`super::packed_avx2`]): the column-interleaved layout of llama.cpp's
+//! "repacked" CPU kernels.
 //!
 //! A part's weight rows (output columns) are cut into groups of [`GROUP`] = 16; a last short
 //! group is padded with zero columns (scale 0, so padded lanes add exactly +0 and are never
@@ -181,7 +182,8 @@ pub(super) struct PackedPart {
 
 /// A linear layer's weights prepared once for [`super::linear_packed`]: the concatenation,
 /// along the output dimension, of its parts (e.g. Q, K and V). Q4_0, Q4_1 and Q8_0 parts are
-/// repacked when the process runs the AVX-512 path; other dtypes are used as loaded.
+/// repacked when the process runs the AVX-512 or the AVX2 path; other dtypes are used as
+/// loaded.
 pub struct PackedLinear {
     pub(super) parts: Vec<PackedPart>,
     rows: usize,
@@ -194,7 +196,7 @@ impl PackedLinear {
         Self::with_path(KernelPath::selected(), parts)
     }
 
-    /// [`new`](Self::new) for an explicit kernel path (only [`KernelPath::Avx512`] repacks).
+    /// [`new`](Self::new) for an explicit kernel path (the portable path does not repack).
     pub fn with_path(path: KernelPath, parts: Vec<HostTensor>) -> Result<Self, KernelError> {
         let cols = parts.first().map_or(0, |p| p.cols);
         if parts.is_empty() || parts.iter().any(|p| p.cols != cols) {
@@ -221,7 +223,9 @@ impl PackedLinear {
                 p.rows * p.row_bytes()
             )));
         }
-        let repack = path == KernelPath::Avx512 && path.is_supported() && repack_enabled();
+        let repack = matches!(path, KernelPath::Avx512 | KernelPath::Avx2)
+            && path.is_supported()
+            && repack_enabled();
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,

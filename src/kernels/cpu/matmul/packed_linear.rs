@@ -1,16 +1,18 @@
 //! [`linear_packed`]: the entry point over a [`PackedLinear`]. Packed parts run the
-//! column-interleaved AVX-512 kernels ([`super::packed_avx512`]); other parts (floats,
-//! K-quants, or any part off the AVX-512 path) run the raw-block kernels of [`super::linear`],
-//! each writing its own columns of the same output.
+//! column-interleaved kernels (AVX-512: [`super::packed_avx512`] or AMX; AVX2:
+//! [`super::packed_avx2`]); other parts (floats, K-quants, or any part on the portable path)
+//! run the raw-block kernels of [`super::linear`], each writing its own columns of the same
+//! output.
 
 use super::packed::{self, PackedLinear};
 use super::packed_amx;
+use super::packed_avx2;
 use super::packed_avx512::{self, PackedChunk};
 use super::{raw_chunk, Chunk, KernelPath, MatmulScratch, OutView, Task};
 use crate::kernels::cpu::pool::{SyncPtr, ThreadPool};
 
-/// [`super::linear`] over prepared weights: packed parts run the packed AVX-512 kernels
-/// ([`packed`]), the others the kernels of [`linear`]. Same shapes and output as [`super::linear`].
+/// [`super::linear`] over prepared weights: packed parts run the packed kernels ([`packed`]),
+/// the others the kernels of [`super::linear`]. Same shapes and output as [`super::linear`].
 ///
 /// # Panics
 /// On inconsistent shapes (`x` not `[m, w.cols()]`, `out` not `[m, w.rows()]`).
@@ -25,8 +27,9 @@ pub fn linear_packed(
     linear_packed_with(KernelPath::selected(), pool, x, m, w, out, scratch);
 }
 
-/// [`linear_packed`] on an explicit code path; packed copies are used only on
-/// [`KernelPath::Avx512`], other paths read the parts as loaded.
+/// [`linear_packed`] on an explicit code path; packed copies are used on
+/// [`KernelPath::Avx512`] and [`KernelPath::Avx2`] (the same bits), the portable path reads
+/// the parts as loaded.
 ///
 /// # Panics
 /// As [`linear_packed`], and when `path` is not supported by this CPU.
@@ -50,7 +53,9 @@ pub fn linear_packed_with(
         return;
     }
     fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&packed::PackedWeights> {
-        p.packed.as_ref().filter(|_| path == KernelPath::Avx512)
+        p.packed
+            .as_ref()
+            .filter(|_| matches!(path, KernelPath::Avx512 | KernelPath::Avx2))
     }
     let packed = |p| used(path, p);
     let mut need = (false, false, false);
@@ -91,7 +96,9 @@ pub fn linear_packed_with(
                 m,
                 out,
             };
-            if !no_amx && packed_amx::runs_on_amx(pw, m) {
+            if path == KernelPath::Avx2 {
+                packed_avx2::packed_chunk(&chunk, pa);
+            } else if !no_amx && packed_amx::runs_on_amx(pw, m) {
                 packed_amx::packed_chunk(&chunk, pa);
             } else {
                 packed_avx512::packed_chunk(&chunk, pa);

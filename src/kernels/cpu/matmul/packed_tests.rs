@@ -4,6 +4,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::packed_acts::{self, PackedActs};
 use super::tests::{paths, random_tensor, random_values, reference};
 use super::*;
 
@@ -155,6 +156,121 @@ fn amx_matches_vnni_bit_exact() {
             );
         }
     }
+}
+
+/// The packed kernels' arithmetic, one lane at a time in scalar code: the exact integer sum
+/// of each block, then `fma(f32(isum), d_w·d_x, acc)` and for Q4_1 `fma(m_w, s_x, acc)`.
+fn packed_scalar(w: &packed::PackedWeights, a: &PackedActs, m: usize) -> Vec<f32> {
+    use packed::{PackedKind, GROUP};
+    let (nb, kind) = (w.nb, w.kind);
+    let (qb, sb) = (kind.quant_bytes(), kind.scale_bytes());
+    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let mut out = vec![0.0f32; m * w.rows];
+    for j in 0..w.rows {
+        let (grp, c) = (w.group(j / GROUP), j % GROUP);
+        for r in 0..m {
+            let mut acc = 0.0f32;
+            for b in 0..nb {
+                let (q, x) = (&grp[b * qb..], &a.qs[r * a.k + 32 * b..]);
+                let at = |i: usize, t: usize| q[64 * i + 4 * c + t];
+                let mut is: i32 = 0;
+                for i in 0..qb / 64 {
+                    for t in 0..4 {
+                        is += match kind {
+                            PackedKind::Q8_0 => {
+                                i32::from((at(i, t) ^ 0x80) as i8) * i32::from(x[4 * i + t])
+                            }
+                            _ => {
+                                i32::from(at(i, t) & 15) * i32::from(x[8 * i + t])
+                                    + i32::from(at(i, t) >> 4) * i32::from(x[8 * i + 4 + t])
+                            }
+                        };
+                    }
+                }
+                let ab = r * nb + b;
+                if kind == PackedKind::Q4_0 {
+                    is -= 8 * a.bsum[ab];
+                }
+                let s = &grp[nb * qb + b * sb..];
+                acc = (is as f32).mul_add(f16_at(s, 2 * c) * a.d[ab], acc);
+                if kind == PackedKind::Q4_1 {
+                    acc = f16_at(s, 2 * GROUP + 2 * c).mul_add(a.s[ab], acc);
+                }
+            }
+            out[r * w.rows + j] = acc;
+        }
+    }
+    out
+}
+
+/// Every SIMD path's packed kernel gives the scalar definition's bits (so AVX2 and AVX-512
+/// agree with each other), for row tiles of every height and partial last groups and halves.
+#[test]
+fn packed_kernels_match_scalar_definition_bit_exact() {
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let pool = ThreadPool::new(2);
+    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
+        for (k, n) in [(64, 5), (96, 16), (320, 75), (576, 43)] {
+            let parts = vec![random_tensor(&mut rng, dtype, n, k)];
+            for m in [1, 2, 3, 4, 7, 9] {
+                let x = random_values(&mut rng, m * k, 1.0);
+                let mut acts = PackedActs::default();
+                acts.quantize(&pool, &x, m, k);
+                let mut want = None;
+                for path in paths().into_iter().filter(|p| *p != KernelPath::Portable) {
+                    let w = PackedLinear::with_path(path, parts.clone()).expect("valid parts");
+                    let pw = w.parts[0].packed.as_ref().expect("a packed copy");
+                    let want = want.get_or_insert_with(|| packed_scalar(pw, &acts, m));
+                    let got = run_packed(path, &pool, &x, m, &w);
+                    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{dtype} {path:?} k={k} n={n} m={m}: element {i} is {g}, the scalar definition {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The SIMD activation quantizers write the scalar definition's bytes and scales.
+#[test]
+fn packed_activations_match_scalar_definition() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let k = 32 * 40;
+    let mut x = random_values(&mut rng, k, 3.0);
+    x[32..64].fill(0.0);
+    x[70] = 1e6;
+    let nb = k / 32;
+    type QuantizeRow<'a> = &'a dyn Fn(&mut [i8], &mut [f32], &mut [f32], &mut [i32]);
+    let quantize = |f: QuantizeRow| {
+        let (mut q, mut d, mut s, mut bs) = (vec![0; k], vec![0.0; nb], vec![0.0; nb], vec![0; nb]);
+        f(&mut q, &mut d, &mut s, &mut bs);
+        (
+            q,
+            d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            bs,
+        )
+    };
+    let want = quantize(&|q, d, s, bs| packed_acts::portable_quantize_row(&x, q, d, s, bs));
+    if KernelPath::Avx2.is_supported() {
+        // SAFETY: AVX2 is supported (checked).
+        let got =
+            quantize(&|q, d, s, bs| unsafe { packed_acts::avx2::quantize_row(&x, q, d, s, bs) });
+        assert!(
+            got == want,
+            "AVX2 activation quantization differs from the scalar definition"
+        );
+    }
+    let mut acts = PackedActs::default();
+    acts.quantize(&ThreadPool::new(1), &x, 1, k);
+    assert!(
+        acts.qs[..k] == want.0[..] && acts.bsum[..nb] == want.3[..],
+        "the selected quantizer differs"
+    );
 }
 
 #[test]
