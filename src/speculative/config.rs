@@ -33,6 +33,10 @@ pub struct SpeculativeConfig {
     /// where a step turns compute-bound, no draft pays for its rows.
     #[serde(default = "default_disable_by_batch_size")]
     pub disable_by_batch_size: usize,
+    /// Always draft up to `num_speculative_tokens` (vLLM's behaviour) instead of the length
+    /// the measured step cost favours: reproducible drafts whatever the machine's timing.
+    #[serde(default)]
+    pub fixed_draft_length: bool,
     /// A sequence whose draft tokens are accepted at a lower rate than this (recent
     /// verifications, decayed) pauses drafting, for twice as many tokens each time it fails
     /// again.

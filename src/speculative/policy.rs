@@ -120,7 +120,7 @@ impl Speculator {
             return &self.draft;
         }
         let max_len = c.num_speculative_tokens.min(room);
-        let k = match self.cost.fit() {
+        let k = match self.cost.fit().filter(|_| !c.fixed_draft_length) {
             Some(cost) => best_draft_len(max_len, policy.acceptance(), decodes, cost),
             None => max_len,
         };
@@ -190,6 +190,18 @@ mod tests {
         s.record(0, 4, 4, 16);
         assert!(s.propose(0, &T, 8, 1).len() > short);
         assert!(s.propose(0, &T, 8, 16).is_empty());
+    }
+
+    #[test]
+    fn fixed_draft_length_ignores_the_step_cost() {
+        let config = r#"{"method":"ngram","fixed_draft_length":true}"#;
+        let mut s = Speculator::new(SpeculativeConfig::parse(config).unwrap());
+        // Every row costs a whole step: no draft would pay, and sixteen decodes share it.
+        for rows in [1, 2, 8, 1, 64] {
+            s.observe_step(rows, 0.01 * rows as f64);
+        }
+        assert_eq!(s.propose(0, &T, 8, 16), &[3, 4, 5, 6]);
+        assert_eq!(s.propose(0, &T, 2, 16), &[3, 4]);
     }
 
     #[test]
