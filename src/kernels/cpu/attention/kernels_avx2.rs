@@ -103,10 +103,13 @@ pub unsafe fn accumulate_v<const H: usize>(
     d: usize,
     out: &mut [f32],
 ) {
+    // Two slices of 8 dimensions a pass: with three heads, four slices' 12 accumulators, 4
+    // V vectors and the weight spilled to the stack, and a 4,090-token prefill ran 10% slower
+    // (decode steps measured the same).
     let mut s = 0;
-    while s + 32 <= d {
-        accumulate_v_slices::<H, 4>(p, stride, blk, d, s, out);
-        s += 32;
+    while s + 16 <= d {
+        accumulate_v_slices::<H, 2>(p, stride, blk, d, s, out);
+        s += 16;
     }
     while s < d {
         accumulate_v_slices::<H, 1>(p, stride, blk, d, s, out);
