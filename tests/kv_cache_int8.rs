@@ -3,8 +3,9 @@
 //! and the two long greedy fixtures, prompt and continuation), computed through each
 //! attention path (a whole prompt at once, chunks over a cached prefix, one token at a time).
 //! Reported: the mean KL divergence of the 8-bit cache's distributions from the f16 cache's,
-//! and top-1 agreement, where a different top-1 is allowed only at an f16 near-tie (the
-//! fixtures' rule).
+//! and top-1 agreement: at least 95% of positions, a different top-1 only where f16's top
+//! two are within 0.5 (the 8-bit rounding moves logits by up to ~0.3, so which of the
+//! near-ties flip changes with the last bits of the matmuls).
 
 mod common;
 
@@ -15,8 +16,12 @@ use sluice::model::config::ModelConfig;
 use sluice::model::llama::Llama;
 
 const BLOCK_SIZE: usize = 16;
-/// The f16 cache's top-2 logit margin below which a different top-1 is a near-tie.
-const NEAR_TIE: f32 = 0.2;
+/// The f16 cache's top-2 logit margin below which the 8-bit cache may pick another top-1:
+/// its rounding moves a logit by up to about 0.3 here, so which near-ties flip depends on
+/// the last bits of everything else (the AVX2 and AVX-512 matmuls, say).
+const NEAR_TIE: f32 = 0.5;
+/// Least share of positions whose top-1 is f16's (llama.cpp's `--kl-divergence` "same top").
+const MIN_SAME_TOP: f64 = 0.95;
 /// Bound on the mean KL divergence (nats) per position; measured 2026-12-07: see
 /// `docs/benchmarks.md` ("8-bit KV cache").
 const MEAN_KL_BOUND: f64 = 0.01;
@@ -130,6 +135,10 @@ fn int8_cache_stays_near_f16_on_every_attention_path() {
         assert!(
             mean < MEAN_KL_BOUND,
             "{path}: mean KL {mean} nats\n{report}"
+        );
+        assert!(
+            agree as f64 >= MIN_SAME_TOP * positions as f64,
+            "{path}: the same top-1 at only {agree} of {positions} positions\n{report}"
         );
     }
     eprintln!("8-bit KV cache against f16:\n{report}");
