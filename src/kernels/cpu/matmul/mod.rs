@@ -156,6 +156,11 @@ impl KernelPath {
             .unwrap_or(Self::Portable)
     }
 
+    /// Whether the path's kernels read Q4_0/Q4_1/Q8_0 weights repacked ([`PackedLinear`]).
+    pub fn repacks(self) -> bool {
+        matches!(self, Self::Avx512 | Self::Avx2)
+    }
+
     /// The process-wide path: `SLUICE_CPU_KERNEL` if set to a supported path, else [`detect`].
     ///
     /// [`detect`]: Self::detect

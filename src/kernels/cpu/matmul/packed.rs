@@ -223,9 +223,7 @@ impl PackedLinear {
                 p.rows * p.row_bytes()
             )));
         }
-        let repack = matches!(path, KernelPath::Avx512 | KernelPath::Avx2)
-            && path.is_supported()
-            && repack_enabled();
+        let repack = path.repacks() && path.is_supported() && repack_enabled();
         Ok(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,

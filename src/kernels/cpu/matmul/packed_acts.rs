@@ -42,6 +42,7 @@ impl PackedActs {
             SyncPtr::new(&mut self.s),
             SyncPtr::new(&mut self.bsum),
         );
+        let quantize_row = quantize_row_fn();
         run_rows(pool, m, |r| {
             // SAFETY: each row's ranges are disjoint and in bounds (grown above); rows are
             // handed out once each.
@@ -58,24 +59,26 @@ impl PackedActs {
     }
 }
 
+/// One row's quantizer.
+type QuantizeRow = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i32]);
+
+/// The row quantizer for this CPU, chosen once per call rather than per row.
 #[cfg(target_arch = "x86_64")]
-fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], bsum: &mut [i32]) {
+fn quantize_row_fn() -> QuantizeRow {
     use super::KernelPath;
-    // SAFETY: packed weights, the only reason to quantize these, exist only where
-    // `KernelPath::Avx2.is_supported()`; the AVX-512 variant runs where that is supported.
-    unsafe {
-        if KernelPath::Avx512.is_supported() {
-            avx512::quantize_row(x, qs, d, s, bsum)
-        } else {
-            avx2::quantize_row(x, qs, d, s, bsum)
-        }
+    // SAFETY (both): packed weights, the only reason to quantize these, exist only where
+    // `KernelPath::Avx2.is_supported()`; the AVX-512 variant is chosen only where that is.
+    if KernelPath::Avx512.is_supported() {
+        |x, qs, d, s, bsum| unsafe { avx512::quantize_row(x, qs, d, s, bsum) }
+    } else {
+        |x, qs, d, s, bsum| unsafe { avx2::quantize_row(x, qs, d, s, bsum) }
     }
 }
 
 /// Off x86 there are never packed weights; this keeps the code total.
 #[cfg(not(target_arch = "x86_64"))]
-fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], bsum: &mut [i32]) {
-    portable_quantize_row(x, qs, d, s, bsum)
+fn quantize_row_fn() -> QuantizeRow {
+    portable_quantize_row
 }
 
 /// The scalar definition the SIMD variants reproduce byte for byte (tests hold them to it).

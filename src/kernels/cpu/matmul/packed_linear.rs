@@ -53,9 +53,7 @@ pub fn linear_packed_with(
         return;
     }
     fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&packed::PackedWeights> {
-        p.packed
-            .as_ref()
-            .filter(|_| matches!(path, KernelPath::Avx512 | KernelPath::Avx2))
+        p.packed.as_ref().filter(|_| path.repacks())
     }
     let packed = |p| used(path, p);
     let mut need = (false, false, false);
