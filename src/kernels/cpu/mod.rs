@@ -2,7 +2,7 @@
 //!
 //! Laid out by op family, each family holding its variants beside one another:
 //! * `matmul/`: the quantized matmuls (repacked AVX-512/AMX, raw-block AVX-512/AVX2/portable,
-//!   the reference dequantizer) and ggml's dot products (`ggml_dots.rs`, `ggml_vnni.rs`);
+//!   the reference dequantizer) and ggml's dot products (`ggml_dots.rs`, `ggml_tiles.rs`);
 //! * `attention/`: the paged KV cache, the step's task split, the fast kernels, and ggml's
 //!   two flash-attention kernels;
 //! * `rows/`: RMSNorm, SiLU·mul and RoPE, and their ggml variants (`rows/ggml.rs`);

@@ -19,7 +19,7 @@ use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
 
 #[cfg(target_arch = "x86_64")]
-use super::ggml_vnni;
+use super::ggml_tiles;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::cpu::ops::{simd_level, SimdLevel};
 
@@ -150,34 +150,45 @@ fn dot_q8_0(w: &[u8], qs: &[i8], d: &[f32]) -> f32 {
 }
 
 /// Which dot-product implementation runs (all give the same bits).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DotPath {
     /// AVX-512 VL + VNNI on 256-bit vectors, as llama.cpp's AVX2 code compiles there.
     Vnni,
+    /// AVX2 + FMA + F16C, as llama.cpp's AVX2 code compiles without VNNI.
+    Avx2,
     Portable,
+}
+
+/// Every path this CPU can run, fastest first.
+fn dot_paths() -> Vec<DotPath> {
+    let mut paths = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() != SimdLevel::Portable
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            paths.push(DotPath::Vnni);
+        }
+        paths.push(DotPath::Avx2);
+    }
+    paths.push(DotPath::Portable);
+    paths
 }
 
 fn dot_path() -> DotPath {
     static PATH: std::sync::OnceLock<DotPath> = std::sync::OnceLock::new();
-    *PATH.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if simd_level() != SimdLevel::Portable
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return DotPath::Vnni;
-        }
-        DotPath::Portable
-    })
+    *PATH.get_or_init(|| dot_paths()[0])
 }
 
 /// Computes columns `c0..c1` of one part for all `m` rows.
 #[allow(clippy::too_many_arguments)]
 fn columns(
+    path: DotPath,
     w: &HostTensor,
     c0: usize,
     c1: usize,
@@ -200,43 +211,52 @@ fn columns(
         out.slice(r * ld + col_off + c, v.len()).copy_from_slice(v)
     };
     #[cfg(target_arch = "x86_64")]
-    if dot_path() == DotPath::Vnni {
-        let (bytes, rb) = (&w.bytes[..], w.row_bytes());
-        // Tiles of 4 columns × 4 rows: a weight block is unpacked once for 4 rows, and 16
-        // accumulator chains run side by side.
-        let mut c = c0;
-        while c < c1 {
-            let n = if c + 4 <= c1 { 4 } else { 1 };
-            let mut r = 0;
-            while r < m {
-                let rows = if r + 4 <= m { 4 } else { 1 };
-                // SAFETY: the path was chosen from this CPU's features; every weight row and
-                // activation row holds `nb` blocks.
-                unsafe {
-                    match (n, rows) {
-                        (4, 4) => {
-                            ggml_vnni::tile::<4, 4>(bytes, rb, w.dtype, c, r, &row_of, &store)
-                        }
-                        (4, _) => {
-                            ggml_vnni::tile::<4, 1>(bytes, rb, w.dtype, c, r, &row_of, &store)
-                        }
-                        (_, 4) => {
-                            ggml_vnni::tile::<1, 4>(bytes, rb, w.dtype, c, r, &row_of, &store)
-                        }
-                        _ => ggml_vnni::tile::<1, 1>(bytes, rb, w.dtype, c, r, &row_of, &store),
-                    }
-                }
-                r += rows;
-            }
-            c += n;
-        }
-        return;
+    match path {
+        // SAFETY: the path is one of `dot_paths()`, chosen from this CPU's features.
+        DotPath::Vnni => return unsafe { tiles::<true>(w, c0, c1, m, &row_of, &store) },
+        DotPath::Avx2 => return unsafe { tiles::<false>(w, c0, c1, m, &row_of, &store) },
+        DotPath::Portable => {}
     }
     for c in c0..c1 {
         for r in 0..m {
             let (qs, d, s) = row_of(r);
             store(r, c, &[dot(w.dtype, w.row(c), qs, d, s)]);
         }
+    }
+}
+
+/// Columns `c0..c1` in tiles of 4 columns × 4 rows (1 at the edges): a weight block is
+/// unpacked once for 4 rows, and 16 accumulator chains run side by side.
+///
+/// # Safety
+/// AVX2, FMA and F16C, and with `VNNI` AVX-512 VL/VNNI; the weights are Q4_1 or Q8_0 and
+/// every activation row holds their blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles<'a, const VNNI: bool>(
+    w: &HostTensor,
+    c0: usize,
+    c1: usize,
+    m: usize,
+    row_of: &impl Fn(usize) -> (&'a [i8], &'a [f32], &'a [f32]),
+    store: &impl Fn(usize, usize, &[f32]),
+) {
+    use ggml_tiles::tile;
+    let (bytes, rb, dtype) = (&w.bytes[..], w.row_bytes(), w.dtype);
+    let mut c = c0;
+    while c < c1 {
+        let n = if c + 4 <= c1 { 4 } else { 1 };
+        let mut r = 0;
+        while r < m {
+            let rows = if r + 4 <= m { 4 } else { 1 };
+            match (n, rows) {
+                (4, 4) => tile::<4, 4, VNNI>(bytes, rb, dtype, c, r, row_of, store),
+                (4, _) => tile::<4, 1, VNNI>(bytes, rb, dtype, c, r, row_of, store),
+                (_, 4) => tile::<1, 4, VNNI>(bytes, rb, dtype, c, r, row_of, store),
+                _ => tile::<1, 1, VNNI>(bytes, rb, dtype, c, r, row_of, store),
+            }
+            r += rows;
+        }
+        c += n;
     }
 }
 
@@ -266,6 +286,18 @@ pub fn linear(
     out: &mut [f32],
     acts: &mut GgmlActs,
 ) {
+    linear_with(dot_path(), pool, x, m, parts, out, acts)
+}
+
+fn linear_with(
+    path: DotPath,
+    pool: &ThreadPool,
+    x: &[f32],
+    m: usize,
+    parts: &[HostTensor],
+    out: &mut [f32],
+    acts: &mut GgmlActs,
+) {
     let k = parts[0].cols;
     acts.quantize(pool, x, m, k);
     let ld: usize = parts.iter().map(|p| p.rows).sum();
@@ -282,7 +314,7 @@ pub fn linear(
         let (i, c0, col_off) = tasks[t];
         let p = &parts[i];
         let c1 = (c0 + COLUMN_CHUNK).min(p.rows);
-        columns(p, c0, c1, acts, m, &out, ld, col_off);
+        columns(path, p, c0, c1, acts, m, &out, ld, col_off);
     });
 }
 #[cfg(test)]
@@ -293,10 +325,16 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// [`linear`] (VNNI tiles of 4 × 4, 4 × 1, 1 × 4 and 1 × 1 where the CPU has them, over
-    /// two parts) gives the portable dot products' bits.
+    /// [`linear`] on every path this CPU has (VNNI and AVX2 tiles of 4 × 4, 4 × 1, 1 × 4 and
+    /// 1 × 1, over two parts) gives the portable dot products' bits.
     #[test]
     fn linear_tiles_match_the_portable_dots() {
+        for path in dot_paths() {
+            tiles_match_the_portable_dots(path);
+        }
+    }
+
+    fn tiles_match_the_portable_dots(path: DotPath) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let (k, m) = (256, 5);
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
@@ -314,7 +352,15 @@ mod tests {
             .collect();
         let mut out = vec![0.0f32; m * 11];
         let mut acts = GgmlActs::default();
-        linear(&ThreadPool::new(2), &x, m, &parts, &mut out, &mut acts);
+        linear_with(
+            path,
+            &ThreadPool::new(2),
+            &x,
+            m,
+            &parts,
+            &mut out,
+            &mut acts,
+        );
         let (nb, mut col) = (k / QK, 0);
         for p in &parts {
             for c in 0..p.rows {
@@ -329,7 +375,8 @@ mod tests {
                         _ => dot_q8_0(p.row(c), qs, d),
                     };
                     let got = out[r * 11 + col + c];
-                    assert_eq!(got.to_bits(), want.to_bits(), "{:?} ({r}, {c})", p.dtype);
+                    let at = format!("{path:?}, {:?} ({r}, {c})", p.dtype);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{at}");
                 }
             }
             col += p.rows;

@@ -56,7 +56,7 @@ mod avx2_k {
 use avx2 as avx512;
 pub mod ggml_dots;
 #[cfg(target_arch = "x86_64")]
-mod ggml_vnni;
+mod ggml_tiles;
 mod packed;
 mod packed_acts;
 #[cfg(target_arch = "x86_64")]

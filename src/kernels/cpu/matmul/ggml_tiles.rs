@@ -1,6 +1,7 @@
-//! The dots of [`super::ggml_dots`] with `vpdpbusd` (AVX-512 VL + VNNI on 256-bit vectors, as
-//! llama.cpp's AVX2 code compiles there), in tiles of up to 4 columns × 4 rows: a weight
-//! block is unpacked once for 4 rows, and 16 accumulator chains run side by side. Every
+//! The dots of [`super::ggml_dots`] on 256-bit vectors, in tiles of up to 4 columns × 4 rows:
+//! a weight block is unpacked once for 4 rows, and 16 accumulator chains run side by side.
+//! Two ways to the same integers: `vpdpbusd` (AVX-512 VL + VNNI, as llama.cpp's AVX2 code
+//! compiles there) and AVX2's `vpmaddubsw` + `vpmaddwd` (as it compiles without VNNI). Every
 //! output gets the float operations of the portable dots, so the bits are theirs (tested).
 
 #![allow(clippy::incompatible_msrv)]
@@ -21,15 +22,29 @@ unsafe fn hsum8(v: __m256) -> f32 {
     super::ggml_dots::hsum8(a)
 }
 
+/// 32 products of unsigned `a` and signed `b` bytes, summed by 4 into 8 `i32` lanes. Without
+/// VNNI, `vpmaddubsw` first sums pairs in `i16`; no pair saturates (`a` is a nibble or a
+/// weight's magnitude, ≤ 128; `b` an activation code, |b| ≤ 127: |pair| ≤ 32,512), so both
+/// give the same integers.
+#[inline(always)]
+unsafe fn dot4<const VNNI: bool>(a: __m256i, b: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+}
+
 type Row<'a> = (&'a [i8], &'a [f32], &'a [f32]);
 
 /// Columns `c..c + N` of `w` for activation rows `r..r + R`, each output as
-/// `ggml_dots::dot_q4_1` or `ggml_dots::dot_q8_0` computes it, with `vpdpbusd`.
+/// `ggml_dots::dot_q4_1` or `ggml_dots::dot_q8_0` computes it.
 ///
 /// # Safety
-/// AVX-512 VL/VNNI, AVX2, FMA and F16C; `w` is Q4_1 or Q8_0 with the activations' width.
-#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn tile<'a, const N: usize, const R: usize>(
+/// AVX2, FMA and F16C, and with `VNNI` AVX-512 VL/VNNI; `w` is Q4_1 or Q8_0 with the
+/// activations' width.
+#[inline(always)]
+pub(super) unsafe fn tile<'a, const N: usize, const R: usize, const VNNI: bool>(
     w: &[u8],
     row_bytes: usize,
     dtype: WeightDType,
@@ -40,18 +55,46 @@ pub(super) unsafe fn tile<'a, const N: usize, const R: usize>(
 ) {
     let cols: [&[u8]; N] = std::array::from_fn(|i| &w[(c + i) * row_bytes..][..row_bytes]);
     let rows: [Row<'a>; R] = std::array::from_fn(|j| row_of(r + j));
-    let out = if dtype == WeightDType::Q4_1 {
-        dots_q4_1(cols, rows)
-    } else {
-        dots_q8_0(cols, rows)
+    let out = match (dtype == WeightDType::Q4_1, VNNI) {
+        (true, true) => q4_1_vnni(cols, rows),
+        (true, false) => q4_1_avx2(cols, rows),
+        (false, true) => q8_0_vnni(cols, rows),
+        (false, false) => q8_0_avx2(cols, rows),
     };
     for (j, o) in out.iter().enumerate() {
         store(r + j, c, o);
     }
 }
 
+/// The four compiled dots: each kind under each CPU's features.
+macro_rules! dots_with {
+    ($name:ident, $body:ident, $vnni:literal, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const N: usize, const R: usize>(
+            w: [&[u8]; N],
+            rows: [Row<'_>; R],
+        ) -> [[f32; N]; R] {
+            $body::<N, R, $vnni>(w, rows)
+        }
+    };
+}
+dots_with!(
+    q4_1_vnni,
+    dots_q4_1,
+    true,
+    "avx512f,avx512vl,avx512vnni,avx2,fma,f16c"
+);
+dots_with!(q4_1_avx2, dots_q4_1, false, "avx2,fma,f16c");
+dots_with!(
+    q8_0_vnni,
+    dots_q8_0,
+    true,
+    "avx512f,avx512vl,avx512vnni,avx2,fma,f16c"
+);
+dots_with!(q8_0_avx2, dots_q8_0, false, "avx2,fma,f16c");
+
 #[inline(always)]
-unsafe fn dots_q4_1<const N: usize, const R: usize>(
+unsafe fn dots_q4_1<const N: usize, const R: usize, const VNNI: bool>(
     w: [&[u8]; N],
     rows: [Row<'_>; R],
 ) -> [[f32; N]; R] {
@@ -78,7 +121,7 @@ unsafe fn dots_q4_1<const N: usize, const R: usize>(
             for i in 0..N {
                 summs[j][i] = mw[i].mul_add(s[b], summs[j][i]);
                 let scale = _mm256_set1_ps(dw[i] * d[b]);
-                let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qx[i], qy));
+                let xy = _mm256_cvtepi32_ps(dot4::<VNNI>(qx[i], qy));
                 acc[j][i] = _mm256_fmadd_ps(scale, xy, acc[j][i]);
             }
         }
@@ -88,7 +131,7 @@ unsafe fn dots_q4_1<const N: usize, const R: usize>(
 
 /// (`|x|` against `y` with `x`'s signs, as `mul_sum_i8_pairs_float`.)
 #[inline(always)]
-unsafe fn dots_q8_0<const N: usize, const R: usize>(
+unsafe fn dots_q8_0<const N: usize, const R: usize, const VNNI: bool>(
     w: [&[u8]; N],
     rows: [Row<'_>; R],
 ) -> [[f32; N]; R] {
@@ -112,7 +155,7 @@ unsafe fn dots_q8_0<const N: usize, const R: usize>(
             for i in 0..N {
                 let scale = _mm256_set1_ps(dw[i] * d[b]);
                 let (ax, sy) = (_mm256_sign_epi8(qx[i], qx[i]), _mm256_sign_epi8(qy, qx[i]));
-                let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy));
+                let xy = _mm256_cvtepi32_ps(dot4::<VNNI>(ax, sy));
                 acc[j][i] = _mm256_fmadd_ps(scale, xy, acc[j][i]);
             }
         }
