@@ -149,11 +149,9 @@ fn ggml_numerics_greedy_tokens_are_llama_cpps_with_speculation() {
     common::assert_idle_without_leaks(&engine);
 }
 
-/// The default numerics: a batch of greedy and seeded requests (penalties, top-k/p, stop
-/// strings, `n` = 2, `max_tokens` of 1 to 64) gives the same tokens, text and usage with
-/// speculation on and off, and each request alone the same as batched.
-#[test]
-fn speculation_changes_no_token_greedy_or_seeded() {
+/// Greedy and seeded requests (penalties, top-k/p, stop strings, `n` = 2, `max_tokens` of
+/// 1 to 64), on repetitive prompts and the fixtures'.
+fn mixed_requests() -> Vec<GenerateRequest> {
     let seeded = |prompt: Vec<u32>, seed: u64, max_tokens: usize| GenerateRequest {
         sampling: SamplingParams {
             temperature: 0.8,
@@ -187,6 +185,14 @@ fn speculation_changes_no_token_greedy_or_seeded() {
         n: 2,
         ..seeded(repetitive(28, 9), 99, 40)
     });
+    requests
+}
+
+/// The default numerics: a batch of mixed requests gives the same tokens, text and usage
+/// with speculation on and off, and each request alone the same as batched.
+#[test]
+fn speculation_changes_no_token_greedy_or_seeded() {
+    let requests = mixed_requests();
     let plain = start(CpuNumerics::Fast, 1024, false);
     let expected = run_together(&plain, &requests);
     drop(plain);
@@ -310,4 +316,46 @@ fn suffix_drafts_from_an_earlier_request() {
         suffix > ngram + 5.0,
         "the second request accepted {suffix} draft tokens with suffix, {ngram} with ngram"
     );
+}
+
+/// `draft_model`, the default model drafting for itself: its greedy drafts are accepted
+/// where the target is greedy and often rejected where it samples, so the draft's cache
+/// rolls back; the tokens, text and logprobs are plain decoding's, batched and under a
+/// tight cache that preempts; the draft's pool is empty once idle.
+#[test]
+fn draft_model_changes_no_token() {
+    let model = sluice::assets::default_model_path().unwrap();
+    let config = serde_json::json!({"method": "draft_model", "model": model,
+        "num_speculative_tokens": 3, "fixed_draft_length": true});
+    let requests = mixed_requests();
+    let expected = run_together(&start(CpuNumerics::Fast, 1024, false), &requests);
+    let spec = start_with(CpuNumerics::Fast, 1024, Some(&config.to_string()));
+    assert_same(&expected, &run_together(&spec, &requests), "draft model");
+    let drafted = common::engine_metric(&spec, "sluice:spec_decode_num_draft_tokens_total");
+    let share = accepted(&spec) / drafted;
+    assert!(
+        (0.3..1.0).contains(&share),
+        "{share} of {drafted} draft tokens accepted"
+    );
+    common::assert_idle_without_leaks(&spec);
+    let tight = start_with(CpuNumerics::Fast, 30, Some(&config.to_string()));
+    let long: Vec<GenerateRequest> = (0..8)
+        .map(|i| GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(repetitive(30, i), 64)
+        })
+        .collect();
+    let roomy = run_together(&start(CpuNumerics::Fast, 1024, false), &long);
+    assert_same(
+        &roomy,
+        &run_together(&tight, &long),
+        "draft model, tight cache",
+    );
+    assert!(common::engine_metric(&tight, "sluice:num_preemptions_total") > 0.0);
+    // Greedy, and the draft computes the target's own logits (batch-invariant kernels):
+    // every draft token is accepted, which a draft cache out of step would break.
+    let drafted = common::engine_metric(&tight, "sluice:spec_decode_num_draft_tokens_total");
+    assert!(drafted > 50.0, "{drafted} draft tokens");
+    assert_eq!(accepted(&tight), drafted);
+    common::assert_idle_without_leaks(&tight);
 }

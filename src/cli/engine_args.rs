@@ -16,6 +16,45 @@ pub fn parse_speculative_config(json: &str) -> Result<SpeculativeConfig, String>
     SpeculativeConfig::parse(json).map_err(|e| e.to_string())
 }
 
+/// `--speculative-config` with `--speculative-model` folded in: the model alone drafts with
+/// `draft_model`'s defaults; with a config, that config's method must be `draft_model` and
+/// name no other model.
+pub fn speculative_with_model(
+    config: Option<&SpeculativeConfig>,
+    model: Option<&std::path::Path>,
+) -> anyhow::Result<Option<SpeculativeConfig>> {
+    use crate::speculative::SpeculativeMethod;
+    let Some(model) = model else {
+        if let Some(c) = config.filter(|c| c.method == SpeculativeMethod::DraftModel) {
+            anyhow::ensure!(
+                c.model.is_some(),
+                "--speculative-config: method draft_model needs \"model\" (or --speculative-model)"
+            );
+        }
+        return Ok(config.cloned());
+    };
+    let Some(config) = config else {
+        let json = serde_json::json!({"method": "draft_model", "model": model});
+        return Ok(Some(SpeculativeConfig::parse(&json.to_string())?));
+    };
+    match (config.method, &config.model) {
+        (SpeculativeMethod::DraftModel, None) => {}
+        (SpeculativeMethod::DraftModel, Some(_)) => {
+            anyhow::bail!(
+                "--speculative-model and --speculative-config's \"model\" both name a draft"
+            )
+        }
+        (other, _) => anyhow::bail!(
+            "--speculative-model drafts with method draft_model, and --speculative-config \
+             asks for {}",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+    let mut config = config.clone();
+    config.model = Some(model.to_path_buf());
+    Ok(Some(config))
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
     /// Most sequences in one step.
@@ -53,10 +92,16 @@ pub struct EngineArgs {
     /// Speculative decoding, as JSON in the spirit of vLLM's: `{"method": "ngram",
     /// "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4,
     /// "disable_by_batch_size": 0, "min_acceptance": 0.35}` (all but `method` optional;
-    /// method `suffix` drafts from recent finished requests too).
+    /// method `suffix` drafts from recent finished requests too, and `draft_model` runs the
+    /// smaller model at `"model": PATH`).
     /// The output is the same with it on or off (`docs/speculative.md`).
     #[arg(long, value_parser = parse_speculative_config)]
     pub speculative_config: Option<SpeculativeConfig>,
+    /// A draft model for speculative decoding (a GGUF file or Hugging Face directory whose
+    /// tokenizer is the target's): `--speculative-config '{"method": "draft_model",
+    /// "model": PATH}'` in one flag.
+    #[arg(long)]
+    pub speculative_model: Option<std::path::PathBuf>,
     /// How `/v1/embeddings` pools the model's final hidden states: `last` (the last input
     /// token's, as embedding models built on decoders are trained) or `mean` (over every
     /// input token).
@@ -160,7 +205,10 @@ impl EngineArgs {
             },
             max_model_len,
             max_waiting: self.max_waiting,
-            speculative: self.speculative_config.clone(),
+            speculative: speculative_with_model(
+                self.speculative_config.as_ref(),
+                self.speculative_model.as_deref(),
+            )?,
             pooling: self.pooling_type,
         })
     }

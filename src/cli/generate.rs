@@ -52,6 +52,9 @@ pub struct GenerateArgs {
     /// Speculative decoding, as `serve`'s flag of the same name.
     #[arg(long, value_parser = super::engine_args::parse_speculative_config)]
     pub speculative_config: Option<crate::speculative::SpeculativeConfig>,
+    /// A draft model for speculative decoding, as `serve`'s flag of the same name.
+    #[arg(long)]
+    pub speculative_model: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,7 +123,10 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
         },
         max_model_len: max_len,
         max_waiting: 0,
-        speculative: args.speculative_config.clone(),
+        speculative: super::engine_args::speculative_with_model(
+            args.speculative_config.as_ref(),
+            args.speculative_model.as_deref(),
+        )?,
         ..EngineConfig::default()
     };
     let engine = engine::spawn_with(loaded.model, tok.clone(), config, EngineOptions::default())?;

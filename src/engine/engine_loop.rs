@@ -204,6 +204,10 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     fn update_gauges(&mut self) {
+        // Before the request counts, as the table's KV usage: a reader who sees zero
+        // requests sees the draft pool of that moment too.
+        let draft_blocks = self.runner.draft_blocks_in_use();
+        (self.metrics.spec_decode_draft_kv_blocks).set(draft_blocks as i64);
         let idle = self.is_idle();
         self.table.update_gauges(&self.scheduler, idle);
     }

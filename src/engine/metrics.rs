@@ -52,6 +52,8 @@ pub struct EngineMetrics {
     pub spec_decode_num_draft_tokens_total: IntCounter,
     pub spec_decode_num_accepted_tokens_total: IntCounter,
     pub spec_decode_num_accepted_tokens_per_pos_total: IntCounterVec,
+    /// KV blocks the draft model's own pool holds (0 without one, and whenever idle).
+    pub spec_decode_draft_kv_blocks: IntGauge,
 }
 
 /// vLLM's time-to-first-token buckets (and sluice's engine-step timings).
@@ -263,6 +265,10 @@ impl EngineMetrics {
                     "Draft tokens accepted at each position of their draft."
                 ),
                 &["position"]
+            )),
+            spec_decode_draft_kv_blocks: reg!(IntGauge::new(
+                "sluice:spec_decode_draft_kv_blocks",
+                "KV blocks held in the draft model's own pool."
             )),
             registry,
         };

@@ -17,6 +17,7 @@
 //! output stage (a decision per sampled token, applied by the loop), `output.rs` with
 //! `stop_strings.rs`; the model side of a step, `runner.rs` (and `forward_worker.rs`).
 
+mod draft_model;
 mod engine_loop;
 pub mod fault;
 mod forward_worker;
@@ -44,8 +45,11 @@ pub use request_error::{EngineErrorKind, RequestError, StepError};
 use crate::kernels::Backend;
 use crate::kv_cache::CacheConfig;
 use crate::model::rank_group::{ModelRanks, RankGroup};
+use crate::model::ModelError;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::speculative::{SpeculativeConfig, SpeculativeMethod};
 use crate::tokenizer::Tokenizer;
+use draft_model::DraftModel;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -173,10 +177,30 @@ pub fn spawn_with<B: Backend>(
         }
         supported
     });
+    // The draft model runs on a sibling of the lead's backend, its KV pool as large as the
+    // target's (every sequence the target holds can draft).
+    let draft_method = |s: &&SpeculativeConfig| s.method == SpeculativeMethod::DraftModel;
+    let draft = match speculative
+        .as_ref()
+        .filter(draft_method)
+        .map(|s| s.model.as_deref())
+    {
+        None => None,
+        Some(None) => return Err(EngineError::Spawn("draft_model needs \"model\"".into())),
+        Some(Some(path)) => {
+            let backend = (model.lead().backend().sibling()).map_err(ModelError::Kernel)?;
+            let (num_blocks, block_size) = (config.cache.num_blocks, config.cache.block_size);
+            let draft = DraftModel::load(path, backend, &tokenizer, num_blocks, block_size)?;
+            Some(draft)
+        }
+    };
     let mut runner = match options.overlap {
         StepOverlap::OnWorkerThread if overlap => runner::ModelRunner::on_worker_thread(model)?,
         _ => runner::ModelRunner::new(model),
     };
+    if let Some(draft) = draft {
+        runner.set_draft_model(draft);
+    }
     runner.set_speculator(speculative.map(crate::speculative::Speculator::new));
     let mut engine = engine_loop::EngineLoop::new(
         scheduler,

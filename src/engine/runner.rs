@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::draft_model::DraftModel;
 use super::forward_worker::{ForwardWorker, Reply};
 use super::pooling::{PoolState, Pooling};
 use super::request_error::StepError;
@@ -64,6 +65,8 @@ pub(crate) struct ModelRunner<B: Backend> {
     sampling: StepSampler,
     /// Speculative decoding's drafter and each sequence's drafting record, if on.
     speculator: Option<Speculator>,
+    /// The draft model, when the speculative method is `draft_model`.
+    draft_model: Option<DraftModel<B>>,
     /// The embedding each pooled sequence is making.
     pooling: HashMap<SeqId, PoolState>,
     /// The model's hidden size (the width of a hidden row).
@@ -91,6 +94,7 @@ impl<B: Backend> ModelRunner<B> {
             last_sampled: HashMap::new(),
             sampling: StepSampler::default(),
             speculator: None,
+            draft_model: None,
             pooling: HashMap::new(),
             hidden_size,
             step: Arc::default(),
@@ -103,6 +107,23 @@ impl<B: Backend> ModelRunner<B> {
 
     pub fn speculator_mut(&mut self) -> Option<&mut Speculator> {
         self.speculator.as_mut()
+    }
+
+    pub fn set_draft_model(&mut self, draft: DraftModel<B>) {
+        self.draft_model = Some(draft);
+    }
+
+    /// KV blocks held in the draft model's pool (0 without one).
+    pub fn draft_blocks_in_use(&self) -> usize {
+        self.draft_model
+            .as_ref()
+            .map_or(0, DraftModel::blocks_in_use)
+    }
+
+    /// The speculator and the draft model together (the draft model drafts what the
+    /// speculator's policy asks).
+    pub fn drafting_mut(&mut self) -> (Option<&mut Speculator>, Option<&mut DraftModel<B>>) {
+        (self.speculator.as_mut(), self.draft_model.as_mut())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -126,6 +147,9 @@ impl<B: Backend> ModelRunner<B> {
         self.sampling.remove_seq(seq_id);
         if let Some(s) = &mut self.speculator {
             s.remove(seq_id);
+        }
+        if let Some(d) = &mut self.draft_model {
+            d.remove(seq_id);
         }
         self.last_sampled.remove(&seq_id);
         self.pooling.remove(&seq_id);

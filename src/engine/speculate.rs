@@ -2,6 +2,7 @@
 //! drafts earned and propose the next drafts (`crate::speculative` proposes, the scheduler
 //! schedules them, the sampler verifies them).
 
+use super::draft_model::DraftWant;
 use super::metrics::EngineMetrics;
 use super::request_table::RequestTable;
 use super::runner::ModelRunner;
@@ -19,9 +20,10 @@ pub(super) fn after_commit<B: Backend>(
     metrics: &EngineMetrics,
     max_model_len: usize,
 ) {
-    let Some(speculator) = runner.speculator_mut() else {
+    let (Some(speculator), draft_model) = runner.drafting_mut() else {
         return;
     };
+    let mut wants = Vec::new();
     let decodes = scheduler.num_running();
     let propose = speculator.enabled_at(decodes);
     let mut at = 0;
@@ -52,7 +54,35 @@ pub(super) fn after_commit<B: Backend>(
         let Some(room) = table.draft_room(seq_id, tokens.len(), max_model_len) else {
             continue;
         };
+        if draft_model.is_some() {
+            let len = speculator.draft_len(seq_id, tokens.len(), room, decodes);
+            if len > 0 {
+                let tokens = tokens.to_vec();
+                wants.push(DraftWant {
+                    seq_id,
+                    tokens,
+                    len,
+                });
+            }
+            continue;
+        }
         let draft = speculator.propose(seq_id, tokens, room, decodes);
         scheduler.set_draft(seq_id, draft);
+    }
+    let Some(draft_model) = draft_model.filter(|_| !wants.is_empty()) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    match draft_model.propose(&wants) {
+        Ok((drafts, passes)) => {
+            if passes > 0 {
+                speculator.observe_draft_pass(started.elapsed().as_secs_f64() / passes as f64);
+            }
+            for (w, draft) in wants.iter().zip(drafts) {
+                scheduler.set_draft(w.seq_id, &draft);
+            }
+        }
+        // The target decodes on without drafts: a draft model's failure costs only speed.
+        Err(e) => tracing::warn!("draft model: {e}"),
     }
 }

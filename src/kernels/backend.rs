@@ -154,6 +154,19 @@ pub trait Backend: Send + Sync + 'static {
     /// An empty activation tensor, resized by the ops as needed.
     fn tensor(&self) -> Self::Tensor;
 
+    /// A second backend on the same device with the same settings, for a second model that
+    /// runs in turn with this one's (a speculative draft model); on the CPU it shares the
+    /// thread pool.
+    fn sibling(&self) -> Result<Self, KernelError>
+    where
+        Self: Sized,
+    {
+        Err(KernelError::Unsupported(format!(
+            "a second model (a draft model) on {} is not built yet",
+            self.describe()
+        )))
+    }
+
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> Self::Step;
 
     /// `out[t] = table[token_ids[t]]`, the table being `[vocab, hidden]`.

@@ -12,6 +12,9 @@ pub enum SpeculativeMethod {
     /// Prompt lookup, and the same lookup in recent finished requests' prompts and outputs
     /// (`suffix.rs`); the longer match wins.
     Suffix,
+    /// A smaller model sharing the target's tokenizer (`model`) drafts greedily
+    /// (`engine/draft_model.rs`).
+    DraftModel,
 }
 
 /// `--speculative-config '{"method": "ngram", "num_speculative_tokens": 4, ...}'`.
@@ -19,6 +22,9 @@ pub enum SpeculativeMethod {
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeConfig {
     pub method: SpeculativeMethod,
+    /// `draft_model`: the draft's GGUF file or Hugging Face directory (vLLM's key).
+    #[serde(default)]
+    pub model: Option<std::path::PathBuf>,
     /// Most draft tokens verified per sequence and step.
     #[serde(default = "default_num_speculative_tokens")]
     pub num_speculative_tokens: usize,
@@ -75,8 +81,7 @@ pub enum SpeculativeConfigError {
 }
 
 impl SpeculativeConfig {
-    /// Parses and checks the flag's JSON. Unknown keys and methods are errors naming them
-    /// (`draft_model` is not built yet).
+    /// Parses and checks the flag's JSON. Unknown keys and methods are errors naming them.
     pub fn parse(json: &str) -> Result<Self, SpeculativeConfigError> {
         let config: Self = serde_json::from_str(json)?;
         config.validate()?;
@@ -97,6 +102,11 @@ impl SpeculativeConfig {
         if !(0.0..=1.0).contains(&self.min_acceptance) {
             return invalid("min_acceptance must be in [0, 1]");
         }
+        // `draft_model` without `model` may get it from `--speculative-model`; the engine
+        // refuses it if not.
+        if self.method != SpeculativeMethod::DraftModel && self.model.is_some() {
+            return invalid("\"model\" is for method draft_model");
+        }
         Ok(())
     }
 }
@@ -110,8 +120,12 @@ mod tests {
         let c = SpeculativeConfig::parse(r#"{"method":"ngram"}"#).unwrap();
         assert_eq!(c.num_speculative_tokens, 4);
         assert_eq!((c.prompt_lookup_min, c.prompt_lookup_max), (2, 4));
-        let e = SpeculativeConfig::parse(r#"{"method":"draft_model"}"#).unwrap_err();
+        let e = SpeculativeConfig::parse(r#"{"method":"ngram","model":"x.gguf"}"#).unwrap_err();
         assert!(e.to_string().contains("draft_model"), "{e}");
+        let e = SpeculativeConfig::parse(r#"{"method":"eagle"}"#).unwrap_err();
+        assert!(e.to_string().contains("eagle"), "{e}");
+        let c = SpeculativeConfig::parse(r#"{"method":"draft_model","model":"d.gguf"}"#).unwrap();
+        assert_eq!(c.model.as_deref(), Some(std::path::Path::new("d.gguf")));
         let e = SpeculativeConfig::parse(r#"{"method":"ngram","draft_tensor_parallel_size":1}"#)
             .unwrap_err();
         assert!(e.to_string().contains("draft_tensor_parallel_size"), "{e}");

@@ -47,12 +47,21 @@ impl StepTimeFit {
 /// The draft length in `0..=max_len` that maximizes a step's tokens per second, when
 /// `decodes` sequences share it and each draft token is accepted with probability `alpha`
 /// (independently, so `k` drafts yield `1 + alpha + ... + alpha^k` tokens in expectation):
-/// `(decodes + E(k) - 1) / (fixed + per_row · (decodes + k))`. Zero when no draft pays.
-pub fn best_draft_len(max_len: usize, alpha: f64, decodes: usize, cost: (f64, f64)) -> usize {
+/// `(decodes + E(k) - 1) / (fixed + per_row · (decodes + k) + draft_pass · k)`, where a draft
+/// model's `k` passes (`draft_pass` seconds each; 0 for lookups) precede the step. Zero when
+/// no draft pays.
+pub fn best_draft_len(
+    max_len: usize,
+    alpha: f64,
+    decodes: usize,
+    cost: (f64, f64),
+    draft_pass: f64,
+) -> usize {
     let (fixed, per_row) = cost;
     let base_rows = decodes.max(1) as f64;
     let rate = |k: usize, tokens: f64| {
-        (base_rows + tokens - 1.0) / (fixed + per_row * (base_rows + k as f64))
+        let k = k as f64;
+        (base_rows + tokens - 1.0) / (fixed + per_row * (base_rows + k) + draft_pass * k)
     };
     let mut best = (0, rate(0, 1.0));
     let (mut tokens, mut p) = (1.0, 1.0);
@@ -90,11 +99,15 @@ mod tests {
     #[test]
     fn drafts_pay_where_rows_are_cheap_and_acceptance_high() {
         // Rows nearly free (weights read once per step): draft the most.
-        assert_eq!(best_draft_len(4, 0.7, 1, (0.010, 0.0005)), 4);
+        assert_eq!(best_draft_len(4, 0.7, 1, (0.010, 0.0005), 0.0), 4);
         // Each row costs half a step: only a well-accepted draft pays, and a short one.
-        assert_eq!(best_draft_len(4, 0.3, 1, (0.005, 0.005)), 0);
-        assert!(best_draft_len(4, 0.9, 1, (0.005, 0.005)) >= 3);
+        assert_eq!(best_draft_len(4, 0.3, 1, (0.005, 0.005), 0.0), 0);
+        assert!(best_draft_len(4, 0.9, 1, (0.005, 0.005), 0.0) >= 3);
         // Sixteen decodes on compute-bound rows: a draft never pays.
-        assert_eq!(best_draft_len(4, 0.9, 16, (0.005, 0.004)), 0);
+        assert_eq!(best_draft_len(4, 0.9, 16, (0.005, 0.004), 0.0), 0);
+        // A draft model a tenth of the target's cost pays at high acceptance; one as slow
+        // as the target does not.
+        assert_eq!(best_draft_len(4, 0.8, 1, (0.010, 0.0005), 0.001), 4);
+        assert_eq!(best_draft_len(4, 0.8, 1, (0.010, 0.0005), 0.0105), 0);
     }
 }

@@ -78,6 +78,9 @@ pub struct Speculator {
     /// The last proposal (a copy, so the caller may hand it on while the tokens it came from
     /// change).
     draft: Vec<u32>,
+    /// A draft model's forward pass, in seconds (a decayed mean; 0 for the lookup methods,
+    /// whose drafts cost nothing measurable).
+    draft_pass: f64,
     /// `suffix`: recent finished sequences.
     index: Option<SuffixIndex>,
 }
@@ -92,6 +95,7 @@ impl Speculator {
             seqs: HashMap::new(),
             cost: StepTimeFit::default(),
             draft: Vec::new(),
+            draft_pass: 0.0,
         }
     }
 
@@ -107,23 +111,49 @@ impl Speculator {
         limit == 0 || num_decoding < limit
     }
 
-    /// The draft for the sequence whose tokens (prompt and output) are `tokens`, at most
-    /// `room` tokens long (what its `max_tokens` and the context leave after the next one),
-    /// in a step shared by `decodes` decoding sequences: as long as pays for its rows at the
-    /// sequence's acceptance and the measured step cost (the most allowed until steps of
-    /// two sizes have been timed), and empty when nothing matches.
-    pub fn propose(&mut self, seq: u64, tokens: &[u32], room: usize, decodes: usize) -> &[u32] {
+    /// Whether a draft model drafts (the engine's `DraftModel`), not a lookup here.
+    pub fn uses_draft_model(&self) -> bool {
+        self.config.method == SpeculativeMethod::DraftModel
+    }
+
+    /// Records a draft model's forward pass of `seconds`.
+    pub fn observe_draft_pass(&mut self, seconds: f64) {
+        self.draft_pass = if self.draft_pass == 0.0 {
+            seconds
+        } else {
+            DECAY * self.draft_pass + (1.0 - DECAY) * seconds
+        };
+    }
+
+    /// How many tokens the sequence, `len` tokens long, should draft, at most `room` (what
+    /// its `max_tokens` and the context leave after the next one), in a step shared by
+    /// `decodes` decoding sequences: as many as pay for their rows (and a draft model's
+    /// passes) at the sequence's acceptance and the measured step cost, the most allowed
+    /// until steps of two sizes have been timed; 0 while the sequence pauses.
+    pub fn draft_len(&mut self, seq: u64, len: usize, room: usize, decodes: usize) -> usize {
         let c = &self.config;
         let policy = self.seqs.entry(seq).or_insert_with(DraftPolicy::new);
-        self.draft.clear();
-        if tokens.len() < policy.resume_at {
-            return &self.draft;
+        if len < policy.resume_at {
+            return 0;
         }
         let max_len = c.num_speculative_tokens.min(room);
-        let k = match self.cost.fit().filter(|_| !c.fixed_draft_length) {
-            Some(cost) => best_draft_len(max_len, policy.acceptance(), decodes, cost),
+        match self.cost.fit().filter(|_| !c.fixed_draft_length) {
+            Some(cost) => {
+                best_draft_len(max_len, policy.acceptance(), decodes, cost, self.draft_pass)
+            }
             None => max_len,
-        };
+        }
+    }
+
+    /// The lookup draft for the sequence whose tokens (prompt and output) are `tokens`, of
+    /// [`draft_len`](Self::draft_len) tokens at most, and empty when nothing matches.
+    pub fn propose(&mut self, seq: u64, tokens: &[u32], room: usize, decodes: usize) -> &[u32] {
+        self.draft.clear();
+        let k = self.draft_len(seq, tokens.len(), room, decodes);
+        if k == 0 {
+            return &self.draft;
+        }
+        let c = &self.config;
         let own = propose_ngram(tokens, c.prompt_lookup_min, c.prompt_lookup_max, k);
         let recent = (self.index.as_ref()).and_then(|ix| ix.lookup(tokens, c.prompt_lookup_max, k));
         // The longer match; the sequence's own on a tie.
@@ -133,7 +163,6 @@ impl Speculator {
             (None, Some(r)) => r.1,
             (None, None) => &[],
         };
-        let draft = if k == 0 { &[][..] } else { draft };
         self.draft.extend_from_slice(draft);
         &self.draft
     }

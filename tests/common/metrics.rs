@@ -61,4 +61,9 @@ pub fn assert_no_leaks(text: &str) {
         "KV blocks still in use while idle"
     );
     assert_eq!(metric(text, "sluice:kv_accounting_errors_total"), 0.0);
+    assert_eq!(
+        metric(text, "sluice:spec_decode_draft_kv_blocks"),
+        0.0,
+        "draft-model KV blocks still in use while idle"
+    );
 }

@@ -1,7 +1,7 @@
 //! The CPU backend: activations as f32 rows, weights as they lie in the file (quantized
 //! blocks, memory-mapped), the paged KV cache in f16, ops spread over a persistent pool.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::attention::{self, CpuKvCache, CpuStep};
 use super::matmul::ggml_dots::{self, GgmlActs};
@@ -59,7 +59,8 @@ enum LinearWeights {
 }
 
 pub struct CpuBackend {
-    pool: ThreadPool,
+    /// Shared with its siblings, which run in turn with it.
+    pool: Arc<ThreadPool>,
     scratch: Mutex<MatmulScratch>,
     numerics: CpuNumerics,
     /// What its KV caches store.
@@ -74,7 +75,7 @@ impl CpuBackend {
 
     pub fn with_numerics(num_threads: usize, numerics: CpuNumerics) -> Self {
         Self {
-            pool: ThreadPool::new(num_threads),
+            pool: Arc::new(ThreadPool::new(num_threads)),
             scratch: Mutex::new(MatmulScratch::new()),
             numerics,
             kv_dtype: KvCacheDtype::F16,
@@ -179,6 +180,16 @@ impl Backend for CpuBackend {
 
     fn tensor(&self) -> CpuTensor {
         CpuTensor::default()
+    }
+
+    fn sibling(&self) -> Result<Self, KernelError> {
+        Ok(Self {
+            pool: Arc::clone(&self.pool),
+            scratch: Mutex::new(MatmulScratch::new()),
+            numerics: self.numerics,
+            kv_dtype: self.kv_dtype,
+            ggml_acts: Mutex::new(GgmlActs::default()),
+        })
     }
 
     fn prepare_step(&self, batch: &ForwardBatch, rope: &Rope) -> CpuStep {
