@@ -13,7 +13,7 @@ use super::model_args::{Loaded, ModelArgs, WithLoaded};
 use crate::kernels::cpu::CpuNumerics;
 use crate::kernels::Backend;
 use crate::model::config::ModelConfig as Architecture;
-use crate::model::loader::LoadFormat;
+use crate::model::loader::{LoadFormat, ModelSpec};
 use crate::registry::{
     self, Budget, MemoryCharge, ModelConfig, ModelLoader, ModelRegistry, ModelSource,
     RegistryError, RegistryOptions, ServedModel,
@@ -272,12 +272,21 @@ impl WithLoaded for SpawnVersion<'_> {
             tracing::info!("--cpu-numerics ggml: prefix caching off (see docs/ARCHITECTURE.md)");
         }
         let arch = &loaded.model.config;
-        let charge = MemoryCharge {
-            weights_bytes: weights_bytes(self.source.path.as_deref(), self.dummy_bytes, arch),
-            kv_cache_bytes: (config.cache.num_blocks
-                * config.cache.block_size
-                * arch.kv_bytes_per_token(kv_dtype)) as u64,
+        let kv_bytes = |arch: &Architecture| {
+            (config.cache.num_blocks * config.cache.block_size * arch.kv_bytes_per_token(kv_dtype))
+                as u64
         };
+        let mut charge = MemoryCharge {
+            weights_bytes: weights_bytes(self.source.path.as_deref(), self.dummy_bytes, arch),
+            kv_cache_bytes: kv_bytes(arch),
+        };
+        // A draft model's weights and its KV pool (as many blocks as the target's) count too.
+        if let Some(path) = config.speculative.as_ref().and_then(|s| s.model.as_deref()) {
+            let draft = crate::model::loader::open(&ModelSpec::stored(path))
+                .with_context(|| format!("draft model {}", path.display()))?;
+            charge.weights_bytes += weights_bytes(Some(path), None, &draft.config);
+            charge.kv_cache_bytes += kv_bytes(&draft.config);
+        }
         self.budget.check(self.name, self.version, charge)?;
         let options = self.engine.engine_options(loaded.device)?;
         let tokenizer = loaded.tokenizer;

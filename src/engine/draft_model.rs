@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
 use crate::model::llama::Llama;
-use crate::model::loader::{self, LoadFormat, ModelSpec};
+use crate::model::loader::{self, ModelSpec};
 use crate::model::ModelError;
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
@@ -60,15 +60,9 @@ impl<B: Backend> DraftModel<B> {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self, ModelError> {
-        let spec = ModelSpec {
-            path: path.to_path_buf(),
-            load_format: LoadFormat::Auto,
-            dummy_dtype: crate::kernels::dtype::WeightDType::F32,
-            dummy_seed: 0,
-            quantization: None,
-        };
         let at = |e: &dyn std::fmt::Display| format!("draft model {}: {e}", path.display());
-        let opened = loader::open(&spec).map_err(|e| ModelError::Invalid(at(&e)))?;
+        let opened =
+            loader::open(&ModelSpec::stored(path)).map_err(|e| ModelError::Invalid(at(&e)))?;
         let draft_tokenizer = match &opened.tokenizer_source {
             loader::TokenizerSource::Gguf(p) | loader::TokenizerSource::HfDir(p) => {
                 Tokenizer::from_path(p).map_err(|e| ModelError::Invalid(at(&e)))?

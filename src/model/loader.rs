@@ -1,7 +1,7 @@
 //! Opening a model: detecting its format (GGUF file, Hugging Face directory, or dummy weights
 //! for a config) and producing its config and weight source.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::config::ModelConfig;
 use super::quantize::{Quantization, QuantizeAtLoad};
@@ -32,6 +32,19 @@ pub struct ModelSpec {
     pub dummy_seed: u64,
     /// Quantize float weights to this block type as they load (`--quantization`).
     pub quantization: Option<Quantization>,
+}
+
+impl ModelSpec {
+    /// The model at `path` as stored (GGUF or safetensors by what it is; no quantization).
+    pub fn stored(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            load_format: LoadFormat::Auto,
+            dummy_dtype: WeightDType::F32,
+            dummy_seed: 0,
+            quantization: None,
+        }
+    }
 }
 
 /// An opened model: its config, its weights, and where its tokenizer lives.
