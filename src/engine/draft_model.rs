@@ -277,26 +277,14 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::CpuBackend;
     use crate::kernels::dtype::WeightDType;
-    use crate::model::config::{ModelConfig, RopeStyle};
+    use crate::model::config::ModelConfig;
     use crate::model::weights::DummyWeights;
 
     fn tiny_draft(num_blocks: usize) -> DraftModel<CpuBackend> {
         let config = ModelConfig {
-            architecture: "llama".into(),
-            hidden_size: 64,
-            intermediate_size: 96,
             num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            vocab_size: 50,
             max_position_embeddings: 2048,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_style: RopeStyle::Interleaved,
-            rope_scaling: None,
-            tie_word_embeddings: true,
-            attention_bias: false,
+            ..crate::model::rank_group::tests::tiny()
         };
         let w = DummyWeights::new(config.clone(), WeightDType::F32, 5).unwrap();
         let model = Llama::load(config, &w, CpuBackend::new(1)).unwrap();

@@ -332,4 +332,4 @@ impl<B: Backend> Drop for RankGroup<B> {
 
 #[cfg(test)]
 #[path = "rank_group_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -9,7 +9,8 @@ use crate::model::shard::load_ranks;
 use crate::model::weights::DummyWeights;
 use crate::parallel::{ParallelConfig, TpMode};
 
-fn tiny() -> ModelConfig {
+/// A tiny random Llama (also the draft model tests').
+pub(crate) fn tiny() -> ModelConfig {
     ModelConfig {
         architecture: "llama".into(),
         hidden_size: 64,

@@ -111,11 +111,6 @@ impl Speculator {
         limit == 0 || num_decoding < limit
     }
 
-    /// Whether a draft model drafts (the engine's `DraftModel`), not a lookup here.
-    pub fn uses_draft_model(&self) -> bool {
-        self.config.method == SpeculativeMethod::DraftModel
-    }
-
     /// Records a draft model's forward pass of `seconds`.
     pub fn observe_draft_pass(&mut self, seconds: f64) {
         self.draft_pass = if self.draft_pass == 0.0 {
