@@ -30,6 +30,7 @@ use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::WeightDType;
 use sluice::model::llama::Llama;
 use sluice::model::loader::{self, LoadFormat, ModelSpec};
+use sluice::speculative::SpeculativeConfig;
 use sluice::tokenizer::Tokenizer;
 
 const TOLERANCE: f32 = 0.05;
@@ -214,10 +215,15 @@ fn teacher_forced(name: &str, dtype: WeightDType) {
 /// The engine, from the directory's own tokenizer and paged KV cache, decodes `transformers`'
 /// greedy tokens.
 fn engine_greedy(name: &str) {
+    engine_greedy_with(name, EngineConfig::default());
+}
+
+/// [`engine_greedy`] under `config`; returns the engine's metrics.
+fn engine_greedy_with(name: &str, config: EngineConfig) -> String {
     let fx = fixture(name);
     let dir = model_dir(name, WeightDType::BF16);
     let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).expect("the tokenizer.json"));
-    let engine = engine::spawn(load(&dir), tokenizer, EngineConfig::default()).unwrap();
+    let engine = engine::spawn(load(&dir), tokenizer, config).unwrap();
     let greedy = ids(&fx["greedy"]);
     let mut request = GenerateRequest::greedy(ids(&fx["prompt"]), greedy.len());
     request.ignore_eos = true;
@@ -233,6 +239,7 @@ fn engine_greedy(name: &str) {
         }
     }
     assert_eq!(got, greedy, "{name}: the engine's greedy tokens");
+    engine.metrics.render()
 }
 
 fn architecture(name: &str) {
@@ -265,4 +272,37 @@ fn mistral_matches_transformers() {
 #[test]
 fn phi3_fused_projections_match_transformers() {
     architecture("phi3");
+}
+
+/// A draft model of another architecture with the same tokenizer (Mistral's fixture
+/// drafting for Llama 3's): the greedy tokens are still `transformers`' for the target. A
+/// draft whose tokenizer differs (the default SmolLM2) is refused at start, saying so.
+#[test]
+fn a_draft_of_another_architecture_keeps_the_targets_tokens() {
+    let speculative = |draft: &Path| {
+        let json = json!({"method": "draft_model", "model": draft,
+                          "num_speculative_tokens": 3, "fixed_draft_length": true});
+        Some(SpeculativeConfig::parse(&json.to_string()).unwrap())
+    };
+    let config = EngineConfig {
+        speculative: speculative(&model_dir("mistral", WeightDType::BF16)),
+        ..EngineConfig::default()
+    };
+    let metrics = engine_greedy_with("llama3", config);
+    let drafted = common::metric(&metrics, "sluice:spec_decode_num_draft_tokens_total");
+    assert!(drafted > 0.0, "no draft was verified:\n{metrics}");
+
+    let dir = model_dir("llama3", WeightDType::BF16);
+    let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).expect("the tokenizer.json"));
+    let config = EngineConfig {
+        speculative: speculative(&sluice::assets::default_model_path().unwrap()),
+        ..EngineConfig::default()
+    };
+    let err = engine::spawn(load(&dir), tokenizer, config)
+        .err()
+        .expect("a refusal");
+    assert!(
+        err.to_string().contains("tokenizer is not the target's"),
+        "{err}"
+    );
 }
