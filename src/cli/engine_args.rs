@@ -24,13 +24,8 @@ pub fn speculative_with_model(
     model: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<SpeculativeConfig>> {
     use crate::speculative::SpeculativeMethod;
+    // A `draft_model` config without a model is the engine's to refuse.
     let Some(model) = model else {
-        if let Some(c) = config.filter(|c| c.method == SpeculativeMethod::DraftModel) {
-            anyhow::ensure!(
-                c.model.is_some(),
-                "--speculative-config: method draft_model needs \"model\" (or --speculative-model)"
-            );
-        }
         return Ok(config.cloned());
     };
     let Some(config) = config else {

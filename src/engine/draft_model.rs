@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::kernels::{Backend, BatchSeq, ForwardBatch};
+use crate::kv_cache::BlockPool;
 use crate::model::llama::Llama;
 use crate::model::loader::{self, ModelSpec};
 use crate::model::ModelError;
@@ -46,7 +47,8 @@ pub(crate) struct DraftModel<B: Backend> {
     model: Llama<B>,
     kv: B::KvCache,
     block_size: usize,
-    free: Vec<u32>,
+    /// The draft's own blocks (no prefix caching: a draft's K/V is never shared).
+    pool: BlockPool,
     seqs: HashMap<SeqId, DraftSeq>,
 }
 
@@ -98,20 +100,21 @@ impl<B: Backend> DraftModel<B> {
             model,
             kv,
             block_size,
-            free: (0..num_blocks as u32).rev().collect(),
+            pool: BlockPool::new(num_blocks as u32),
             seqs: HashMap::new(),
         })
     }
 
     /// Blocks held by sequences (the rest are free).
     pub fn blocks_in_use(&self) -> usize {
-        self.seqs.values().map(|s| s.blocks.len()).sum()
+        self.pool.num_blocks() - self.pool.num_free_blocks()
     }
 
     /// The sequence ended: its blocks go back to the pool.
     pub fn remove(&mut self, seq_id: SeqId) {
         if let Some(s) = self.seqs.remove(&seq_id) {
-            self.free.extend(s.blocks);
+            // Tail first, as the pool expects.
+            self.pool.free(s.blocks.into_iter().rev());
         }
     }
 
@@ -186,12 +189,13 @@ impl<B: Backend> DraftModel<B> {
         let need = slots
             .div_ceil(self.block_size)
             .saturating_sub(s.blocks.len());
-        if need > self.free.len() {
-            return false;
+        match self.pool.allocate(need) {
+            Some(ids) => {
+                s.blocks.extend(ids);
+                true
+            }
+            None => false,
         }
-        let at = self.free.len() - need;
-        s.blocks.extend(self.free.drain(at..));
-        true
     }
 
     /// Adds the sequence's `tokens` at positions `start..` to `batch` and records them as
@@ -234,22 +238,7 @@ impl<B: Backend> DraftModel<B> {
         Ok(out
             .logits
             .chunks_exact(vocab)
-            .map(|row| {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (i, &v)| {
-                            if v > b.1 {
-                                (i, v)
-                            } else {
-                                b
-                            }
-                        },
-                    );
-                best.0 as u32
-            })
+            .map(crate::sampling::argmax)
             .collect())
     }
 }

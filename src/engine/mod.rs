@@ -186,7 +186,10 @@ pub fn spawn_with<B: Backend>(
         .map(|s| s.model.as_deref())
     {
         None => None,
-        Some(None) => return Err(EngineError::Spawn("draft_model needs \"model\"".into())),
+        Some(None) => {
+            let why = "speculative method draft_model needs \"model\" (or --speculative-model)";
+            return Err(EngineError::Spawn(why.into()));
+        }
         Some(Some(path)) => {
             let backend = (model.lead().backend().sibling()).map_err(ModelError::Kernel)?;
             let (num_blocks, block_size) = (config.cache.num_blocks, config.cache.block_size);
