@@ -9,16 +9,25 @@
 //! the tokenizer and the model) and `assets` (the cache directory and the default model's
 //! fetch, for the CLI, the bench and the NVRTC cache).
 
-/// `assert!` in debug builds and with `--features checked` (CI's engine, scheduler and
-/// KV-cache tests at release speed); nothing in a plain release build. For the serving
-/// invariants whose breach the release build reports and survives instead.
+/// `assert!` in debug builds, and in a release build run with `SLUICE_CHECKED=1` (CI's second
+/// pass over the engine, scheduler and KV-cache tests, same binaries); otherwise nothing. For
+/// the serving invariants whose breach a production server reports and survives instead.
 #[macro_export]
 macro_rules! checked_assert {
     ($($arg:tt)*) => {
-        if cfg!(any(debug_assertions, feature = "checked")) {
+        if $crate::invariants_checked() {
             assert!($($arg)*);
         }
     };
+}
+
+/// Whether `checked_assert!` asserts: always in debug builds, else when the environment sets
+/// `SLUICE_CHECKED` to anything but `0`. Read once; afterwards a load and a branch.
+pub fn invariants_checked() -> bool {
+    static CHECKED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        cfg!(debug_assertions) || std::env::var_os("SLUICE_CHECKED").is_some_and(|v| v != "0")
+    });
+    *CHECKED
 }
 
 pub mod api;

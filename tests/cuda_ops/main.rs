@@ -4,8 +4,7 @@
 //!
 //! Each test opens its own GPU. Where the machine has no CUDA driver or no device it prints
 //! "skipped: no GPU (which of the two)" and passes, so the binary runs anywhere (CI runs it)
-//! and can be carried to a GPU machine: `cargo test --release --features cuda --test cuda_ops
-//! --no-run`. On a machine with a device, every other failure to open it (cuBLAS or NVRTC
+//! and can be carried to a GPU machine: `cargo test --release --test cuda_ops --no-run`. On a machine with a device, every other failure to open it (cuBLAS or NVRTC
 //! missing, a kernel that does not compile or load, the step arena out of memory) fails the
 //! test; `scripts/bench_gpu.sh test` also fails on any "skipped" line when a card is present. Tolerances are stated
 //! beside each comparison, with the reason for their size.
