@@ -197,6 +197,34 @@ impl ModelArgs {
         }
     }
 
+    /// The settings a GPU (`device`, as named or chosen) cannot take: the CPU's numerics, its
+    /// 8-bit KV cache, and (for now) more than one rank.
+    fn refuse_on_a_gpu(&self, device: &str) -> anyhow::Result<()> {
+        if self.cpu_numerics == CpuNumerics::Ggml {
+            anyhow::bail!(
+                "--cpu-numerics ggml is for the CPU backend, and --device {device} chose a GPU; \
+                 add --device cpu"
+            );
+        }
+        if self.kv_cache_dtype == KvCacheDtypeArg::Int8 {
+            anyhow::bail!(
+                "--kv-cache-dtype int8 runs on the CPU backend only, and --device {device} \
+                 chose a GPU; add --device cpu, or drop --kv-cache-dtype"
+            );
+        }
+        let ranks = self
+            .tensor_parallel_size
+            .saturating_mul(self.pipeline_parallel_size);
+        if ranks > 1 {
+            // The CUDA backend does not run ranks yet: one card, one rank.
+            anyhow::bail!(
+                "--device {device}: {ranks} ranks requested, but CUDA ranks are not wired yet \
+                 (NCCL communicator built, backend hookup pending); use --device cpu"
+            );
+        }
+        Ok(())
+    }
+
     /// Loads the model on the selected device and runs `work` on it.
     pub fn load_and<W: WithLoaded>(&self, work: W) -> anyhow::Result<W::Output> {
         let spec = ModelSpec {
@@ -206,34 +234,20 @@ impl ModelArgs {
             dummy_seed: self.dummy_seed,
             quantization: self.quantization,
         };
+        // Settings a GPU cannot take are refused before any probe, when a GPU is named, and
+        // again when `auto` finds one.
+        if self.device.starts_with("cuda") {
+            self.refuse_on_a_gpu(&self.device)?;
+        }
         let device = crate::kernels::device::select(&self.device)?;
+        if let Device::Cuda(_) = device {
+            self.refuse_on_a_gpu(&device.to_string())?;
+        }
         let parallel = ParallelConfig {
             tp_size: self.tensor_parallel_size,
             pp_size: self.pipeline_parallel_size,
             tp_mode: self.tp_mode,
         };
-        if let (Device::Cuda(_), CpuNumerics::Ggml) = (device, self.cpu_numerics) {
-            anyhow::bail!(
-                "--cpu-numerics ggml is for the CPU backend, and --device {device} chose a GPU; \
-                 add --device cpu"
-            );
-        }
-        if let (Device::Cuda(_), KvCacheDtypeArg::Int8) = (device, self.kv_cache_dtype) {
-            anyhow::bail!(
-                "--kv-cache-dtype int8 runs on the CPU backend only, and --device {device} \
-                 chose a GPU; add --device cpu, or drop --kv-cache-dtype"
-            );
-        }
-        if let Device::Cuda(_) = device {
-            // The CUDA backend does not run ranks yet: one card, one rank.
-            if parallel.num_ranks() > 1 {
-                anyhow::bail!(
-                    "--device {device}: {} ranks requested, but CUDA ranks are not wired yet \
-                     (NCCL communicator built, backend hookup pending); use --device cpu",
-                    parallel.num_ranks()
-                );
-            }
-        }
         let mut opened = loader::open(&spec)?;
         if spec.path.file_name() == Some(crate::assets::FILE_NAME.as_ref()) {
             // The default model, fetched or pointed at: its short, stable name.
