@@ -48,4 +48,9 @@ fn a_short_soak_passes() {
         report["rss_growth_after_warmup_mib"].is_number(),
         "{report}"
     );
+    // The margin to the limit, for the log.
+    println!(
+        "RSS growth after warm-up: {} MiB (limit 64)",
+        report["rss_growth_after_warmup_mib"]
+    );
 }

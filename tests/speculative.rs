@@ -101,6 +101,13 @@ fn accepted(engine: &EngineHandle) -> f64 {
     common::engine_metric(engine, "sluice:spec_decode_num_accepted_tokens_total")
 }
 
+/// [`accepted`] once the engine is idle: a stream ends before its last step's counts are
+/// published, and the idle update comes after them.
+fn accepted_when_idle(engine: &EngineHandle) -> f64 {
+    common::assert_idle_without_leaks(engine);
+    accepted(engine)
+}
+
 /// Same choices (tokens, text, logprobs) and token counts. Cached prompt tokens may differ:
 /// they depend on what the prefix cache held when a request (or its recomputation) started.
 fn assert_same(expected: &[Outcome], got: &[Outcome], what: &str) {
@@ -304,10 +311,10 @@ fn suffix_drafts_from_an_earlier_request() {
     let accepted_in_second = |spec: &str| {
         let engine = start_with(CpuNumerics::Fast, 256, Some(spec));
         let first = collect(engine.submit(request.clone()).unwrap());
-        let before = accepted(&engine);
+        let before = accepted_when_idle(&engine);
         let second = collect(engine.submit(request.clone()).unwrap());
         assert_eq!(first.choices, second.choices);
-        (first, accepted(&engine) - before)
+        (first, accepted_when_idle(&engine) - before)
     };
     let (plain_out, ngram) = accepted_in_second(r#"{"method":"ngram"}"#);
     let (suffix_out, suffix) = accepted_in_second(r#"{"method":"suffix"}"#);
@@ -331,13 +338,13 @@ fn draft_model_changes_no_token() {
     let expected = run_together(&start(CpuNumerics::Fast, 1024, false), &requests);
     let spec = start_with(CpuNumerics::Fast, 1024, Some(&config.to_string()));
     assert_same(&expected, &run_together(&spec, &requests), "draft model");
+    common::assert_idle_without_leaks(&spec);
     let drafted = common::engine_metric(&spec, "sluice:spec_decode_num_draft_tokens_total");
     let share = accepted(&spec) / drafted;
     assert!(
         (0.3..1.0).contains(&share),
         "{share} of {drafted} draft tokens accepted"
     );
-    common::assert_idle_without_leaks(&spec);
     let tight = start_with(CpuNumerics::Fast, 30, Some(&config.to_string()));
     let long: Vec<GenerateRequest> = (0..8)
         .map(|i| GenerateRequest {
@@ -352,10 +359,10 @@ fn draft_model_changes_no_token() {
         "draft model, tight cache",
     );
     assert!(common::engine_metric(&tight, "sluice:num_preemptions_total") > 0.0);
+    common::assert_idle_without_leaks(&tight);
     // Greedy, and the draft computes the target's own logits (batch-invariant kernels):
     // every draft token is accepted, which a draft cache out of step would break.
     let drafted = common::engine_metric(&tight, "sluice:spec_decode_num_draft_tokens_total");
     assert!(drafted > 50.0, "{drafted} draft tokens");
     assert_eq!(accepted(&tight), drafted);
-    common::assert_idle_without_leaks(&tight);
 }
