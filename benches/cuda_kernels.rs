@@ -144,6 +144,7 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
         num_kv_heads: kv_heads,
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
+        window: None,
     };
     let t = time_calls(
         15,
@@ -184,6 +185,7 @@ pub fn llama3_8b_config() -> ModelConfig {
         }),
         tie_word_embeddings: false,
         attention_bias: false,
+        sliding_window: None,
     }
 }
 

@@ -11,6 +11,7 @@ fn manager() -> KvCacheManager {
         block_size: 16,
         num_blocks: 4096,
         enable_prefix_caching: true,
+        sliding_window: None,
     };
     KvCacheManager::new(config).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -23,6 +23,7 @@ fn decoding_scheduler() -> Scheduler {
         block_size: 16,
         num_blocks: 8192,
         enable_prefix_caching: true,
+        sliding_window: None,
     };
     let mut s = Scheduler::new(SchedulerConfig::default(), cache).unwrap_or_else(|e| panic!("{e}"));
     for id in 0..NUM_SEQS {

@@ -1,6 +1,7 @@
 //! The architectures sluice claims, held against Hugging Face `transformers` (issue 28):
-//! Llama 3 (RoPE scaling), Qwen2 (QKV bias; tied and untied LM head), Mistral and Phi-3 (fused
-//! `qkv_proj` and `gate_up_proj`), each a small model with seeded weights.
+//! Llama 3 (RoPE scaling), Qwen2 (QKV bias; tied and untied LM head), Mistral, sliding
+//! windows (Mistral's on every layer, Qwen2's on later ones) and Phi-3 (fused `qkv_proj` and
+//! `gate_up_proj`), each a small model with seeded weights.
 //!
 //! `scripts/arch_fixtures/make.sh` ran `transformers` (f32) on each and committed, in
 //! `tests/fixtures/architectures/`, the config it saved, the recipe of every tensor's values,
@@ -26,10 +27,12 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use serde_json::{json, Value};
 use sluice::engine::{self, EngineConfig, GenerateRequest, StreamEvent};
-use sluice::kernels::cpu::CpuBackend;
+use sluice::kernels::cpu::{CpuBackend, CpuNumerics};
 use sluice::kernels::dtype::WeightDType;
+use sluice::kv_cache::CacheConfig;
 use sluice::model::llama::Llama;
-use sluice::model::loader::{self, LoadFormat, ModelSpec};
+use sluice::model::loader::{self, ModelSpec};
+use sluice::model::quantize::Quantization;
 use sluice::speculative::SpeculativeConfig;
 use sluice::tokenizer::Tokenizer;
 
@@ -158,14 +161,8 @@ fn model_dir(name: &str, dtype: WeightDType) -> PathBuf {
 }
 
 fn load(dir: &Path) -> Llama<CpuBackend> {
-    let opened = loader::open(&ModelSpec {
-        path: dir.to_path_buf(),
-        load_format: LoadFormat::Auto,
-        dummy_dtype: WeightDType::BF16,
-        dummy_seed: 0,
-        quantization: None,
-    })
-    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let opened =
+        loader::open(&ModelSpec::stored(dir)).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     Llama::load(opened.config, opened.weights.as_ref(), CpuBackend::new(2)).unwrap()
 }
 
@@ -212,6 +209,20 @@ fn teacher_forced(name: &str, dtype: WeightDType) {
     );
 }
 
+/// The tokens of a stream, to its end.
+fn tokens(mut stream: engine::RequestStream) -> Vec<u32> {
+    let mut got = Vec::new();
+    loop {
+        match stream.next_blocking() {
+            Some(StreamEvent::Token { token_ids, .. }) => got.extend(token_ids),
+            Some(StreamEvent::Done { .. }) => return got,
+            Some(StreamEvent::Error(e)) => panic!("{e}"),
+            Some(_) => {}
+            None => panic!("no terminal event"),
+        }
+    }
+}
+
 /// The engine, from the directory's own tokenizer and paged KV cache, decodes `transformers`'
 /// greedy tokens.
 fn engine_greedy(name: &str) {
@@ -227,17 +238,7 @@ fn engine_greedy_with(name: &str, config: EngineConfig) -> String {
     let greedy = ids(&fx["greedy"]);
     let mut request = GenerateRequest::greedy(ids(&fx["prompt"]), greedy.len());
     request.ignore_eos = true;
-    let mut stream = engine.submit(request).unwrap();
-    let mut got = Vec::new();
-    loop {
-        match stream.next_blocking() {
-            Some(StreamEvent::Token { token_ids, .. }) => got.extend(token_ids),
-            Some(StreamEvent::Done { .. }) => break,
-            Some(StreamEvent::Error(e)) => panic!("{e}"),
-            Some(_) => {}
-            None => panic!("no terminal event"),
-        }
-    }
+    let got = tokens(engine.submit(request).unwrap());
     assert_eq!(got, greedy, "{name}: the engine's greedy tokens");
     engine.metrics.render()
 }
@@ -267,6 +268,64 @@ fn qwen2_with_its_own_head_matches_transformers() {
 #[test]
 fn mistral_matches_transformers() {
     architecture("mistral");
+}
+
+/// A window of 8 keys over 48 positions, on every layer: the kernels skip whole blocks and
+/// mask the start of the first one they read, in prefill and decode.
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    architecture("mistral_window");
+    // ggml's numerics (on 8-bit weights) attend over the whole context, so there it is served
+    // up to the window.
+    let dir = model_dir("mistral_window", WeightDType::BF16);
+    let q8 = ModelSpec {
+        quantization: Some(Quantization::Q8_0),
+        ..ModelSpec::stored(&dir)
+    };
+    let opened = loader::open(&q8).unwrap();
+    let ggml = CpuBackend::with_numerics(2, CpuNumerics::Ggml);
+    let model = Llama::load(opened.config, opened.weights.as_ref(), ggml).unwrap();
+    assert_eq!(model.config.max_position_embeddings, 8);
+    assert_eq!(model.config.sliding_window, None);
+}
+
+/// With a window on every layer, a sequence gives back the blocks before it: two sequences
+/// of 48 tokens (3 blocks of 16 each, 6 in all) decode `transformers`' tokens side by side in
+/// a 4-block cache without a preemption, each holding at most the 2 blocks its window spans.
+#[test]
+fn a_sliding_window_gives_back_its_blocks() {
+    let fx = fixture("mistral_window");
+    let dir = model_dir("mistral_window", WeightDType::BF16);
+    let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).expect("the tokenizer.json"));
+    let config = EngineConfig {
+        cache: CacheConfig {
+            block_size: 16,
+            num_blocks: 4,
+            ..CacheConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    let engine = engine::spawn(load(&dir), tokenizer, config).unwrap();
+    let greedy = ids(&fx["greedy"]);
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let mut request = GenerateRequest::greedy(ids(&fx["prompt"]), greedy.len());
+            request.ignore_eos = true;
+            engine.submit(request).unwrap()
+        })
+        .collect();
+    for stream in streams {
+        assert_eq!(tokens(stream), greedy);
+    }
+    let preemptions = common::engine_metric(&engine, "sluice:num_preemptions_total");
+    assert_eq!(preemptions, 0.0, "the window's blocks did not come back");
+}
+
+/// Qwen2's window on the layers from `max_window_layers` on: layer 0 attends to everything,
+/// layer 1 to its last 8 keys.
+#[test]
+fn qwen2_sliding_window_on_later_layers_matches_transformers() {
+    architecture("qwen2_window");
 }
 
 #[test]

@@ -30,6 +30,7 @@ fn config() -> EngineConfig {
             block_size: 16,
             num_blocks: 256,
             enable_prefix_caching: false,
+            sliding_window: None,
         },
         max_model_len: 2048,
         ..EngineConfig::default()

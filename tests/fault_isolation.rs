@@ -34,6 +34,7 @@ fn start_with(faults: Option<FaultInjection>) -> (EngineHandle, Arc<Tokenizer>) 
             block_size: 16,
             num_blocks: 128,
             enable_prefix_caching: false,
+            sliding_window: None,
         },
         max_model_len: 2048,
         ..EngineConfig::default()

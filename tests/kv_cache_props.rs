@@ -68,6 +68,7 @@ fn run(ops: Vec<Op>, num_blocks: usize, caching: bool) -> Result<(), TestCaseErr
         block_size: BLOCK_SIZE,
         num_blocks,
         enable_prefix_caching: caching,
+        sliding_window: None,
     };
     let mut kv = KvCacheManager::new(config).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut backend = Backend {

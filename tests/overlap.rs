@@ -33,6 +33,7 @@ fn start<B: Backend>(backend: B, num_blocks: usize, overlap: StepOverlap) -> Eng
             block_size: 16,
             num_blocks,
             enable_prefix_caching: true,
+            sliding_window: None,
         },
         max_model_len: 2048,
         ..EngineConfig::default()

@@ -309,6 +309,7 @@ fn engine_with_pipeline_stages_matches_one_rank() {
             block_size: BLOCK_SIZE,
             num_blocks: 256,
             enable_prefix_caching: true,
+            sliding_window: None,
         },
         max_model_len: 4096,
         ..EngineConfig::default()

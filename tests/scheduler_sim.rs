@@ -46,6 +46,7 @@ impl Sim {
             block_size: BLOCK_SIZE,
             num_blocks,
             enable_prefix_caching: rng.random_bool(0.8),
+            sliding_window: None,
         };
         let sched = Scheduler::new(config, cache).unwrap_or_else(|e| panic!("{e}"));
         Self {

@@ -37,6 +37,7 @@ fn start_with(numerics: CpuNumerics, num_blocks: usize, spec: Option<&str>) -> E
             // As `serve` under ggml numerics (a cached prefix may have chosen the other
             // attention kernel); the fast numerics' tests keep it on.
             enable_prefix_caching: numerics == CpuNumerics::Fast,
+            sliding_window: None,
         },
         max_model_len: 8192,
         speculative: spec.map(|json| SpeculativeConfig::parse(json).unwrap()),

@@ -68,6 +68,7 @@ fn greedy_constrained_output_is_batch_invariant_and_valid() {
             block_size: 16,
             num_blocks: 256,
             enable_prefix_caching: false,
+            sliding_window: None,
         },
         max_model_len: 2048,
         ..EngineConfig::default()

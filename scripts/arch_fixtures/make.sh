@@ -4,7 +4,7 @@
 # transformers go into a venv under the cache (PyPI's torch brings CUDA libraries: several GB,
 # once). The fixtures are committed; the test suite itself needs no torch.
 #
-#   scripts/arch_fixtures/make.sh
+#   scripts/arch_fixtures/make.sh [NAME ...]     (all fixtures, or those named)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CACHE=${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
@@ -14,4 +14,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transfo
     "$VENV/bin/pip" install -q torch transformers numpy
 fi
 mkdir -p tests/fixtures/architectures
-"$VENV/bin/python" scripts/arch_fixtures/make_fixtures.py tests/fixtures/architectures
+"$VENV/bin/python" scripts/arch_fixtures/make_fixtures.py tests/fixtures/architectures "$@"

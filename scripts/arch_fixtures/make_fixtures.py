@@ -8,7 +8,8 @@ as safetensors (f32, f16, bf16; every value is exactly representable in all thre
 `transformers` runs them in f32: 32 greedy tokens after a fixed prompt, then the teacher-forced
 logits of every position of prompt + greedy.
 
-    python make_fixtures.py OUT_DIR      (run by scripts/arch_fixtures/make.sh)
+    python make_fixtures.py OUT_DIR [NAME ...]   (run by scripts/arch_fixtures/make.sh; all
+                                                   models, or those named)
 """
 
 import json
@@ -63,6 +64,22 @@ MODELS = {
     "mistral": (
         "MistralConfig",
         dict(rope_theta=10000.0, sliding_window=128, head_dim=16, tie_word_embeddings=False),
+    ),
+    # Sliding windows shorter than these sequences (16 + 32 tokens): Mistral's on every layer,
+    # Qwen2's from `max_window_layers` on (layer 0 attends to everything, layer 1 to 8 keys).
+    "mistral_window": (
+        "MistralConfig",
+        dict(rope_theta=10000.0, sliding_window=8, head_dim=16, tie_word_embeddings=False),
+    ),
+    "qwen2_window": (
+        "Qwen2Config",
+        dict(
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
     ),
     # Phi-3: fused qkv_proj and gate_up_proj.
     "phi3": (
@@ -152,8 +169,8 @@ def run(model):
     return ids[len(PROMPT) :], logits.numpy()
 
 
-def main(out_dir: str):
-    for name in MODELS:
+def main(out_dir: str, names):
+    for name in names or MODELS:
         config, model, tensors = build(name)
         greedy, logits = run(model)
         top2 = np.sort(logits, axis=1)[:, -2:]
@@ -176,4 +193,4 @@ def main(out_dir: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -197,6 +197,8 @@ impl EngineArgs {
                 block_size: self.block_size,
                 num_blocks,
                 enable_prefix_caching: !self.no_prefix_cache,
+                // The engine's, from its model.
+                sliding_window: None,
             },
             max_model_len,
             max_waiting: self.max_waiting,

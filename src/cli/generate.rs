@@ -120,6 +120,8 @@ fn generate<B: Backend>(args: GenerateArgs, loaded: Loaded<B>) -> anyhow::Result
             block_size: BLOCK_SIZE,
             num_blocks: total.div_ceil(BLOCK_SIZE),
             enable_prefix_caching: false,
+            // The engine's, from its model.
+            sliding_window: None,
         },
         max_model_len: max_len,
         max_waiting: 0,

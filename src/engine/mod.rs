@@ -135,7 +135,13 @@ pub fn spawn_with<B: Backend>(
         config.cache.num_blocks,
         config.cache.block_size,
     )?;
-    let mut scheduler = Scheduler::new(config.scheduler.clone(), config.cache.clone())?;
+    // Blocks before a sequence's window are given back when every layer has the window.
+    let cache = CacheConfig {
+        sliding_window: (model.lead().config.sliding_window.as_ref())
+            .and_then(|w| w.on_every_layer()),
+        ..config.cache.clone()
+    };
+    let mut scheduler = Scheduler::new(config.scheduler.clone(), cache)?;
     // With pipeline stages, that many steps run at once on disjoint sequences.
     scheduler.set_max_in_flight(model.max_in_flight());
     let overlap = options.overlap != StepOverlap::Off && model.max_in_flight() == 1;

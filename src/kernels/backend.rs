@@ -120,6 +120,10 @@ pub struct AttentionShape {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// A sliding window: each query attends to its last `window` positions, its own included
+    /// (transformers' `kv_idx > q_idx - sliding_window`). Only where
+    /// [`Backend::attends_sliding_windows`]; `None` attends to the whole context.
+    pub window: Option<usize>,
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -150,6 +154,11 @@ pub trait Backend: Send + Sync + 'static {
     /// take two bytes a value).
     fn kv_cache_dtype(&self) -> super::dtype::KvCacheDtype {
         super::dtype::KvCacheDtype::F16
+    }
+    /// Whether `attention` honours `AttentionShape::window`. Where it does not, a model with
+    /// a sliding window is served only up to the window, where windowed attention equals full.
+    fn attends_sliding_windows(&self) -> bool {
+        false
     }
     /// An empty activation tensor, resized by the ops as needed.
     fn tensor(&self) -> Self::Tensor;

@@ -20,6 +20,15 @@ use super::block_pool::{BlockId, BlockPool};
 use super::hash::{hash_block, BlockHash, FastMap};
 use super::{BlockCopy, CacheConfig, KvCacheError, SeqId};
 
+/// A table's place for a block given back because it lies wholly before the sequence's
+/// sliding window; never a pool block (`CacheConfig::validate`).
+pub const RELEASED: BlockId = BlockId::MAX;
+
+/// The blocks of `ids` the sequence still holds.
+fn held(ids: &[BlockId]) -> impl DoubleEndedIterator<Item = BlockId> + '_ {
+    ids.iter().copied().filter(|&id| id != RELEASED)
+}
+
 /// Prefix-cache hits of one token sequence, from [`KvCacheManager::computed_blocks`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ComputedBlocks {
@@ -145,6 +154,7 @@ impl KvCacheManager {
     ) -> Option<Vec<BlockCopy>> {
         let bs = self.config.block_size;
         let num_required = (num_computed_tokens + num_new_tokens).div_ceil(bs);
+        self.release_before_window(seq_id, num_computed_tokens);
         let (num_held, num_touched_free, cow_idx) = match self.tables.get(&seq_id) {
             Some(table) => (
                 table.block_ids.len(),
@@ -189,6 +199,24 @@ impl KvCacheManager {
         Some(copies)
     }
 
+    /// Gives back the sequence's blocks that lie wholly before the window of a query at
+    /// `pos - 1` (a step still in flight may be computing it when the next is scheduled from
+    /// `pos`): no later query reads them. Hashed ones stay in the prefix cache.
+    fn release_before_window(&mut self, seq_id: SeqId, pos: usize) {
+        let first = self.config.first_live_block(pos.saturating_sub(1));
+        if first == 0 {
+            return;
+        }
+        if let Some(table) = self.tables.get_mut(&seq_id) {
+            let end = first.min(table.block_ids.len());
+            for id in &mut table.block_ids[..end] {
+                if *id != RELEASED {
+                    self.pool.free([std::mem::replace(id, RELEASED)]);
+                }
+            }
+        }
+    }
+
     /// Index of the shared, partial block that writing at `num_computed_tokens` would touch.
     fn cow_index(
         &self,
@@ -214,7 +242,8 @@ impl KvCacheManager {
             .get(&parent_id)
             .ok_or(KvCacheError::UnknownSequence(parent_id))?
             .clone();
-        self.pool.touch(&table.block_ids);
+        let ids: Vec<BlockId> = held(&table.block_ids).collect();
+        self.pool.touch(&ids);
         self.tables.insert(child_id, table);
         Ok(())
     }
@@ -243,7 +272,9 @@ impl KvCacheManager {
                 .unwrap_or(BlockHash::ROOT);
             let h = hash_block(parent, &token_ids[i * bs..(i + 1) * bs]);
             table.block_hashes.push(h);
-            self.pool.cache(table.block_ids[i], h);
+            if table.block_ids[i] != RELEASED {
+                self.pool.cache(table.block_ids[i], h);
+            }
         }
     }
 
@@ -255,7 +286,7 @@ impl KvCacheManager {
         if let Some(table) = self.tables.get_mut(&seq_id) {
             if table.block_ids.len() > keep {
                 let tail = table.block_ids.split_off(keep);
-                self.pool.free(tail.into_iter().rev());
+                self.pool.free(held(&tail).rev());
             }
         }
     }
@@ -265,7 +296,7 @@ impl KvCacheManager {
     pub fn free(&mut self, seq_id: SeqId) -> bool {
         match self.tables.remove(&seq_id) {
             Some(table) => {
-                self.pool.free(table.block_ids.into_iter().rev());
+                self.pool.free(held(&table.block_ids).rev());
                 true
             }
             None => false,
@@ -277,7 +308,7 @@ impl KvCacheManager {
         let mut refs = vec![0u32; self.pool.num_blocks()];
         for (seq_id, table) in &self.tables {
             let mut seen = std::collections::HashSet::new();
-            for &id in &table.block_ids {
+            for id in held(&table.block_ids) {
                 let slot = refs
                     .get_mut(id as usize)
                     .ok_or(format!("seq {seq_id} holds unknown block {id}"))?;

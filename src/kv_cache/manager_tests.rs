@@ -7,6 +7,7 @@ fn manager(num_blocks: usize, caching: bool) -> KvCacheManager {
         block_size: 4,
         num_blocks,
         enable_prefix_caching: caching,
+        sliding_window: None,
     };
     KvCacheManager::new(config).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -204,5 +205,42 @@ fn duplicate_prefix_computed_twice_is_not_cached_twice() {
     ok(&kv);
     kv.free(1);
     kv.free(2);
+    ok(&kv);
+}
+
+/// Block size 4, window 6: a query at `p` reads keys `p - 5..=p`. Scheduling from `pos` gives
+/// back the blocks wholly before the window of `pos - 1` (a step in flight may compute it);
+/// fork, truncate and free skip their places, and the hashed ones stay in the prefix cache.
+#[test]
+fn a_sliding_window_gives_back_the_blocks_before_it() {
+    let config = CacheConfig {
+        block_size: 4,
+        num_blocks: 10,
+        enable_prefix_caching: true,
+        sliding_window: Some(6),
+    };
+    let mut kv = KvCacheManager::new(config).unwrap();
+    let tokens: Vec<u32> = (100..120).collect();
+    assert!(kv.allocate_slots(1, 0, 10, None).is_some());
+    kv.cache_full_blocks(1, &tokens, 10);
+    assert_eq!(kv.block_table(1), Some(&[0, 1, 2][..]));
+    // Position 9 reads keys 4..=9: block 0 (positions 0..4) is no longer needed.
+    assert!(kv.allocate_slots(1, 10, 1, None).is_some());
+    assert_eq!(kv.block_table(1), Some(&[RELEASED, 1, 2][..]));
+    assert_eq!(kv.num_free_blocks(), 8);
+    ok(&kv);
+    kv.cache_full_blocks(1, &tokens, 16);
+    // Position 15 reads keys 10..=15, from block 2 on.
+    assert!(kv.allocate_slots(1, 16, 1, None).is_some());
+    assert_eq!(kv.block_table(1), Some(&[RELEASED, RELEASED, 2, 3, 4][..]));
+    assert_eq!(kv.num_free_blocks(), 7);
+    ok(&kv);
+    assert_eq!(kv.computed_blocks(&tokens[..9]).block_ids, vec![0, 1]);
+    kv.fork(1, 2).unwrap();
+    kv.truncate(2, 13);
+    assert_eq!(kv.block_table(2), Some(&[RELEASED, RELEASED, 2, 3][..]));
+    ok(&kv);
+    assert!(kv.free(1) && kv.free(2));
+    assert_eq!(kv.num_free_blocks(), 10);
     ok(&kv);
 }

@@ -23,6 +23,10 @@
 //! * a block carries a content hash if and only if the prefix-cache map points at it; only full,
 //!   computed blocks are hashed, so a hashed block is never written again;
 //! * with no block tables left, every block is free.
+//!
+//! Where every layer attends through a sliding window (`CacheConfig::sliding_window`), a
+//! sequence gives back the blocks that lie wholly before the window of its next query: its
+//! table keeps their places as `manager::RELEASED`, which no kernel reads.
 
 pub mod block_pool;
 pub mod hash;
@@ -59,6 +63,10 @@ pub struct CacheConfig {
     pub num_blocks: usize,
     /// Reuse full blocks across sequences by content hash (the CLI's `--no-prefix-cache` clears it).
     pub enable_prefix_caching: bool,
+    /// Every layer of the model attends through a sliding window of this many positions, so
+    /// a sequence gives back its blocks that lie wholly before its window. The engine sets it
+    /// from its model, whatever it is given.
+    pub sliding_window: Option<usize>,
 }
 
 impl Default for CacheConfig {
@@ -67,6 +75,7 @@ impl Default for CacheConfig {
             block_size: 16,
             num_blocks: 1024,
             enable_prefix_caching: true,
+            sliding_window: None,
         }
     }
 }
@@ -97,14 +106,26 @@ impl CacheConfig {
         if self.block_size == 0 {
             return Err(KvCacheError::InvalidConfig("block_size must be > 0".into()));
         }
-        if self.num_blocks == 0 || self.num_blocks > u32::MAX as usize {
+        if self.sliding_window == Some(0) {
+            return Err(KvCacheError::InvalidConfig(
+                "sliding_window must be > 0".into(),
+            ));
+        }
+        // `u32::MAX` is a released block's place in a table (`manager::RELEASED`).
+        if self.num_blocks == 0 || self.num_blocks >= u32::MAX as usize {
             return Err(KvCacheError::InvalidConfig(format!(
-                "num_blocks must be in 1..={}, got {}",
+                "num_blocks must be in 1..{}, got {}",
                 u32::MAX,
                 self.num_blocks
             )));
         }
         Ok(())
+    }
+
+    /// The first block a query at `pos` reads: the one holding the first key of its window.
+    pub fn first_live_block(&self, pos: usize) -> usize {
+        self.sliding_window
+            .map_or(0, |w| (pos + 1).saturating_sub(w) / self.block_size)
     }
 
     /// Blocks needed to hold `num_tokens` tokens.

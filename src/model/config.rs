@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::sliding_window::SlidingWindow;
 use super::ModelError;
 use crate::gguf::GgufFile;
 
@@ -47,6 +48,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Q, K and V projections carry a bias (Qwen2).
     pub attention_bias: bool,
+    /// The layers that attend through a sliding window, if any.
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
@@ -94,15 +97,17 @@ impl ModelConfig {
             Ok(v) => v,
             Err(_) => f.get_str_array("tokenizer.ggml.tokens")?.len(),
         };
+        let num_layers = usize_key("block_count")?;
+        let max_position_embeddings = usize_key("context_length").unwrap_or(4096);
         let cfg = Self {
             hidden_size,
             intermediate_size: usize_key("feed_forward_length")?,
-            num_layers: usize_key("block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             vocab_size,
-            max_position_embeddings: usize_key("context_length").unwrap_or(4096),
+            max_position_embeddings,
             rms_norm_eps: f
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5) as f32,
@@ -118,6 +123,9 @@ impl ModelConfig {
             rope_scaling: None,
             tie_word_embeddings: !f.has_tensor("output.weight"),
             attention_bias: f.has_tensor("blk.0.attn_q.bias"),
+            sliding_window: usize_key("attention.sliding_window")
+                .ok()
+                .and_then(|w| SlidingWindow::every_layer(w, num_layers, max_position_embeddings)),
             architecture: arch,
         };
         cfg.validate(&source)?;
@@ -140,18 +148,16 @@ impl ModelConfig {
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         refuse_unimplemented(&raw, &source)?;
         let (rope_theta, rope_scaling) = hf_rope(&raw, &source)?;
-        // A sequence no longer than the sliding window attends exactly as with full attention,
-        // so a windowed model is served up to its window (sluice has no windowed attention).
-        let mut max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
-        if let Some(window) = raw.applied_sliding_window() {
-            if window < max_position_embeddings {
-                tracing::warn!(
-                    "{source}: sliding_window {window}: served up to {window} tokens of context \
-                     (the model was trained for {max_position_embeddings})"
-                );
-                max_position_embeddings = window;
-            }
-        }
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        let sliding_window = SlidingWindow::from_hf(
+            &arch,
+            raw.applied_sliding_window(&arch),
+            raw.layer_types.as_deref(),
+            raw.max_window_layers,
+            raw.num_hidden_layers,
+            max_position_embeddings,
+            &source,
+        )?;
         let cfg = Self {
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -169,6 +175,7 @@ impl ModelConfig {
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: raw.attention_bias.unwrap_or(arch == "qwen2"),
+            sliding_window,
             architecture: arch,
         };
         cfg.validate(&source)?;
@@ -261,15 +268,18 @@ struct HfConfig {
     partial_rotary_factor: Option<f32>,
     sliding_window: Option<serde_json::Value>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
     num_local_experts: Option<usize>,
     num_experts: Option<usize>,
 }
 
 impl HfConfig {
-    /// The sliding window attention uses, if any: Mistral's `sliding_window` (null when off),
-    /// unless `use_sliding_window` is false (Qwen2 sets a window it does not use).
-    fn applied_sliding_window(&self) -> Option<usize> {
-        if self.use_sliding_window == Some(false) {
+    /// The sliding window attention uses, if any: `sliding_window` (null when off), unless
+    /// `use_sliding_window` is false, as it is by default for Qwen2 (which names a window it
+    /// does not use).
+    fn applied_sliding_window(&self, arch: &str) -> Option<usize> {
+        if !self.use_sliding_window.unwrap_or(arch != "qwen2") {
             return None;
         }
         self.sliding_window

@@ -102,17 +102,63 @@ fn keys_that_change_the_math_are_refused_by_name() {
 }
 
 #[test]
-fn a_sliding_window_caps_the_context_it_serves() {
-    // Mistral 7B v0.1: a 4,096-token window over a 32k context.
+fn sliding_windows_are_read_per_layer_as_transformers_applies_them() {
+    let window = |extra: Value| config(extra).unwrap().sliding_window;
+    let every = |size| {
+        Some(SlidingWindow {
+            size,
+            layers: vec![true; 30],
+        })
+    };
+    // Mistral 7B v0.1: a 4,096-token window over a 32k context, every layer, served whole.
     let mistral = json!({"model_type": "mistral", "max_position_embeddings": 32768,
                          "sliding_window": 4096});
-    assert_eq!(config(mistral).unwrap().max_position_embeddings, 4096);
-    // Later Mistrals turn it off with null; Qwen2 names one it does not use.
-    let off = json!({"model_type": "mistral", "sliding_window": null});
-    assert_eq!(config(off).unwrap().max_position_embeddings, 8192);
-    let qwen = json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false});
-    assert_eq!(config(qwen).unwrap().max_position_embeddings, 8192);
-    // A window wider than the context changes nothing.
-    let wide = json!({"sliding_window": 131072});
-    assert_eq!(config(wide).unwrap().max_position_embeddings, 8192);
+    assert_eq!(
+        config(mistral.clone()).unwrap().max_position_embeddings,
+        32768
+    );
+    assert_eq!(window(mistral), every(4096));
+    // Later Mistrals turn it off with null; a window as wide as the context changes nothing.
+    assert_eq!(
+        window(json!({"model_type": "mistral", "sliding_window": null})),
+        None
+    );
+    assert_eq!(window(json!({"sliding_window": 8192})), None);
+    // Qwen2 names a window it uses only with use_sliding_window (off by default), from
+    // max_window_layers on.
+    let qwen = |extra: Value| {
+        let mut c = json!({"model_type": "qwen2", "sliding_window": 4096, "max_window_layers": 21});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        window(c)
+    };
+    assert_eq!(qwen(json!({})), None);
+    assert_eq!(qwen(json!({"use_sliding_window": false})), None);
+    let layers: Vec<bool> = (0..30).map(|l| l >= 21).collect();
+    assert_eq!(
+        qwen(json!({"use_sliding_window": true})),
+        Some(SlidingWindow { size: 4096, layers })
+    );
+    // transformers 5 writes layer_types, which wins for Qwen2 (not for Mistral, whose model
+    // windows every layer whatever it says).
+    let mut types = vec!["full_attention"; 30];
+    types[1] = "sliding_attention";
+    let got = qwen(json!({"use_sliding_window": true, "layer_types": types}));
+    assert_eq!(
+        got.map(|w| w.layers.iter().filter(|&&l| l).count()),
+        Some(1)
+    );
+    let mistral_types =
+        json!({"model_type": "mistral", "sliding_window": 16, "layer_types": types});
+    assert_eq!(window(mistral_types), every(16));
+    // Layer types it does not implement, or a list of the wrong length, are refused.
+    types[2] = "chunked_attention";
+    let e = refusal(json!({"sliding_window": 16, "layer_types": types}));
+    assert!(
+        e.contains("\"chunked_attention\"") && e.contains("not supported"),
+        "{e}"
+    );
+    let e = refusal(json!({"sliding_window": 16, "layer_types": ["full_attention"]}));
+    assert!(e.contains("layer_types names 1 layers"), "{e}");
 }

@@ -38,6 +38,8 @@ struct Layer<B: Backend> {
     ffn_norm: B::Vector,
     gate_up: B::Linear,
     down: B::Linear,
+    /// Its sliding window, if it has one.
+    window: Option<usize>,
 }
 
 /// Reused activation buffers of one forward pass.
@@ -151,6 +153,7 @@ fn load_layer<B: Backend>(
         None
     };
     Ok(Layer {
+        window: c.sliding_window.as_ref().and_then(|w| w.of_layer(l)),
         attn_norm: vector("attn_norm.weight")?,
         qkv,
         qkv_bias,
@@ -184,6 +187,21 @@ fn load_layer<B: Backend>(
     })
 }
 
+/// A sequence no longer than the sliding window attends exactly as with full attention, so on
+/// a backend without windowed attention a windowed model is served up to its window.
+fn serve_within_the_window(config: &mut ModelConfig, backend: &str) {
+    if let Some(window) = config.sliding_window.take() {
+        tracing::warn!(
+            "sliding_window {}: {backend} has no windowed attention, so it serves up to {} \
+             tokens of context (the model was trained for {})",
+            window.size,
+            window.size,
+            config.max_position_embeddings
+        );
+        config.max_position_embeddings = window.size;
+    }
+}
+
 impl<B: Backend> Llama<B> {
     /// The whole model on one rank.
     pub fn load(
@@ -203,6 +221,10 @@ impl<B: Backend> Llama<B> {
         shard: RankShard,
         comm: Box<dyn Communicator<B>>,
     ) -> Result<Self, ModelError> {
+        let mut config = config;
+        if !backend.attends_sliding_windows() {
+            serve_within_the_window(&mut config, &backend.describe());
+        }
         let c = &config;
         let hid = c.hidden_size;
         let kernel = |e: crate::kernels::KernelError| {
@@ -245,6 +267,7 @@ impl<B: Backend> Llama<B> {
             num_kv_heads: shard.kv_heads.len(),
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: None,
         };
         let gathered = backend.tensor();
         let buffers = Buffers {
@@ -404,7 +427,11 @@ impl<B: Backend> Llama<B> {
                 );
             }
             be.matmul(&b.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut b.qkv);
-            be.attention(&mut b.qkv, self.attn_shape, i, kv, &step, &mut b.attn);
+            let shape = AttentionShape {
+                window: layer.window,
+                ..self.attn_shape
+            };
+            be.attention(&mut b.qkv, shape, i, kv, &step, &mut b.attn);
             row_parallel_matmul(be, comm, gather, &b.attn, &layer.o, &mut b.delta, g)?;
             be.add_rms_norm(
                 &mut b.residual,

@@ -7,6 +7,7 @@ pub mod quantize;
 pub mod rank_group;
 pub mod safetensors_dir;
 pub mod shard;
+pub mod sliding_window;
 pub mod weights;
 
 use crate::gguf::GgufError;

@@ -27,6 +27,7 @@ pub(crate) fn tiny() -> ModelConfig {
         rope_scaling: None,
         tie_word_embeddings: true,
         attention_bias: false,
+        sliding_window: None,
     }
 }
 

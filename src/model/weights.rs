@@ -315,6 +315,7 @@ mod tests {
             rope_scaling: None,
             tie_word_embeddings: true,
             attention_bias: false,
+            sliding_window: None,
         }
     }
 

@@ -21,6 +21,7 @@ fn smollm2_q4() -> Footprint {
             rope_scaling: None,
             tie_word_embeddings: true,
             attention_bias: false,
+            sliding_window: None,
         },
         source: "gguf",
         weights_dtype: "Q4_1".into(),

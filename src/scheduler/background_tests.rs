@@ -91,6 +91,7 @@ fn off_without_a_background_priority() {
             block_size: 4,
             num_blocks: 20,
             enable_prefix_caching: true,
+            sliding_window: None,
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));

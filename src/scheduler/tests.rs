@@ -12,6 +12,7 @@ pub(super) fn scheduler(num_blocks: usize, budget: usize) -> Scheduler {
         block_size: 4,
         num_blocks,
         enable_prefix_caching: true,
+        sliding_window: None,
     };
     Scheduler::new(config, cache).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -167,6 +168,7 @@ fn shared_thousand_token_prefix_is_computed_once() {
         block_size: 16,
         num_blocks: 200,
         enable_prefix_caching: true,
+        sliding_window: None,
     };
     let mut s = Scheduler::new(SchedulerConfig::default(), cache).unwrap_or_else(|e| panic!("{e}"));
     let prefix = prompt(0, 1000);

@@ -61,6 +61,7 @@ pub fn start_engine(
             block_size: 16,
             num_blocks,
             enable_prefix_caching: prefix_cache,
+            sliding_window: None,
         },
         max_model_len: 8192,
         ..EngineConfig::default()

@@ -72,6 +72,7 @@ fn run_case(case: &Case, seed: u64) {
         num_kv_heads: kvh,
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
+        window: None,
     };
     let kv_shape = KvCacheShape {
         num_layers: 2,

@@ -39,6 +39,7 @@ pub fn smollm2_135m_config() -> ModelConfig {
         rope_scaling: None,
         tie_word_embeddings: true,
         attention_bias: false,
+        sliding_window: None,
     }
 }
 

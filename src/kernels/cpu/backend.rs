@@ -178,6 +178,12 @@ impl Backend for CpuBackend {
         self.kv_dtype
     }
 
+    /// sluice's kernels skip the keys before the window; ggml's (`--cpu-numerics ggml`) attend
+    /// as llama.cpp does for the Llama-architecture files it reads, over the whole context.
+    fn attends_sliding_windows(&self) -> bool {
+        self.numerics == CpuNumerics::Fast
+    }
+
     fn tensor(&self) -> CpuTensor {
         CpuTensor::default()
     }

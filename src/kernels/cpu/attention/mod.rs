@@ -52,7 +52,8 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Causal attention of every query over its sequence's cache; `out` is `[tokens, heads * d]`.
+/// Causal attention of every query over its sequence's cache (its last `shape.window` keys
+/// where the layer has a sliding window); `out` is `[tokens, heads * d]`.
 pub fn attend(
     pool: &ThreadPool,
     qkv: &CpuTensor,
@@ -160,8 +161,13 @@ impl LayerFn for AttendTasks<'_> {
                         kv.block(seq.block_table[b] as usize, g, bs.min(ctx - b * bs))
                     };
                     let blocks = ctx.div_ceil(bs);
-                    // Scores are `[KV head of the task][query head of its group][context]`.
-                    let per_head = group * ctx;
+                    // A sliding window sees the last `window` keys: the blocks from the one
+                    // holding the first of them. Scores rows start at that block.
+                    let start = shape.window.map_or(0, |w| ctx.saturating_sub(w));
+                    let first = start / bs;
+                    let span = ctx - first * bs;
+                    // Scores are `[KV head of the task][query head of its group][span]`.
+                    let per_head = group * span;
                     scores.resize(heads_per_task * per_head, 0.0);
                     // Blocks lie anywhere in the pool, so the hardware cannot guess the next
                     // one: ask for its K (then its V) this many blocks ahead. Measured
@@ -174,44 +180,45 @@ impl LayerFn for AttendTasks<'_> {
                             }
                         }
                     };
-                    (0..AHEAD).for_each(|b| prefetch(b, Part::K));
-                    for b in (0..blocks).step_by(2) {
+                    (first..first + AHEAD).for_each(|b| prefetch(b, Part::K));
+                    for b in (first..blocks).step_by(2) {
                         prefetch(b + AHEAD, Part::K);
                         prefetch(b + 1 + AHEAD, Part::K);
                         for j in 0..heads_per_task {
-                            let (g, out) = (g0 + j, &mut scores[j * per_head + b * bs..]);
+                            let at = j * per_head + (b - first) * bs;
+                            let (g, out) = (g0 + j, &mut scores[at..]);
                             if b + 1 < blocks {
                                 L::pair_scores(
                                     gq(g),
                                     block(b, g),
                                     block(b + 1, g),
                                     out,
-                                    ctx,
+                                    span,
                                     scratch,
                                 );
                             } else {
-                                L::scores(gq(g), block(b, g), out, ctx, scratch);
+                                L::scores(gq(g), block(b, g), out, span, scratch);
                             }
                         }
                     }
-                    (0..AHEAD).for_each(|b| prefetch(b, Part::V));
+                    (first..first + AHEAD).for_each(|b| prefetch(b, Part::V));
                     inv_sums.clear();
-                    inv_sums.extend(
-                        scores
-                            .chunks_exact_mut(ctx)
-                            .map(|row| 1.0 / softmax_numerators(row)),
-                    );
+                    inv_sums.extend(scores.chunks_exact_mut(span).map(|row| {
+                        // Keys of the first block before the window weigh nothing.
+                        row[..start - first * bs].fill(f32::NEG_INFINITY);
+                        1.0 / softmax_numerators(row)
+                    }));
                     // SAFETY: (row, KV heads) ranges are disjoint across tasks, and the query heads
                     // of consecutive KV heads are contiguous in the output row.
                     let o = unsafe {
                         out_ptr.slice(row * h * d + g0 * group * d, heads_per_task * group * d)
                     };
                     o.fill(0.0);
-                    for b in 0..blocks {
+                    for b in first..blocks {
                         prefetch(b + AHEAD, Part::V);
                         for (j, o) in o.chunks_exact_mut(group * d).enumerate() {
-                            let p = &scores[j * per_head + b * bs..];
-                            L::accumulate_v(group, p, ctx, block(b, g0 + j), d, o, scratch);
+                            let p = &scores[j * per_head + (b - first) * bs..];
+                            L::accumulate_v(group, p, span, block(b, g0 + j), d, o, scratch);
                         }
                     }
                     for (o, inv) in o.chunks_exact_mut(d).zip(inv_sums.iter()) {

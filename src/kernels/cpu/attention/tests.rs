@@ -51,15 +51,18 @@ fn as_stored(x: &mut [f32], dtype: KvCacheDtype) {
 /// Ragged prefill chunks over a cached prefix, then decode, against an f64 evaluation of
 /// softmax(q·k) v over the same rotated, f16-rounded Q and the K and V the cache holds (f16,
 /// or 8-bit codes and scales), for GQA ratios 1/3/4/8, head dims 64/128/48 (not 8-bit) and
-/// block sizes 8/16/32.
+/// block sizes 8/16/32; with full attention and with sliding windows that start inside a
+/// block, on a block boundary, or see only the query's own key.
 #[test]
 fn paged_attention_matches_f64_reference() {
     for dtype in [KvCacheDtype::F16, KvCacheDtype::Int8] {
-        paged_attention_matches_f64_reference_for(dtype);
+        for window in [None, Some(1), Some(13), Some(32)] {
+            paged_attention_matches_f64_reference_for(dtype, window);
+        }
     }
 }
 
-fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
+fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype, window: Option<usize>) {
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for &(h, kvh, d, bs) in &[
@@ -78,6 +81,7 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
             num_kv_heads: kvh,
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
+            window,
         };
         let lens = [37usize, 1, 70];
         let num_blocks = 16;
@@ -148,7 +152,8 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
                         as_stored(x, dtype);
                     }
                     seen[s].push(t);
-                    let ctx = &seen[s];
+                    let ctx =
+                        &seen[s][seen[s].len().saturating_sub(window.unwrap_or(usize::MAX))..];
                     let query = ctx.last().expect("just pushed");
                     for head in 0..h {
                         let g = head / (h / kvh);
@@ -177,8 +182,8 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype) {
                             let got = out.row(row)[head * d + i] as f64;
                             assert!(
                                 (got - exact).abs() < 1e-5,
-                                "{dtype}: h {h} kvh {kvh} d {d} bs {bs} seq {s} row {row} \
-                                 head {head} dim {i}: {got} vs {exact}"
+                                "{dtype} window {window:?}: h {h} kvh {kvh} d {d} bs {bs} seq {s} \
+                                 row {row} head {head} dim {i}: {got} vs {exact}"
                             );
                         }
                     }
@@ -216,6 +221,7 @@ fn attention_probe() {
         num_kv_heads: kvh,
         head_dim: d,
         scale: 0.125,
+        window: None,
     };
     let kv_shape = KvCacheShape {
         num_layers: layers,
