@@ -199,7 +199,7 @@ impl ModelArgs {
 
     /// The settings a GPU (`device`, as named or chosen) cannot take: the CPU's numerics, its
     /// 8-bit KV cache, and (for now) more than one rank.
-    fn refuse_on_a_gpu(&self, device: &str) -> anyhow::Result<()> {
+    fn refuse_on_a_gpu(&self, device: &str, parallel: &ParallelConfig) -> anyhow::Result<()> {
         if self.cpu_numerics == CpuNumerics::Ggml {
             anyhow::bail!(
                 "--cpu-numerics ggml is for the CPU backend, and --device {device} chose a GPU; \
@@ -212,9 +212,7 @@ impl ModelArgs {
                  chose a GPU; add --device cpu, or drop --kv-cache-dtype"
             );
         }
-        let ranks = self
-            .tensor_parallel_size
-            .saturating_mul(self.pipeline_parallel_size);
+        let ranks = parallel.num_ranks();
         if ranks > 1 {
             // The CUDA backend does not run ranks yet: one card, one rank.
             anyhow::bail!(
@@ -234,20 +232,21 @@ impl ModelArgs {
             dummy_seed: self.dummy_seed,
             quantization: self.quantization,
         };
-        // Settings a GPU cannot take are refused before any probe, when a GPU is named, and
-        // again when `auto` finds one.
-        if self.device.starts_with("cuda") {
-            self.refuse_on_a_gpu(&self.device)?;
-        }
-        let device = crate::kernels::device::select(&self.device)?;
-        if let Device::Cuda(_) = device {
-            self.refuse_on_a_gpu(&device.to_string())?;
-        }
         let parallel = ParallelConfig {
             tp_size: self.tensor_parallel_size,
             pp_size: self.pipeline_parallel_size,
             tp_mode: self.tp_mode,
         };
+        // Settings a GPU cannot take are refused before any probe when a GPU is named, and
+        // when `auto` finds one.
+        let named_gpu = self.device.starts_with("cuda");
+        if named_gpu {
+            self.refuse_on_a_gpu(&self.device, &parallel)?;
+        }
+        let device = crate::kernels::device::select(&self.device)?;
+        if let (Device::Cuda(_), false) = (device, named_gpu) {
+            self.refuse_on_a_gpu(&device.to_string(), &parallel)?;
+        }
         let mut opened = loader::open(&spec)?;
         if spec.path.file_name() == Some(crate::assets::FILE_NAME.as_ref()) {
             // The default model, fetched or pointed at: its short, stable name.

@@ -209,10 +209,13 @@ impl KvCacheManager {
         }
         if let Some(table) = self.tables.get_mut(&seq_id) {
             let end = first.min(table.block_ids.len());
-            for id in &mut table.block_ids[..end] {
-                if *id != RELEASED {
-                    self.pool.free([std::mem::replace(id, RELEASED)]);
+            // Released places are a prefix of the table: walk back to the last one given
+            // back, so a long sequence does not rescan its whole past every step.
+            for id in table.block_ids[..end].iter_mut().rev() {
+                if *id == RELEASED {
+                    break;
                 }
+                self.pool.free([std::mem::replace(id, RELEASED)]);
             }
         }
     }
