@@ -29,7 +29,7 @@ declare -A FILES=(
 )
 read -r -a ARMS <<< "${ARMS:-Q4_1 Q5_0 Q5_1 IQ4_NL Q3_K Q4_K Q5_K Q6_K Q4_K_M Q5_K_M}"
 for t in "${ARMS[@]}"; do
-    [ -f "${FILES[$t]}" ] || { echo "missing ${FILES[$t]}: run cargo test --release --test gguf_types (and scripts/llama_cpp_reference/kquant_files.sh for *_K_M)"; exit 1; }
+    [ -f "${FILES[$t]}" ] || { echo "missing ${FILES[$t]}: run cargo test --release --test integration gguf_types:: (and scripts/llama_cpp_reference/kquant_files.sh for *_K_M)"; exit 1; }
 done
 echo "round type decode_tok_s vs_q4_1"
 for round in $(seq 1 "$ROUNDS"); do

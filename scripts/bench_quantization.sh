@@ -15,7 +15,7 @@ ROUNDS=${1:-3}
 BIN=${SLUICE_BIN:-target/release/sluice}
 CACHE=${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
 DIR=$CACHE/test-models/smollm2-hf-bf16-v1
-[ -d "$DIR" ] || { echo "missing $DIR: run cargo test --release --test safetensors"; exit 1; }
+[ -d "$DIR" ] || { echo "missing $DIR: run cargo test --release --test integration safetensors::"; exit 1; }
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 echo "round arm decode_tok_s vs_bf16 quantize_s"

@@ -3,7 +3,7 @@
 //! `--api-keys-file`: several keys, each with its own requests and tokens per minute, refused
 //! with OpenAI's 429, its `x-ratelimit-*` headers and a retry time the SDK honours.
 
-mod api_support;
+use crate::api_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

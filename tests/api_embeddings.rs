@@ -3,7 +3,7 @@
 //! and `langchain-openai`'s `OpenAIEmbeddings` (tests/python/langchain_embeddings.py);
 //! `--pooling-type mean` reaches the engine.
 
-mod api_support;
+use crate::api_support;
 
 use serde_json::json;
 

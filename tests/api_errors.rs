@@ -2,7 +2,7 @@
 //! error `{"error": {"message", "type", "param", "code"}}` with the right status and `param`.
 //! Beside it, the small endpoints that need no generation: `/tokenize`, `/detokenize`.
 
-mod api_support;
+use crate::api_support;
 
 use std::time::Duration;
 

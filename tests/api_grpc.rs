@@ -4,7 +4,7 @@
 //! client process that exits mid-stream), then with sluice's own tonic client: a cancelled
 //! call frees every KV block, and SIGTERM drains gRPC streams as it drains SSE.
 
-mod api_support;
+use crate::api_support;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! `sluice serve --kv-cache-dtype int8` end to end: the pool it sizes, and requests answered
 //! (the attention itself is held against the f16 cache in `tests/kv_cache_int8.rs`).
 
-mod api_support;
+use crate::api_support;
 
 /// `sluice serve --kv-cache-dtype int8` sizes its pool by the 8-bit cache's real bytes (68
 /// per head of 64 values against f16's 128: 1.88× the blocks in the same memory, as

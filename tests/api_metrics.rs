@@ -3,7 +3,7 @@
 //! series labelled with the served `model_name` (tests/python/metrics_checks.py). Beside it,
 //! `--metrics-names` choosing one set.
 
-mod api_support;
+use crate::api_support;
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! span, with its `gen_ai.*` attributes and its queue, prefill and decode children, reaches a
 //! real OTLP receiver, under the caller's `traceparent`.
 
-mod api_support;
+use crate::api_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

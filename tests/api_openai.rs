@@ -1,7 +1,7 @@
 //! `sluice serve` driven by the official `openai` Python package (tests/python/), and the
 //! server's greedy chat output held against `sluice generate`'s for the chat fixtures.
 
-mod api_support;
+use crate::api_support;
 
 use std::process::Command;
 

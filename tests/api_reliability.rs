@@ -4,7 +4,7 @@
 //! and small, a burst over the waiting cap admits exactly the cap, and SIGTERM with open SSE
 //! and WebSocket streams ends them in-band and exits within the timeout plus one second.
 
-mod api_support;
+use crate::api_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

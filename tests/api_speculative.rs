@@ -2,7 +2,7 @@
 //! (tests/python/speculative_checks.py): the per-request `speculative` switch changes no
 //! text, logprob or count, greedy or seeded, whole or streamed; the counters are vLLM's.
 
-mod api_support;
+use crate::api_support;
 
 use api_support::Server;
 

@@ -2,7 +2,7 @@
 //! away mid-stream (SSE or WebSocket) freeing its request at once, `/metrics` moving, and
 //! shutdown on SIGTERM letting in-flight requests finish and ending the rest in-band.
 
-mod api_support;
+use crate::api_support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -19,7 +19,7 @@
 //! Mutations seen to fail here: Qwen2 without its QKV bias (logits 14.6 away), Llama 3 without
 //! its RoPE scaling and Phi-3 with gate and up swapped (greedy tokens differ).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -121,7 +121,7 @@ fn model_dir(name: &str, dtype: WeightDType) -> PathBuf {
     if dir.join("model.safetensors").is_file() {
         return dir;
     }
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = crate::api_support::venv::scratch_beside(&dir, "tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let seed = fx["seed"].as_u64().expect("seed");
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = (fx["tensors"].as_array().expect("tensors"))
@@ -155,8 +155,10 @@ fn model_dir(name: &str, dtype: WeightDType) -> PathBuf {
     let config = serde_json::to_string_pretty(&fx["config"]).unwrap();
     std::fs::write(tmp.join("config.json"), config).unwrap();
     std::fs::write(tmp.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).unwrap();
+    // Another test may have won the race: either directory is complete.
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     dir
 }
 

@@ -5,8 +5,8 @@
 //! restart, an unwritable `--data-dir` fails at start-up, a webhook still being retried when
 //! the server is SIGKILLed is delivered after the restart; and the `openai` SDK end to end.
 
-mod api_support;
-mod batch_support;
+use crate::api_support;
+use crate::batch_support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -6,7 +6,6 @@
 //! 2 tokens), `nodone` (clean end without `[DONE]`), `nousage`, `slow` (2 s before anything),
 //! `fast` (no delays). The same scenarios run over the WebSocket endpoint.
 
-#[path = "bench_client/server.rs"]
 mod server;
 
 use std::net::SocketAddr;

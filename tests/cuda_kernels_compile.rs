@@ -7,7 +7,7 @@
 //! loadable (a machine with the CUDA toolkit), it compiles in-process.
 #![cfg(feature = "cuda")]
 
-mod venv;
+use crate::api_support::venv;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,13 +67,12 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         path.push(":");
         path.push(old);
     }
+    // This test's name as libtest knows it: its module path without the crate's name.
+    let full = concat!(module_path!(), "::every_kernel_compiles_for_sm80_and_sm90");
+    let name = full.split_once("::").map_or(full, |(_, name)| name);
     let exe = std::env::current_exe().expect("the test binary");
     let out = Command::new(exe)
-        .args([
-            "--exact",
-            "every_kernel_compiles_for_sm80_and_sm90",
-            "--nocapture",
-        ])
+        .args(["--exact", name, "--nocapture"])
         .env(CHILD_ENV, "1")
         .env("LD_LIBRARY_PATH", path)
         .output()

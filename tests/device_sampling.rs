@@ -2,9 +2,8 @@
 //! and asked-for logprobs come back), run on the CPU with `DeviceSampling`: greedy tokens and
 //! logprobs equal the host sampler's, and seeded draws replay whatever shares the batch.
 
-mod common;
-#[path = "common/device_sampling.rs"]
-mod device_sampling;
+use crate::common;
+use crate::common::device_sampling;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! the model's final-norm hidden states, pooled (last token or mean), whatever the batch, the
 //! chunking, the prefix cache or a preemption did to the computation of its prompt.
 
-mod common;
+use crate::common;
 
 use sluice::engine::{
     self, EngineHandle, GenerateRequest, Pooling, PoolingType, StreamEvent, Usage,

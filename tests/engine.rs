@@ -1,7 +1,7 @@
 //! The engine with the real default model: batch invariance, chunked prefill, prefix caching
 //! and preemption under KV-cache pressure, asserted through the engine's own counters.
 
-mod common;
+use crate::common;
 
 use sluice::engine::{self, EngineHandle, GenerateRequest, StreamEvent, Usage};
 

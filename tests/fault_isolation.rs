@@ -3,7 +3,7 @@
 //! error, and the requests sharing its steps produce exactly their clean greedy tokens. A
 //! panic inside a step fails that step's requests only; the loop goes on, blocks are freed.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

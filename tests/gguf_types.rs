@@ -8,7 +8,7 @@
 //! file. Likewise the default model written as a bf16 file and quantized at load
 //! (`--quantization q8_0|q4_0`), against itself unquantized.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -12,9 +12,8 @@
 //! peak memory fits the request, and that the multi-node recipe names only flags `sluice serve`
 //! accepts, or the ones docs/scale-out.md says are not there yet.
 
-mod api_support;
-#[path = "common/debian.rs"]
-mod debian;
+use crate::api_support;
+use crate::common::debian;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -7,7 +7,7 @@
 //! two are within 0.5 (the 8-bit rounding moves logits by up to ~0.3, so which of the
 //! near-ties flip changes with the last bits of the matmuls).
 
-mod common;
+use crate::common;
 
 use sluice::kernels::cpu::CpuBackend;
 use sluice::kernels::dtype::KvCacheDtype;

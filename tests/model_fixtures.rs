@@ -3,7 +3,7 @@
 //! `CpuNumerics::Ggml` they must be llama.cpp's exactly; with the default numerics, equal but
 //! at near-ties.
 
-mod common;
+use crate::common;
 
 use sluice::kernels::cpu::{CpuBackend, CpuNumerics};
 use sluice::kernels::{BatchSeq, ForwardBatch};

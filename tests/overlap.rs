@@ -3,9 +3,8 @@
 //! tokens as the plain loop: in batches, under stop strings, stop ids and `max_tokens`,
 //! under KV-cache pressure (preemption), and with aborts, after which every block is free.
 
-mod common;
-#[path = "common/device_sampling.rs"]
-mod device_sampling;
+use crate::common;
+use crate::common::device_sampling;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //! All prompts run as one batch (prefill, then one decode token per sequence per step);
 //! batch invariance makes that the same as running them one by one.
 
-mod common;
+use crate::common;
 
 use sluice::cli::cpu_ranks::load_cpu_ranks;
 use sluice::kernels::cpu::CpuBackend;

@@ -5,9 +5,8 @@
 //! `promtool` comes from Debian's `prometheus` package (`apt-get download`, unpacked under
 //! the cache directory once; no root needed).
 
-mod api_support;
-#[path = "common/debian.rs"]
-mod debian;
+use crate::api_support;
+use crate::common::debian;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -8,8 +8,7 @@
 //!   8-bit activations) is the f64 product with gguf-py's weights within 5e-3 · Σ|x·w| per
 //!   output (measured at most 9.6e-4; the activations' 8-bit rounding is the error).
 
-#[path = "venv/mod.rs"]
-mod venv;
+use crate::api_support::venv;
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! `--models-max` with `--autoload`, the memory budget, and the live version surviving a
 //! restart.
 
-mod api_support;
+use crate::api_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

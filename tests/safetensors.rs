@@ -15,7 +15,7 @@
 //! The directories are made once into `<cache>/test-models/` (their names carry a format
 //! version) and reused.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ fn hf_dir(dtype: Dtype) -> PathBuf {
             (n.clone(), view)
         })
         .collect();
-    let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+    let tmp = crate::api_support::venv::scratch_beside(&dir, "partial");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).unwrap();

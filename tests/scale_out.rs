@@ -14,7 +14,7 @@
 //! The figures (requests failed, time to recover, time to rejoin) are printed as one JSON line
 //! and recorded in `docs/scale-out.md`.
 
-mod api_support;
+use crate::api_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

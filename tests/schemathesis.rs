@@ -2,7 +2,7 @@
 //! requests (valid and not), none may yield a 5xx. Runs `scripts/schemathesis.sh`, which
 //! installs schemathesis into `~/.cache/sluice/schemathesis-venv` on first use (~30 s after).
 
-mod api_support;
+use crate::api_support;
 
 use std::process::Command;
 

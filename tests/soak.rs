@@ -3,7 +3,7 @@
 //! block, `/metrics` read once idle, RSS growth after warm-up within the documented 64 MiB).
 //! `scripts/soak.sh` runs it for as long as one likes.
 
-mod api_support;
+use crate::api_support;
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! draft; aborts free every block; unseeded sampling keeps its distribution. Each test checks
 //! that drafts were verified and accepted, so none passes by never speculating.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! penalties, the official `openai` package's `parse`, and a property test over generated
 //! schemas validated by Python's `jsonschema`.
 
-mod api_support;
+use crate::api_support;
 
 use std::sync::Arc;
 

@@ -315,7 +315,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// Timings: `cargo test --release --test tokenizer -- --ignored --nocapture timings`.
+/// Timings: `cargo test --release --test integration -- --ignored --nocapture tokenizer::timings`.
 #[test]
 #[ignore = "timing; run explicitly"]
 fn timings() {

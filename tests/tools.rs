@@ -5,7 +5,7 @@
 //! calls and tool results, and the official `openai` and `langchain-openai` packages
 //! (`tests/python/tools_checks.py`, `tests/python/langchain_tools.py`).
 
-mod api_support;
+use crate::api_support;
 
 use serde_json::{json, Value};
 

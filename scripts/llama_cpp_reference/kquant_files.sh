@@ -13,5 +13,5 @@ DIR=${SLUICE_LLAMA_CPP_DIR:-$CACHE/llama-cpp-native}
 if [ ! -x "$DIR/refdump" ] || [ ! -x "$DIR/llama-quantize" ]; then
     FLAGS=-march=native scripts/llama_cpp_reference/build.sh "$DIR"
 fi
-SLUICE_LLAMA_CPP_DIR=$DIR cargo test --release --test gguf_types -- --ignored --nocapture \
-    llama_quantize_files_agree_with_llama_cpp
+SLUICE_LLAMA_CPP_DIR=$DIR cargo test --release --test integration -- --ignored --nocapture \
+    gguf_types::llama_quantize_files_agree_with_llama_cpp

@@ -46,7 +46,7 @@ pub fn rewrite(src: &Path, dst: &Path, convert: impl Fn(&GgufTensorInfo) -> Opti
     }
     out.resize(out.len().next_multiple_of(align), 0);
     out.extend_from_slice(&data);
-    let tmp = dst.with_extension("partial");
+    let tmp = crate::api_support::venv::scratch_beside(dst, "partial");
     std::fs::write(&tmp, &out).expect("writing the GGUF");
     std::fs::rename(&tmp, dst).expect("renaming the GGUF");
 }

@@ -1,14 +1,16 @@
 //! Shared helpers of the integration tests: the default model and the fixtures.
 #![allow(dead_code)]
 
+pub mod debian;
+pub mod device_sampling;
 pub mod gguf_writer;
-mod metrics;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+// The metric helpers are `common/metrics.rs`, compiled once, as a module of `api_support`.
 #[allow(unused_imports)]
-pub use metrics::{assert_no_leaks, idle, metric, IDLE_WITHIN};
+pub use crate::api_support::{assert_no_leaks, idle, metric, IDLE_WITHIN};
 
 use serde::Deserialize;
 use sluice::gguf::GgufFile;

@@ -1,8 +1,12 @@
-//! Python virtual environments for tests, under the user's cache directory (never the clone):
-//! created once per requirement, safely when several tests race to create the same one.
+//! The tests' cache, under the user's cache directory (never the clone): Python virtual
+//! environments, created once per requirement, and scratch paths for whatever is made there
+//! and renamed into place, safe when several tests race to make the same thing.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub fn cache_dir() -> PathBuf {
     sluice::assets::cache_dir().expect("a cache directory (set SLUICE_CACHE)")
@@ -12,13 +16,24 @@ pub fn cache_dir() -> PathBuf {
 /// change of pin replaces an older environment; concurrent creators each build a temporary
 /// venv and rename it into place, and the loser removes its own.
 pub fn pip_venv(name: &str, requirement: &str) -> PathBuf {
+    // One creator per environment in this process: the other tests that need it wait for it
+    // rather than installing it again beside it.
+    static CREATING: Mutex<Option<HashMap<String, Arc<Mutex<()>>>>> = Mutex::new(None);
+    let lock = {
+        let mut locks = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = locks
+            .get_or_insert_with(HashMap::new)
+            .entry(name.to_string());
+        Arc::clone(entry.or_default())
+    };
+    let _creating = lock.lock().unwrap_or_else(|e| e.into_inner());
     let venv = cache_dir().join(name);
     let marker_name = format!(".req-{}", requirement.replace(['/', ' '], "_"));
     let marker = venv.join(&marker_name);
     if marker.exists() && venv.join("bin").join("python").exists() {
         return venv;
     }
-    let tmp = cache_dir().join(format!("{name}.tmp-{}", std::process::id()));
+    let tmp = scratch_beside(&venv, "tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(cache_dir()).expect("creating the cache directory");
     run_ok(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
@@ -43,6 +58,16 @@ pub fn pip_venv(name: &str, requirement: &str) -> PathBuf {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     venv
+}
+
+/// A path beside `path` that no other test, in this process or another, writes: for a file
+/// or directory made there and renamed into place, so that racing makers never share one.
+pub fn scratch_beside(path: &Path, what: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.file_name().expect("a file name").to_os_string();
+    name.push(format!(".{what}-{}-{n}", std::process::id()));
+    path.with_file_name(name)
 }
 
 pub fn run_ok(cmd: &mut Command) {
