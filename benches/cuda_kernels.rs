@@ -145,6 +145,7 @@ fn attention(g: &CudaBackend, copy_bw: f64) {
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
         window: None,
+        softcap: None,
     };
     let t = time_calls(
         15,
@@ -186,6 +187,7 @@ pub fn llama3_8b_config() -> ModelConfig {
         tie_word_embeddings: false,
         attention_bias: false,
         sliding_window: None,
+        gemma2: None,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The architectures sluice claims, held against Hugging Face `transformers` (issue 28):
 //! Llama 3 (RoPE scaling), Qwen2 (QKV bias; tied and untied LM head), Mistral, sliding
-//! windows (Mistral's on every layer, Qwen2's on later ones) and Phi-3 (fused `qkv_proj` and
-//! `gate_up_proj`), each a small model with seeded weights.
+//! windows (Mistral's on every layer, Qwen2's on later ones), Phi-3 (fused `qkv_proj` and
+//! `gate_up_proj`) and Gemma 2 (its block: scaled embeddings, sandwich norms, GELU, soft caps,
+//! alternating windows), each a small model with seeded weights.
 //!
 //! `scripts/arch_fixtures/make.sh` ran `transformers` (f32) on each and committed, in
 //! `tests/fixtures/architectures/`, the config it saved, the recipe of every tensor's values,
@@ -333,6 +334,25 @@ fn qwen2_sliding_window_on_later_layers_matches_transformers() {
 #[test]
 fn phi3_fused_projections_match_transformers() {
     architecture("phi3");
+}
+
+/// Gemma 2: embeddings scaled by √hidden under a tied head, sandwich norms with `1 + weight`
+/// gains, GELU (tanh), queries scaled by `query_pre_attn_scalar`, attention scores and logits
+/// soft-capped (at 2 and 8, where the caps bend them), and the window on even layers only.
+/// ggml's numerics have none of it, and refuse the model.
+#[test]
+fn gemma2_matches_transformers() {
+    architecture("gemma2");
+    let dir = model_dir("gemma2", WeightDType::BF16);
+    let opened = loader::open(&ModelSpec::stored(&dir)).unwrap();
+    let ggml = CpuBackend::with_numerics(2, CpuNumerics::Ggml);
+    let err = Llama::load(opened.config, opened.weights.as_ref(), ggml)
+        .err()
+        .expect("a refusal");
+    assert!(
+        err.to_string().contains("Gemma 2 runs on the CPU backend"),
+        "{err}"
+    );
 }
 
 /// A draft model of another architecture with the same tokenizer (Mistral's fixture

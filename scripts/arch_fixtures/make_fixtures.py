@@ -81,6 +81,22 @@ MODELS = {
             max_window_layers=1,
         ),
     ),
+    # Gemma 2: embeddings scaled by sqrt(hidden), sandwich norms with 1 + weight gains, GELU
+    # (tanh), queries scaled by query_pre_attn_scalar (not head_dim), soft-capped attention
+    # scores and logits (caps low enough to bite at these magnitudes), and the sliding window
+    # on even layers only (layer 0 sees 8 keys, layer 1 everything). Tied LM head.
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            rope_theta=10000.0,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=8.0,
+            tie_word_embeddings=True,
+        ),
+    ),
     # Phi-3: fused qkv_proj and gate_up_proj.
     "phi3": (
         "Phi3Config",
@@ -135,7 +151,11 @@ def exponent(name: str, shape, tied: bool) -> int:
 
 def build(name: str):
     cls, extra = MODELS[name]
-    config = getattr(transformers, cls)(**SMALL, **extra)
+    small = dict(SMALL)
+    if cls == "Gemma2Config":
+        # Gemma 2 reads `hidden_activation` (GELU, tanh), never `hidden_act`.
+        del small["hidden_act"]
+    config = getattr(transformers, cls)(**small, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
@@ -148,6 +168,10 @@ def build(name: str):
         shape = list(param.shape)
         kind = "norm" if tname.endswith("norm.weight") else "scaled"
         exp = exponent(tname, shape, tied)
+        if cls == "Gemma2Config" and tname.endswith("embed_tokens.weight"):
+            # Gemma 2 multiplies the embeddings by sqrt(hidden) = 8: half the tied table's
+            # usual size keeps the input token from outweighing the layers.
+            exp += 1
         tensors.append(dict(name=tname, shape=shape, kind=kind, exp=exp))
         state[tname] = torch.from_numpy(values(tname, shape, kind, exp))
     missing, unexpected = model.load_state_dict(state, strict=False)

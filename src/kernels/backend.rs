@@ -124,6 +124,9 @@ pub struct AttentionShape {
     /// (transformers' `kv_idx > q_idx - sliding_window`). Only where
     /// [`Backend::attends_sliding_windows`]; `None` attends to the whole context.
     pub window: Option<usize>,
+    /// Scores become `cap · tanh(score / cap)` before the mask (Gemma 2). Only where
+    /// [`Backend::runs_gemma2`].
+    pub softcap: Option<f32>,
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -158,6 +161,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether `attention` honours `AttentionShape::window`. Where it does not, a model with
     /// a sliding window is served only up to the window, where windowed attention equals full.
     fn attends_sliding_windows(&self) -> bool {
+        false
+    }
+    /// Whether this backend has Gemma 2's ops: [`Backend::gelu_tanh_mul`],
+    /// [`Backend::scale`], [`Backend::softcap`] and `AttentionShape::softcap`. The model
+    /// refuses to load Gemma 2 where it does not, so the others are never called.
+    fn runs_gemma2(&self) -> bool {
         false
     }
     /// An empty activation tensor, resized by the ops as needed.
@@ -213,6 +222,20 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// `out = silu(gate) * up` for `gate_up = [gate | up]` (`[tokens, 2 * inter]`).
     fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor);
+    /// `out = gelu_tanh(gate) * up` for `gate_up = [gate | up]` (Gemma 2; only where
+    /// [`Backend::runs_gemma2`]).
+    fn gelu_tanh_mul(&self, _gate_up: &Self::Tensor, _out: &mut Self::Tensor) {
+        unreachable!("{}: no Gemma 2 ops (runs_gemma2 is false)", self.describe())
+    }
+    /// `x *= by` (Gemma 2's embedding scale; only where [`Backend::runs_gemma2`]).
+    fn scale(&self, _x: &mut Self::Tensor, _by: f32) {
+        unreachable!("{}: no Gemma 2 ops (runs_gemma2 is false)", self.describe())
+    }
+    /// `x = cap · tanh(x / cap)` (Gemma 2's final logits; only where
+    /// [`Backend::runs_gemma2`]).
+    fn softcap(&self, _x: &mut Self::Tensor, _cap: f32) {
+        unreachable!("{}: no Gemma 2 ops (runs_gemma2 is false)", self.describe())
+    }
     /// Keeps only the rows named by the step's `logits_rows`.
     fn gather_logits_rows(&self, x: &Self::Tensor, step: &Self::Step, out: &mut Self::Tensor);
     /// Copies whole KV blocks `(src, dst)` in every layer (copy-on-write forks).

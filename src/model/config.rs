@@ -1,11 +1,12 @@
 //! Model configuration: the shape of a Llama-family decoder and the few ways its members
-//! differ (tied embeddings, QKV bias, RoPE base and scaling, RoPE pairing), read from GGUF
-//! metadata or a Hugging Face `config.json`.
+//! differ (tied embeddings, QKV bias, RoPE base and scaling, RoPE pairing, sliding windows,
+//! Gemma 2's block), read from GGUF metadata or a Hugging Face `config.json`.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
+use super::gemma2::Gemma2;
 use super::sliding_window::SlidingWindow;
 use super::ModelError;
 use crate::gguf::GgufFile;
@@ -50,24 +51,29 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// The layers that attend through a sliding window, if any.
     pub sliding_window: Option<SlidingWindow>,
+    /// Gemma 2's changes to the block, for that architecture.
+    pub gemma2: Option<Gemma2>,
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "phi3"];
+/// Architectures read from a Hugging Face directory, and from GGUF files. llama.cpp's Phi-3
+/// files fuse Q, K, V (and gate, up) under its own names, and its Gemma 2 files choose the
+/// query scale by model size; only their safetensors layouts are read.
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "phi3", "gemma2"];
+const SUPPORTED_GGUF: &[&str] = &["llama", "mistral", "qwen2"];
 
-fn unsupported(arch: &str, source: &str) -> ModelError {
+fn unsupported(arch: &str, source: &str, supported: &[&str]) -> ModelError {
     ModelError::Unsupported(format!(
         "{source}: architecture {arch:?} is not supported (supported: {})",
-        SUPPORTED.join(", ")
+        supported.join(", ")
     ))
 }
 
 impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
         let arch = f.get_str("general.architecture")?.to_string();
-        // llama.cpp's Phi-3 files fuse Q, K, V (and gate, up) under its own names; only the
-        // safetensors layout of Phi-3 is read.
-        if !SUPPORTED.contains(&arch.as_str()) || arch == "phi3" {
-            return Err(unsupported(&arch, &f.path.display().to_string()));
+        if !SUPPORTED_GGUF.contains(&arch.as_str()) {
+            let source = f.path.display().to_string();
+            return Err(unsupported(&arch, &source, SUPPORTED_GGUF));
         }
         let key = |k: &str| format!("{arch}.{k}");
         let usize_key = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
@@ -126,6 +132,7 @@ impl ModelConfig {
             sliding_window: usize_key("attention.sliding_window")
                 .ok()
                 .and_then(|w| SlidingWindow::every_layer(w, num_layers, max_position_embeddings)),
+            gemma2: None,
             architecture: arch,
         };
         cfg.validate(&source)?;
@@ -135,18 +142,23 @@ impl ModelConfig {
     pub fn from_hf_config(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
-        let raw: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        let invalid =
+            |e: serde_json::Error| ModelError::Invalid(format!("{}: {e}", path.display()));
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+        let raw = HfConfig::deserialize(&json).map_err(invalid)?;
         let source = path.display().to_string();
         let arch = raw
             .model_type
             .clone()
             .unwrap_or_else(|| "llama".to_string());
         if !SUPPORTED.contains(&arch.as_str()) {
-            return Err(unsupported(&arch, &source));
+            return Err(unsupported(&arch, &source, SUPPORTED));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        refuse_unimplemented(&raw, &source)?;
+        refuse_unimplemented(&raw, &arch, &source)?;
+        let gemma2 = (arch == "gemma2")
+            .then(|| Gemma2::from_hf(&json, &source))
+            .transpose()?;
         let (rope_theta, rope_scaling) = hf_rope(&raw, &source)?;
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
         let sliding_window = SlidingWindow::from_hf(
@@ -176,6 +188,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: raw.attention_bias.unwrap_or(arch == "qwen2"),
             sliding_window,
+            gemma2,
             architecture: arch,
         };
         cfg.validate(&source)?;
@@ -291,13 +304,15 @@ impl HfConfig {
 
 /// Refuses the config keys that change the math away from what sluice implements, naming
 /// each: a model that loads must compute what `transformers` computes.
-fn refuse_unimplemented(raw: &HfConfig, source: &str) -> Result<(), ModelError> {
+fn refuse_unimplemented(raw: &HfConfig, arch: &str, source: &str) -> Result<(), ModelError> {
     let refuse = |what: String| {
         Err(ModelError::Unsupported(format!(
             "{source}: {what} is not supported"
         )))
     };
-    if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+    // (Gemma 2 reads `hidden_activation` instead: `Gemma2::from_hf`.)
+    let act = raw.hidden_act.as_deref().filter(|_| arch != "gemma2");
+    if let Some(act) = act.filter(|a| *a != "silu") {
         return refuse(format!("hidden_act {act:?} (supported: \"silu\")"));
     }
     if raw.mlp_bias == Some(true) {

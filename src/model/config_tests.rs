@@ -162,3 +162,44 @@ fn sliding_windows_are_read_per_layer_as_transformers_applies_them() {
     let e = refusal(json!({"sliding_window": 16, "layer_types": ["full_attention"]}));
     assert!(e.contains("layer_types names 1 layers"), "{e}");
 }
+
+/// Gemma 2's keys with `transformers`' defaults (its 2B config leaves most out), the window
+/// on even layers where `layer_types` is absent, and its refusals.
+#[test]
+fn gemma2_is_read_with_transformers_defaults() {
+    let gemma = |extra: Value| {
+        let mut c = json!({"model_type": "gemma2", "hidden_act": "gelu_pytorch_tanh",
+                           "sliding_window": 4096, "num_hidden_layers": 4});
+        for (k, v) in extra.as_object().expect("an object") {
+            c[k] = v.clone();
+        }
+        config(c)
+    };
+    let c = gemma(json!({})).unwrap();
+    let g = c.gemma2.expect("Gemma 2's settings");
+    assert_eq!(g.query_pre_attn_scalar, 256.0);
+    assert_eq!(g.attn_logit_softcap, Some(50.0));
+    assert_eq!(g.final_logit_softcap, Some(30.0));
+    let w = c.sliding_window.expect("a window");
+    assert_eq!((w.size, w.layers), (4096, vec![true, false, true, false]));
+
+    let c = gemma(
+        json!({"query_pre_attn_scalar": 144, "attn_logit_softcapping": null,
+                         "final_logit_softcapping": 30.0,
+                         "layer_types": ["full_attention", "sliding_attention",
+                                         "full_attention", "sliding_attention"]}),
+    )
+    .unwrap();
+    let g = c.gemma2.unwrap();
+    assert_eq!(
+        (g.query_pre_attn_scalar, g.attn_logit_softcap),
+        (144.0, None)
+    );
+    assert_eq!(c.sliding_window.unwrap().layers, [false, true, false, true]);
+    assert_eq!(config(json!({})).unwrap().gemma2, None);
+
+    let refused = |extra: Value| gemma(extra).expect_err("refused").to_string();
+    assert!(refused(json!({"hidden_activation": "gelu"})).contains("hidden_activation"));
+    assert!(refused(json!({"use_bidirectional_attention": true})).contains("bidirectional"));
+    assert!(refused(json!({"final_logit_softcapping": -1.0})).contains("final_logit_softcapping"));
+}

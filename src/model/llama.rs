@@ -11,7 +11,8 @@
 //! logits = lm_head(rms_norm(x)[logits_rows])
 //! ```
 //! Q, K and V are one fused linear, as are gate and up; a residual add is fused into the
-//! next norm.
+//! next norm. Gemma 2 (`ModelConfig::gemma2`) scales the embeddings, norms each sublayer's
+//! output before it joins `x`, gates with GELU and soft-caps scores and logits.
 //!
 //! A `Llama` is one rank's part of the model (`RankShard`; the whole model for one rank). On a
 //! tensor-parallel rank Q/K/V and gate/up hold its heads' and columns' output features, O and
@@ -23,24 +24,13 @@
 //! add+norm runs exactly as in one rank.
 
 use super::config::ModelConfig;
-use super::shard::{embedding_shard, remap_token_ids, row_parallel, row_parallel_matmul};
+use super::layer::{load_layer, Layer};
+use super::shard::{embedding_shard, remap_token_ids, row_parallel_matmul};
 use super::weights::WeightSource;
 use super::{HostOutput, ModelError};
-use crate::kernels::host::HostTensor;
+use crate::kernels::dtype::WeightDType;
 use crate::kernels::{AttentionShape, Backend, ForwardBatch, KvCacheShape, Rope};
 use crate::parallel::{Communicator, RankShard, SoloComm, TpMode};
-
-struct Layer<B: Backend> {
-    attn_norm: B::Vector,
-    qkv: B::Linear,
-    qkv_bias: Option<B::Vector>,
-    o: B::Linear,
-    ffn_norm: B::Vector,
-    gate_up: B::Linear,
-    down: B::Linear,
-    /// Its sliding window, if it has one.
-    window: Option<usize>,
-}
 
 /// Reused activation buffers of one forward pass.
 struct Buffers<B: Backend> {
@@ -49,6 +39,8 @@ struct Buffers<B: Backend> {
     qkv: B::Tensor,
     attn: B::Tensor,
     delta: B::Tensor,
+    /// A sublayer's output after its own norm (Gemma 2), swapped into `delta`.
+    post_normed: B::Tensor,
     gate_up: B::Tensor,
     act: B::Tensor,
     last: B::Tensor,
@@ -68,6 +60,8 @@ pub struct Llama<B: Backend> {
     head: Option<(B::Vector, B::Linear)>,
     rope: Rope,
     attn_shape: AttentionShape,
+    /// Gemma 2's embedding scale, √hidden rounded to the table's type.
+    embed_scale: Option<f32>,
     buffers: Buffers<B>,
     /// The batch with token ids remapped to this rank's vocabulary rows (vocabulary split).
     local_batch: ForwardBatch,
@@ -107,86 +101,6 @@ pub fn whole_shard(c: &ModelConfig) -> RankShard {
     }
 }
 
-fn load_layer<B: Backend>(
-    c: &ModelConfig,
-    weights: &dyn WeightSource,
-    backend: &B,
-    shard: &RankShard,
-    l: usize,
-) -> Result<Layer<B>, ModelError> {
-    let (hid, h, kv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
-    let kernel = |e: crate::kernels::KernelError| {
-        ModelError::Invalid(format!("{}: {e}", weights.describe()))
-    };
-    let name = |t: &str| format!("blk.{l}.{t}");
-    let q_rows = shard.q_heads.start * d..shard.q_heads.end * d;
-    let kv_rows = shard.kv_heads.start * d..shard.kv_heads.end * d;
-    let inter = c.intermediate_size;
-    let vector = |t: &str| -> Result<B::Vector, ModelError> {
-        backend
-            .vector(&weights.require(&name(t), 1, hid)?)
-            .map_err(kernel)
-    };
-    let qkv = backend
-        .linear(vec![
-            weights.require_rows(&name("attn_q.weight"), h * d, hid, q_rows.clone())?,
-            weights.require_rows(&name("attn_k.weight"), kv * d, hid, kv_rows.clone())?,
-            weights.require_rows(&name("attn_v.weight"), kv * d, hid, kv_rows.clone())?,
-        ])
-        .map_err(kernel)?;
-    let qkv_bias = if c.attention_bias {
-        let mut b = Vec::with_capacity(q_rows.len() + 2 * kv_rows.len());
-        for (t, n, range) in [
-            ("attn_q.bias", h * d, &q_rows),
-            ("attn_k.bias", kv * d, &kv_rows),
-            ("attn_v.bias", kv * d, &kv_rows),
-        ] {
-            b.extend(
-                weights
-                    .require_cols(&name(t), 1, n, range.clone())?
-                    .to_f32(),
-            );
-        }
-        let joined = HostTensor::from_f32(1, b.len(), &b);
-        Some(backend.vector(&joined).map_err(kernel)?)
-    } else {
-        None
-    };
-    Ok(Layer {
-        window: c.sliding_window.as_ref().and_then(|w| w.of_layer(l)),
-        attn_norm: vector("attn_norm.weight")?,
-        qkv,
-        qkv_bias,
-        o: backend
-            .linear(vec![row_parallel(
-                weights,
-                shard,
-                &name("attn_output.weight"),
-                hid,
-                h * d,
-                q_rows,
-            )?])
-            .map_err(kernel)?,
-        ffn_norm: vector("ffn_norm.weight")?,
-        gate_up: backend
-            .linear(vec![
-                weights.require_rows(&name("ffn_gate.weight"), inter, hid, shard.inter.clone())?,
-                weights.require_rows(&name("ffn_up.weight"), inter, hid, shard.inter.clone())?,
-            ])
-            .map_err(kernel)?,
-        down: backend
-            .linear(vec![row_parallel(
-                weights,
-                shard,
-                &name("ffn_down.weight"),
-                hid,
-                inter,
-                shard.inter.clone(),
-            )?])
-            .map_err(kernel)?,
-    })
-}
-
 /// A sequence no longer than the sliding window attends exactly as with full attention, so on
 /// a backend without windowed attention a windowed model is served up to its window.
 fn serve_within_the_window(config: &mut ModelConfig, backend: &str) {
@@ -222,6 +136,13 @@ impl<B: Backend> Llama<B> {
         comm: Box<dyn Communicator<B>>,
     ) -> Result<Self, ModelError> {
         let mut config = config;
+        if config.gemma2.is_some() && !backend.runs_gemma2() {
+            return Err(ModelError::Unsupported(format!(
+                "{}: Gemma 2 runs on the CPU backend with sluice's numerics only, not on {}",
+                weights.describe(),
+                backend.describe()
+            )));
+        }
         if !backend.attends_sliding_windows() {
             serve_within_the_window(&mut config, &backend.describe());
         }
@@ -235,8 +156,12 @@ impl<B: Backend> Llama<B> {
             .clone()
             .map(|l| load_layer(c, weights, &backend, &shard, l))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut embed_scale = None;
         let embed = if shard.is_first_stage() {
             let t = embedding_shard(weights, "token_embd.weight", c, &shard)?;
+            if c.gemma2.is_some() {
+                embed_scale = Some(gemma2_embed_scale(hid, t.dtype));
+            }
             Some(backend.embedding(t).map_err(kernel)?)
         } else {
             None
@@ -266,8 +191,12 @@ impl<B: Backend> Llama<B> {
             num_heads: shard.q_heads.len(),
             num_kv_heads: shard.kv_heads.len(),
             head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            scale: match c.gemma2 {
+                Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+                None => 1.0 / (c.head_dim as f32).sqrt(),
+            },
             window: None,
+            softcap: c.gemma2.and_then(|g| g.attn_logit_softcap),
         };
         let gathered = backend.tensor();
         let buffers = Buffers {
@@ -276,6 +205,7 @@ impl<B: Backend> Llama<B> {
             qkv: backend.tensor(),
             attn: backend.tensor(),
             delta: backend.tensor(),
+            post_normed: backend.tensor(),
             gate_up: backend.tensor(),
             act: backend.tensor(),
             last: backend.tensor(),
@@ -287,6 +217,7 @@ impl<B: Backend> Llama<B> {
             head,
             rope,
             attn_shape,
+            embed_scale,
             buffers,
             backend,
             config,
@@ -406,6 +337,9 @@ impl<B: Backend> Llama<B> {
                 if split_vocab {
                     comm.all_reduce_sum(be, &mut b.residual)?;
                 }
+                if let Some(by) = self.embed_scale {
+                    be.scale(&mut b.residual, by);
+                }
                 true
             }
             None => {
@@ -433,6 +367,10 @@ impl<B: Backend> Llama<B> {
             };
             be.attention(&mut b.qkv, shape, i, kv, &step, &mut b.attn);
             row_parallel_matmul(be, comm, gather, &b.attn, &layer.o, &mut b.delta, g)?;
+            if let Some((post_attn, _)) = &layer.post_norms {
+                be.rms_norm(&b.delta, post_attn, eps, &mut b.post_normed);
+                std::mem::swap(&mut b.delta, &mut b.post_normed);
+            }
             be.add_rms_norm(
                 &mut b.residual,
                 &b.delta,
@@ -441,8 +379,16 @@ impl<B: Backend> Llama<B> {
                 &mut b.normed,
             );
             be.matmul(&b.normed, &layer.gate_up, None, &mut b.gate_up);
-            be.silu_mul(&b.gate_up, &mut b.act);
+            if layer.post_norms.is_some() {
+                be.gelu_tanh_mul(&b.gate_up, &mut b.act);
+            } else {
+                be.silu_mul(&b.gate_up, &mut b.act);
+            }
             row_parallel_matmul(be, comm, gather, &b.act, &layer.down, &mut b.delta, g)?;
+            if let Some((_, post_ffn)) = &layer.post_norms {
+                be.rms_norm(&b.delta, post_ffn, eps, &mut b.post_normed);
+                std::mem::swap(&mut b.delta, &mut b.post_normed);
+            }
         }
         let Some((norm, lm_head)) = &self.head else {
             comm.send_next(be, &b.residual)?;
@@ -466,6 +412,9 @@ impl<B: Backend> Llama<B> {
         }
         be.gather_logits_rows(&b.normed, &step, &mut b.last);
         be.matmul(&b.last, lm_head, None, &mut b.logits);
+        if let Some(cap) = self.config.gemma2.and_then(|g| g.final_logit_softcap) {
+            be.softcap(&mut b.logits, cap);
+        }
         if graphs {
             be.end_step_ops(&step, &mut b.logits);
         }
@@ -489,5 +438,16 @@ impl<B: Backend> Llama<B> {
         if !copies.is_empty() {
             self.backend.copy_blocks(kv, copies);
         }
+    }
+}
+
+/// Gemma 2's embedding scale: √hidden in the embedding table's type, as `transformers`
+/// multiplies (`bf16(√2304)` = 48, `bf16(√3584)` = 60).
+fn gemma2_embed_scale(hidden: usize, table: WeightDType) -> f32 {
+    let s = (hidden as f32).sqrt();
+    match table {
+        WeightDType::BF16 => half::bf16::from_f32(s).to_f32(),
+        WeightDType::F16 => half::f16::from_f32(s).to_f32(),
+        _ => s,
     }
 }

@@ -1,6 +1,8 @@
 //! Model configs, weight loading and the Llama-family forward pass.
 
 pub mod config;
+pub mod gemma2;
+mod layer;
 pub mod llama;
 pub mod loader;
 pub mod quantize;

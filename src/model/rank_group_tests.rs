@@ -28,6 +28,7 @@ pub(crate) fn tiny() -> ModelConfig {
         tie_word_embeddings: true,
         attention_bias: false,
         sliding_window: None,
+        gemma2: None,
     }
 }
 

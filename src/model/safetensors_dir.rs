@@ -1,6 +1,8 @@
 //! A Hugging Face model directory's `*.safetensors` files as a [`WeightSource`]: tensors by
 //! their `transformers` names, memory-mapped, and the parts of fused projections (Phi-3's
-//! `qkv_proj`, `gate_up_proj`) as row ranges of the fused tensor.
+//! `qkv_proj`, `gate_up_proj`) as row ranges of the fused tensor. They are served by their
+//! GGUF names and in GGUF's conventions: Gemma 2's norm gains `1 + weight` are added up here,
+//! as llama.cpp's converter does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +14,8 @@ use super::ModelError;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::{HostTensor, WeightBytes};
 
-/// The Hugging Face name of a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor name in a model of architecture `arch`.
+fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -25,20 +27,26 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
-    let hf_tail = match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
+    let hf_tail = match (tail, arch) {
+        // Gemma 2 norms the attention's output, then the feed-forward's input.
+        ("ffn_norm.weight", "gemma2") => "pre_feedforward_layernorm.weight",
+        ("post_attention_norm.weight", "gemma2") => "post_attention_layernorm.weight",
+        ("post_ffw_norm.weight", "gemma2") => "post_feedforward_layernorm.weight",
+        (tail, _) => match tail {
+            "attn_norm.weight" => "input_layernorm.weight",
+            "ffn_norm.weight" => "post_attention_layernorm.weight",
+            "attn_q.weight" => "self_attn.q_proj.weight",
+            "attn_k.weight" => "self_attn.k_proj.weight",
+            "attn_v.weight" => "self_attn.v_proj.weight",
+            "attn_q.bias" => "self_attn.q_proj.bias",
+            "attn_k.bias" => "self_attn.k_proj.bias",
+            "attn_v.bias" => "self_attn.v_proj.bias",
+            "attn_output.weight" => "self_attn.o_proj.weight",
+            "ffn_gate.weight" => "mlp.gate_proj.weight",
+            "ffn_up.weight" => "mlp.up_proj.weight",
+            "ffn_down.weight" => "mlp.down_proj.weight",
+            _ => return None,
+        },
     };
     Some(format!("model.layers.{layer}.{hf_tail}"))
 }
@@ -143,7 +151,12 @@ impl SafetensorsDir {
 
 impl WeightSource for SafetensorsDir {
     fn get(&self, name: &str) -> Result<Option<HostTensor>, ModelError> {
-        if let Some(t) = hf_name(name).and_then(|n| self.tensors.get(&n)) {
+        let arch = self.config.architecture.as_str();
+        if let Some(t) = hf_name(name, arch).and_then(|n| self.tensors.get(&n)) {
+            if arch == "gemma2" && name.ends_with("norm.weight") {
+                let gains: Vec<f32> = t.to_f32().iter().map(|w| 1.0 + w).collect();
+                return Ok(Some(HostTensor::from_f32(t.rows, t.cols, &gains)));
+            }
             return Ok(Some(t.clone()));
         }
         let Some((fused, start, rows)) = fused_part(name, &self.config) else {
@@ -174,10 +187,26 @@ mod tests {
     #[test]
     fn hf_names() {
         assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
+            hf_name("blk.12.attn_q.weight", "llama").as_deref(),
             Some("model.layers.12.self_attn.q_proj.weight")
         );
-        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_name("blk.x"), None);
+        assert_eq!(
+            hf_name("output.weight", "llama").as_deref(),
+            Some("lm_head.weight")
+        );
+        assert_eq!(hf_name("blk.x", "llama"), None);
+        assert_eq!(
+            hf_name("blk.1.ffn_norm.weight", "llama").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_norm.weight", "gemma2").as_deref(),
+            Some("model.layers.1.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.post_attention_norm.weight", "gemma2").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        assert_eq!(hf_name("blk.1.post_ffw_norm.weight", "llama"), None);
     }
 }

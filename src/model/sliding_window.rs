@@ -27,7 +27,8 @@ impl SlidingWindow {
     }
 
     /// The layers' windows as a Hugging Face config states them: Mistral and Phi-3 window every
-    /// layer; Qwen2 those from `max_window_layers` on, when `use_sliding_window`; a
+    /// layer; Qwen2 those from `max_window_layers` on, when `use_sliding_window`; Gemma 2 the
+    /// even ones; a
     /// `layer_types` list (transformers 5) names each layer's kind, and is honoured wherever
     /// the architecture reads it. `None` when no layer's window is shorter than the context.
     pub fn from_hf(
@@ -60,6 +61,7 @@ impl SlidingWindow {
                     })
                     .collect::<Result<_, _>>()?
             }
+            (_, "gemma2") => super::gemma2::default_windowed_layers(num_layers),
             (_, "qwen2") => {
                 // transformers' default.
                 let from = max_window_layers.unwrap_or(28);

@@ -168,6 +168,9 @@ impl DummyWeights {
                 let tail = name.strip_prefix("blk.")?.split_once('.')?.1;
                 match tail {
                     "attn_norm.weight" | "ffn_norm.weight" => (1, c.hidden_size),
+                    "post_attention_norm.weight" | "post_ffw_norm.weight" if c.gemma2.is_some() => {
+                        (1, c.hidden_size)
+                    }
                     "attn_q.weight" => (h * d, c.hidden_size),
                     "attn_k.weight" | "attn_v.weight" => (kv * d, c.hidden_size),
                     "attn_q.bias" if c.attention_bias => (1, h * d),
@@ -316,6 +319,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: false,
             sliding_window: None,
+            gemma2: None,
         }
     }
 

@@ -22,6 +22,7 @@ fn smollm2_q4() -> Footprint {
             tie_word_embeddings: true,
             attention_bias: false,
             sliding_window: None,
+            gemma2: None,
         },
         source: "gguf",
         weights_dtype: "Q4_1".into(),

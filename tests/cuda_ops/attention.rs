@@ -73,6 +73,7 @@ fn run_case(case: &Case, seed: u64) {
         head_dim: d,
         scale: 1.0 / (d as f32).sqrt(),
         window: None,
+        softcap: None,
     };
     let kv_shape = KvCacheShape {
         num_layers: 2,

@@ -40,6 +40,7 @@ pub fn smollm2_135m_config() -> ModelConfig {
         tie_word_embeddings: true,
         attention_bias: false,
         sliding_window: None,
+        gemma2: None,
     }
 }
 

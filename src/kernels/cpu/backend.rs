@@ -68,6 +68,9 @@ pub struct CpuBackend {
     ggml_acts: Mutex<GgmlActs>,
 }
 
+/// A gated activation's row op: `(gate, up, out)`.
+type GatedRow = fn(&[f32], &[f32], &mut [f32]);
+
 impl CpuBackend {
     pub fn new(num_threads: usize) -> Self {
         Self::with_numerics(num_threads, CpuNumerics::Fast)
@@ -96,6 +99,19 @@ impl CpuBackend {
     }
 
     /// Runs `f(row)` for each row of `rows`, in parallel chunks.
+    /// `out = act(gate) * up` row by row, for `gate_up = [gate | up]`.
+    fn gated(&self, gate_up: &CpuTensor, out: &mut CpuTensor, act_mul: GatedRow) {
+        let inter = gate_up.cols / 2;
+        out.resize(gate_up.rows, inter);
+        let ptr = SyncPtr::new(&mut out.data);
+        self.for_rows(gate_up.rows, |r| {
+            let row = gate_up.row(r);
+            // SAFETY: one row per task.
+            let o = unsafe { ptr.slice(r * inter, inter) };
+            act_mul(&row[..inter], &row[inter..], o);
+        });
+    }
+
     fn for_rows(&self, rows: usize, f: impl Fn(usize) + Sync) {
         self.pool.run(rows.div_ceil(ROW_CHUNK), |c| {
             (c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows)).for_each(&f)
@@ -181,6 +197,10 @@ impl Backend for CpuBackend {
     /// sluice's kernels skip the keys before the window; ggml's (`--cpu-numerics ggml`) attend
     /// as llama.cpp does for the Llama-architecture files it reads, over the whole context.
     fn attends_sliding_windows(&self) -> bool {
+        self.numerics == CpuNumerics::Fast
+    }
+
+    fn runs_gemma2(&self) -> bool {
         self.numerics == CpuNumerics::Fast
     }
 
@@ -294,19 +314,28 @@ impl Backend for CpuBackend {
         attention::attend(&self.pool, qkv, shape, layer, kv, step, out);
     }
 
-    fn silu_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) {
-        let inter = gate_up.cols / 2;
-        out.resize(gate_up.rows, inter);
-        let ptr = SyncPtr::new(&mut out.data);
-        self.for_rows(gate_up.rows, |r| {
-            let row = gate_up.row(r);
+    fn gelu_tanh_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) {
+        self.gated(gate_up, out, rows::gelu_tanh_mul_row);
+    }
+
+    fn scale(&self, x: &mut CpuTensor, by: f32) {
+        x.data.iter_mut().for_each(|v| *v *= by);
+    }
+
+    fn softcap(&self, x: &mut CpuTensor, cap: f32) {
+        let cols = x.cols;
+        let ptr = SyncPtr::new(&mut x.data);
+        self.for_rows(x.rows, |r| {
             // SAFETY: one row per task.
-            let o = unsafe { ptr.slice(r * inter, inter) };
-            match self.numerics {
-                CpuNumerics::Fast => rows::silu_mul_row(&row[..inter], &row[inter..], o),
-                CpuNumerics::Ggml => rows::ggml::silu_mul_row(&row[..inter], &row[inter..], o),
-            }
+            rows::softcap_row(unsafe { ptr.slice(r * cols, cols) }, cap);
         });
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) {
+        match self.numerics {
+            CpuNumerics::Fast => self.gated(gate_up, out, rows::silu_mul_row),
+            CpuNumerics::Ggml => self.gated(gate_up, out, rows::ggml::silu_mul_row),
+        }
     }
 
     fn gather_logits_rows(&self, x: &CpuTensor, step: &CpuStep, out: &mut CpuTensor) {

@@ -38,6 +38,7 @@ pub use step::{AttentionTask, CpuStep};
 
 use super::backend::{CpuNumerics, CpuTensor};
 use super::pool::{SyncPtr, ThreadPool};
+use super::rows;
 use crate::kernels::AttentionShape;
 use kernels::{softmax_numerators, GroupQuery, Scratch};
 use kernels_q8::GROUP as GROUP_Q8;
@@ -204,6 +205,9 @@ impl LayerFn for AttendTasks<'_> {
                     (first..first + AHEAD).for_each(|b| prefetch(b, Part::V));
                     inv_sums.clear();
                     inv_sums.extend(scores.chunks_exact_mut(span).map(|row| {
+                        if let Some(cap) = shape.softcap {
+                            rows::softcap_row(row, cap);
+                        }
                         // Keys of the first block before the window weigh nothing.
                         row[..start - first * bs].fill(f32::NEG_INFINITY);
                         1.0 / softmax_numerators(row)

@@ -52,17 +52,24 @@ fn as_stored(x: &mut [f32], dtype: KvCacheDtype) {
 /// softmax(q·k) v over the same rotated, f16-rounded Q and the K and V the cache holds (f16,
 /// or 8-bit codes and scales), for GQA ratios 1/3/4/8, head dims 64/128/48 (not 8-bit) and
 /// block sizes 8/16/32; with full attention and with sliding windows that start inside a
-/// block, on a block boundary, or see only the query's own key.
+/// block, on a block boundary, or see only the query's own key; and with scores soft-capped
+/// (Gemma 2) at about their own size, so that the cap bends them.
 #[test]
 fn paged_attention_matches_f64_reference() {
     for dtype in [KvCacheDtype::F16, KvCacheDtype::Int8] {
         for window in [None, Some(1), Some(13), Some(32)] {
-            paged_attention_matches_f64_reference_for(dtype, window);
+            paged_attention_matches_f64_reference_for(dtype, window, None);
         }
+        paged_attention_matches_f64_reference_for(dtype, None, Some(0.3));
+        paged_attention_matches_f64_reference_for(dtype, Some(13), Some(0.3));
     }
 }
 
-fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype, window: Option<usize>) {
+fn paged_attention_matches_f64_reference_for(
+    dtype: KvCacheDtype,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) {
     let pool = ThreadPool::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for &(h, kvh, d, bs) in &[
@@ -82,6 +89,7 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype, window: Option
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
             window,
+            softcap,
         };
         let lens = [37usize, 1, 70];
         let num_blocks = 16;
@@ -162,11 +170,13 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype, window: Option
                             .iter()
                             .map(|t| {
                                 let k = &t[(h + g) * d..][..d];
-                                q.iter()
+                                let s = q
+                                    .iter()
                                     .zip(k)
                                     .map(|(a, b)| *a as f64 * *b as f64)
                                     .sum::<f64>()
-                                    * shape.scale as f64
+                                    * shape.scale as f64;
+                                softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                             })
                             .collect();
                         let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -182,7 +192,7 @@ fn paged_attention_matches_f64_reference_for(dtype: KvCacheDtype, window: Option
                             let got = out.row(row)[head * d + i] as f64;
                             assert!(
                                 (got - exact).abs() < 1e-5,
-                                "{dtype} window {window:?}: h {h} kvh {kvh} d {d} bs {bs} seq {s} \
+                                "{dtype} window {window:?} softcap {softcap:?}: h {h} kvh {kvh} d {d} bs {bs} seq {s} \
                                  row {row} head {head} dim {i}: {got} vs {exact}"
                             );
                         }
@@ -222,6 +232,7 @@ fn attention_probe() {
         head_dim: d,
         scale: 0.125,
         window: None,
+        softcap: None,
     };
     let kv_shape = KvCacheShape {
         num_layers: layers,

@@ -1,4 +1,5 @@
-//! Row-wise ops of the CPU backend: RMSNorm (with fused residual add), SiLU·mul, RoPE. Here in
+//! Row-wise ops of the CPU backend: RMSNorm (with fused residual add), SiLU·mul, RoPE, and
+//! Gemma 2's GELU·mul and soft cap. Here in
 //! sluice's own numerics; [`ggml`] holds each as llama.cpp's CPU build computes it.
 //!
 //! Each output row is computed by one fixed sequence of float operations whatever the batch,
@@ -8,7 +9,7 @@
 
 pub mod ggml;
 
-use super::ops::{dot, exp, simd_dispatch};
+use super::ops::{dot, exp, simd_dispatch, tanh};
 
 #[inline(always)]
 fn rms_norm_row_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -55,6 +56,33 @@ simd_dispatch!(
     pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_row_body
 );
 
+#[inline(always)]
+fn gelu_tanh_mul_row_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    // 0.5·x·(1 + tanh(u)) = x / (1 + e^(−2u)) with u = √(2/π)·(x + 0.044715·x³).
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        let z = TWO_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g);
+        *o = g / (1.0 + exp(-z)) * u;
+    }
+}
+
+simd_dispatch!(
+    /// `out = gelu_tanh(gate) * up` for one row (PyTorch's `gelu(approximate="tanh")`).
+    pub fn gelu_tanh_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) => gelu_tanh_mul_row_body
+);
+
+#[inline(always)]
+fn softcap_row_body(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = cap * tanh(*v / cap);
+    }
+}
+
+simd_dispatch!(
+    /// `x = cap · tanh(x / cap)` for one row.
+    pub fn softcap_row(x: &mut [f32], cap: f32) => softcap_row_body
+);
+
 /// RoPE cosines and sines of one position, `[head_dim / 2]` each: those of `pos · f` for each
 /// pair's inverse frequency `f`.
 pub fn rope_angles(pos: u32, inv_freqs: &[f32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
@@ -95,6 +123,28 @@ mod tests {
         rms_norm_row(&x, &[1.0, 1.0], 0.0, &mut out);
         let rms = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 4.0 / rms).abs() < 1e-6);
+    }
+
+    /// PyTorch's `gelu(approximate="tanh")` and `cap·tanh(x/cap)`, in f64.
+    #[test]
+    fn gelu_tanh_and_softcap_match_f64() {
+        let x: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.03).collect();
+        let up: Vec<f32> = x.iter().map(|v| 1.0 - v / 20.0).collect();
+        let mut out = vec![0.0; x.len()];
+        gelu_tanh_mul_row(&x, &up, &mut out);
+        let mut capped = x.clone();
+        softcap_row(&mut capped, 5.0);
+        for (i, &v) in x.iter().enumerate() {
+            let w = v as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (w + 0.044715 * w * w * w);
+            let gelu = 0.5 * w * (1.0 + u.tanh()) * up[i] as f64;
+            assert!(
+                (out[i] as f64 - gelu).abs() <= 1e-6 * (1.0 + gelu.abs()),
+                "gelu({v})"
+            );
+            let cap = 5.0 * (w / 5.0).tanh();
+            assert!((capped[i] as f64 - cap).abs() <= 1e-6, "softcap({v})");
+        }
     }
 
     #[test]
