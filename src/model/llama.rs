@@ -308,6 +308,8 @@ impl<B: Backend> Llama<B> {
         let be = &self.backend;
         let comm = &mut self.comm;
         let eps = self.config.rms_norm_eps;
+        // Gemma 2 gates with GELU (tanh), the others with SiLU.
+        let gelu = self.config.gemma2.is_some();
         let b = &mut self.buffers;
         let g = &mut self.gathered;
         let gather = match (self.shard.tp_size, self.shard.tp_mode) {
@@ -379,7 +381,7 @@ impl<B: Backend> Llama<B> {
                 &mut b.normed,
             );
             be.matmul(&b.normed, &layer.gate_up, None, &mut b.gate_up);
-            if layer.post_norms.is_some() {
+            if gelu {
                 be.gelu_tanh_mul(&b.gate_up, &mut b.act);
             } else {
                 be.silu_mul(&b.gate_up, &mut b.act);
