@@ -2,7 +2,7 @@
 //! environments, created once per requirement, and scratch paths for whatever is made there
 //! and renamed into place, safe when several tests race to make the same thing.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +18,10 @@ pub fn cache_dir() -> PathBuf {
 pub fn pip_venv(name: &str, requirement: &str) -> PathBuf {
     // One creator per environment in this process: the other tests that need it wait for it
     // rather than installing it again beside it.
-    static CREATING: Mutex<Option<HashMap<String, Arc<Mutex<()>>>>> = Mutex::new(None);
+    static CREATING: Mutex<BTreeMap<String, Arc<Mutex<()>>>> = Mutex::new(BTreeMap::new());
     let lock = {
         let mut locks = CREATING.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = locks
-            .get_or_insert_with(HashMap::new)
-            .entry(name.to_string());
-        Arc::clone(entry.or_default())
+        Arc::clone(locks.entry(name.to_string()).or_default())
     };
     let _creating = lock.lock().unwrap_or_else(|e| e.into_inner());
     let venv = cache_dir().join(name);
