@@ -23,6 +23,20 @@ use sluice::kernels::host::{HostTensor, WeightBytes};
 
 /// Random quants with small valid f16 scales (values do not change the speed).
 fn random_weight(rng: &mut ChaCha8Rng, dtype: WeightDType, rows: usize, cols: usize) -> HostTensor {
+    if dtype.block_len() == 1 {
+        // Float weights: normal numbers of a model's size (random bits would hold NaNs and
+        // subnormals).
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.05..0.05))
+            .collect();
+        let bytes = sluice::kernels::cpu::matmul::quantize_weights::quantize_row(dtype, &values);
+        return HostTensor {
+            dtype,
+            rows,
+            cols,
+            bytes: WeightBytes::Owned(Arc::new(bytes)),
+        };
+    }
     let bb = dtype.block_bytes();
     let mut bytes = vec![0u8; rows * cols / dtype.block_len() * bb];
     rng.fill(&mut bytes[..]);
@@ -68,6 +82,12 @@ fn shapes(c: &mut Criterion) {
         (WeightDType::Q6K, 1536, 576),
         (WeightDType::Q8_0, 576, 576),
         (WeightDType::Q8_0, 576, 49152),
+        // Float weights, repacked for the FMA kernel ("Packed") against the per-row dots.
+        (WeightDType::BF16, 576, 1536),
+        (WeightDType::BF16, 1536, 576),
+        (WeightDType::BF16, 576, 49152),
+        (WeightDType::F16, 576, 1536),
+        (WeightDType::F32, 576, 1536),
     ];
     for (dtype, k, n) in cases {
         let w = random_weight(&mut rng, dtype, n, k);

@@ -237,7 +237,12 @@ unsafe fn float_tile<const NR: usize, const NC: usize>(
     let mut acc = [[_mm256_setzero_ps(); NC]; NR];
     let main = k / 8 * 8;
     for i in (0..main).step_by(8) {
-        let wv: [__m256; NC] = std::array::from_fn(|cc| load8(dtype, w[cc].as_ptr(), i));
+        // A loop, not `array::from_fn`: its closure would not inherit this function's target
+        // features, so `load8` would be a call per step.
+        let mut wv = [_mm256_setzero_ps(); NC];
+        for cc in 0..NC {
+            wv[cc] = load8(dtype, w[cc].as_ptr(), i);
+        }
         for r in 0..NR {
             let xv = _mm256_loadu_ps(xr[r].as_ptr().add(i));
             for cc in 0..NC {

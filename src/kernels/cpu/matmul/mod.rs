@@ -23,8 +23,9 @@
 //! * [`linear_packed`] over a [`PackedLinear`], built once at load: on the AVX-512 and AVX2
 //!   paths its Q4_0/Q4_1/Q8_0 parts are repacked 16 columns at a time ([`packed`]) and run
 //!   the column-interleaved kernels ([`packed_avx512`], [`packed_avx2`]; the two give the same
-//!   bits), which the CPU backend uses. Other parts, and the portable path, run the raw-block
-//!   kernels below. `SLUICE_CPU_REPACK=0` turns repacking off.
+//!   bits), and its float parts likewise ([`packed_float`], [`packed_float_avx2`]), which the
+//!   CPU backend uses. Other parts, and the portable path, run the raw-block kernels below.
+//!   `SLUICE_CPU_REPACK=0` turns repacking off.
 //! * [`linear`] over raw [`HostTensor`]s (tests, benches, the baseline).
 //! * [`ggml_dots::linear`] over Q4_1/Q8_0 [`HostTensor`]s, for `--cpu-numerics ggml`: ggml's
 //!   own dot products, bit for bit, with their activation quantization.
@@ -65,6 +66,9 @@ mod packed_amx;
 mod packed_avx2;
 #[cfg(target_arch = "x86_64")]
 mod packed_avx512;
+mod packed_float;
+#[cfg(target_arch = "x86_64")]
+mod packed_float_avx2;
 mod packed_linear;
 /// Off x86 nothing is ever packed ([`PackedLinear`] repacks only for the x86 SIMD paths).
 #[cfg(not(target_arch = "x86_64"))]
@@ -92,6 +96,20 @@ mod packed_amx {
 }
 #[cfg(not(target_arch = "x86_64"))]
 use packed_amx as packed_avx2;
+#[cfg(not(target_arch = "x86_64"))]
+mod packed_float_avx2 {
+    pub(super) struct FloatChunk<'a> {
+        pub(super) w: &'a super::packed_float::PackedFloats,
+        pub(super) g0: usize,
+        pub(super) g1: usize,
+        pub(super) m: usize,
+        pub(super) x: &'a [f32],
+        pub(super) out: super::OutView,
+    }
+    pub(super) fn float_chunk(_: &FloatChunk) {
+        unreachable!("packed weights exist only on x86-64")
+    }
+}
 #[cfg(test)]
 mod packed_tests;
 mod quantize;

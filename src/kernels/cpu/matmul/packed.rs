@@ -27,6 +27,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::packed_float::PackedFloats;
 use super::KernelPath;
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
@@ -38,7 +39,7 @@ pub(super) const GROUP: usize = 16;
 /// A 64-byte aligned line of the packed buffer.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(super) struct Line(pub(super) [u8; 64]);
 // SAFETY: a byte array with alignment 64 and size 64 has no padding and any bit pattern.
 unsafe impl Zeroable for Line {}
 // SAFETY: as above.
@@ -174,16 +175,17 @@ fn repack_enabled() -> bool {
 }
 
 /// One part of a [`PackedLinear`]: the tensor as loaded, and its packed copy where the
-/// selected kernel path uses one.
+/// selected kernel path uses one (blocks in `packed`, floats in `floats`).
 pub(super) struct PackedPart {
     pub(super) raw: HostTensor,
     pub(super) packed: Option<PackedWeights>,
+    pub(super) floats: Option<PackedFloats>,
 }
 
 /// A linear layer's weights prepared once for [`super::linear_packed`]: the concatenation,
-/// along the output dimension, of its parts (e.g. Q, K and V). Q4_0, Q4_1 and Q8_0 parts are
-/// repacked when the process runs the AVX-512 or the AVX2 path; other dtypes are used as
-/// loaded.
+/// along the output dimension, of its parts (e.g. Q, K and V). Q4_0, Q4_1 and Q8_0 parts, and
+/// float parts ([`super::packed_float`]), are repacked when the process runs the AVX-512 or
+/// the AVX2 path; other dtypes are used as loaded.
 pub struct PackedLinear {
     pub(super) parts: Vec<PackedPart>,
     rows: usize,
@@ -230,11 +232,8 @@ impl PackedLinear {
             parts: parts
                 .into_iter()
                 .map(|raw| PackedPart {
-                    packed: if repack {
-                        PackedWeights::new(&raw)
-                    } else {
-                        None
-                    },
+                    packed: repack.then(|| PackedWeights::new(&raw)).flatten(),
+                    floats: repack.then(|| PackedFloats::new(&raw)).flatten(),
                     raw,
                 })
                 .collect(),
@@ -258,10 +257,9 @@ impl PackedLinear {
 
     /// Bytes of repacked copies held beside the loaded tensors.
     pub fn packed_bytes(&self) -> usize {
-        self.parts
-            .iter()
-            .filter_map(|p| p.packed.as_ref())
-            .map(PackedWeights::size)
-            .sum()
+        let blocks = self.parts.iter().filter_map(|p| p.packed.as_ref());
+        let floats = self.parts.iter().filter_map(|p| p.floats.as_ref());
+        blocks.map(PackedWeights::size).sum::<usize>()
+            + floats.map(PackedFloats::size).sum::<usize>()
     }
 }

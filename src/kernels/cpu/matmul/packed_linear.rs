@@ -1,13 +1,14 @@
 //! [`linear_packed`]: the entry point over a [`PackedLinear`]. Packed parts run the
 //! column-interleaved kernels (AVX-512: [`super::packed_avx512`] or AMX; AVX2:
-//! [`super::packed_avx2`]); other parts (floats, K-quants, or any part on the portable path)
-//! run the raw-block kernels of [`super::linear`], each writing its own columns of the same
-//! output.
+//! [`super::packed_avx2`]) and packed floats the FMA kernel ([`super::packed_float_avx2`]);
+//! other parts (K-quants, Q5, IQ4_NL, or any part on the portable path) run the raw-block
+//! kernels of [`super::linear`], each writing its own columns of the same output.
 
 use super::packed::{self, PackedLinear};
 use super::packed_amx;
 use super::packed_avx2;
 use super::packed_avx512::{self, PackedChunk};
+use super::packed_float_avx2::{self, FloatChunk};
 use super::{raw_chunk, Chunk, KernelPath, MatmulScratch, OutView, Task};
 use crate::kernels::cpu::pool::{SyncPtr, ThreadPool};
 
@@ -86,7 +87,17 @@ pub fn linear_packed_with(
             stride: n,
             col: task.out_col,
         };
-        if let Some(pw) = packed(part) {
+        if let Some(floats) = part.floats.as_ref().filter(|_| path.repacks()) {
+            let chunk = FloatChunk {
+                w: floats,
+                g0: task.c0 / packed::GROUP,
+                g1: task.c1.div_ceil(packed::GROUP),
+                m,
+                x,
+                out,
+            };
+            packed_float_avx2::float_chunk(&chunk);
+        } else if let Some(pw) = packed(part) {
             let chunk = PackedChunk {
                 w: pw,
                 g0: task.c0 / packed::GROUP,

@@ -8,6 +8,16 @@ use super::packed_acts::{self, PackedActs};
 use super::tests::{paths, random_tensor, random_values, reference};
 use super::*;
 
+/// The weight types that the SIMD paths repack.
+const PACKED_DTYPES: [WeightDType; 6] = [
+    WeightDType::Q4_0,
+    WeightDType::Q4_1,
+    WeightDType::Q8_0,
+    WeightDType::F32,
+    WeightDType::F16,
+    WeightDType::BF16,
+];
+
 fn run_packed(
     path: KernelPath,
     pool: &ThreadPool,
@@ -44,8 +54,10 @@ fn check_packed(pool: &ThreadPool, x: &[f32], m: usize, parts: &[HostTensor], wh
 fn packed_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let pool = ThreadPool::new(2);
-    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
-        for k in [32, 96, 576] {
+    for dtype in PACKED_DTYPES {
+        // Float weights take any k.
+        let odd_k = (dtype.block_len() == 1).then_some(37);
+        for k in [32, 96, 576].into_iter().chain(odd_k) {
             for (m, n) in [(1, 37), (1, 16), (3, 64), (13, 50), (64, 19), (9, 200)] {
                 let w = random_tensor(&mut rng, dtype, n, k);
                 let x = random_values(&mut rng, m * k, 1.0);
@@ -82,7 +94,7 @@ fn packed_multi_part_mixed_dtypes() {
 fn packed_batch_invariance_bit_exact() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let pools = [ThreadPool::new(1), ThreadPool::new(2), ThreadPool::new(3)];
-    for dtype in [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0] {
+    for dtype in PACKED_DTYPES {
         let k = 608;
         let parts = vec![
             random_tensor(&mut rng, dtype, 83, k),
