@@ -39,7 +39,7 @@ pub(super) const GROUP: usize = 16;
 /// A 64-byte aligned line of the packed buffer.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub(super) struct Line(pub(super) [u8; 64]);
+struct Line([u8; 64]);
 // SAFETY: a byte array with alignment 64 and size 64 has no padding and any bit pattern.
 unsafe impl Zeroable for Line {}
 // SAFETY: as above.
@@ -87,10 +87,7 @@ pub(super) struct PackedWeights {
     pub(super) rows: usize,
     /// Blocks of 32 along k.
     pub(super) nb: usize,
-    pub(super) num_groups: usize,
-    /// Bytes per group, a multiple of 64.
-    pub(super) group_bytes: usize,
-    lines: Vec<Line>,
+    pub(super) groups: Groups,
 }
 
 impl PackedWeights {
@@ -99,11 +96,7 @@ impl PackedWeights {
         let kind = PackedKind::of(t.dtype)?;
         let nb = t.cols / 32;
         let (qb, sb) = (kind.quant_bytes(), kind.scale_bytes());
-        let group_bytes = (nb * (qb + sb)).next_multiple_of(64);
-        let num_groups = t.rows.div_ceil(GROUP);
-        let mut lines = vec![Line([0; 64]); num_groups * group_bytes / 64];
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut lines);
-        for (g, dst) in bytes.chunks_exact_mut(group_bytes.max(1)).enumerate() {
+        let groups = Groups::new(t.rows, nb * (qb + sb), |g, dst| {
             for c in 0..GROUP.min(t.rows - g * GROUP) {
                 let row = t.row(g * GROUP + c);
                 for b in 0..nb {
@@ -118,15 +111,41 @@ impl PackedWeights {
                     }
                 }
             }
-        }
+        });
         Some(Self {
             kind,
             rows: t.rows,
             nb,
+            groups,
+        })
+    }
+}
+
+/// A part's groups of [`GROUP`] columns, back to back in a 64-byte aligned buffer, each
+/// group a whole number of 64-byte lines (what a packed layout leaves over is zero).
+pub(super) struct Groups {
+    pub(super) num_groups: usize,
+    /// Bytes per group, a multiple of 64.
+    pub(super) group_bytes: usize,
+    lines: Vec<Line>,
+}
+
+impl Groups {
+    /// The groups of `rows` columns, `bytes` each before rounding up, zeroed, then
+    /// `pack(g, group)` fills group `g`.
+    pub(super) fn new(rows: usize, bytes: usize, mut pack: impl FnMut(usize, &mut [u8])) -> Self {
+        let group_bytes = bytes.next_multiple_of(64);
+        let num_groups = rows.div_ceil(GROUP);
+        let mut lines = vec![Line([0; 64]); num_groups * group_bytes / 64];
+        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut lines);
+        for (g, dst) in all.chunks_exact_mut(group_bytes.max(1)).enumerate() {
+            pack(g, dst);
+        }
+        Self {
             num_groups,
             group_bytes,
             lines,
-        })
+        }
     }
 
     /// The bytes of group `g`.
@@ -136,7 +155,7 @@ impl PackedWeights {
     }
 
     /// Bytes held.
-    fn size(&self) -> usize {
+    pub(super) fn size(&self) -> usize {
         self.lines.len() * 64
     }
 }
@@ -259,7 +278,8 @@ impl PackedLinear {
     pub fn packed_bytes(&self) -> usize {
         let blocks = self.parts.iter().filter_map(|p| p.packed.as_ref());
         let floats = self.parts.iter().filter_map(|p| p.floats.as_ref());
-        blocks.map(PackedWeights::size).sum::<usize>()
-            + floats.map(PackedFloats::size).sum::<usize>()
+        (blocks.map(|w| &w.groups).chain(floats.map(|w| &w.groups)))
+            .map(Groups::size)
+            .sum()
     }
 }

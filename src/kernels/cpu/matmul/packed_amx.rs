@@ -120,7 +120,7 @@ unsafe fn chunk_impl(c: &PackedChunk, acts: &PackedActs) {
 unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs) {
     let whole = c.m / TILE_ROWS * TILE_ROWS;
     assert!(
-        c.g1 <= c.w.num_groups
+        c.g1 <= c.w.groups.num_groups
             && acts.nb == c.w.nb
             && acts.qs.len() >= c.m * acts.k
             && acts.d.len() >= c.m * acts.nb
@@ -130,7 +130,7 @@ unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs) {
             let valid = c.w.rows - g * GROUP;
             let mask: __mmask16 = if valid >= GROUP { !0 } else { (1 << valid) - 1 };
             let col = (g - c.g0) * GROUP;
-            tile::<KIND>(c.w.group(g).as_ptr(), acts, r0, |r, acc| {
+            tile::<KIND>(c.w.groups.group(g).as_ptr(), acts, r0, |r, acc| {
                 // SAFETY: row r0+r < m and the masked lanes are this task's columns.
                 _mm512_mask_storeu_ps(c.out.at(r0 + r, col), mask, acc)
             });

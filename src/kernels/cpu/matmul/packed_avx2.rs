@@ -64,10 +64,10 @@ struct Tile {
 /// `KIND`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn chunk_kind<const KIND: u8>(c: &PackedChunk, acts: &PackedActs) {
-    assert!(c.g1 <= c.w.num_groups && acts.nb == c.w.nb && acts.qs.len() >= c.m * acts.k);
+    assert!(c.g1 <= c.w.groups.num_groups && acts.nb == c.w.nb && acts.qs.len() >= c.m * acts.k);
     for g in c.g0..c.g1 {
         let t = Tile {
-            w: c.w.group(g).as_ptr(),
+            w: c.w.groups.group(g).as_ptr(),
             nb: c.w.nb,
             out: c.out,
             col: (g - c.g0) * GROUP,

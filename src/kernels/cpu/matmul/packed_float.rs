@@ -15,7 +15,7 @@
 //! **Batch invariance:** every output element is one f32 chain, `acc = fma(w[i], x[i], acc)`
 //! for `i` in `0..k` from `acc = 0`, whatever the tile, chunk or thread that computes it.
 
-use super::packed::{Line, GROUP};
+use super::packed::{Groups, GROUP};
 use crate::kernels::dtype::WeightDType;
 use crate::kernels::host::HostTensor;
 
@@ -26,10 +26,7 @@ pub(super) struct PackedFloats {
     pub(super) rows: usize,
     /// Input features.
     pub(super) k: usize,
-    pub(super) num_groups: usize,
-    /// Bytes per group, a multiple of 64.
-    pub(super) group_bytes: usize,
-    lines: Vec<Line>,
+    pub(super) groups: Groups,
 }
 
 impl PackedFloats {
@@ -40,13 +37,8 @@ impl PackedFloats {
             WeightDType::F16 | WeightDType::BF16 => 2,
             _ => return None,
         };
-        let k = t.cols;
         let step = GROUP * size;
-        let group_bytes = (k * step).next_multiple_of(64);
-        let num_groups = t.rows.div_ceil(GROUP);
-        let mut lines = vec![Line([0; 64]); num_groups * group_bytes / 64];
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut lines);
-        for (g, dst) in bytes.chunks_exact_mut(group_bytes.max(1)).enumerate() {
+        let groups = Groups::new(t.rows, t.cols * step, |g, dst| {
             for c in 0..GROUP.min(t.rows - g * GROUP) {
                 let slot = match t.dtype {
                     WeightDType::BF16 => bf16_slot(c),
@@ -58,26 +50,13 @@ impl PackedFloats {
                     dst[at..at + size].copy_from_slice(value);
                 }
             }
-        }
+        });
         Some(Self {
             dtype: t.dtype,
             rows: t.rows,
-            k,
-            num_groups,
-            group_bytes,
-            lines,
+            k: t.cols,
+            groups,
         })
-    }
-
-    /// The bytes of group `g`.
-    pub(super) fn group(&self, g: usize) -> &[u8] {
-        let bytes: &[u8] = bytemuck::cast_slice(&self.lines);
-        &bytes[g * self.group_bytes..(g + 1) * self.group_bytes]
-    }
-
-    /// Bytes held.
-    pub(super) fn size(&self) -> usize {
-        self.lines.len() * 64
     }
 }
 
@@ -119,9 +98,9 @@ mod tests {
         let Some(p) = PackedFloats::new(&t) else {
             panic!("f32 is packed");
         };
-        assert_eq!((p.num_groups, p.group_bytes % 64), (2, 0));
+        assert_eq!((p.groups.num_groups, p.groups.group_bytes % 64), (2, 0));
         let at = |g: usize, i: usize, c: usize| {
-            let b = &p.group(g)[(i * GROUP + c) * 4..][..4];
+            let b = &p.groups.group(g)[(i * GROUP + c) * 4..][..4];
             f32::from_le_bytes([b[0], b[1], b[2], b[3]])
         };
         assert_eq!(at(0, 3, 5), (5 * k + 3) as f32);

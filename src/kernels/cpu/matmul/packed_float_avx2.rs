@@ -61,7 +61,7 @@ unsafe fn chunk_impl(c: &FloatChunk) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn chunk_kind<const KIND: u8>(c: &FloatChunk) {
-    assert!(c.g1 <= c.w.num_groups && c.x.len() >= c.m * c.w.k);
+    assert!(c.g1 <= c.w.groups.num_groups && c.x.len() >= c.m * c.w.k);
     for rb in (0..c.m).step_by(ROW_BLOCK) {
         let rows = (c.m - rb).min(ROW_BLOCK);
         let mut g = c.g0;
@@ -137,7 +137,7 @@ unsafe fn tile<const KIND: u8, const NR: usize, const G: usize>(
     let k = c.w.k;
     let mut w = [std::ptr::null::<u8>(); G];
     for g in 0..G {
-        w[g] = c.w.group(g0 + g).as_ptr();
+        w[g] = c.w.groups.group(g0 + g).as_ptr();
     }
     // SAFETY (all pointer reads below): rows r0..r0+NR < m have k values each (asserted by
     // the caller), and a group holds k indices of step::<KIND>() bytes.

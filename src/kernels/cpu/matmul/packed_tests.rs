@@ -179,7 +179,7 @@ fn packed_scalar(w: &packed::PackedWeights, a: &PackedActs, m: usize) -> Vec<f32
     let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let mut out = vec![0.0f32; m * w.rows];
     for j in 0..w.rows {
-        let (grp, c) = (w.group(j / GROUP), j % GROUP);
+        let (grp, c) = (w.groups.group(j / GROUP), j % GROUP);
         for r in 0..m {
             let mut acc = 0.0f32;
             for b in 0..nb {
