@@ -324,6 +324,46 @@ fn a_sliding_window_gives_back_its_blocks() {
     assert_eq!(preemptions, 0.0, "the window's blocks did not come back");
 }
 
+/// With a window on every layer, a sequence may outgrow the whole pool: in 2 blocks of 8
+/// tokens, a 32-token prompt (prefilled in chunks cut to the window's blocks) and 16 more
+/// tokens come out as `transformers`' greedy tokens. Without the window the same pool
+/// refuses the request.
+#[test]
+fn a_sliding_window_lets_a_sequence_outgrow_the_pool() {
+    let fx = fixture("mistral_window");
+    let greedy = ids(&fx["greedy"]);
+    let mut prompt = ids(&fx["prompt"]);
+    prompt.extend(&greedy[..16]);
+    let request = || {
+        let mut request = GenerateRequest::greedy(prompt.clone(), 16);
+        request.ignore_eos = true;
+        request
+    };
+    let config = || EngineConfig {
+        cache: CacheConfig {
+            block_size: 8,
+            num_blocks: 2,
+            ..CacheConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    let dir = model_dir("mistral_window", WeightDType::BF16);
+    let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).expect("the tokenizer.json"));
+    let engine = engine::spawn(load(&dir), tokenizer, config()).unwrap();
+    assert_eq!(engine.info.kv_cache_tokens, usize::MAX);
+    assert_eq!(tokens(engine.submit(request()).unwrap()), greedy[16..]);
+
+    let dir = model_dir("mistral", WeightDType::BF16);
+    let tokenizer = Arc::new(Tokenizer::from_hf_dir(&dir).expect("the tokenizer.json"));
+    let engine = engine::spawn(load(&dir), tokenizer, config()).unwrap();
+    assert_eq!(engine.info.kv_cache_tokens, 16);
+    let mut stream = engine.submit(request()).unwrap();
+    match stream.next_blocking() {
+        Some(StreamEvent::Error(e)) => assert!(e.to_string().contains("KV-cache blocks"), "{e}"),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
 /// Qwen2's window on the layers from `max_window_layers` on: layer 0 attends to everything,
 /// layer 1 to its last 8 keys.
 #[test]

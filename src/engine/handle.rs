@@ -33,7 +33,9 @@ pub struct EngineInfo {
     /// Longest prompt + generation, in tokens.
     pub max_model_len: usize,
     pub vocab_size: usize,
-    /// Tokens the whole KV cache holds; a sequence longer than this can never run.
+    /// Tokens one sequence can reach in the KV cache (`CacheConfig::max_seq_tokens`: the
+    /// whole cache's, or unbounded with a sliding window on every layer); a sequence longer
+    /// than this can never run.
     pub kv_cache_tokens: usize,
     /// Tokens per KV-cache block.
     pub block_size: usize,

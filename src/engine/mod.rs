@@ -141,6 +141,7 @@ pub fn spawn_with<B: Backend>(
             .and_then(|w| w.on_every_layer()),
         ..config.cache.clone()
     };
+    let kv_cache_tokens = cache.max_seq_tokens();
     let mut scheduler = Scheduler::new(config.scheduler.clone(), cache)?;
     // With pipeline stages, that many steps run at once on disjoint sequences.
     scheduler.set_max_in_flight(model.max_in_flight());
@@ -153,7 +154,7 @@ pub fn spawn_with<B: Backend>(
     let info = Arc::new(EngineInfo {
         max_model_len: config.max_model_len,
         vocab_size: model.lead().config.vocab_size,
-        kv_cache_tokens: config.cache.num_blocks * config.cache.block_size,
+        kv_cache_tokens,
         block_size: config.cache.block_size,
         prefix_caching: config.cache.enable_prefix_caching,
         max_num_seqs: config.scheduler.max_num_seqs,

@@ -155,6 +155,7 @@ impl KvCacheManager {
         let bs = self.config.block_size;
         let num_required = (num_computed_tokens + num_new_tokens).div_ceil(bs);
         self.release_before_window(seq_id, num_computed_tokens);
+        let first_live = (self.config).first_live_block(num_computed_tokens.saturating_sub(1));
         let (num_held, num_touched_free, cow_idx) = match self.tables.get(&seq_id) {
             Some(table) => (
                 table.block_ids.len(),
@@ -164,7 +165,11 @@ impl KvCacheManager {
             None => {
                 let ids = computed.map_or(&[][..], |c| c.block_ids.as_slice());
                 crate::checked_assert!(ids.len() * bs == num_computed_tokens);
-                let free = ids.iter().filter(|&&id| self.pool.ref_cnt(id) == 0).count();
+                let live = &ids[first_live.min(ids.len())..];
+                let free = live
+                    .iter()
+                    .filter(|&&id| self.pool.ref_cnt(id) == 0)
+                    .count();
                 (ids.len(), free, None)
             }
         };
@@ -176,9 +181,12 @@ impl KvCacheManager {
         if !self.tables.contains_key(&seq_id) {
             let mut table = SeqBlocks::default();
             if let Some(c) = computed {
-                // Touch before allocating, so allocation cannot evict the hits.
-                self.pool.touch(&c.block_ids);
+                // Touch before allocating, so allocation cannot evict the hits. Hits wholly
+                // before the window are never read: they stay in the cache, untaken.
+                let first = first_live.min(c.block_ids.len());
+                self.pool.touch(&c.block_ids[first..]);
                 table.block_ids.clone_from(&c.block_ids);
+                table.block_ids[..first].fill(RELEASED);
                 table.block_hashes.clone_from(&c.block_hashes);
                 self.stats.num_query_tokens += c.num_query_tokens as u64;
                 self.stats.num_hit_tokens += c.num_computed_tokens as u64;

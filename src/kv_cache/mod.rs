@@ -26,7 +26,9 @@
 //!
 //! Where every layer attends through a sliding window (`CacheConfig::sliding_window`), a
 //! sequence gives back the blocks that lie wholly before the window of its next query: its
-//! table keeps their places as `manager::RELEASED`, which no kernel reads.
+//! table keeps their places as `manager::RELEASED`, which no kernel reads. Prefix hits before
+//! the window are not taken at all. The scheduler then counts only the window's blocks
+//! (`max_new_tokens`, `min_blocks_for`), so a sequence may be longer than the whole pool.
 
 pub mod block_pool;
 pub mod hash;
@@ -132,6 +134,31 @@ impl CacheConfig {
     pub fn blocks_for(&self, num_tokens: usize) -> usize {
         num_tokens.div_ceil(self.block_size)
     }
+
+    /// The most new tokens from position `start` on whose blocks fit in the whole pool at
+    /// once: with a sliding window, the blocks before the window of position `start − 1`
+    /// are given back first (`allocate_slots`), so they do not count.
+    pub fn max_new_tokens(&self, start: usize) -> usize {
+        let first = self.first_live_block(start.saturating_sub(1));
+        ((first + self.num_blocks) * self.block_size).saturating_sub(start)
+    }
+
+    /// The most blocks a sequence of `num_tokens` holds at once when its tokens are computed
+    /// one per step: all of them, or with a sliding window of `w` at most `⌈w / block⌉ + 1`.
+    pub fn min_blocks_for(&self, num_tokens: usize) -> usize {
+        let all = self.blocks_for(num_tokens);
+        self.sliding_window
+            .map_or(all, |w| all.min(w.div_ceil(self.block_size) + 1))
+    }
+
+    /// Tokens one sequence can reach alone in the pool: the pool's, or, with a sliding window
+    /// whose blocks fit in it, any number.
+    pub fn max_seq_tokens(&self) -> usize {
+        match self.sliding_window {
+            Some(w) if self.num_blocks > w.div_ceil(self.block_size) => usize::MAX,
+            _ => self.num_blocks * self.block_size,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +179,59 @@ mod tests {
             CacheConfig::num_blocks_for_budget(usize::MAX, usize::MAX, 3, 64, 2, 16),
             0
         );
+    }
+
+    #[test]
+    fn a_sliding_window_counts_only_its_blocks() {
+        let full = CacheConfig {
+            block_size: 8,
+            num_blocks: 2,
+            ..CacheConfig::default()
+        };
+        assert_eq!(full.max_new_tokens(0), 16);
+        assert_eq!(full.max_new_tokens(10), 6);
+        assert_eq!(full.max_new_tokens(20), 0);
+        assert_eq!(full.min_blocks_for(48), 6);
+        assert_eq!(full.max_seq_tokens(), 16);
+        let windowed = CacheConfig {
+            sliding_window: Some(8),
+            ..full
+        };
+        assert_eq!(windowed.max_new_tokens(0), 16);
+        // Position 15's window starts at 8: block 0 is given back before computing 16.
+        assert_eq!(windowed.max_new_tokens(16), 8);
+        assert_eq!(windowed.min_blocks_for(48), 2);
+        assert_eq!(windowed.min_blocks_for(5), 1);
+        assert_eq!(windowed.max_seq_tokens(), usize::MAX);
+        let too_wide = CacheConfig {
+            sliding_window: Some(9),
+            ..full
+        };
+        assert_eq!(
+            too_wide.max_seq_tokens(),
+            16,
+            "the window's 3 blocks do not fit"
+        );
+        // Computed a token per step, a sequence never holds more than `min_blocks_for`, and
+        // once it is a block past its window it does hold that many.
+        for bs in [4, 8, 16] {
+            for w in 1..40 {
+                let c = CacheConfig {
+                    block_size: bs,
+                    num_blocks: 1000,
+                    sliding_window: Some(w),
+                    ..CacheConfig::default()
+                };
+                let held = |p: usize| c.blocks_for(p + 1) - c.first_live_block(p.saturating_sub(1));
+                for n in 1..100 {
+                    let most = (0..n).map(held).max().unwrap_or(0);
+                    assert!(most <= c.min_blocks_for(n), "bs {bs} w {w} n {n}");
+                    if n >= w + bs {
+                        assert_eq!(most, c.min_blocks_for(n), "bs {bs} w {w} n {n}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -225,7 +225,7 @@ impl Scheduler {
             .zip(key.arrival + 1..)
             .map(|(&id, arrival)| (id, arrival))
             .collect();
-        let num_blocks_needed = s.min_blocks_needed(self.kv.block_size());
+        let num_blocks_needed = s.min_blocks_needed(self.kv.config());
         if num_blocks_needed > self.kv.num_blocks() {
             return Err(SchedulerError::TooLong {
                 seq_id: seq.seq_id,

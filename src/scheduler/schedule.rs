@@ -96,7 +96,10 @@ impl Scheduler {
                 i += 1;
                 continue;
             };
-            if self.kv.config().blocks_for(start + num_new) > self.kv.num_blocks() {
+            // A chunk is cut to what the pool can hold (with a window, the window's blocks);
+            // nothing fits once the sequence has outgrown it.
+            let num_new = num_new.min(self.kv.config().max_new_tokens(start));
+            if num_new == 0 {
                 self.drop_too_long(seq_id, step);
                 continue;
             }
@@ -143,7 +146,7 @@ impl Scheduler {
             return;
         };
         let start = seq.num_tokens();
-        if step.budget == 0 || self.kv.config().blocks_for(start + 1) > self.kv.num_blocks() {
+        if step.budget == 0 || self.kv.config().max_new_tokens(start) == 0 {
             return;
         }
         if let Some(copies) = self.kv.allocate_slots(seq_id, start, 1, None) {
@@ -155,15 +158,13 @@ impl Scheduler {
     /// the draft's slots can be had without preempting anybody; the draft is cut to the
     /// step's budget and the cache. Whether it was scheduled (else the plain decode follows).
     fn schedule_draft(&mut self, step: &mut StepBuilder, seq_id: SeqId) -> bool {
-        let (num_blocks, bs) = (self.kv.num_blocks(), self.kv.block_size());
+        let cache = self.kv.config();
         let Some(seq) = self.seqs.get_mut(&seq_id) else {
             return false;
         };
         let start = seq.num_computed_tokens;
-        let mut k = seq.draft.len().min(step.budget.saturating_sub(1));
-        while k > 0 && (start + 1 + k).div_ceil(bs) > num_blocks {
-            k -= 1;
-        }
+        let room = cache.max_new_tokens(start).saturating_sub(1);
+        let k = seq.draft.len().min(step.budget.saturating_sub(1)).min(room);
         seq.draft.truncate(k);
         if k == 0 {
             return false;
@@ -209,7 +210,7 @@ impl Scheduler {
                 }
                 break;
             }
-            if seq.min_blocks_needed(self.kv.block_size()) > self.kv.num_blocks() {
+            if seq.min_blocks_needed(self.kv.config()) > self.kv.num_blocks() {
                 self.drop_too_long(seq_id, step);
                 continue;
             }
@@ -222,7 +223,7 @@ impl Scheduler {
             let num_new = match remaining {
                 0 => 0,
                 _ => match self.num_new_tokens(remaining, step.budget, Prefill::Fresh) {
-                    Some(n) => n,
+                    Some(n) => n.min(self.kv.config().max_new_tokens(num_computed)),
                     None => break,
                 },
             };

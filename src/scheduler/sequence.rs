@@ -1,7 +1,7 @@
 //! A sequence as the scheduler tracks it.
 
 use super::plan::SeqStats;
-use crate::kv_cache::SeqId;
+use crate::kv_cache::{CacheConfig, SeqId};
 
 /// Scheduling order: lower `priority` first, then earlier arrival. Unique per sequence, since
 /// every sequence (group members included) gets its own arrival number.
@@ -75,8 +75,9 @@ impl Sequence {
     }
 
     /// Blocks the sequence and its unforked group members need at the least, alone in the
-    /// pool: shared full blocks before the last token, plus one block each for the rest.
-    pub fn min_blocks_needed(&self, block_size: usize) -> usize {
-        (self.num_tokens().saturating_sub(1)) / block_size + 1 + self.fork_children.len()
+    /// pool: shared blocks up to the last token (with a sliding window, those of the window
+    /// only), plus one block each for the rest.
+    pub fn min_blocks_needed(&self, cache: &CacheConfig) -> usize {
+        cache.min_blocks_for(self.num_tokens().max(1)) + self.fork_children.len()
     }
 }

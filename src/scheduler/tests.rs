@@ -426,3 +426,35 @@ fn commit_rejects_a_tampered_range() {
     ));
     assert_eq!(s.check_invariants(), Ok(()));
 }
+
+/// With a window of 6 on every layer (blocks of 4), a 40-token prompt runs in a 3-block
+/// pool: the first chunk fills the pool, later ones are cut to what the window leaves, and
+/// the sequence never holds more than the pool.
+#[test]
+fn a_sliding_window_runs_a_prompt_longer_than_the_pool() {
+    let config = SchedulerConfig {
+        max_num_batched_tokens: 64,
+        ..SchedulerConfig::default()
+    };
+    let cache = CacheConfig {
+        block_size: 4,
+        num_blocks: 3,
+        enable_prefix_caching: true,
+        sliding_window: Some(6),
+    };
+    let mut s = Scheduler::new(config, cache).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.add(make_seq(1, &prompt(0, 40))), Ok(()));
+    let mut chunks = Vec::new();
+    while chunks.iter().sum::<usize>() < 44 {
+        let plan = step(&mut s);
+        let Some(e) = plan.seqs.iter().find(|e| e.seq_id == 1) else {
+            panic!("the sequence did not run: {:?}", ran(&plan));
+        };
+        assert_eq!(e.start, chunks.iter().sum::<usize>());
+        let held = e.block_table.iter().filter(|&&b| b != u32::MAX).count();
+        assert!(held <= 3, "holds {held} blocks at {}", e.start);
+        chunks.push(e.num_tokens());
+    }
+    assert_eq!(chunks[..3], [12, 4, 4]);
+    assert!(chunks[8..].iter().all(|&n| n == 1), "{chunks:?}");
+}
