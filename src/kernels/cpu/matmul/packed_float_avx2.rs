@@ -5,10 +5,11 @@
 //! A tile is `NR` activation rows × `G` groups of 16 columns: per input index, one load per
 //! group (widened to two 8-lane f32 vectors) and one broadcast per row feed `NR · 2G` FMAs,
 //! each into its own accumulator.
-//! * Few rows (decode, m ≤ 2) take two groups at once, for 4 independent chains per row,
-//!   and prefetch the weight stream ahead.
+//! * Few rows (decode, m ≤ 2) take two groups at once, for 4 independent chains per row.
 //! * More rows take one group and up to 6 rows: 12 accumulators, 2 weight vectors and a
 //!   broadcast fill 15 of the 16 registers, and the FMAs, not the loads, set the pace.
+//! * Every tile prefetches the weight stream ahead (the first over a group reads it from
+//!   memory).
 //!
 //! Rows go in blocks of [`ROW_BLOCK`] so that a block's activations stay in L2 while the
 //! chunk's groups pass over them.
@@ -149,7 +150,7 @@ unsafe fn tile<const KIND: u8, const NR: usize, const G: usize>(
             let p = w[g].add(i * step::<KIND>());
             // The first tile over a group streams it from memory: ask for it ahead, across
             // the page boundaries where the hardware prefetchers stop. A prefetch never
-            // faults, and later tiles' find the lines cached.
+            // faults, and later tiles find the lines cached.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
             wv[g] = load16::<KIND>(p);
         }
