@@ -98,7 +98,6 @@ impl CpuBackend {
         &self.pool
     }
 
-    /// Runs `f(row)` for each row of `rows`, in parallel chunks.
     /// `out = act(gate) * up` row by row, for `gate_up = [gate | up]`.
     fn gated(&self, gate_up: &CpuTensor, out: &mut CpuTensor, act_mul: GatedRow) {
         let inter = gate_up.cols / 2;
@@ -112,6 +111,7 @@ impl CpuBackend {
         });
     }
 
+    /// Runs `f(row)` for each row of `rows`, in parallel chunks.
     fn for_rows(&self, rows: usize, f: impl Fn(usize) + Sync) {
         self.pool.run(rows.div_ceil(ROW_CHUNK), |c| {
             (c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows)).for_each(&f)

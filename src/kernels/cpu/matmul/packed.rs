@@ -193,12 +193,32 @@ fn repack_enabled() -> bool {
     std::env::var("SLUICE_CPU_REPACK").map_or(true, |v| v != "0")
 }
 
+/// A part's repacked copy: quantized blocks for the integer kernels, or floats for the FMA
+/// kernel.
+pub(super) enum Repacked {
+    Blocks(PackedWeights),
+    Floats(PackedFloats),
+}
+
+impl Repacked {
+    /// `t` repacked, or `None` when its dtype has no packed layout.
+    fn new(t: &HostTensor) -> Option<Self> {
+        (PackedWeights::new(t).map(Self::Blocks)).or_else(|| PackedFloats::new(t).map(Self::Floats))
+    }
+
+    fn groups(&self) -> &Groups {
+        match self {
+            Self::Blocks(w) => &w.groups,
+            Self::Floats(w) => &w.groups,
+        }
+    }
+}
+
 /// One part of a [`PackedLinear`]: the tensor as loaded, and its packed copy where the
-/// selected kernel path uses one (blocks in `packed`, floats in `floats`).
+/// selected kernel path uses one.
 pub(super) struct PackedPart {
     pub(super) raw: HostTensor,
-    pub(super) packed: Option<PackedWeights>,
-    pub(super) floats: Option<PackedFloats>,
+    pub(super) packed: Option<Repacked>,
 }
 
 /// A linear layer's weights prepared once for [`super::linear_packed`]: the concatenation,
@@ -251,8 +271,7 @@ impl PackedLinear {
             parts: parts
                 .into_iter()
                 .map(|raw| PackedPart {
-                    packed: repack.then(|| PackedWeights::new(&raw)).flatten(),
-                    floats: repack.then(|| PackedFloats::new(&raw)).flatten(),
+                    packed: repack.then(|| Repacked::new(&raw)).flatten(),
                     raw,
                 })
                 .collect(),
@@ -276,10 +295,9 @@ impl PackedLinear {
 
     /// Bytes of repacked copies held beside the loaded tensors.
     pub fn packed_bytes(&self) -> usize {
-        let blocks = self.parts.iter().filter_map(|p| p.packed.as_ref());
-        let floats = self.parts.iter().filter_map(|p| p.floats.as_ref());
-        (blocks.map(|w| &w.groups).chain(floats.map(|w| &w.groups)))
-            .map(Groups::size)
+        (self.parts.iter())
+            .filter_map(|p| p.packed.as_ref())
+            .map(|r| r.groups().size())
             .sum()
     }
 }

@@ -4,7 +4,7 @@
 //! other parts (K-quants, Q5, IQ4_NL, or any part on the portable path) run the raw-block
 //! kernels of [`super::linear`], each writing its own columns of the same output.
 
-use super::packed::{self, PackedLinear};
+use super::packed::{self, PackedLinear, Repacked};
 use super::packed_amx;
 use super::packed_avx2;
 use super::packed_avx512::{self, PackedChunk};
@@ -53,14 +53,15 @@ pub fn linear_packed_with(
     if m == 0 || n == 0 {
         return;
     }
-    fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&packed::PackedWeights> {
+    fn used(path: KernelPath, p: &packed::PackedPart) -> Option<&Repacked> {
         p.packed.as_ref().filter(|_| path.repacks())
     }
     let packed = |p| used(path, p);
     let mut need = (false, false, false);
     for p in &w.parts {
         match (packed(p), p.raw.dtype) {
-            (Some(_), _) => need.0 = true,
+            (Some(Repacked::Blocks(_)), _) => need.0 = true,
+            (Some(Repacked::Floats(_)), _) => {}
             (None, d) if d.takes_q8_blocks() => need.1 = true,
             (None, d) if d.is_k_quant() => need.2 = true,
             _ => {}
@@ -87,7 +88,7 @@ pub fn linear_packed_with(
             stride: n,
             col: task.out_col,
         };
-        if let Some(floats) = part.floats.as_ref().filter(|_| path.repacks()) {
+        if let Some(Repacked::Floats(floats)) = packed(part) {
             let chunk = FloatChunk {
                 w: floats,
                 g0: task.c0 / packed::GROUP,
@@ -97,7 +98,7 @@ pub fn linear_packed_with(
                 out,
             };
             packed_float_avx2::float_chunk(&chunk);
-        } else if let Some(pw) = packed(part) {
+        } else if let Some(Repacked::Blocks(pw)) = packed(part) {
             let chunk = PackedChunk {
                 w: pw,
                 g0: task.c0 / packed::GROUP,

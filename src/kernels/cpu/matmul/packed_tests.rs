@@ -231,7 +231,9 @@ fn packed_kernels_match_scalar_definition_bit_exact() {
                 let mut want = None;
                 for path in paths().into_iter().filter(|p| *p != KernelPath::Portable) {
                     let w = PackedLinear::with_path(path, parts.clone()).expect("valid parts");
-                    let pw = w.parts[0].packed.as_ref().expect("a packed copy");
+                    let Some(packed::Repacked::Blocks(pw)) = w.parts[0].packed.as_ref() else {
+                        panic!("a packed copy");
+                    };
                     let want = want.get_or_insert_with(|| packed_scalar(pw, &acts, m));
                     let got = run_packed(path, &pool, &x, m, &w);
                     for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
